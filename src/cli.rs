@@ -1,0 +1,193 @@
+//! The command line: `serve`, `publish`, `load`. Doc comments here are the
+//! `--help` text. Flags and `RINGCAST_*` variables are raw input turned into
+//! a [`Layer`] and validated by [`crate::config`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ByteSize, Config, HumanDuration, Layer, LogFormat};
+
+/// ringcast: real-time notifications over WebSocket.
+#[derive(Debug, Parser)]
+#[command(name = "ringcast", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded broker: no Redis needed).
+    Serve(Box<ServeArgs>),
+    /// Publish one message through a running server, as a WebSocket client.
+    Publish(PublishArgs),
+    /// Generate load against a server and report deliveries and latency.
+    Load(crate::load::LoadArgs),
+}
+
+/// `ringcast serve`. Every flag also reads `RINGCAST_<FLAG>` and the
+/// `--config` TOML file (same names in snake_case); flags win over the
+/// environment, which wins over the file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML settings file.
+    #[arg(long, env = "RINGCAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Client WebSocket address [default: 127.0.0.1:8080].
+    #[arg(long, env = "RINGCAST_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin HTTP address for /metrics and /healthz, or "off" [default: 127.0.0.1:9090].
+    #[arg(long, env = "RINGCAST_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Shard threads (one io_uring runtime each) [default: number of cores].
+    #[arg(long, env = "RINGCAST_SHARDS")]
+    pub shards: Option<usize>,
+    /// Pin shard N to core N [default: false].
+    #[arg(long, env = "RINGCAST_PIN_CORES", num_args = 0..=1, default_missing_value = "true")]
+    pub pin_cores: Option<bool>,
+    /// Node name sent in `welcome` [default: host name].
+    #[arg(long, env = "RINGCAST_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Interval between server pings; silent for twice this = closed [default: 25s].
+    #[arg(long, env = "RINGCAST_HEARTBEAT")]
+    pub heartbeat: Option<HumanDuration>,
+    /// Time allowed for the upgrade request [default: 10s].
+    #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<HumanDuration>,
+    /// Time a closing client gets to answer our close frame [default: 5s].
+    #[arg(long, env = "RINGCAST_CLOSE_TIMEOUT")]
+    pub close_timeout: Option<HumanDuration>,
+    /// Largest upgrade request head [default: 8KiB].
+    #[arg(long, env = "RINGCAST_MAX_HANDSHAKE_SIZE")]
+    pub max_handshake_size: Option<ByteSize>,
+    /// Largest inbound message; past it close 1009 [default: 64KiB].
+    #[arg(long, env = "RINGCAST_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<ByteSize>,
+    /// Largest `data` of a `pub`; past it error 4029 [default: 64KiB].
+    #[arg(long, env = "RINGCAST_MAX_PUBLISH_SIZE")]
+    pub max_publish_size: Option<ByteSize>,
+    /// Subscriptions per connection; past it error 4013 [default: 1024].
+    #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    /// Outbound queue bound per connection; past it close 4009 [default: 1MiB].
+    #[arg(long, env = "RINGCAST_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<ByteSize>,
+    /// Window over which `drain` spreads reconnects on shutdown [default: 10s].
+    #[arg(long, env = "RINGCAST_DRAIN_WINDOW")]
+    pub drain_window: Option<HumanDuration>,
+    /// Messages kept per topic for recovery (embedded broker) [default: 1000].
+    #[arg(long, env = "RINGCAST_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// How long messages are kept for recovery (embedded broker) [default: 10m].
+    #[arg(long, env = "RINGCAST_HISTORY_TTL")]
+    pub history_ttl: Option<HumanDuration>,
+    /// Comma-separated Origin allowlist; empty allows any [default: empty].
+    #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Accept clients without a token, allowed every topic (JWT auth is not
+    /// implemented yet, so this is required) [default: false].
+    #[arg(long, env = "RINGCAST_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous: Option<bool>,
+    /// Conformance mode: echo data messages back, on any path [default: false].
+    #[arg(long, env = "RINGCAST_ECHO", num_args = 0..=1, default_missing_value = "true")]
+    pub echo: Option<bool>,
+    /// Log format [default: text].
+    #[arg(long, env = "RINGCAST_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    /// The flags and environment as one settings layer.
+    pub fn layer(&self) -> Layer {
+        Layer {
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            shards: self.shards,
+            pin_cores: self.pin_cores,
+            node_name: self.node_name.clone(),
+            heartbeat: self.heartbeat,
+            handshake_timeout: self.handshake_timeout,
+            close_timeout: self.close_timeout,
+            max_handshake_size: self.max_handshake_size,
+            max_message_size: self.max_message_size,
+            max_publish_size: self.max_publish_size,
+            max_subscriptions: self.max_subscriptions,
+            outbound_queue: self.outbound_queue,
+            drain_window: self.drain_window,
+            history_size: self.history_size,
+            history_ttl: self.history_ttl,
+            allowed_origins: self.allowed_origins.clone(),
+            allow_anonymous: self.allow_anonymous,
+            echo: self.echo,
+            log_format: self.log_format,
+        }
+    }
+}
+
+/// `ringcast publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Server WebSocket URL.
+    #[arg(long, env = "RINGCAST_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    /// Topic to publish to.
+    #[arg(long)]
+    pub topic: String,
+    /// The message: a JSON document.
+    #[arg(long)]
+    pub data: String,
+}
+
+/// How the process should end.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage or settings: exit 2.
+    Usage(anyhow::Error),
+    /// Anything else: exit 1.
+    Runtime(anyhow::Error),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::from_sources(args.layer(), args.config.as_deref())
+                .map_err(|e| Failure::Usage(e.into()))?;
+            init_tracing(config.log_format);
+            crate::server::run(Arc::new(config)).map_err(Failure::Runtime)
+        }
+        Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
+        Command::Load(args) => {
+            init_tracing(LogFormat::Text);
+            crate::load::run(&args).map_err(Failure::Runtime)
+        }
+    }
+}
+
+fn publish(args: &PublishArgs) -> anyhow::Result<()> {
+    let data: serde_json::Value = serde_json::from_str(&args.data).context("--data is not JSON")?;
+    let mut client = crate::client::Client::connect(&args.url).context("connecting")?;
+    let mid = client.publish(&args.topic, &data).context("publishing")?;
+    println!("{mid}");
+    client.close();
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

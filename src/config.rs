@@ -1,0 +1,544 @@
+//! Settings. Raw input comes from clap ([`crate::cli::ServeArgs`], which also
+//! reads `RINGCAST_*` environment variables) and an optional TOML file;
+//! [`Config::from_sources`] merges them (flags > environment > file >
+//! defaults), validates every field and reports every problem at once. The
+//! server only ever sees a valid [`Config`]. Defaults live in `impl Default`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A duration written as `500ms`, `25s`, `10m`, `1h`, or bare seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// A size written as `512`, `64KiB`, `1MiB`, `1GiB` (also `KB`/`MB`/`GB`/`k`/`m`, all powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+/// Why a setting's value could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValueError(String);
+
+fn split_unit(s: &str) -> (&str, &str) {
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    (&s[..at], s[at..].trim())
+}
+
+impl FromStr for HumanDuration {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (num, unit) = split_unit(s.trim());
+        let n: u64 = num.parse().map_err(|_| {
+            ValueError(format!(
+                "{s:?} is not a duration (e.g. 500ms, 25s, 10m, 1h)"
+            ))
+        })?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => {
+                return Err(ValueError(format!(
+                    "{s:?}: unknown unit {unit:?} (use ms, s, m or h)"
+                )))
+            }
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (num, unit) = split_unit(s.trim());
+        let n: usize = num
+            .parse()
+            .map_err(|_| ValueError(format!("{s:?} is not a size (e.g. 65536, 64KiB, 1MiB)")))?;
+        let mult: usize = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => {
+                return Err(ValueError(format!(
+                    "{s:?}: unknown unit {unit:?} (use KiB, MiB or GiB)"
+                )))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| ValueError(format!("{s:?} is too large")))
+    }
+}
+
+/// Reads a number (seconds or bytes) or a string with a unit from TOML.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            NumOrStr::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => usize::try_from(n)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+            NumOrStr::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated settings of `ringcast serve`. Field docs give the default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client WebSocket address. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`, `/healthz`); `None` turns it off. Default `127.0.0.1:9090`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Shard threads, one runtime each. Default: the number of cores.
+    pub shards: usize,
+    /// Pin shard N to core N. Default off (on shared hosts pinning hurts).
+    pub pin_cores: bool,
+    /// Name in `welcome`. Default: the host name.
+    pub node_name: String,
+    /// Seconds between server pings; a connection silent for twice this is closed. Default 25 s.
+    pub heartbeat: Duration,
+    /// Time for a client to complete the upgrade request. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time a closing connection gets to answer our close frame before the
+    /// socket is shut. Default 5 s.
+    pub close_timeout: Duration,
+    /// Largest request head (request line + headers). Default 8 KiB.
+    pub max_handshake_size: usize,
+    /// Largest inbound message after reassembly; past it close 1009. Default 64 KiB.
+    pub max_message_size: usize,
+    /// Largest `data` of a `pub`; past it error 4029. Default 64 KiB.
+    pub max_publish_size: usize,
+    /// Subscriptions per connection; past it error 4013. Default 1024.
+    pub max_subscriptions: usize,
+    /// Bytes that may wait in one connection's outbound queue. Past it the
+    /// client is too slow to keep up: it is closed with 4009 and recovers
+    /// with `since`, so one slow phone never holds memory for everyone. Default 1 MiB.
+    pub outbound_queue: usize,
+    /// Window over which `drain` spreads reconnect delays. Default 10 s.
+    pub drain_window: Duration,
+    /// Messages the embedded broker keeps per topic. Default 1000.
+    pub history_size: usize,
+    /// How long the embedded broker keeps a message. Default 10 min.
+    pub history_ttl: Duration,
+    /// Origins allowed to connect (exact match on the Origin header); empty
+    /// allows any, and requests without Origin (non-browsers) always pass. Default empty.
+    pub allowed_origins: Vec<String>,
+    /// Accept connections without a token, and let them subscribe and
+    /// publish to every topic. JWT auth is not implemented yet, so this must
+    /// be set explicitly. Default off.
+    pub allow_anonymous: bool,
+    /// Conformance mode: echo every data message back, serve any path. Default off.
+    pub echo: bool,
+    /// Log format. Default text.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_cores: false,
+            node_name: default_node_name(),
+            heartbeat: Duration::from_secs(25),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            max_handshake_size: 8 << 10,
+            max_message_size: 64 << 10,
+            max_publish_size: 64 << 10,
+            max_subscriptions: 1024,
+            outbound_queue: 1 << 20,
+            drain_window: Duration::from_secs(10),
+            history_size: 1000,
+            history_ttl: Duration::from_secs(600),
+            allowed_origins: Vec::new(),
+            allow_anonymous: false,
+            echo: false,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "ringcast".into())
+}
+
+/// The settings as read from one source, every field optional. Used for
+/// the TOML file and (via clap) for flags and environment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// See [`Config::listen`].
+    pub listen: Option<String>,
+    /// See [`Config::admin_listen`]; `"off"` disables.
+    pub admin_listen: Option<String>,
+    /// See [`Config::shards`].
+    pub shards: Option<usize>,
+    /// See [`Config::pin_cores`].
+    pub pin_cores: Option<bool>,
+    /// See [`Config::node_name`].
+    pub node_name: Option<String>,
+    /// See [`Config::heartbeat`].
+    pub heartbeat: Option<HumanDuration>,
+    /// See [`Config::handshake_timeout`].
+    pub handshake_timeout: Option<HumanDuration>,
+    /// See [`Config::close_timeout`].
+    pub close_timeout: Option<HumanDuration>,
+    /// See [`Config::max_handshake_size`].
+    pub max_handshake_size: Option<ByteSize>,
+    /// See [`Config::max_message_size`].
+    pub max_message_size: Option<ByteSize>,
+    /// See [`Config::max_publish_size`].
+    pub max_publish_size: Option<ByteSize>,
+    /// See [`Config::max_subscriptions`].
+    pub max_subscriptions: Option<usize>,
+    /// See [`Config::outbound_queue`].
+    pub outbound_queue: Option<ByteSize>,
+    /// See [`Config::drain_window`].
+    pub drain_window: Option<HumanDuration>,
+    /// See [`Config::history_size`].
+    pub history_size: Option<usize>,
+    /// See [`Config::history_ttl`].
+    pub history_ttl: Option<HumanDuration>,
+    /// See [`Config::allowed_origins`] (comma-separated on the command line).
+    pub allowed_origins: Option<Vec<String>>,
+    /// See [`Config::allow_anonymous`].
+    pub allow_anonymous: Option<bool>,
+    /// See [`Config::echo`].
+    pub echo: Option<bool>,
+    /// See [`Config::log_format`].
+    pub log_format: Option<LogFormat>,
+}
+
+/// Every problem found in the settings, one per line, each naming its setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid settings:")?;
+        for p in &self.0 {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Layer {
+    /// Reads a TOML settings file.
+    pub fn from_file(path: &Path) -> Result<Layer, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![format!("config: cannot read {}: {e}", path.display())])
+        })?;
+        Self::from_toml(&text)
+            .map_err(|e| ConfigError(vec![format!("config: {}: {e}", path.display())]))
+    }
+
+    /// Parses TOML text (the file format).
+    pub fn from_toml(text: &str) -> Result<Layer, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// Fields set in `self` win over those in `lower`.
+    pub fn over(self, lower: Layer) -> Layer {
+        macro_rules! pick { ($($f:ident),*) => { Layer { $($f: self.$f.or(lower.$f)),* } } }
+        pick!(
+            listen,
+            admin_listen,
+            shards,
+            pin_cores,
+            node_name,
+            heartbeat,
+            handshake_timeout,
+            close_timeout,
+            max_handshake_size,
+            max_message_size,
+            max_publish_size,
+            max_subscriptions,
+            outbound_queue,
+            drain_window,
+            history_size,
+            history_ttl,
+            allowed_origins,
+            allow_anonymous,
+            echo,
+            log_format
+        )
+    }
+}
+
+impl Config {
+    /// Merges `high` (flags and environment) over the file named in
+    /// `config_file` over the defaults, and validates the result.
+    pub fn from_sources(high: Layer, config_file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match config_file {
+            Some(p) => Layer::from_file(p)?,
+            None => Layer::default(),
+        };
+        Config::from_layer(high.over(file))
+    }
+
+    /// Applies one merged layer over the defaults and validates.
+    pub fn from_layer(l: Layer) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let mut errs = Vec::new();
+        let listen = match l.listen {
+            Some(s) => s.parse().unwrap_or_else(|e| {
+                errs.push(format!(
+                    "listen: {s:?} is not an address like 127.0.0.1:8080 ({e})"
+                ));
+                d.listen
+            }),
+            None => d.listen,
+        };
+        let admin_listen = match l.admin_listen.as_deref() {
+            Some("off") | Some("") => None,
+            Some(s) => Some(s.parse().unwrap_or_else(|e| {
+                errs.push(format!(
+                    "admin_listen: {s:?} is not an address like 127.0.0.1:9090 or \"off\" ({e})"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            })),
+            None => d.admin_listen,
+        };
+        let dur = |v: Option<HumanDuration>, def: Duration| v.map_or(def, |h| h.0);
+        let size = |v: Option<ByteSize>, def: usize| v.map_or(def, |b| b.0);
+        let c = Config {
+            listen,
+            admin_listen,
+            shards: l.shards.unwrap_or(d.shards),
+            pin_cores: l.pin_cores.unwrap_or(d.pin_cores),
+            node_name: l.node_name.unwrap_or(d.node_name),
+            heartbeat: dur(l.heartbeat, d.heartbeat),
+            handshake_timeout: dur(l.handshake_timeout, d.handshake_timeout),
+            close_timeout: dur(l.close_timeout, d.close_timeout),
+            max_handshake_size: size(l.max_handshake_size, d.max_handshake_size),
+            max_message_size: size(l.max_message_size, d.max_message_size),
+            max_publish_size: size(l.max_publish_size, d.max_publish_size),
+            max_subscriptions: l.max_subscriptions.unwrap_or(d.max_subscriptions),
+            outbound_queue: size(l.outbound_queue, d.outbound_queue),
+            drain_window: dur(l.drain_window, d.drain_window),
+            history_size: l.history_size.unwrap_or(d.history_size),
+            history_ttl: dur(l.history_ttl, d.history_ttl),
+            allowed_origins: l.allowed_origins.unwrap_or(d.allowed_origins),
+            allow_anonymous: l.allow_anonymous.unwrap_or(d.allow_anonymous),
+            echo: l.echo.unwrap_or(d.echo),
+            log_format: l.log_format.unwrap_or(d.log_format),
+        };
+        c.check(&mut errs);
+        if errs.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+
+    fn check(&self, errs: &mut Vec<String>) {
+        let mut need = |ok: bool, msg: &str| {
+            if !ok {
+                errs.push(msg.to_string());
+            }
+        };
+        need(
+            (1..=1024).contains(&self.shards),
+            "shards: must be between 1 and 1024",
+        );
+        need(
+            self.heartbeat >= Duration::from_secs(1),
+            "heartbeat: must be at least 1s",
+        );
+        need(
+            !self.handshake_timeout.is_zero(),
+            "handshake_timeout: must be more than 0",
+        );
+        need(
+            !self.close_timeout.is_zero(),
+            "close_timeout: must be more than 0",
+        );
+        need(
+            self.max_handshake_size >= 1024,
+            "max_handshake_size: must be at least 1KiB",
+        );
+        need(
+            self.max_message_size >= 125,
+            "max_message_size: must be at least 125 bytes",
+        );
+        need(
+            self.max_publish_size >= 1,
+            "max_publish_size: must be at least 1 byte",
+        );
+        need(
+            self.max_subscriptions >= 1,
+            "max_subscriptions: must be at least 1",
+        );
+        need(
+            self.outbound_queue >= 4096,
+            "outbound_queue: must be at least 4KiB",
+        );
+        need(
+            self.history_size <= 10_000_000,
+            "history_size: must be at most 10000000",
+        );
+        need(
+            !self.node_name.is_empty() && self.node_name.len() <= 64,
+            "node_name: must be 1 to 64 characters",
+        );
+        need(
+            self.allow_anonymous || self.echo,
+            "allow_anonymous: no authentication is configured and JWT auth is not implemented yet; \
+             pass --allow-anonymous (RINGCAST_ALLOW_ANONYMOUS=true) to accept every client",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anon() -> Layer {
+        Layer {
+            allow_anonymous: Some(true),
+            ..Layer::default()
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_with_units() {
+        assert_eq!(
+            "25s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(25)
+        );
+        assert_eq!(
+            "25".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(25)
+        );
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "10m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(600)
+        );
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert!("10x"
+            .parse::<HumanDuration>()
+            .unwrap_err()
+            .0
+            .contains("unknown unit"));
+        assert!("".parse::<HumanDuration>().is_err());
+        assert!("-1s".parse::<HumanDuration>().is_err());
+        assert!("99999999999999999999GiB".parse::<ByteSize>().is_err());
+        assert!("18446744073709551615GiB"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .0
+            .contains("too large"));
+    }
+
+    #[test]
+    fn defaults_match_the_protocol_table() {
+        let c = Config::from_layer(anon()).unwrap();
+        assert_eq!(c.heartbeat, Duration::from_secs(25));
+        assert_eq!(c.max_message_size, 64 << 10);
+        assert_eq!(c.max_subscriptions, 1024);
+        assert_eq!(c.outbound_queue, 1 << 20);
+        assert_eq!(c.drain_window, Duration::from_secs(10));
+        assert_eq!(c.history_size, 1000);
+    }
+
+    #[test]
+    fn file_values_lose_to_higher_layers() {
+        let file = Layer::from_toml(
+            "heartbeat = \"5s\"\nshards = 3\noutbound_queue = \"2MiB\"\nallow_anonymous = true",
+        )
+        .unwrap();
+        let flags = Layer {
+            shards: Some(1),
+            ..Layer::default()
+        };
+        let c = Config::from_layer(flags.over(file)).unwrap();
+        assert_eq!(c.shards, 1);
+        assert_eq!(c.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.outbound_queue, 2 << 20);
+    }
+
+    #[test]
+    fn every_problem_is_reported_by_name() {
+        let l = Layer {
+            listen: Some("nope".into()),
+            shards: Some(0),
+            heartbeat: Some(HumanDuration(Duration::ZERO)),
+            outbound_queue: Some(ByteSize(10)),
+            ..Layer::default()
+        };
+        let err = Config::from_layer(l).unwrap_err();
+        let text = err.to_string();
+        for name in [
+            "listen:",
+            "shards:",
+            "heartbeat:",
+            "outbound_queue:",
+            "allow_anonymous:",
+        ] {
+            assert!(text.contains(name), "{name} missing in {text}");
+        }
+        assert_eq!(err.0.len(), 5);
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_the_reason() {
+        assert!(Layer::from_toml("heartbeat = \"soon\"")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(Layer::from_toml("no_such_setting = 1")
+            .unwrap_err()
+            .contains("no_such_setting"));
+        assert!(Layer::from_toml("shards = \"two\"").is_err());
+        assert!(Layer::from_toml("[[[").is_err());
+        let missing = Layer::from_file(Path::new("/nonexistent/ringcast.toml")).unwrap_err();
+        assert!(missing.to_string().contains("cannot read"));
+    }
+}

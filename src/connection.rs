@@ -1,0 +1,525 @@
+//! One client connection on its shard: the upgrade, then frames in and out.
+//!
+//! Reads are readiness-based: the connection's task waits until the socket
+//! is readable, then reads into the shard's scratch buffer, so an idle
+//! connection holds no read buffer; only a partial frame is kept, in
+//! `inbuf`. Writes are inline: frames are queued (each a shared `Bytes`) and
+//! the shard writes every dirty connection's whole queue with one vectored
+//! `sendmsg` after each batch; only when a socket is full does a short-lived
+//! writer task wait for it to drain. Nothing here panics on input.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use monoio::net::TcpStream;
+use tracing::{debug, trace};
+
+use crate::broker::SubscribeRequest;
+use crate::bus::{ConnId, ReplyTo};
+use crate::config::Config;
+use crate::metrics::{Disconnect, Drop, ShardMetrics};
+use crate::protocol::{
+    code, encode_error, encode_ok, encode_pong, encode_welcome, ClientOp, OkExtra,
+};
+use crate::shard::Shard;
+use crate::sys;
+use crate::topic::TopicName;
+use crate::ws::frame::{encode_close, encode_frame, Decoder, Message, OpCode};
+use crate::ws::handshake::{self, HandshakeError, UpgradeRequest};
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for the upgrade request.
+    Handshake,
+    /// Upgraded: frames flow.
+    Open,
+    /// A close frame is queued or sent; waiting for the peer or the deadline.
+    Closing,
+    /// The socket is shut; the task is ending.
+    Closed,
+}
+
+/// The outbound queue: shared frames waiting for the socket.
+#[derive(Debug, Default)]
+struct OutQueue {
+    frames: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// Unwritten bytes in the queue.
+    bytes: usize,
+}
+
+/// One connection's state, owned by its shard.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    stream: TcpStream,
+    fd: RawFd,
+    phase: Cell<Phase>,
+    /// Handshake or close deadline, shard milliseconds.
+    deadline: Cell<u64>,
+    last_rx: Cell<u64>,
+    last_ping: Cell<u64>,
+    out: RefCell<OutQueue>,
+    /// Queued since the last flush (already on the shard's dirty list).
+    dirty: Cell<bool>,
+    /// A writer task is waiting for the socket to take more.
+    write_blocked: Cell<bool>,
+    /// Shut the socket once the queue is written (HTTP errors, close replies).
+    shut_after_flush: Cell<bool>,
+    inbuf: RefCell<BytesMut>,
+    decoder: RefCell<Decoder>,
+    pub(crate) subs: RefCell<HashSet<TopicName>>,
+    /// Subscriptions asked of the broker and not yet answered.
+    pub(crate) pending: RefCell<HashSet<TopicName>>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        id: ConnId,
+        stream: TcpStream,
+        _peer: SocketAddr,
+        now: u64,
+        config: &Config,
+    ) -> Self {
+        let fd = stream.as_raw_fd();
+        Self {
+            id,
+            stream,
+            fd,
+            phase: Cell::new(Phase::Handshake),
+            deadline: Cell::new(now + config.handshake_timeout.as_millis() as u64),
+            last_rx: Cell::new(now),
+            last_ping: Cell::new(now),
+            out: RefCell::new(OutQueue::default()),
+            dirty: Cell::new(false),
+            write_blocked: Cell::new(false),
+            shut_after_flush: Cell::new(false),
+            inbuf: RefCell::new(BytesMut::new()),
+            decoder: RefCell::new(Decoder::new(config.max_message_size)),
+            subs: RefCell::new(HashSet::new()),
+            pending: RefCell::new(HashSet::new()),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+    pub(crate) fn deadline(&self) -> u64 {
+        self.deadline.get()
+    }
+    pub(crate) fn last_rx(&self) -> u64 {
+        self.last_rx.get()
+    }
+    pub(crate) fn last_ping(&self) -> u64 {
+        self.last_ping.get()
+    }
+    pub(crate) fn set_last_ping(&self, now: u64) {
+        self.last_ping.set(now);
+    }
+    pub(crate) fn set_closing(&self, deadline: u64) {
+        self.phase.set(Phase::Closing);
+        self.deadline.set(deadline);
+    }
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes
+    }
+
+    /// Shuts the socket: the task sees end of stream and cleans up.
+    pub(crate) fn shut(&self) {
+        if self.phase.replace(Phase::Closed) != Phase::Closed {
+            sys::shutdown(self.fd);
+        }
+    }
+
+    /// Appends a frame; true when the connection just became dirty.
+    pub(crate) fn push(&self, frame: Bytes) -> bool {
+        if self.phase.get() == Phase::Closed {
+            return false;
+        }
+        let mut out = self.out.borrow_mut();
+        out.bytes += frame.len();
+        out.frames.push_back(frame);
+        !self.dirty.replace(true)
+    }
+
+    /// Drops every frame not yet started (a slow consumer about to be
+    /// closed); a half-written front frame stays so the stream stays valid.
+    /// Returns how many were dropped.
+    pub(crate) fn discard_unsent(&self) -> u64 {
+        let mut out = self.out.borrow_mut();
+        let keep = usize::from(out.offset > 0);
+        let dropped = out.frames.len().saturating_sub(keep);
+        out.frames.truncate(keep);
+        out.bytes = out.frames.front().map_or(0, |f| f.len() - out.offset);
+        dropped as u64
+    }
+}
+
+/// How one write attempt ended.
+enum Flushed {
+    /// Everything queued was written.
+    Done,
+    /// The socket is full; wait until it is writable.
+    Blocked,
+    /// The socket failed; the connection is over.
+    Failed,
+}
+
+/// Writes what the queue holds, as few `sendmsg` calls as the socket allows.
+fn write_queue(metrics: &ShardMetrics, conn: &Conn) -> Flushed {
+    let mut out = conn.out.borrow_mut();
+    while !out.frames.is_empty() {
+        match sys::send_frames(conn.fd, out.frames.iter(), out.offset) {
+            Ok(n) => {
+                metrics.socket_writes.fetch_add(1, Relaxed);
+                metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+                out.consume(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                trace!(error = %e, "write failed");
+                return Flushed::Failed;
+            }
+        }
+    }
+    Flushed::Done
+}
+
+impl OutQueue {
+    /// Forgets `n` written bytes from the front.
+    fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let left = front.len() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.frames.pop_front();
+        }
+    }
+}
+
+/// Writes a dirty connection's queue now, or hands it to a writer task when
+/// the socket is full.
+pub(crate) fn flush(shard: &Shard, conn: &Rc<Conn>) {
+    conn.dirty.set(false);
+    if conn.write_blocked.get() {
+        return;
+    }
+    match write_queue(&shard.metrics, conn) {
+        Flushed::Done if conn.shut_after_flush.get() => conn.shut(),
+        Flushed::Done => {}
+        Flushed::Blocked => {
+            conn.write_blocked.set(true);
+            monoio::spawn(wait_writable(shard.metrics.clone(), conn.clone()));
+        }
+        Flushed::Failed => conn.shut(),
+    }
+}
+
+/// Waits until a full socket takes more and writes again, until the queue
+/// is empty or the socket fails.
+async fn wait_writable(metrics: Arc<ShardMetrics>, conn: Rc<Conn>) {
+    loop {
+        if conn.stream.writable(false).await.is_err() || conn.phase() == Phase::Closed {
+            break;
+        }
+        match write_queue(&metrics, &conn) {
+            Flushed::Blocked => continue,
+            Flushed::Done if conn.shut_after_flush.get() => conn.shut(),
+            Flushed::Done => {}
+            Flushed::Failed => conn.shut(),
+        }
+        break;
+    }
+    conn.write_blocked.set(false);
+}
+
+/// The connection's task: upgrade, then read until the socket ends; then
+/// the shard forgets the connection.
+pub(crate) async fn run(shard: Rc<Shard>, conn: Rc<Conn>) {
+    let opened = match handshake(&shard, &conn).await {
+        Ok(()) => {
+            open(&shard, &conn);
+            read_loop(&shard, &conn).await;
+            true
+        }
+        Err(()) => false,
+    };
+    let ended_by_client = conn.phase() != Phase::Closed && conn.phase() != Phase::Closing;
+    conn.shut();
+    shard.remove(&conn);
+    if opened {
+        if ended_by_client {
+            shard.metrics.disconnect(Disconnect::Client);
+        }
+        shard.metrics.connections_active.fetch_sub(1, Relaxed);
+        let mut out = conn.out.borrow_mut();
+        shard
+            .metrics
+            .dropped_n(Drop::ConnectionClosed, out.frames.len() as u64);
+        *out = OutQueue::default();
+    }
+    debug!("connection closed");
+}
+
+/// Reads what the socket has into `conn.inbuf`. `Ok(false)` = end of stream.
+async fn fill(shard: &Shard, conn: &Conn) -> io::Result<bool> {
+    loop {
+        conn.stream.readable(false).await?;
+        let mut scratch = shard.scratch.borrow_mut();
+        match sys::recv(conn.fd, &mut scratch) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                conn.inbuf.borrow_mut().extend_from_slice(&scratch[..n]);
+                shard.tick();
+                conn.last_rx.set(shard.now_ms());
+                return Ok(true);
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and answers the upgrade request. Err when the connection is over.
+async fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), ()> {
+    let max = shard.config.max_handshake_size;
+    loop {
+        if !matches!(fill(shard, conn).await, Ok(true)) {
+            return Err(());
+        }
+        if conn.phase() != Phase::Handshake {
+            return Err(()); // timed out or draining meanwhile
+        }
+        let parsed = handshake::parse_request(&conn.inbuf.borrow(), max);
+        match parsed {
+            Ok(None) => continue,
+            Ok(Some((req, used))) => {
+                conn.inbuf.borrow_mut().advance(used);
+                return match accept(shard, &req) {
+                    Ok(protocol) => {
+                        let resp = handshake::accept_response(&req.key, protocol);
+                        shard.queue(conn, Bytes::from(resp));
+                        Ok(())
+                    }
+                    Err(e) => refuse(shard, conn, &e),
+                };
+            }
+            Err(e) => return refuse(shard, conn, &e),
+        }
+    }
+}
+
+/// The checks after parsing, in PROTOCOL.md order: path, origin, capacity, subprotocol.
+fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Option<&'static str>, HandshakeError> {
+    let cfg = &shard.config;
+    if !cfg.echo && req.path != "/ws" {
+        return Err(HandshakeError::NotFound {
+            path: req.path.chars().take(64).collect(),
+        });
+    }
+    if let (Some(origin), false) = (&req.origin, cfg.allowed_origins.is_empty()) {
+        if !cfg.allowed_origins.iter().any(|o| o == origin) {
+            return Err(HandshakeError::OriginNotAllowed {
+                origin: origin.chars().take(64).collect(),
+            });
+        }
+    }
+    if cfg.echo {
+        return Ok(None);
+    }
+    handshake::choose_protocol(&req.protocols)
+}
+
+fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) -> Result<(), ()> {
+    debug!(status = err.status(), reason = %err, "upgrade refused");
+    shard.metrics.handshake_failed(err.status());
+    shard.metrics.disconnect(Disconnect::Handshake);
+    conn.phase.set(Phase::Closing);
+    conn.shut_after_flush.set(true);
+    shard.queue(conn, Bytes::from(handshake::error_response(err)));
+    shard.flush_dirty();
+    Err(())
+}
+
+fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    conn.phase.set(Phase::Open);
+    conn.last_ping.set(shard.now_ms());
+    shard.metrics.connections_active.fetch_add(1, Relaxed);
+    if !shard.config.echo {
+        let hb = shard.config.heartbeat.as_secs();
+        let welcome = encode_welcome(&shard.conn_name(conn.id), &shard.config.node_name, hb);
+        shard.queue(conn, welcome);
+    }
+    shard.flush_dirty();
+}
+
+async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    loop {
+        process_input(shard, conn);
+        shard.flush_dirty();
+        if conn.phase() == Phase::Closed {
+            return;
+        }
+        // An idle connection keeps no read buffer.
+        if conn.inbuf.borrow().is_empty() {
+            *conn.inbuf.borrow_mut() = BytesMut::new();
+        }
+        match fill(shard, conn).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return,
+        }
+    }
+}
+
+/// Decodes and handles every complete message in `inbuf`.
+fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    loop {
+        if conn.phase() == Phase::Closed {
+            return;
+        }
+        let decoded = conn
+            .decoder
+            .borrow_mut()
+            .decode(&mut conn.inbuf.borrow_mut());
+        match decoded {
+            Ok(None) => return,
+            Ok(Some(msg)) => on_message(shard, conn, msg),
+            Err(e) => {
+                debug!(error = %e, "protocol error");
+                conn.inbuf.borrow_mut().clear();
+                shard.close(conn, e.close_code(), &e.to_string(), Disconnect::Protocol);
+                return;
+            }
+        }
+    }
+}
+
+fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
+    let closing = conn.phase() != Phase::Open;
+    match msg {
+        Message::Ping(p) if !closing => shard.queue(conn, encode_frame(OpCode::Pong, &p)),
+        Message::Ping(_) | Message::Pong(_) => {}
+        Message::Close(c) => on_close(shard, conn, c),
+        _ if closing => {} // after our close frame, data is read and ignored
+        Message::Text(t) if shard.config.echo => shard.queue(conn, encode_frame(OpCode::Text, &t)),
+        Message::Binary(b) if shard.config.echo => {
+            shard.queue(conn, encode_frame(OpCode::Binary, &b))
+        }
+        Message::Binary(_) => {
+            let reason = "binary frames are not supported: ringcast.v1 is JSON text";
+            shard.queue(conn, encode_error(None, code::BAD_REQUEST, reason));
+        }
+        Message::Text(t) => match std::str::from_utf8(&t) {
+            Ok(text) => on_op(shard, conn, text),
+            Err(_) => shard.close(conn, 1007, "invalid UTF-8", Disconnect::Protocol),
+        },
+    }
+}
+
+fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
+    if conn.phase() == Phase::Closing {
+        // The peer answered our close: the handshake is complete.
+        conn.shut_after_flush.set(true);
+        if conn.queued_bytes() == 0 {
+            conn.shut();
+        }
+        return;
+    }
+    // Echo the peer's code (RFC 6455 section 5.5.1), then shut once written.
+    shard.metrics.disconnect(Disconnect::Client);
+    conn.phase.set(Phase::Closing);
+    conn.shut_after_flush.set(true);
+    let frame = match close {
+        Some((code, _)) => encode_close(code, ""),
+        None => encode_frame(OpCode::Close, b""),
+    };
+    shard.queue(conn, frame);
+}
+
+fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
+    let (id, op) = match ClientOp::parse(text) {
+        Ok(parsed) => parsed,
+        Err(e) => return shard.queue(conn, encode_error(e.id, e.code, &e.reason)),
+    };
+    let reply = ReplyTo {
+        shard: shard.id,
+        conn: conn.id,
+        req: id,
+    };
+    match op {
+        ClientOp::Sub { topic, since } => {
+            let refusal = if conn.subs.borrow().contains(&topic) {
+                Some((code::BAD_REQUEST, format!("already subscribed to {topic}")))
+            } else if conn.pending.borrow().contains(&topic) {
+                Some((
+                    code::BAD_REQUEST,
+                    format!("subscription to {topic} already in progress"),
+                ))
+            } else if conn.subs.borrow().len() + conn.pending.borrow().len()
+                >= shard.config.max_subscriptions
+            {
+                let max = shard.config.max_subscriptions;
+                Some((
+                    code::TOO_MANY_SUBSCRIPTIONS,
+                    format!("too many subscriptions: max_subscriptions is {max}"),
+                ))
+            } else {
+                None
+            };
+            match refusal {
+                Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
+                None => {
+                    conn.pending.borrow_mut().insert(topic.clone());
+                    shard.broker.subscribe(SubscribeRequest {
+                        reply,
+                        topic,
+                        since,
+                    });
+                }
+            }
+        }
+        ClientOp::Unsub { topic } => {
+            shard.unsubscribe(conn, &topic);
+            shard.queue(conn, encode_ok(id, Some(&topic), OkExtra::default()));
+        }
+        ClientOp::Pub { topic, data } => {
+            let len = data.get().len();
+            let max = shard.config.max_publish_size;
+            if len > max {
+                let reason = format!("data is {len} bytes, over max_publish_size {max}");
+                return shard.queue(conn, encode_error(id, code::PUBLISH_TOO_LARGE, &reason));
+            }
+            shard.metrics.messages_published.fetch_add(1, Relaxed);
+            shard.broker.publish(Some(reply), topic, data.get());
+        }
+        ClientOp::Ping => shard.queue(conn, encode_pong(id)),
+        ClientOp::Auth { .. } => {
+            let reason = "token auth is not configured on this server (anonymous mode)";
+            shard.queue(conn, encode_error(id, code::BAD_REQUEST, reason));
+        }
+        ClientOp::Presence { topic } => {
+            let reason = format!("presence is not enabled for the namespace of {topic}");
+            shard.queue(conn, encode_error(id, code::BAD_REQUEST, &reason));
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! ringcast: a real-time notification server. Producers publish to a broker
+//! (embedded, or Redis Streams later); ringcast delivers each message over
+//! WebSocket, in order, to every subscriber of its topic, and lets a client
+//! that reconnects recover what it missed.
+//!
+//! Architecture map, in the order a message travels:
+//!
+//! - [`config`] / [`cli`]: settings from defaults < TOML file < environment < flags,
+//!   validated once; the server only ever sees a valid [`config::Config`].
+//! - [`server`]: binds the listeners, starts the shards, the admin endpoint and
+//!   the signal watcher, and runs the graceful drain.
+//! - [`shard`]: one thread, one monoio runtime, one SO_REUSEPORT listener. A
+//!   shard owns its connections and its topic index; nothing else touches them.
+//! - [`connection`]: one WebSocket connection: handshake, frame decoding,
+//!   client ops, the outbound queue and its vectored writes.
+//! - [`ws`]: RFC 6455 with no IO: upgrade parsing and the frame codec.
+//! - [`protocol`]: the `ringcast.v1` JSON ops and server frames.
+//! - [`topic`]: topic names and their validation.
+//! - [`broker`]: the seam between publishing and delivery; [`broker::memory`]
+//!   is the embedded, single-node broker with per-topic history.
+//! - [`bus`]: the cross-shard hand-off: a bounded inbox per shard plus a waker.
+//! - [`metrics`]: shard-local counters summed at scrape time, Prometheus text.
+//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`).
+//! - [`client`]: a blocking Rust client with reconnect and recovery.
+//! - [`load`]: the load generator behind `ringcast load`.
+//!
+//! Dependencies point one way: `ws` knows nothing of topics, `topic` nothing
+//! of sockets; `connection` and `shard` glue them.
+
+pub mod admin;
+pub mod broker;
+pub mod bus;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod load;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod sys;
+pub mod topic;
+pub mod ws;

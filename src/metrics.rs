@@ -1,0 +1,266 @@
+//! Metrics: one [`ShardMetrics`] per shard, written only by its shard (and by
+//! senders into its inbox), summed over shards at scrape time and rendered
+//! as Prometheus text. Writes are relaxed atomics on shard-local cache lines,
+//! so counting costs no contention on the delivery path. Labels are bounded
+//! enums (`reason`, `status`), never a topic, user or peer.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why a message was not delivered. Every drop is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// The subscriber's outbound queue was over its bound (it is closed 4009).
+    SlowConsumer,
+    /// Frames still queued when a connection closed.
+    ConnectionClosed,
+    /// A shard's inbox was full.
+    ShardInboxFull,
+    /// The shard had already exited.
+    ShardGone,
+}
+
+impl Drop {
+    const ALL: [Drop; 4] = [
+        Drop::SlowConsumer,
+        Drop::ConnectionClosed,
+        Drop::ShardInboxFull,
+        Drop::ShardGone,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Drop::SlowConsumer => "slow_consumer",
+            Drop::ConnectionClosed => "connection_closed",
+            Drop::ShardInboxFull => "shard_inbox_full",
+            Drop::ShardGone => "shard_gone",
+        }
+    }
+}
+
+/// Why the server ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The client closed (close frame or EOF).
+    Client,
+    /// The outbound queue overflowed (4009).
+    Slow,
+    /// No frame for 2 x heartbeat.
+    Heartbeat,
+    /// A protocol violation (1002, 1007, 1009).
+    Protocol,
+    /// The graceful drain (1001).
+    Drain,
+    /// The handshake failed or timed out.
+    Handshake,
+    /// A socket error.
+    Io,
+}
+
+impl Disconnect {
+    const ALL: [Disconnect; 7] = [
+        Disconnect::Client,
+        Disconnect::Slow,
+        Disconnect::Heartbeat,
+        Disconnect::Protocol,
+        Disconnect::Drain,
+        Disconnect::Handshake,
+        Disconnect::Io,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Disconnect::Client => "client",
+            Disconnect::Slow => "slow",
+            Disconnect::Heartbeat => "heartbeat",
+            Disconnect::Protocol => "protocol",
+            Disconnect::Drain => "drain",
+            Disconnect::Handshake => "handshake",
+            Disconnect::Io => "io",
+        }
+    }
+}
+
+/// HTTP statuses a handshake can fail with, for the `status` label.
+const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 408, 426, 429, 431, 503];
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    /// Open WebSocket connections (after the upgrade).
+    pub connections_active: AtomicI64,
+    /// TCP connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Active subscriptions (connection x topic).
+    pub subscriptions_active: AtomicI64,
+    /// `msg` frames queued to subscribers (one per subscriber per message).
+    pub messages_delivered: AtomicU64,
+    /// Messages handed to the broker by clients on this shard.
+    pub messages_published: AtomicU64,
+    /// Socket writes (each a vectored write of every queued frame).
+    pub socket_writes: AtomicU64,
+    /// Bytes written to sockets.
+    pub bytes_sent: AtomicU64,
+    dropped: [AtomicU64; 4],
+    disconnects: [AtomicU64; 7],
+    handshake_failures: [AtomicU64; 9],
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl ShardMetrics {
+    /// Counts one undelivered message.
+    pub fn dropped(&self, why: Drop) {
+        self.dropped_n(why, 1);
+    }
+
+    /// Counts `n` undelivered messages.
+    pub fn dropped_n(&self, why: Drop, n: u64) {
+        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.dropped[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one disconnect.
+    pub fn disconnect(&self, why: Disconnect) {
+        let i = Disconnect::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        inc(&self.disconnects[i]);
+    }
+
+    /// Counts one failed handshake by HTTP status.
+    pub fn handshake_failed(&self, status: u16) {
+        if let Some(i) = HANDSHAKE_STATUSES.iter().position(|s| *s == status) {
+            inc(&self.handshake_failures[i]);
+        }
+    }
+
+    /// Reads one drop counter (tests, stats).
+    pub fn dropped_count(&self, why: Drop) -> u64 {
+        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.dropped[i].load(Ordering::Relaxed)
+    }
+}
+
+/// Reads one counter of a shard.
+type CounterOf = fn(&ShardMetrics) -> &AtomicU64;
+/// Reads one gauge of a shard.
+type GaugeOf = fn(&ShardMetrics) -> &AtomicI64;
+
+fn sum_u(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+}
+
+fn sum_i(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicI64) -> i64 {
+    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders every shard's counters, summed, in the Prometheus text format.
+pub fn render(shards: &[&ShardMetrics]) -> String {
+    let mut out = String::with_capacity(4096);
+    let gauges: [(&str, &str, GaugeOf); 2] = [
+        (
+            "ringcast_connections_active",
+            "Open WebSocket connections.",
+            |m| &m.connections_active,
+        ),
+        (
+            "ringcast_subscriptions_active",
+            "Active subscriptions.",
+            |m| &m.subscriptions_active,
+        ),
+    ];
+    for (name, help, f) in gauges {
+        header(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {}", sum_i(shards, f));
+    }
+    let counters: [(&str, &str, CounterOf); 5] = [
+        (
+            "ringcast_connections_accepted_total",
+            "TCP connections accepted.",
+            |m| &m.connections_accepted,
+        ),
+        (
+            "ringcast_messages_delivered_total",
+            "Messages queued to subscribers.",
+            |m| &m.messages_delivered,
+        ),
+        (
+            "ringcast_messages_published_total",
+            "Messages published by clients.",
+            |m| &m.messages_published,
+        ),
+        (
+            "ringcast_socket_writes_total",
+            "Vectored socket writes.",
+            |m| &m.socket_writes,
+        ),
+        (
+            "ringcast_bytes_sent_total",
+            "Bytes written to client sockets.",
+            |m| &m.bytes_sent,
+        ),
+    ];
+    for (name, help, f) in counters {
+        header(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", sum_u(shards, f));
+    }
+    let name = "ringcast_messages_dropped_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Messages not delivered, by reason.",
+    );
+    for (i, d) in Drop::ALL.iter().enumerate() {
+        let v = sum_u(shards, |m| &m.dropped[i]);
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
+    }
+    let name = "ringcast_client_disconnects_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Connections ended by the server or client, by reason.",
+    );
+    for (i, d) in Disconnect::ALL.iter().enumerate() {
+        let v = sum_u(shards, |m| &m.disconnects[i]);
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
+    }
+    let name = "ringcast_handshake_failures_total";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Refused upgrades, by HTTP status.",
+    );
+    for (i, s) in HANDSHAKE_STATUSES.iter().enumerate() {
+        let v = sum_u(shards, |m| &m.handshake_failures[i]);
+        let _ = writeln!(out, "{name}{{status=\"{s}\"}} {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sums_shards_and_labels_reasons() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        a.connections_active.fetch_add(2, Ordering::Relaxed);
+        b.connections_active.fetch_add(3, Ordering::Relaxed);
+        a.dropped(Drop::SlowConsumer);
+        b.dropped_n(Drop::SlowConsumer, 4);
+        b.handshake_failed(404);
+        let text = render(&[&a, &b]);
+        assert!(text.contains("ringcast_connections_active 5\n"), "{text}");
+        assert!(text.contains("ringcast_messages_dropped_total{reason=\"slow_consumer\"} 5\n"));
+        assert!(text.contains("ringcast_handshake_failures_total{status=\"404\"} 1\n"));
+    }
+}

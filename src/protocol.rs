@@ -1,0 +1,444 @@
+//! The `ringcast.v1` JSON protocol (PROTOCOL.md sections 2 and 3): client ops
+//! parsed from text frames, and the server's frames encoded to bytes.
+//!
+//! Parsing is two steps so every error names what was wrong: serde reads the
+//! envelope (every field optional), then [`ClientOp::parse`] checks the op
+//! and its required fields. Server frames are written by hand into one
+//! buffer: topics and ids need no escaping, and `data` is copied verbatim.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::broker::{MsgId, Since};
+use crate::topic::{TopicError, TopicName};
+use crate::ws::frame::{encode_text, write_header, OpCode};
+
+/// Error codes of `error` replies (PROTOCOL.md section 4).
+pub mod code {
+    /// Bad request: unparsable JSON, unknown op, missing field, binary frame.
+    pub const BAD_REQUEST: u16 = 4000;
+    /// Topic not allowed by token or namespace policy.
+    pub const FORBIDDEN_TOPIC: u16 = 4403;
+    /// Rate limited.
+    pub const RATE_LIMITED: u16 = 4008;
+    /// Too many subscriptions on this connection.
+    pub const TOO_MANY_SUBSCRIPTIONS: u16 = 4013;
+    /// `data` of a `pub` larger than `max_publish_size`.
+    pub const PUBLISH_TOO_LARGE: u16 = 4029;
+}
+
+/// A client request, validated.
+#[derive(Debug)]
+pub enum ClientOp<'a> {
+    /// `sub`: subscribe, optionally recovering from `since`.
+    Sub {
+        /// The topic.
+        topic: TopicName,
+        /// Where to recover from.
+        since: Option<Since>,
+    },
+    /// `unsub`.
+    Unsub {
+        /// The topic.
+        topic: TopicName,
+    },
+    /// `pub`: `data` is the raw JSON text, already validated.
+    Pub {
+        /// The topic.
+        topic: TopicName,
+        /// The payload, as the client wrote it.
+        data: &'a RawValue,
+    },
+    /// `ping`: answered with `pong`.
+    Ping,
+    /// `auth`: a token (JWT auth is its own issue).
+    Auth {
+        /// The token as sent.
+        token: Cow<'a, str>,
+    },
+    /// `presence`: who is subscribed (its own issue).
+    Presence {
+        /// The topic.
+        topic: TopicName,
+    },
+}
+
+/// A request that could not be served, with the `id` to answer it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    /// The request's `id`, when it could be read.
+    pub id: Option<u64>,
+    /// One of [`code`].
+    pub code: u16,
+    /// A one-line reason naming the field or limit.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    id: Option<u64>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    since: Option<Cow<'a, str>>,
+    epoch: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Largest `id` a client may send: ids are echoed as JSON numbers, and
+/// JavaScript clients lose precision past 2^53.
+pub const MAX_REQUEST_ID: u64 = (1 << 53) - 1;
+
+impl<'a> ClientOp<'a> {
+    /// Parses one text frame. On error, the `id` is recovered when possible.
+    pub fn parse(text: &'a str) -> Result<(Option<u64>, ClientOp<'a>), OpError> {
+        let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| OpError {
+            id: None,
+            code: code::BAD_REQUEST,
+            reason: format!("invalid JSON request: {e}"),
+        })?;
+        let id = env.id;
+        let bad = |reason: String| OpError {
+            id,
+            code: code::BAD_REQUEST,
+            reason,
+        };
+        if id.is_some_and(|i| i > MAX_REQUEST_ID) {
+            return Err(bad(format!("id: larger than {MAX_REQUEST_ID}")));
+        }
+        let op = env
+            .op
+            .as_deref()
+            .ok_or_else(|| bad("missing field: op".into()))?;
+        let topic = || -> Result<TopicName, OpError> {
+            let t = env
+                .topic
+                .as_deref()
+                .ok_or_else(|| bad("missing field: topic".into()))?;
+            TopicName::new(t).map_err(|e: TopicError| bad(format!("topic: {e}")))
+        };
+        let op = match op {
+            "sub" => ClientOp::Sub {
+                topic: topic()?,
+                since: match env.since.as_deref() {
+                    None => None,
+                    Some(s) => Some(Since {
+                        id: s.parse().map_err(|e| bad(format!("since: {e}")))?,
+                        epoch: env.epoch.clone(),
+                    }),
+                },
+            },
+            "unsub" => ClientOp::Unsub { topic: topic()? },
+            "pub" => {
+                let data = env.data.ok_or_else(|| bad("missing field: data".into()))?;
+                if nesting_depth(data.get()) > MAX_DATA_DEPTH {
+                    return Err(bad(format!(
+                        "data: nesting deeper than {MAX_DATA_DEPTH} levels"
+                    )));
+                }
+                ClientOp::Pub {
+                    topic: topic()?,
+                    data,
+                }
+            }
+            "ping" => ClientOp::Ping,
+            "auth" => ClientOp::Auth {
+                token: env
+                    .token
+                    .clone()
+                    .ok_or_else(|| bad("missing field: token".into()))?,
+            },
+            "presence" => ClientOp::Presence { topic: topic()? },
+            other => {
+                let shown: String = other.chars().take(32).collect();
+                return Err(bad(format!("unknown op {shown:?}")));
+            }
+        };
+        Ok((id, op))
+    }
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`: the same
+/// limit serde_json applies to values, so every subscriber's parser copes.
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// The deepest nesting of `[` / `{` in valid JSON text, skipping strings.
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Encodes a reply (small, per connection) as one text frame.
+fn text_frame(body: &str) -> Bytes {
+    encode_text(body.as_bytes())
+}
+
+fn push_id(out: &mut String, id: Option<u64>) {
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(&id.to_string());
+    }
+}
+
+/// Appends `s` as a JSON string literal (with quotes), escaping as needed.
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json never fails to serialize a &str.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+/// The `msg` frame for one notification, encoded once and shared by every
+/// subscriber: `{"op":"msg","topic":T,"id":ID[,"event":E],"data":DATA}`.
+/// `data` must be valid JSON text; `topic` needs no escaping by construction.
+pub fn encode_msg(topic: &TopicName, id: MsgId, event: Option<&str>, data: &str) -> Bytes {
+    let mut body = String::with_capacity(48 + topic.as_str().len() + data.len());
+    body.push_str("{\"op\":\"msg\",\"topic\":\"");
+    body.push_str(topic.as_str());
+    body.push_str("\",\"id\":\"");
+    body.push_str(&id.to_string());
+    body.push('"');
+    if let Some(ev) = event {
+        body.push_str(",\"event\":");
+        push_json_str(&mut body, ev);
+    }
+    body.push_str(",\"data\":");
+    body.push_str(data);
+    body.push('}');
+    let mut frame = BytesMut::with_capacity(body.len() + 10);
+    write_header(&mut frame, OpCode::Text, false, body.len());
+    frame.put_slice(body.as_bytes());
+    frame.freeze()
+}
+
+/// `{"op":"welcome",...}`, the first frame after the upgrade.
+pub fn encode_welcome(conn: &str, node: &str, heartbeat_secs: u64) -> Bytes {
+    let mut s = String::from("{\"op\":\"welcome\",\"conn\":");
+    push_json_str(&mut s, conn);
+    s.push_str(",\"node\":");
+    push_json_str(&mut s, node);
+    s.push_str(&format!(",\"heartbeat\":{heartbeat_secs}}}"));
+    text_frame(&s)
+}
+
+/// What an `ok` reply carries besides `id` and `topic`.
+#[derive(Debug, Default)]
+pub struct OkExtra<'a> {
+    /// The topic's epoch (every `sub`).
+    pub epoch: Option<&'a str>,
+    /// Whether recovery succeeded (a `sub` with `since`).
+    pub recovered: Option<bool>,
+    /// The new message id (a `pub`).
+    pub mid: Option<MsgId>,
+}
+
+/// `{"op":"ok",...}`.
+pub fn encode_ok(id: Option<u64>, topic: Option<&TopicName>, extra: OkExtra<'_>) -> Bytes {
+    let mut s = String::from("{\"op\":\"ok\"");
+    push_id(&mut s, id);
+    if let Some(t) = topic {
+        s.push_str(",\"topic\":\"");
+        s.push_str(t.as_str());
+        s.push('"');
+    }
+    if let Some(e) = extra.epoch {
+        s.push_str(",\"epoch\":");
+        push_json_str(&mut s, e);
+    }
+    if let Some(r) = extra.recovered {
+        s.push_str(if r {
+            ",\"recovered\":true"
+        } else {
+            ",\"recovered\":false"
+        });
+    }
+    if let Some(m) = extra.mid {
+        s.push_str(&format!(",\"mid\":\"{m}\""));
+    }
+    s.push('}');
+    text_frame(&s)
+}
+
+/// `{"op":"error","id":..,"code":..,"reason":..}`.
+pub fn encode_error(id: Option<u64>, code: u16, reason: &str) -> Bytes {
+    let mut s = String::from("{\"op\":\"error\"");
+    push_id(&mut s, id);
+    s.push_str(&format!(",\"code\":{code},\"reason\":"));
+    push_json_str(&mut s, reason);
+    s.push('}');
+    text_frame(&s)
+}
+
+/// `{"op":"pong"[,"id":..]}`.
+pub fn encode_pong(id: Option<u64>) -> Bytes {
+    let mut s = String::from("{\"op\":\"pong\"");
+    push_id(&mut s, id);
+    s.push('}');
+    text_frame(&s)
+}
+
+/// `{"op":"drain","reconnect_in_ms":..}`.
+pub fn encode_drain(reconnect_in_ms: u64) -> Bytes {
+    text_frame(&format!(
+        "{{\"op\":\"drain\",\"reconnect_in_ms\":{reconnect_in_ms}}}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        // Server text frames under 126 bytes have a 2-byte header.
+        let skip = if frame[1] == 126 { 4 } else { 2 };
+        serde_json::from_slice(&frame[skip..]).unwrap()
+    }
+
+    #[test]
+    fn parses_every_op() {
+        let (id, op) =
+            ClientOp::parse(r#"{"op":"sub","id":7,"topic":"news","since":"5-1","epoch":"e"}"#)
+                .unwrap();
+        assert_eq!(id, Some(7));
+        match op {
+            ClientOp::Sub {
+                topic,
+                since: Some(s),
+            } => {
+                assert_eq!(topic.as_str(), "news");
+                assert_eq!(s.id, MsgId { ms: 5, seq: 1 });
+                assert_eq!(s.epoch.as_deref(), Some("e"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, op) =
+            ClientOp::parse(r#"{"op":"pub","topic":"chat:1","data":{"a":[1,2]}}"#).unwrap();
+        match op {
+            ClientOp::Pub { data, .. } => assert_eq!(data.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ClientOp::parse(r#"{"op":"ping"}"#),
+            Ok((None, ClientOp::Ping))
+        ));
+        assert!(matches!(
+            ClientOp::parse(r#"{"op":"unsub","topic":"x"}"#),
+            Ok((_, ClientOp::Unsub { .. }))
+        ));
+        // Escapes in strings are decoded (Cow::Owned).
+        assert!(matches!(
+            ClientOp::parse(r#"{"op":"unsub","topic":"\u0078"}"#),
+            Ok((_, ClientOp::Unsub { .. }))
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_problem_and_keep_the_id() {
+        let cases = [
+            ("{", "invalid JSON"),
+            ("[]", "invalid JSON"),
+            ("\"x\"", "invalid JSON"),
+            (r#"{"id":3}"#, "missing field: op"),
+            (r#"{"id":3,"op":"fly"}"#, "unknown op \"fly\""),
+            (r#"{"id":3,"op":"sub"}"#, "missing field: topic"),
+            (
+                r#"{"id":3,"op":"sub","topic":"a b"}"#,
+                "topic: topic has invalid byte",
+            ),
+            (
+                r#"{"id":3,"op":"sub","topic":"a","since":"x"}"#,
+                "since: invalid message id",
+            ),
+            (r#"{"id":3,"op":"pub","topic":"a"}"#, "missing field: data"),
+            (r#"{"id":3,"op":"auth"}"#, "missing field: token"),
+            (r#"{"id":9007199254740992,"op":"ping"}"#, "id: larger than"),
+            (r#"{"id":-1,"op":"ping"}"#, "invalid JSON"),
+            (r#"{"id":"1","op":"ping"}"#, "invalid JSON"),
+            (r#"{"op":5}"#, "invalid JSON"),
+        ];
+        for (text, want) in cases {
+            let err = ClientOp::parse(text).unwrap_err();
+            assert_eq!(err.code, code::BAD_REQUEST);
+            assert!(err.reason.contains(want), "{text}: {}", err.reason);
+            if text.contains("\"id\":3") {
+                assert_eq!(err.id, Some(3), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_json_is_an_error_not_a_crash() {
+        let data = format!("{}\"[{{\\\"\"{}", "[".repeat(128), "]".repeat(128));
+        let ok = format!(r#"{{"op":"pub","topic":"a","data":{data}}}"#);
+        assert!(ClientOp::parse(&ok).is_ok(), "{ok}");
+        let deep = format!(
+            "{{\"op\":\"pub\",\"topic\":\"a\",\"data\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(ClientOp::parse(&deep).is_err());
+        let huge_key = format!("{{\"{}\":1}}", "k".repeat(1 << 16));
+        assert!(matches!(ClientOp::parse(&huge_key), Err(OpError { .. })));
+    }
+
+    #[test]
+    fn server_frames_are_valid_json() {
+        let t = TopicName::new("news").unwrap();
+        let m = encode_msg(&t, MsgId { ms: 1, seq: 2 }, Some("e\"v"), r#"{"x":1}"#);
+        let v = payload(&m);
+        assert_eq!(v["op"], "msg");
+        assert_eq!(v["id"], "1-2");
+        assert_eq!(v["event"], "e\"v");
+        assert_eq!(v["data"]["x"], 1);
+        let ok = payload(&encode_ok(
+            Some(7),
+            Some(&t),
+            OkExtra {
+                epoch: Some("ep"),
+                recovered: Some(false),
+                mid: None,
+            },
+        ));
+        assert_eq!(
+            ok,
+            serde_json::json!({"op":"ok","id":7,"topic":"news","epoch":"ep","recovered":false})
+        );
+        let e = payload(&encode_error(None, 4000, "bad \"x\""));
+        assert_eq!(
+            e,
+            serde_json::json!({"op":"error","code":4000,"reason":"bad \"x\""})
+        );
+        assert_eq!(
+            payload(&encode_pong(Some(1))),
+            serde_json::json!({"op":"pong","id":1})
+        );
+        assert_eq!(payload(&encode_drain(5))["reconnect_in_ms"], 5);
+        assert_eq!(payload(&encode_welcome("c-1-2", "n", 25))["heartbeat"], 25);
+    }
+}

@@ -1,0 +1,181 @@
+//! Starting and stopping a node: bind the listeners (refusing a port another
+//! process holds), build the broker and the bus, start one shard thread per
+//! core and the admin endpoint, then supervise: a signal starts the drain,
+//! a shard that dies unexpectedly ends the process with status 1.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::{bail, Context as _};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{error, info, warn};
+
+use crate::broker::memory::{MemoryBroker, Retention};
+use crate::broker::Broker;
+use crate::bus::{self, Bus};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::shard::{self, ShardSetup};
+
+/// Pending connections the kernel queues per shard listener.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Runs a node until it is drained by SIGTERM/SIGINT. Prints one line to
+/// stdout when ready: `ringcast ready ws=ADDR admin=ADDR|off`.
+pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    let listeners = bind_listeners(config.listen, config.shards)?;
+    let local = listeners[0].local_addr()?;
+    let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards).map(|_| Arc::default()).collect();
+    let (senders, inboxes): (Vec<_>, Vec<_>) =
+        metrics.iter().map(|m| bus::inbox(m.clone())).unzip();
+    let bus = Bus::new(senders);
+    let retention = Retention {
+        size: config.history_size,
+        ttl: config.history_ttl,
+    };
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(bus.clone(), retention));
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            crate::admin::spawn(addr, metrics.clone()).context("starting the admin endpoint")?,
+        ),
+        None => None,
+    };
+    if config.allow_anonymous {
+        warn!("anonymous mode: every client may subscribe and publish to every topic");
+    }
+    let (exit_tx, exit_rx) = mpsc::channel::<(usize, bool)>();
+    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let setup = ShardSetup {
+            id,
+            config: config.clone(),
+            broker: broker.clone(),
+            metrics: metrics[id].clone(),
+            inbox,
+            listener,
+        };
+        let tx = exit_tx.clone();
+        thread::Builder::new()
+            .name(format!("shard-{id}-supervisor"))
+            .spawn(move || {
+                let ok = shard::spawn(setup)
+                    .map(|h| h.join().is_ok())
+                    .unwrap_or(false);
+                let _ = tx.send((id, ok));
+            })?;
+    }
+    drop(exit_tx);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    watch_signals(
+        bus.clone(),
+        config.drain_window.as_millis() as u64,
+        draining.clone(),
+    )?;
+    let admin_text = admin.map_or_else(|| "off".to_string(), |a| a.to_string());
+    info!(ws = %local, admin = %admin_text, shards = config.shards, node = %config.node_name, "ready");
+    println!("ringcast ready ws={local} admin={admin_text}");
+    let _ = std::io::stdout().flush();
+    supervise(&exit_rx, config.shards, &draining)
+}
+
+fn supervise(
+    exits: &mpsc::Receiver<(usize, bool)>,
+    shards: usize,
+    draining: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    for _ in 0..shards {
+        let Ok((id, ok)) = exits.recv() else { break };
+        if !ok {
+            error!(shard = id, "shard panicked");
+            bail!("shard {id} panicked; stopping the node");
+        }
+        if !draining.load(std::sync::atomic::Ordering::Acquire) {
+            error!(shard = id, "shard exited unexpectedly");
+            bail!("shard {id} exited unexpectedly");
+        }
+    }
+    info!("drained; bye");
+    Ok(())
+}
+
+fn watch_signals(
+    bus: Bus,
+    window_ms: u64,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if draining.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+                info!(signal = sig, window_ms, "draining");
+                bus.drain(window_ms);
+            }
+        })?;
+    Ok(())
+}
+
+/// Binds one SO_REUSEPORT listener per shard. A port held by another
+/// process is refused: SO_REUSEPORT would otherwise quietly share it.
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListener>> {
+    if addr.port() != 0 {
+        // The probe has no SO_REUSEPORT, so it fails on any socket bound there.
+        let probe = new_socket(addr, false)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            bail!("listen: cannot bind {addr}: {e} (is another process using it?)");
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut bound = addr;
+    for _ in 0..n {
+        let s = new_socket(bound, true)?;
+        s.bind(&bound.into())
+            .with_context(|| format!("listen: cannot bind {bound}"))?;
+        s.listen(LISTEN_BACKLOG)
+            .with_context(|| format!("listen: cannot listen on {bound}"))?;
+        s.set_nonblocking(true)?;
+        let l: TcpListener = s.into();
+        bound = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn new_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_held_elsewhere_is_refused() {
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = bind_listeners(other.local_addr().unwrap(), 2).unwrap_err();
+        assert!(
+            err.to_string().contains("is another process using it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn port_zero_binds_every_shard_to_one_port() {
+        let ls = bind_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = ls[0].local_addr().unwrap().port();
+        assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == port));
+    }
+}

@@ -1,0 +1,491 @@
+//! A shard: one thread, one monoio runtime (io_uring, or epoll where
+//! io_uring is unavailable), one SO_REUSEPORT listener. It owns its
+//! connections and its topic index; no other thread touches them. Other
+//! threads reach it only through its inbox ([`crate::bus`]).
+//!
+//! Three kinds of tasks run on a shard: the accept loop, one task per
+//! connection (its reader; writes are done inline, see
+//! [`crate::connection`]), and the shard loop, which drains the inbox in
+//! batches and runs the once-a-second sweep for heartbeats and deadlines
+//! (no timer per connection).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::broker::Broker;
+use crate::bus::{ConnId, Inbox, ShardMsg};
+use crate::config::Config;
+use crate::connection::{self, Conn, Phase};
+use crate::metrics::{Disconnect, Drop, ShardMetrics};
+use crate::protocol::{encode_drain, encode_error, encode_ok, OkExtra};
+use crate::topic::TopicName;
+use crate::ws::frame::{encode_frame, OpCode};
+
+/// Inbox messages handled before the shard flushes writes and yields.
+const INBOX_BATCH: usize = 256;
+/// Bytes read from a socket per `recv`, into the shard's one scratch buffer.
+pub const SCRATCH_SIZE: usize = 64 << 10;
+/// Grace after the drain window before the shard exits regardless.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// What a shard thread needs to start.
+#[derive(Debug)]
+pub struct ShardSetup {
+    /// Shard number, 0-based.
+    pub id: usize,
+    /// Validated settings.
+    pub config: Arc<Config>,
+    /// Where publishes and subscribes go.
+    pub broker: Arc<dyn Broker>,
+    /// This shard's counters.
+    pub metrics: Arc<ShardMetrics>,
+    /// This shard's inbox.
+    pub inbox: Inbox,
+    /// This shard's listener (SO_REUSEPORT, non-blocking).
+    pub listener: std::net::TcpListener,
+}
+
+/// Shard-local state, shared by the shard's tasks through `Rc`.
+pub(crate) struct Shard {
+    pub(crate) id: usize,
+    pub(crate) config: Arc<Config>,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) metrics: Arc<ShardMetrics>,
+    pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
+    pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
+    /// Connections with frames queued since the last flush.
+    dirty: RefCell<Vec<Rc<Conn>>>,
+    /// The one read buffer every connection of this shard reads into.
+    pub(crate) scratch: RefCell<Vec<u8>>,
+    next_conn: Cell<u64>,
+    started: Instant,
+    now_ms: Cell<u64>,
+    draining: Cell<bool>,
+    listener_fd: Cell<RawFd>,
+    /// Pre-encoded ping frame, shared by every connection.
+    ping: Bytes,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a shard on its own thread; the thread ends after the drain.
+pub fn spawn(setup: ShardSetup) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("shard-{}", setup.id))
+        .spawn(move || run_thread(setup))
+}
+
+fn run_thread(setup: ShardSetup) {
+    let span = tracing::info_span!("shard", id = setup.id);
+    let _guard = span.enter();
+    if setup.config.pin_cores {
+        if let Err(e) = crate::sys::pin_to_cpu(setup.id) {
+            warn!(error = %e, "cannot pin to core");
+        }
+    }
+    let uring = monoio::utils::detect_uring();
+    if !uring {
+        warn!("io_uring unavailable or disabled; using the epoll driver");
+    }
+    let built = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .with_entries(4096)
+        .enable_timer()
+        .build();
+    let mut rt = match built {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            std::process::exit(1);
+        }
+    };
+    info!(
+        driver = if uring { "io_uring" } else { "epoll" },
+        "shard up"
+    );
+    rt.block_on(run(setup).instrument(span.clone()));
+    info!("shard stopped");
+}
+
+async fn run(setup: ShardSetup) {
+    let listener_fd = setup.listener.as_raw_fd();
+    let listener = match monoio::net::TcpListener::from_std(setup.listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the listener");
+            std::process::exit(1);
+        }
+    };
+    let shard = Rc::new(Shard {
+        id: setup.id,
+        config: setup.config,
+        broker: setup.broker,
+        metrics: setup.metrics,
+        conns: RefCell::new(HashMap::new()),
+        topics: RefCell::new(HashMap::new()),
+        dirty: RefCell::new(Vec::new()),
+        scratch: RefCell::new(vec![0; SCRATCH_SIZE]),
+        next_conn: Cell::new(0),
+        started: Instant::now(),
+        now_ms: Cell::new(0),
+        draining: Cell::new(false),
+        listener_fd: Cell::new(listener_fd),
+        ping: encode_frame(OpCode::Ping, b""),
+    });
+    monoio::spawn(accept_loop(shard.clone(), listener));
+    monoio::spawn(sweep_loop(shard.clone()));
+    shard_loop(&shard, &setup.inbox).await;
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                if shard.draining.get() {
+                    break;
+                }
+                shard
+                    .metrics
+                    .connections_accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let id = ConnId(shard.next_conn.get());
+                shard.next_conn.set(id.0 + 1);
+                let conn = Rc::new(Conn::new(id, stream, peer, shard.now_ms(), &shard.config));
+                shard.conns.borrow_mut().insert(id, conn.clone());
+                let span = tracing::debug_span!("conn", id = id.0, %peer);
+                monoio::spawn(connection::run(shard.clone(), conn).instrument(span));
+            }
+            Err(_) if shard.draining.get() => break,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    debug!("accept loop stopped");
+}
+
+async fn sweep_loop(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        shard.tick();
+        shard.sweep();
+        shard.flush_dirty();
+    }
+}
+
+async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
+    let mut drain_deadline: Option<u64> = None;
+    loop {
+        if let Some(deadline) = drain_deadline {
+            if shard.conns.borrow().is_empty() || shard.now_ms() >= deadline {
+                break;
+            }
+            // While draining, wake at least every 100 ms to check the exit condition.
+            monoio::select! {
+                _ = inbox.ready() => {},
+                _ = monoio::time::sleep(Duration::from_millis(100)) => {},
+            }
+            shard.tick();
+        } else {
+            inbox.ready().await;
+        }
+        if inbox.take_lagged() {
+            shard.on_lagged();
+        }
+        for _ in 0..INBOX_BATCH {
+            let Some(msg) = inbox.try_recv() else { break };
+            if let ShardMsg::Drain { window_ms } = msg {
+                shard.tick();
+                let window = Duration::from_millis(window_ms) + DRAIN_GRACE;
+                drain_deadline = Some(shard.now_ms() + window.as_millis() as u64);
+                shard.start_drain(window_ms);
+            } else {
+                shard.handle(msg);
+            }
+        }
+        shard.flush_dirty();
+        // Let connection tasks run between batches.
+        yield_now().await;
+    }
+}
+
+impl Shard {
+    /// Milliseconds since the shard started, as of the last tick.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.now_ms.get()
+    }
+
+    /// Refreshes the coarse clock.
+    pub(crate) fn tick(&self) {
+        self.now_ms.set(self.started.elapsed().as_millis() as u64);
+    }
+
+    /// The `conn` string sent in `welcome`.
+    pub(crate) fn conn_name(&self, id: ConnId) -> String {
+        format!("c-{}-{}", self.id, id.0)
+    }
+
+    fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Deliver { topic, frame, .. } => self.deliver(&topic, &frame),
+            ShardMsg::Subscribed {
+                reply,
+                topic,
+                replay,
+                recovered,
+                epoch,
+            } => {
+                let Some(conn) = self.conn(reply.conn) else {
+                    return;
+                };
+                let wanted = conn.pending.borrow_mut().remove(&topic);
+                for frame in replay {
+                    self.queue_msg(&conn, frame);
+                }
+                let extra = OkExtra {
+                    epoch: Some(&epoch),
+                    recovered,
+                    mid: None,
+                };
+                self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
+                if wanted && conn.phase() == Phase::Open {
+                    conn.subs.borrow_mut().insert(topic.clone());
+                    self.topics
+                        .borrow_mut()
+                        .entry(topic)
+                        .or_default()
+                        .push(conn);
+                    self.metrics
+                        .subscriptions_active
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            ShardMsg::Published {
+                reply,
+                topic,
+                result,
+            } => {
+                let Some(conn) = self.conn(reply.conn) else {
+                    return;
+                };
+                match result {
+                    Ok(mid) if reply.req.is_some() => {
+                        let extra = OkExtra {
+                            mid: Some(mid),
+                            ..OkExtra::default()
+                        };
+                        self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
+                    }
+                    Ok(_) => {}
+                    Err(reason) => self.queue(&conn, encode_error(reply.req, 1011, &reason)),
+                }
+            }
+            ShardMsg::Drain { window_ms } => self.start_drain(window_ms),
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(&id).cloned()
+    }
+
+    /// Queues one shared `msg` frame to every local subscriber of `topic`.
+    fn deliver(&self, topic: &TopicName, frame: &Bytes) {
+        let topics = self.topics.borrow();
+        let Some(subs) = topics.get(topic) else {
+            return;
+        };
+        for conn in subs {
+            self.queue_msg(conn, frame.clone());
+        }
+    }
+
+    /// Queues a `msg` frame: counted as delivered, or as dropped with its reason.
+    pub(crate) fn queue_msg(&self, conn: &Rc<Conn>, frame: Bytes) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if conn.phase() != Phase::Open {
+            self.metrics.dropped(Drop::ConnectionClosed);
+            return;
+        }
+        if conn.queued_bytes() + frame.len() > self.config.outbound_queue {
+            self.metrics.dropped(Drop::SlowConsumer);
+            let discarded = conn.discard_unsent();
+            self.metrics.dropped_n(Drop::ConnectionClosed, discarded);
+            self.close(
+                conn,
+                4009,
+                "slow consumer: outbound queue over its bound",
+                Disconnect::Slow,
+            );
+            return;
+        }
+        self.metrics.messages_delivered.fetch_add(1, Relaxed);
+        self.queue(conn, frame);
+    }
+
+    /// Queues a frame (reply or control) and marks the connection for the next flush.
+    pub(crate) fn queue(&self, conn: &Rc<Conn>, frame: Bytes) {
+        if conn.push(frame) {
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+    }
+
+    /// Writes every dirty connection's queue, one vectored write each.
+    pub(crate) fn flush_dirty(&self) {
+        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        for conn in dirty {
+            connection::flush(self, &conn);
+        }
+    }
+
+    /// Starts a server-initiated close: the close frame goes after what is
+    /// queued, and the socket is shut when the client answers or at the close timeout.
+    pub(crate) fn close(&self, conn: &Rc<Conn>, code: u16, reason: &str, why: Disconnect) {
+        if matches!(conn.phase(), Phase::Closing | Phase::Closed) {
+            return;
+        }
+        self.metrics.disconnect(why);
+        let deadline = self.now_ms() + self.config.close_timeout.as_millis() as u64;
+        conn.set_closing(deadline);
+        self.queue(conn, crate::ws::frame::encode_close(code, reason));
+    }
+
+    fn sweep(&self) {
+        let now = self.now_ms();
+        let hb = self.config.heartbeat.as_millis() as u64;
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            match conn.phase() {
+                Phase::Handshake if now >= conn.deadline() => {
+                    self.metrics.handshake_failed(408);
+                    self.metrics.disconnect(Disconnect::Handshake);
+                    conn.shut();
+                }
+                Phase::Open if now.saturating_sub(conn.last_rx()) >= 2 * hb => {
+                    self.metrics.disconnect(Disconnect::Heartbeat);
+                    conn.shut();
+                }
+                Phase::Open if now.saturating_sub(conn.last_ping()) >= hb => {
+                    conn.set_last_ping(now);
+                    if !self.config.echo {
+                        self.queue(&conn, self.ping.clone());
+                    }
+                }
+                Phase::Closing if now >= conn.deadline() => conn.shut(),
+                _ => {}
+            }
+        }
+    }
+
+    fn start_drain(&self, window_ms: u64) {
+        if self.draining.replace(true) {
+            return;
+        }
+        crate::sys::shutdown(self.listener_fd.get());
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        info!(connections = conns.len(), window_ms, "draining");
+        for conn in conns {
+            match conn.phase() {
+                Phase::Open => {
+                    let delay = if window_ms == 0 {
+                        0
+                    } else {
+                        fastrand::u64(0..window_ms)
+                    };
+                    if !self.config.echo {
+                        self.queue(&conn, encode_drain(delay));
+                    }
+                    self.close(&conn, 1001, "server going away", Disconnect::Drain);
+                }
+                Phase::Handshake => conn.shut(),
+                Phase::Closing | Phase::Closed => {}
+            }
+        }
+    }
+
+    /// The inbox overflowed: some message never reached this shard, so every
+    /// subscriber here may have a gap. Close them with 4009 so they recover.
+    fn on_lagged(&self) {
+        warn!("shard inbox overflowed; closing subscribers so they recover");
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
+            self.close(
+                conn,
+                4009,
+                "server fell behind: resubscribe with since",
+                Disconnect::Slow,
+            );
+        }
+    }
+
+    /// Forgets a finished connection: registry, topic index, counters.
+    pub(crate) fn remove(&self, conn: &Rc<Conn>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.conns.borrow_mut().remove(&conn.id);
+        let subs = std::mem::take(&mut *conn.subs.borrow_mut());
+        let mut topics = self.topics.borrow_mut();
+        for topic in &subs {
+            detach(&mut topics, topic, conn);
+        }
+        self.metrics
+            .subscriptions_active
+            .fetch_sub(subs.len() as i64, Relaxed);
+    }
+
+    /// Unsubscribes one connection from one topic; false if it was not subscribed.
+    pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
+        if !conn.subs.borrow_mut().remove(topic) {
+            return conn.pending.borrow_mut().remove(topic);
+        }
+        detach(&mut self.topics.borrow_mut(), topic, conn);
+        self.metrics
+            .subscriptions_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+}
+
+/// Removes `conn` from `topic`'s subscribers, and the topic once it has none.
+/// Linear in the topic's local subscribers; see issue #3 for an index.
+fn detach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, conn: &Rc<Conn>) {
+    if let Some(list) = topics.get_mut(topic) {
+        if let Some(i) = list.iter().position(|c| Rc::ptr_eq(c, conn)) {
+            list.swap_remove(i);
+        }
+        if list.is_empty() {
+            topics.remove(topic);
+        }
+    }
+}
+
+/// Lets every other ready task of this shard run once before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}

@@ -1,0 +1,124 @@
+//! Topic names. A topic is 1 to 255 bytes of `[A-Za-z0-9_.:@/-]`; the part
+//! before the first `:` is its namespace. [`TopicName`] is validated on
+//! construction, so every layer past the parser can trust it, and it is an
+//! `Arc<str>` so the shard index and every queued message share one copy.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest topic name accepted, in bytes (PROTOCOL.md section 5).
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// Why a string is not a valid topic name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// The name was empty.
+    #[error("topic is empty")]
+    Empty,
+    /// The name was longer than [`MAX_TOPIC_LEN`].
+    #[error("topic is {len} bytes, longer than the limit of {MAX_TOPIC_LEN}")]
+    TooLong {
+        /// Length of the rejected name.
+        len: usize,
+    },
+    /// The name held a byte outside `[A-Za-z0-9_.:@/-]`.
+    #[error(
+        "topic has invalid byte 0x{byte:02x} at offset {at}; allowed: A-Z a-z 0-9 _ . : @ / -"
+    )]
+    InvalidByte {
+        /// The offending byte.
+        byte: u8,
+        /// Its offset in the name.
+        at: usize,
+    },
+}
+
+/// A validated topic name, cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicName(Arc<str>);
+
+impl TopicName {
+    /// Validates `name` and wraps it.
+    pub fn new(name: &str) -> Result<Self, TopicError> {
+        validate(name)?;
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The namespace: the part before the first `:`, or `""` for the
+    /// default namespace.
+    pub fn namespace(&self) -> &str {
+        self.0.split_once(':').map_or("", |(ns, _)| ns)
+    }
+}
+
+/// Checks a name against the topic grammar without allocating.
+pub fn validate(name: &str) -> Result<(), TopicError> {
+    if name.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if name.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong { len: name.len() });
+    }
+    match name.bytes().position(|b| !is_topic_byte(b)) {
+        Some(at) => Err(TopicError::InvalidByte {
+            byte: name.as_bytes()[at],
+            at,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn is_topic_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-')
+}
+
+impl Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_whole_alphabet() {
+        let t = TopicName::new("chat:42/a_b.c@d-e").unwrap();
+        assert_eq!(t.namespace(), "chat");
+        assert_eq!(TopicName::new("news").unwrap().namespace(), "");
+        assert!(TopicName::new(&"x".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_names_saying_why() {
+        assert_eq!(TopicName::new(""), Err(TopicError::Empty));
+        assert_eq!(
+            TopicName::new(&"x".repeat(256)),
+            Err(TopicError::TooLong { len: 256 })
+        );
+        let err = TopicName::new("a b").unwrap_err();
+        assert_eq!(err, TopicError::InvalidByte { byte: b' ', at: 1 });
+        assert!(err.to_string().contains("0x20 at offset 1"));
+        assert!(TopicName::new("ü").is_err());
+        assert!(TopicName::new("a\"b").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! Test fixtures: [`TestServer`] starts the real `ringcast` binary on free
+//! loopback ports and stops it on drop; [`raw`] opens a plain TCP socket
+//! and speaks hand-built RFC 6455 frames, independent of our codec.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `ringcast serve`.
+pub struct TestServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr_path: std::path::PathBuf,
+}
+
+impl TestServer {
+    /// Starts with anonymous access, 2 shards, and `extra` flags.
+    pub fn start(extra: &[&str]) -> TestServer {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let stderr_path = std::env::temp_dir().join(format!(
+            "ringcast-test-{}-{}.log",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        cmd.args(["--allow-anonymous", "--shards", "2"]);
+        cmd.args(extra);
+        cmd.env("RUST_LOG", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn ringcast");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let field = |name: &str| -> SocketAddr {
+            let v = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in ready line {line:?}; log: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default()));
+            v.parse().unwrap()
+        };
+        let (addr, admin) = (field("ws"), field("admin"));
+        TestServer { child, addr, admin, stderr_path }
+    }
+
+    /// `ws://ADDR/ws`
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Scrapes /metrics into name{labels} -> value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(' '))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
+    /// Polls `cond` until it holds or `timeout` passes.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&TestServer) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}; metrics: {:?}", self.metrics());
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Plain-socket WebSocket peer for conformance tests: every byte is built here.
+pub mod raw {
+    use super::*;
+
+    pub const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    /// Connects and sends `request` as is; returns the socket.
+    pub fn connect(addr: SocketAddr, request: &[u8]) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request).unwrap();
+        s
+    }
+
+    /// Reads the HTTP response head (and nothing after it).
+    pub fn read_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    /// Reads everything until the server closes (or 5 s pass).
+    pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    }
+
+    /// Upgrades and consumes the response head and the welcome frame.
+    pub fn open(addr: SocketAddr) -> TcpStream {
+        let mut s = connect(addr, UPGRADE.as_bytes());
+        let head = read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let (op, payload) = read_frame(&mut s).expect("welcome");
+        assert_eq!(op, 1);
+        assert!(String::from_utf8_lossy(&payload).contains("welcome"));
+        s
+    }
+
+    /// A client frame: masked with a fixed key.
+    pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        frame_with(fin, 0, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    }
+
+    /// Any frame, including invalid ones (rsv bits, no mask).
+    pub fn frame_with(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        let len = payload.len();
+        if len < 126 {
+            out.push(m | len as u8);
+        } else if len <= 0xffff {
+            out.push(m | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(m | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        match mask {
+            Some(k) => {
+                out.extend_from_slice(&k);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    /// Reads one server frame: (opcode, payload). None on EOF/timeout.
+    pub fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).ok()?;
+        assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).ok()?;
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                s.read_exact(&mut l).ok()?;
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut p = vec![0u8; len];
+        s.read_exact(&mut p).ok()?;
+        Some((h[0] & 0x0f, p))
+    }
+
+    /// Reads frames until a close frame; returns its code (None: EOF first).
+    pub fn read_close_code(s: &mut TcpStream) -> Option<u16> {
+        loop {
+            let (op, p) = read_frame(s)?;
+            if op == 8 {
+                return Some(if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 });
+            }
+        }
+    }
+
+    /// Reads text frames until one whose JSON has `op` == `want`.
+    pub fn read_op(s: &mut TcpStream, want: &str) -> serde_json::Value {
+        loop {
+            let (op, p) = read_frame(s).unwrap_or_else(|| panic!("EOF waiting for {want}"));
+            if op != 1 {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+            if v["op"] == want {
+                return v;
+            }
+        }
+    }
+}
