@@ -128,9 +128,14 @@ fn watch_signals(
 pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListener>> {
     if addr.port() != 0 {
         // The probe has no SO_REUSEPORT, so it fails on any socket bound there.
+        // Closed connections lingering in FIN_WAIT2 also fail the probe, so
+        // a failure counts only when a socket is really listening there.
         let probe = new_socket(addr, false)?;
         if let Err(e) = probe.bind(&addr.into()) {
-            bail!("listen: cannot bind {addr}: {e} (is another process using it?)");
+            if e.kind() != std::io::ErrorKind::AddrInUse || someone_listens_on(addr).unwrap_or(true)
+            {
+                bail!("listen: cannot bind {addr}: {e} (is another process using it?)");
+            }
         }
     }
     let mut out = Vec::with_capacity(n);
@@ -147,6 +152,41 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListe
         out.push(l);
     }
     Ok(out)
+}
+
+/// Whether /proc/net/tcp{,6} shows a listening socket on `addr`'s port at
+/// `addr`'s IP or a wildcard. `None` when /proc cannot be read.
+fn someone_listens_on(addr: SocketAddr) -> Option<bool> {
+    const LISTEN: &str = "0A";
+    let port = format!("{:04X}", addr.port());
+    let mut any_read = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        any_read = true;
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let (Some(local), Some(_remote), Some(state)) = (cols.nth(1), cols.next(), cols.next())
+            else {
+                continue;
+            };
+            let Some((ip, p)) = local.rsplit_once(':') else {
+                continue;
+            };
+            let wildcard = ip.bytes().all(|b| b == b'0');
+            let same_ip = match addr.ip() {
+                std::net::IpAddr::V4(v4) => {
+                    ip == format!("{:08X}", u32::from_ne_bytes(v4.octets()))
+                }
+                std::net::IpAddr::V6(_) => false,
+            };
+            if state == LISTEN && p == port && (wildcard || same_ip || addr.ip().is_unspecified()) {
+                return Some(true);
+            }
+        }
+    }
+    any_read.then_some(false)
 }
 
 fn new_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<Socket> {

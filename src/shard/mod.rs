@@ -32,6 +32,8 @@ use crate::ws::frame::{encode_frame, OpCode};
 const INBOX_BATCH: usize = 256;
 /// Bytes read from a socket per `recv`, into the shard's one scratch buffer.
 pub const SCRATCH_SIZE: usize = 64 << 10;
+/// Interval of the per-shard sweep (heartbeats, handshake and close deadlines).
+const SWEEP_MS: u64 = 1000;
 /// Grace after the drain window before the shard exits regardless.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -184,7 +186,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
 
 async fn sweep_loop(shard: Rc<Shard>) {
     loop {
-        monoio::time::sleep(Duration::from_secs(1)).await;
+        monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
         shard.tick();
         shard.sweep();
         shard.flush_dirty();
@@ -379,10 +381,17 @@ impl Shard {
                     conn.shut();
                 }
                 Phase::Open if now.saturating_sub(conn.last_rx()) >= 2 * hb => {
+                    debug!(
+                        conn = conn.id.0,
+                        silent_ms = now - conn.last_rx(),
+                        "heartbeat timeout"
+                    );
                     self.metrics.disconnect(Disconnect::Heartbeat);
                     conn.shut();
                 }
-                Phase::Open if now.saturating_sub(conn.last_ping()) >= hb => {
+                // Due within the next sweep counts as due, so a ping always
+                // goes out at least one sweep before the silence limit.
+                Phase::Open if now.saturating_sub(conn.last_ping()) + SWEEP_MS > hb => {
                     conn.set_last_ping(now);
                     if !self.config.echo {
                         self.queue(&conn, self.ping.clone());

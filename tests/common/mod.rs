@@ -1,7 +1,7 @@
 //! Test fixtures: [`TestServer`] starts the real `ringcast` binary on free
 //! loopback ports and stops it on drop; [`raw`] opens a plain TCP socket
 //! and speaks hand-built RFC 6455 frames, independent of our codec.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,6 +24,11 @@ impl TestServer {
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestServer {
+        Self::try_start(extra, env).unwrap_or_else(|log| panic!("server did not start: {log}"))
+    }
+
+    /// Starts, or returns the server's log when it exits before being ready.
+    pub fn try_start(extra: &[&str], env: &[(&str, &str)]) -> Result<TestServer, String> {
         let stderr_path = std::env::temp_dir().join(format!(
             "ringcast-test-{}-{}.log",
             std::process::id(),
@@ -31,27 +36,45 @@ impl TestServer {
         ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        cmd.arg("serve");
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--admin-listen", "127.0.0.1:0"]);
         cmd.args(["--allow-anonymous", "--shards", "2"]);
         cmd.args(extra);
         cmd.env("RUST_LOG", "debug");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn ringcast");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        let field = |name: &str| -> SocketAddr {
+        let field = |name: &str| -> Option<SocketAddr> {
             let v = line
                 .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name}= in ready line {line:?}; log: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default()));
-            v.parse().unwrap()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))?;
+            v.parse().ok()
         };
-        let (addr, admin) = (field("ws"), field("admin"));
-        TestServer { child, addr, admin, stderr_path }
+        match (field("ws"), field("admin")) {
+            (Some(addr), Some(admin)) => Ok(TestServer {
+                child,
+                addr,
+                admin,
+                stderr_path,
+            }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let _ = std::fs::remove_file(&stderr_path);
+                Err(format!("ready line {line:?}; log: {log}"))
+            }
+        }
     }
 
     /// `ws://ADDR/ws`
@@ -62,7 +85,8 @@ impl TestServer {
     /// Scrapes /metrics into name{labels} -> value.
     pub fn metrics(&self) -> HashMap<String, f64> {
         let mut s = TcpStream::connect(self.admin).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         text.lines()
@@ -79,7 +103,12 @@ impl TestServer {
     }
 
     /// Polls `cond` until it holds or `timeout` passes.
-    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&TestServer) -> bool) {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&TestServer) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if cond(self) {
@@ -87,12 +116,29 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("timed out waiting for {what}; metrics: {:?}", self.metrics());
+        panic!(
+            "timed out waiting for {what}; metrics: {:?}",
+            self.metrics()
+        );
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -120,7 +166,8 @@ impl Drop for TestServer {
 pub mod raw {
     use super::*;
 
-    pub const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    pub const UPGRADE: &str =
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
     /// Connects and sends `request` as is; returns the socket.
@@ -168,7 +215,13 @@ pub mod raw {
     }
 
     /// Any frame, including invalid ones (rsv bits, no mask).
-    pub fn frame_with(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    pub fn frame_with(
+        fin: bool,
+        rsv: u8,
+        opcode: u8,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+    ) -> Vec<u8> {
         let mut out = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
         let m = if mask.is_some() { 0x80 } else { 0 };
         let len = payload.len();
@@ -219,7 +272,11 @@ pub mod raw {
         loop {
             let (op, p) = read_frame(s)?;
             if op == 8 {
-                return Some(if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 });
+                return Some(if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    1005
+                });
             }
         }
     }
@@ -238,3 +295,5 @@ pub mod raw {
         }
     }
 }
+
+pub mod external;

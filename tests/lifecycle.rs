@@ -1,0 +1,258 @@
+//! Connection and process lifecycle: slow consumers, heartbeats, graceful
+//! drain, settings from flags/env/file, and the reconnecting client.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{raw, TestServer};
+use ringcast::client::{Client, Event, Reconnecting};
+use serde_json::json;
+
+#[test]
+fn a_slow_consumer_is_closed_with_4009_and_nobody_else_waits() {
+    // Default 1 MiB bound: the slow one passes it once the kernel buffers
+    // (a few MiB) are full; the fast one has ample slack even on a busy machine.
+    let server = TestServer::start(&[]);
+    let mut slow = raw::open(server.addr);
+    slow.write_all(&raw::frame(
+        true,
+        1,
+        br#"{"op":"sub","id":1,"topic":"firehose"}"#,
+    ))
+    .unwrap();
+    raw::read_op(&mut slow, "ok");
+    let mut fast = Client::connect(&server.url()).unwrap();
+    fast.subscribe("firehose", None).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut received = 0;
+        while received < 1500 {
+            match fast.recv(Duration::from_secs(10)) {
+                Ok(Event::Msg { .. }) => received += 1,
+                Ok(Event::Close(code, reason)) => {
+                    panic!("fast subscriber closed after {received}: {code} {reason}")
+                }
+                Ok(_) => {}
+                Err(e) => panic!("fast subscriber failed after {received}: {e}"),
+            }
+        }
+    });
+    let mut publisher = Client::connect(&server.url()).unwrap();
+    let big = json!("x".repeat(8000));
+    let started = Instant::now();
+    // `slow` never reads: kernel buffers fill, then its queue passes 1 MiB.
+    for _ in 0..1500 {
+        if let Err(e) = publisher.publish("firehose", &big) {
+            panic!("publish failed: {e}\n{}", server.log());
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "publishing stalled"
+    );
+    server.wait_for("slow consumer dropped", Duration::from_secs(5), |s| {
+        s.metric("ringcast_client_disconnects_total{reason=\"slow\"}") >= 1.0
+    });
+    assert!(server.metric("ringcast_messages_dropped_total{reason=\"slow_consumer\"}") >= 1.0);
+    // The fast subscriber got everything.
+    if reader.join().is_err() {
+        panic!("fast subscriber failed; server log:\n{}", server.log());
+    }
+    // The slow one finds 4009 after what the kernel had buffered.
+    assert_eq!(raw::read_close_code(&mut slow), Some(4009));
+}
+
+#[test]
+fn server_pings_and_closes_silent_connections() {
+    let server = TestServer::start(&["--heartbeat", "1s"]);
+    let mut silent = raw::open(server.addr);
+    let started = Instant::now();
+    let (op, _) = raw::read_frame(&mut silent).expect("a ping");
+    assert_eq!(op, 9, "expected a ping frame");
+    // Never answering: closed after 2 x heartbeat (sweep granularity 1 s).
+    while raw::read_frame(&mut silent).is_some() {}
+    let gone = started.elapsed();
+    assert!(
+        gone >= Duration::from_millis(1500) && gone < Duration::from_secs(5),
+        "{gone:?}"
+    );
+    server.wait_for("heartbeat disconnect", Duration::from_secs(3), |s| {
+        s.metric("ringcast_client_disconnects_total{reason=\"heartbeat\"}") >= 1.0
+    });
+    // A client that answers pings stays.
+    let mut alive = Client::connect(&server.url()).unwrap();
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let _ = alive.recv(Duration::from_millis(200));
+    }
+    let (pong, _) = alive
+        .request(json!({"op": "ping"}))
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    assert_eq!(pong["op"], "pong");
+}
+
+#[test]
+fn sigterm_drains_with_spread_delays_then_exits_zero() {
+    let mut server = TestServer::start(&["--drain-window", "2s"]);
+    let mut clients: Vec<Client> = (0..6)
+        .map(|_| Client::connect(&server.url()).unwrap())
+        .collect();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    let mut delays = Vec::new();
+    for c in &mut clients {
+        let drain = loop {
+            match c.recv(Duration::from_secs(5)).unwrap() {
+                Event::Frame(v) if v["op"] == "drain" => break v,
+                _ => {}
+            }
+        };
+        let ms = drain["reconnect_in_ms"].as_u64().unwrap();
+        assert!(ms < 2000, "{ms}");
+        delays.push(ms);
+        match c.recv(Duration::from_secs(5)).unwrap() {
+            Event::Close(code, _) => assert_eq!(code, 1001),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        delays.iter().any(|d| *d != delays[0]),
+        "delays not spread: {delays:?}"
+    );
+    for c in clients {
+        c.close();
+    }
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("server did not exit");
+    assert!(status.success(), "{status:?}\n{}", server.log());
+}
+
+fn ringcast(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // Settings errors exit before binding; a started server is killed by the test.
+    cmd.output().unwrap()
+}
+
+#[test]
+fn invalid_settings_exit_2_naming_the_setting() {
+    let out = ringcast(&["serve", "--allow-anonymous", "--heartbeat", "soon"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat"));
+    let out = ringcast(&["serve", "--allow-anonymous"], &[("RINGCAST_SHARDS", "0")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shards: must be between"));
+    let out = ringcast(&["serve"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-anonymous"));
+    let file = std::env::temp_dir().join(format!("ringcast-bad-{}.toml", std::process::id()));
+    std::fs::write(&file, "allow_anonymous = true\nheartbeet = 5\n").unwrap();
+    let out = ringcast(&["serve", "--config", file.to_str().unwrap()], &[]);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeet"));
+}
+
+#[test]
+fn a_port_held_by_another_process_is_refused() {
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let out = ringcast(
+        &[
+            "serve",
+            "--allow-anonymous",
+            "--listen",
+            &addr,
+            "--admin-listen",
+            "off",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another process"));
+}
+
+#[test]
+fn flags_beat_environment_beat_file() {
+    let file = std::env::temp_dir().join(format!("ringcast-{}.toml", std::process::id()));
+    std::fs::write(&file, "heartbeat = \"9s\"\nnode_name = \"from-file\"\n").unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let hb = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra);
+        let server = TestServer::start_with_env(&args, env);
+        let c = Client::connect(&server.url()).unwrap();
+        (
+            c.welcome["heartbeat"].as_u64().unwrap(),
+            c.welcome["node"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(hb(&[], &[]), (9, "from-file".into()));
+    assert_eq!(hb(&[], &[("RINGCAST_HEARTBEAT", "7s")]).0, 7);
+    assert_eq!(
+        hb(&["--heartbeat", "5"], &[("RINGCAST_HEARTBEAT", "7s")]).0,
+        5
+    );
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn the_reconnecting_client_comes_back_and_resubscribes() {
+    let first = TestServer::start(&[]);
+    let addr = first.addr.to_string();
+    let mut client = Reconnecting::connect(&first.url()).unwrap();
+    client.backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    client.subscribe("news").unwrap();
+    let mut p = Client::connect(&first.url()).unwrap();
+    p.publish("news", &json!("before")).unwrap();
+    match client
+        .recv(Instant::now() + Duration::from_secs(5))
+        .unwrap()
+    {
+        Event::Msg { data, .. } => assert_eq!(data, json!("before")),
+        other => panic!("{other:?}"),
+    }
+    drop(p);
+    drop(first); // killed: the client sees the socket end
+                 // The freed port can briefly be taken as another socket's ephemeral
+                 // source port; retry the restart for a while.
+    let mut second = None;
+    for _ in 0..50 {
+        match TestServer::try_start(&["--listen", &addr], &[]) {
+            Ok(s) => {
+                second = Some(s);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let second = second.expect("could not restart on the same port");
+    let url = second.url();
+    let publisher = std::thread::spawn(move || {
+        let mut p = Client::connect(&url).unwrap();
+        // Keep publishing until the client is back and subscribed.
+        for i in 0..200 {
+            p.publish("news", &json!(i)).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    match client
+        .recv(Instant::now() + Duration::from_secs(10))
+        .unwrap()
+    {
+        Event::Msg { topic, .. } => assert_eq!(topic, "news"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.reconnects, 1);
+    // A new server process has a new epoch: recovery is refused, not faked.
+    assert_eq!(client.unrecovered, vec!["news".to_string()]);
+    publisher.join().unwrap();
+}
