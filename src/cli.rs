@@ -26,6 +26,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Publish one message through a running server, as a WebSocket client.
     Publish(PublishArgs),
+    /// Subscribe to topics and print each message as a JSON line; reconnects
+    /// and recovers missed messages on its own.
+    Subscribe(SubscribeArgs),
     /// Generate load against a server and report deliveries and latency.
     Load(crate::load::LoadArgs),
 }
@@ -143,6 +146,20 @@ pub struct PublishArgs {
     pub data: String,
 }
 
+/// `ringcast subscribe`.
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// Server WebSocket URL.
+    #[arg(long, env = "RINGCAST_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    /// Topics to subscribe to (repeat the flag for several).
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+    /// Stop after this many messages (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
 /// How the process should end.
 #[derive(Debug)]
 pub enum Failure {
@@ -162,6 +179,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             crate::server::run(Arc::new(config)).map_err(Failure::Runtime)
         }
         Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
+        Command::Subscribe(args) => subscribe(&args).map_err(Failure::Runtime),
         Command::Load(args) => {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)
@@ -175,6 +193,28 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     let mid = client.publish(&args.topic, &data).context("publishing")?;
     println!("{mid}");
     client.close();
+    Ok(())
+}
+
+fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut client = crate::client::Reconnecting::connect(&args.url).context("connecting")?;
+    for t in &args.topics {
+        client
+            .subscribe(t)
+            .with_context(|| format!("subscribing to {t}"))?;
+    }
+    let mut seen = 0;
+    let forever = std::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
+    while args.count.is_none_or(|n| seen < n) {
+        if let crate::client::Event::Msg { topic, id, data } = client.recv(forever)? {
+            let line = serde_json::json!({"topic": topic, "id": id, "data": data});
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            seen += 1;
+        }
+    }
     Ok(())
 }
 

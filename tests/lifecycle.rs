@@ -1,6 +1,8 @@
 //! Connection and process lifecycle: slow consumers, heartbeats, graceful
 //! drain, settings from flags/env/file, and the reconnecting client.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;

@@ -1,6 +1,8 @@
 //! Publish/subscribe through the real server: broadcast across shards,
 //! order, exactly-once, recovery with `since`, and request errors.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashSet;

@@ -1,7 +1,7 @@
 //! Test fixtures: [`TestServer`] starts the real `ringcast` binary on free
 //! loopback ports and stops it on drop; [`raw`] opens a plain TCP socket
 //! and speaks hand-built RFC 6455 frames, independent of our codec.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -291,6 +291,36 @@ pub mod raw {
             let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
             if v["op"] == want {
                 return v;
+            }
+        }
+    }
+
+    /// Reads until the server ends the connection. `Ok(true)`: EOF (FIN);
+    /// `Ok(false)`: reset. `Err` names what came instead: bytes, a timeout
+    /// after `within`, or another error.
+    pub fn wait_eof(s: &mut TcpStream, within: Duration) -> Result<bool, String> {
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 256];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the server did not end TCP within {within:?}"));
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => return Err(format!("{n} bytes instead of EOF: {:?}", &buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!("the server did not end TCP within {within:?}"))
+                }
+                Err(e) => return Err(format!("read failed: {e}")),
             }
         }
     }
