@@ -57,6 +57,17 @@ struct OutQueue {
     bytes: usize,
 }
 
+/// What happens to the socket once the outbound queue is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFlush {
+    /// Keep it open.
+    Nothing,
+    /// Send FIN (we failed the connection); keep reading until the peer closes.
+    Fin,
+    /// Shut both ways (HTTP error sent, or close handshake complete).
+    Shut,
+}
+
 /// One connection's state, owned by its shard.
 #[derive(Debug)]
 pub(crate) struct Conn {
@@ -73,8 +84,8 @@ pub(crate) struct Conn {
     dirty: Cell<bool>,
     /// A writer task is waiting for the socket to take more.
     write_blocked: Cell<bool>,
-    /// Shut the socket once the queue is written (HTTP errors, close replies).
-    shut_after_flush: Cell<bool>,
+    /// What to do to the socket once the queue is written.
+    after_flush: Cell<AfterFlush>,
     inbuf: RefCell<BytesMut>,
     decoder: RefCell<Decoder>,
     pub(crate) subs: RefCell<HashSet<TopicName>>,
@@ -102,7 +113,7 @@ impl Conn {
             out: RefCell::new(OutQueue::default()),
             dirty: Cell::new(false),
             write_blocked: Cell::new(false),
-            shut_after_flush: Cell::new(false),
+            after_flush: Cell::new(AfterFlush::Nothing),
             inbuf: RefCell::new(BytesMut::new()),
             decoder: RefCell::new(Decoder::new(config.max_message_size)),
             subs: RefCell::new(HashSet::new()),
@@ -137,6 +148,15 @@ impl Conn {
     pub(crate) fn shut(&self) {
         if self.phase.replace(Phase::Closed) != Phase::Closed {
             sys::shutdown(self.fd);
+        }
+    }
+
+    /// Called when the queue has been written out completely.
+    fn flushed(&self) {
+        match self.after_flush.get() {
+            AfterFlush::Nothing => {}
+            AfterFlush::Fin => sys::shutdown_write(self.fd),
+            AfterFlush::Shut => self.shut(),
         }
     }
 
@@ -223,8 +243,7 @@ pub(crate) fn flush(shard: &Shard, conn: &Rc<Conn>) {
         return;
     }
     match write_queue(&shard.metrics, conn) {
-        Flushed::Done if conn.shut_after_flush.get() => conn.shut(),
-        Flushed::Done => {}
+        Flushed::Done => conn.flushed(),
         Flushed::Blocked => {
             conn.write_blocked.set(true);
             monoio::spawn(wait_writable(shard.metrics.clone(), conn.clone()));
@@ -242,8 +261,7 @@ async fn wait_writable(metrics: Arc<ShardMetrics>, conn: Rc<Conn>) {
         }
         match write_queue(&metrics, &conn) {
             Flushed::Blocked => continue,
-            Flushed::Done if conn.shut_after_flush.get() => conn.shut(),
-            Flushed::Done => {}
+            Flushed::Done => conn.flushed(),
             Flushed::Failed => conn.shut(),
         }
         break;
@@ -355,7 +373,7 @@ fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) -> Result<()
     shard.metrics.handshake_failed(err.status());
     shard.metrics.disconnect(Disconnect::Handshake);
     conn.phase.set(Phase::Closing);
-    conn.shut_after_flush.set(true);
+    conn.after_flush.set(AfterFlush::Shut);
     shard.queue(conn, Bytes::from(handshake::error_response(err)));
     shard.flush_dirty();
     Err(())
@@ -407,7 +425,7 @@ fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
             Err(e) => {
                 debug!(error = %e, "protocol error");
                 conn.inbuf.borrow_mut().clear();
-                shard.close(conn, e.close_code(), &e.to_string(), Disconnect::Protocol);
+                fail(shard, conn, e.close_code(), &e.to_string());
                 return;
             }
         }
@@ -431,15 +449,24 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
         }
         Message::Text(t) => match std::str::from_utf8(&t) {
             Ok(text) => on_op(shard, conn, text),
-            Err(_) => shard.close(conn, 1007, "invalid UTF-8", Disconnect::Protocol),
+            Err(_) => fail(shard, conn, 1007, "invalid UTF-8"),
         },
     }
+}
+
+/// Fails the connection (RFC 6455 section 7.1.7): the close frame, then our
+/// FIN right behind it. Reading goes on (and is discarded) until the peer
+/// closes or the close timeout, so its unread data never turns into a reset
+/// that could destroy the close frame before the peer reads it.
+fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, code: u16, reason: &str) {
+    shard.close(conn, code, reason, Disconnect::Protocol);
+    conn.after_flush.set(AfterFlush::Fin);
 }
 
 fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
     if conn.phase() == Phase::Closing {
         // The peer answered our close: the handshake is complete.
-        conn.shut_after_flush.set(true);
+        conn.after_flush.set(AfterFlush::Shut);
         if conn.queued_bytes() == 0 {
             conn.shut();
         }
@@ -448,7 +475,7 @@ fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
     // Echo the peer's code (RFC 6455 section 5.5.1), then shut once written.
     shard.metrics.disconnect(Disconnect::Client);
     conn.phase.set(Phase::Closing);
-    conn.shut_after_flush.set(true);
+    conn.after_flush.set(AfterFlush::Shut);
     let frame = match close {
         Some((code, _)) => encode_close(code, ""),
         None => encode_frame(OpCode::Close, b""),

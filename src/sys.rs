@@ -80,6 +80,14 @@ pub fn shutdown(fd: RawFd) {
     }
 }
 
+/// Sends FIN: no more data from us, while the peer may still send.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: as for `shutdown`.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (cpu is
