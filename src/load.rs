@@ -57,6 +57,9 @@ pub struct LoadArgs {
     /// Server process id, to read its memory (idle).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Rounds of connect-then-close (connect).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Hard cap on the whole run; the tool exits with an error past it.
     #[arg(long, default_value = "120s")]
     pub timeout: HumanDuration,
@@ -69,6 +72,8 @@ pub enum Scenario {
     Fanout,
     /// Many idle connections: memory per connection.
     Idle,
+    /// Connect S clients, close them, `--rounds` times: handshakes per second.
+    Connect,
 }
 
 /// Runs a scenario on a fresh single-thread runtime.
@@ -91,6 +96,7 @@ async fn scenario(args: &LoadArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Fanout => fanout(args).await,
         Scenario::Idle => idle(args).await,
+        Scenario::Connect => connect(args).await,
     }
 }
 
@@ -359,6 +365,38 @@ fn report_fanout(
         h.max() as f64 / 1000.0,
         connect.as_secs_f64()
     );
+}
+
+/// Connects and closes `--connections` clients `--rounds` times. Even
+/// rounds close with a close frame, odd rounds just drop the socket.
+async fn connect(args: &LoadArgs) -> anyhow::Result<()> {
+    let mut rates = Vec::with_capacity(args.rounds);
+    for round in 0..args.rounds {
+        let (conns, took) = connect_all(args).await?;
+        rates.push(conns.len() as f64 / took.as_secs_f64());
+        for mut c in conns {
+            if round % 2 == 0 {
+                let close =
+                    encode_masked(OpCode::Close, true, &1000u16.to_be_bytes(), [1, 2, 3, 4]);
+                let _ = c.write(close.to_vec()).await;
+            }
+        }
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "connect  {} rounds x {} clients  handshakes/s median {:.0}  min {:.0}  max {:.0}",
+        args.rounds,
+        args.connections,
+        median,
+        rates.first().copied().unwrap_or(0.0),
+        rates.last().copied().unwrap_or(0.0)
+    );
+    println!(
+        "{{\"scenario\":\"connect\",\"rounds\":{},\"connections\":{},\"handshakes_per_s_median\":{median:.0}}}",
+        args.rounds, args.connections
+    );
+    Ok(())
 }
 
 /// Resident memory of a process, in bytes.

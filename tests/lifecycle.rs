@@ -258,3 +258,36 @@ fn the_reconnecting_client_comes_back_and_resubscribes() {
     assert_eq!(client.unrecovered, vec!["news".to_string()]);
     publisher.join().unwrap();
 }
+
+#[test]
+fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let args = [
+        "load",
+        "connect",
+        "--target",
+        &target,
+        "--connections",
+        "5000",
+        "--rounds",
+        "20",
+    ];
+    let out = ringcast(
+        &[&args[..], &["--source-ips", "4", "--timeout", "240s"]].concat(),
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.wait_for("every connection released", Duration::from_secs(10), |s| {
+        s.metric("ringcast_connections_active") == 0.0
+    });
+    assert_eq!(
+        server.metric("ringcast_connections_accepted_total"),
+        100_000.0
+    );
+    assert_eq!(server.metric("ringcast_subscriptions_active"), 0.0);
+}
