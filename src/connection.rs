@@ -336,7 +336,7 @@ async fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), ()> {
                 return match accept(shard, &req) {
                     Ok(protocol) => {
                         let resp = handshake::accept_response(&req.key, protocol);
-                        shard.queue(conn, Bytes::from(resp));
+                        shard.queue_unbounded(conn, Bytes::from(resp));
                         Ok(())
                     }
                     Err(e) => refuse(shard, conn, &e),
@@ -374,7 +374,7 @@ fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) -> Result<()
     shard.metrics.disconnect(Disconnect::Handshake);
     conn.phase.set(Phase::Closing);
     conn.after_flush.set(AfterFlush::Shut);
-    shard.queue(conn, Bytes::from(handshake::error_response(err)));
+    shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
     shard.flush_dirty();
     Err(())
 }
@@ -480,7 +480,7 @@ fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
         Some((code, _)) => encode_close(code, ""),
         None => encode_frame(OpCode::Close, b""),
     };
-    shard.queue(conn, frame);
+    shard.queue_unbounded(conn, frame);
 }
 
 fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {

@@ -165,6 +165,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                     .connections_accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
+                // The handshake deadline starts now, not at the last tick.
+                shard.tick();
                 let id = ConnId(shard.next_conn.get());
                 shard.next_conn.set(id.0 + 1);
                 let conn = Rc::new(Conn::new(id, stream, peer, shard.now_ms(), &shard.config));
@@ -321,29 +323,43 @@ impl Shard {
 
     /// Queues a `msg` frame: counted as delivered, or as dropped with its reason.
     pub(crate) fn queue_msg(&self, conn: &Rc<Conn>, frame: Bytes) {
-        use std::sync::atomic::Ordering::Relaxed;
         if conn.phase() != Phase::Open {
             self.metrics.dropped(Drop::ConnectionClosed);
-            return;
-        }
-        if conn.queued_bytes() + frame.len() > self.config.outbound_queue {
+        } else if self.try_queue(conn, frame) {
+            self.metrics
+                .messages_delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
             self.metrics.dropped(Drop::SlowConsumer);
-            let discarded = conn.discard_unsent();
-            self.metrics.dropped_n(Drop::ConnectionClosed, discarded);
-            self.close(
-                conn,
-                4009,
-                "slow consumer: outbound queue over its bound",
-                Disconnect::Slow,
-            );
-            return;
         }
-        self.metrics.messages_delivered.fetch_add(1, Relaxed);
-        self.queue(conn, frame);
     }
 
-    /// Queues a frame (reply or control) and marks the connection for the next flush.
+    /// Queues a frame (a message, reply or pong) within the connection's
+    /// `outbound_queue` bound and marks it for the next flush. Past the bound
+    /// the client is not reading: what is unsent is dropped (counted) and
+    /// the connection is closed with 4009. Returns whether it was queued.
+    pub(crate) fn try_queue(&self, conn: &Rc<Conn>, frame: Bytes) -> bool {
+        if conn.queued_bytes() + frame.len() > self.config.outbound_queue {
+            if conn.phase() == Phase::Open {
+                let discarded = conn.discard_unsent();
+                self.metrics.dropped_n(Drop::ConnectionClosed, discarded);
+                let reason = "slow consumer: outbound queue over its bound";
+                self.close(conn, 4009, reason, Disconnect::Slow);
+            }
+            return false;
+        }
+        self.queue_unbounded(conn, frame);
+        true
+    }
+
+    /// [`Shard::try_queue`] for replies and control frames.
     pub(crate) fn queue(&self, conn: &Rc<Conn>, frame: Bytes) {
+        let _ = self.try_queue(conn, frame);
+    }
+
+    /// Queues a frame whatever the bound: close frames and HTTP responses,
+    /// which are small and end the connection.
+    pub(crate) fn queue_unbounded(&self, conn: &Rc<Conn>, frame: Bytes) {
         if conn.push(frame) {
             self.dirty.borrow_mut().push(conn.clone());
         }
@@ -366,7 +382,7 @@ impl Shard {
         self.metrics.disconnect(why);
         let deadline = self.now_ms() + self.config.close_timeout.as_millis() as u64;
         conn.set_closing(deadline);
-        self.queue(conn, crate::ws::frame::encode_close(code, reason));
+        self.queue_unbounded(conn, crate::ws::frame::encode_close(code, reason));
     }
 
     fn sweep(&self) {
