@@ -1,24 +1,25 @@
 //! One client connection on its shard: the upgrade, then frames in and out.
 //!
-//! Reads are readiness-based: the connection's task waits until the socket
-//! is readable, then reads into the shard's scratch buffer, so an idle
-//! connection holds no read buffer; only a partial frame is kept, in
-//! `inbuf`. Writes are inline: frames are queued (each a shared `Bytes`) and
-//! the shard writes every dirty connection's whole queue with one vectored
-//! `sendmsg` after each batch; only when a socket is full does a short-lived
-//! writer task wait for it to drain. Nothing here panics on input.
+//! A connection owns no task. It is an entry in the shard's registry and a
+//! registration in the shard's epoll instance; when its socket is readable
+//! the shard calls [`on_readable`], which reads into the shard's scratch
+//! buffer (an idle connection holds no read buffer; only a partial frame is
+//! kept, in `inbuf`), decodes, and answers. Writes are inline: frames are
+//! queued (each a shared `Bytes`) and the shard writes every dirty
+//! connection's whole queue with one vectored `sendmsg` after each batch;
+//! only when a socket is full does the connection also wait for EPOLLOUT.
+//! Ending a connection is always the same path: shut the socket, the shard
+//! sees it readable, reads end of stream, and [`finish`]es it. Nothing here
+//! panics on input.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::net::TcpStream;
 use tracing::{debug, trace};
 
 use crate::broker::SubscribeRequest;
@@ -43,7 +44,7 @@ pub(crate) enum Phase {
     Open,
     /// A close frame is queued or sent; waiting for the peer or the deadline.
     Closing,
-    /// The socket is shut; the task is ending.
+    /// The socket is shut; the shard is about to forget the connection.
     Closed,
 }
 
@@ -72,8 +73,8 @@ enum AfterFlush {
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
-    stream: TcpStream,
-    fd: RawFd,
+    /// The socket; closed when the last `Rc<Conn>` goes.
+    socket: OwnedFd,
     phase: Cell<Phase>,
     /// Handshake or close deadline, shard milliseconds.
     deadline: Cell<u64>,
@@ -82,30 +83,25 @@ pub(crate) struct Conn {
     out: RefCell<OutQueue>,
     /// Queued since the last flush (already on the shard's dirty list).
     dirty: Cell<bool>,
-    /// A writer task is waiting for the socket to take more.
+    /// The socket is full: registered for EPOLLOUT until it drains.
     write_blocked: Cell<bool>,
     /// What to do to the socket once the queue is written.
     after_flush: Cell<AfterFlush>,
+    /// The upgrade succeeded at some point (counted in connections_active).
+    opened: Cell<bool>,
     inbuf: RefCell<BytesMut>,
     decoder: RefCell<Decoder>,
-    pub(crate) subs: RefCell<HashSet<TopicName>>,
+    /// Topics subscribed (a short list: linear search beats a set's memory).
+    pub(crate) subs: RefCell<Vec<TopicName>>,
     /// Subscriptions asked of the broker and not yet answered.
-    pub(crate) pending: RefCell<HashSet<TopicName>>,
+    pub(crate) pending: RefCell<Vec<TopicName>>,
 }
 
 impl Conn {
-    pub(crate) fn new(
-        id: ConnId,
-        stream: TcpStream,
-        _peer: SocketAddr,
-        now: u64,
-        config: &Config,
-    ) -> Self {
-        let fd = stream.as_raw_fd();
+    pub(crate) fn new(id: ConnId, socket: OwnedFd, now: u64, config: &Config) -> Self {
         Self {
             id,
-            stream,
-            fd,
+            socket,
             phase: Cell::new(Phase::Handshake),
             deadline: Cell::new(now + config.handshake_timeout.as_millis() as u64),
             last_rx: Cell::new(now),
@@ -114,11 +110,22 @@ impl Conn {
             dirty: Cell::new(false),
             write_blocked: Cell::new(false),
             after_flush: Cell::new(AfterFlush::Nothing),
+            opened: Cell::new(false),
             inbuf: RefCell::new(BytesMut::new()),
             decoder: RefCell::new(Decoder::new(config.max_message_size)),
-            subs: RefCell::new(HashSet::new()),
-            pending: RefCell::new(HashSet::new()),
+            subs: RefCell::new(Vec::new()),
+            pending: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Whether the upgrade succeeded.
+    pub(crate) fn was_open(&self) -> bool {
+        self.opened.get()
+    }
+
+    /// The socket's fd.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -147,7 +154,7 @@ impl Conn {
     /// Shuts the socket: the task sees end of stream and cleans up.
     pub(crate) fn shut(&self) {
         if self.phase.replace(Phase::Closed) != Phase::Closed {
-            sys::shutdown(self.fd);
+            sys::shutdown(self.fd());
         }
     }
 
@@ -155,7 +162,7 @@ impl Conn {
     fn flushed(&self) {
         match self.after_flush.get() {
             AfterFlush::Nothing => {}
-            AfterFlush::Fin => sys::shutdown_write(self.fd),
+            AfterFlush::Fin => sys::shutdown_write(self.fd()),
             AfterFlush::Shut => self.shut(),
         }
     }
@@ -198,7 +205,7 @@ enum Flushed {
 fn write_queue(metrics: &ShardMetrics, conn: &Conn) -> Flushed {
     let mut out = conn.out.borrow_mut();
     while !out.frames.is_empty() {
-        match sys::send_frames(conn.fd, out.frames.iter(), out.offset) {
+        match sys::send_frames(conn.fd(), out.frames.iter(), out.offset) {
             Ok(n) => {
                 metrics.socket_writes.fetch_add(1, Relaxed);
                 metrics.bytes_sent.fetch_add(n as u64, Relaxed);
@@ -235,8 +242,8 @@ impl OutQueue {
     }
 }
 
-/// Writes a dirty connection's queue now, or hands it to a writer task when
-/// the socket is full.
+/// Writes a dirty connection's queue now; when the socket is full, waits
+/// for EPOLLOUT ([`on_writable`]).
 pub(crate) fn flush(shard: &Shard, conn: &Rc<Conn>) {
     conn.dirty.set(false);
     if conn.write_blocked.get() {
@@ -246,104 +253,101 @@ pub(crate) fn flush(shard: &Shard, conn: &Rc<Conn>) {
         Flushed::Done => conn.flushed(),
         Flushed::Blocked => {
             conn.write_blocked.set(true);
-            monoio::spawn(wait_writable(shard.metrics.clone(), conn.clone()));
+            shard.watch_writable(conn, true);
         }
         Flushed::Failed => conn.shut(),
     }
 }
 
-/// Waits until a full socket takes more and writes again, until the queue
-/// is empty or the socket fails.
-async fn wait_writable(metrics: Arc<ShardMetrics>, conn: Rc<Conn>) {
-    loop {
-        if conn.stream.writable(false).await.is_err() || conn.phase() == Phase::Closed {
-            break;
-        }
-        match write_queue(&metrics, &conn) {
-            Flushed::Blocked => continue,
-            Flushed::Done => conn.flushed(),
-            Flushed::Failed => conn.shut(),
-        }
-        break;
+/// The socket takes data again: write what waits.
+pub(crate) fn on_writable(shard: &Shard, conn: &Rc<Conn>) {
+    if !conn.write_blocked.get() {
+        return;
+    }
+    match write_queue(&shard.metrics, conn) {
+        Flushed::Blocked => return,
+        Flushed::Done => conn.flushed(),
+        Flushed::Failed => conn.shut(),
     }
     conn.write_blocked.set(false);
+    shard.watch_writable(conn, false);
 }
 
-/// The connection's task: upgrade, then read until the socket ends; then
-/// the shard forgets the connection.
-pub(crate) async fn run(shard: Rc<Shard>, conn: Rc<Conn>) {
-    let opened = match handshake(&shard, &conn).await {
-        Ok(()) => {
-            open(&shard, &conn);
-            read_loop(&shard, &conn).await;
-            true
-        }
-        Err(()) => false,
-    };
-    let ended_by_client = conn.phase() != Phase::Closed && conn.phase() != Phase::Closing;
-    conn.shut();
-    shard.remove(&conn);
-    if opened {
-        if ended_by_client {
-            shard.metrics.disconnect(Disconnect::Client);
-        }
-        shard.metrics.connections_active.fetch_sub(1, Relaxed);
-        let mut out = conn.out.borrow_mut();
-        shard
-            .metrics
-            .dropped_n(Drop::ConnectionClosed, out.frames.len() as u64);
-        *out = OutQueue::default();
-    }
-    debug!("connection closed");
-}
-
-/// Reads what the socket has into `conn.inbuf`. `Ok(false)` = end of stream.
-async fn fill(shard: &Shard, conn: &Conn) -> io::Result<bool> {
-    loop {
-        conn.stream.readable(false).await?;
+/// The socket is readable (or hung up): read once, then act on what came.
+/// Returns false when the connection is over and must be [`finish`]ed.
+pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
+    let read = {
         let mut scratch = shard.scratch.borrow_mut();
-        match sys::recv(conn.fd, &mut scratch) {
-            Ok(0) => return Ok(false),
+        match sys::recv(conn.fd(), &mut scratch) {
+            Ok(0) => return false,
             Ok(n) => {
                 conn.inbuf.borrow_mut().extend_from_slice(&scratch[..n]);
-                shard.tick();
-                conn.last_rx.set(shard.now_ms());
-                return Ok(true);
+                true
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                false
+            }
+            Err(_) => return false,
         }
+    };
+    if !read {
+        return true;
     }
+    conn.last_rx.set(shard.now_ms());
+    if conn.phase() == Phase::Handshake {
+        handshake(shard, conn);
+    }
+    if matches!(conn.phase(), Phase::Open | Phase::Closing) {
+        process_input(shard, conn);
+    }
+    // An idle connection keeps no read buffer.
+    if conn.inbuf.borrow().is_empty() && conn.inbuf.borrow().capacity() > 0 {
+        *conn.inbuf.borrow_mut() = BytesMut::new();
+    }
+    true
 }
 
-/// Reads and answers the upgrade request. Err when the connection is over.
-async fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), ()> {
-    let max = shard.config.max_handshake_size;
-    loop {
-        if !matches!(fill(shard, conn).await, Ok(true)) {
-            return Err(());
-        }
-        if conn.phase() != Phase::Handshake {
-            return Err(()); // timed out or draining meanwhile
-        }
-        let parsed = handshake::parse_request(&conn.inbuf.borrow(), max);
-        match parsed {
-            Ok(None) => continue,
-            Ok(Some((req, used))) => {
-                conn.inbuf.borrow_mut().advance(used);
-                return match accept(shard, &req) {
-                    Ok(protocol) => {
-                        let resp = handshake::accept_response(&req.key, protocol);
-                        shard.queue_unbounded(conn, Bytes::from(resp));
-                        Ok(())
-                    }
-                    Err(e) => refuse(shard, conn, &e),
-                };
+/// The connection is over: the shard forgets it and counts what was lost.
+pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
+    match conn.phase() {
+        Phase::Open => shard.metrics.disconnect(Disconnect::Client),
+        Phase::Handshake => shard.metrics.disconnect(Disconnect::Handshake),
+        // Closing or Closed: the reason was counted when that started.
+        Phase::Closing | Phase::Closed => {}
+    }
+    conn.shut();
+    shard.remove(conn);
+    if conn.was_open() {
+        shard.metrics.connections_active.fetch_sub(1, Relaxed);
+    }
+    let mut out = conn.out.borrow_mut();
+    shard
+        .metrics
+        .dropped_n(Drop::ConnectionClosed, out.frames.len() as u64);
+    *out = OutQueue::default();
+    debug!(conn = conn.id.0, "connection closed");
+}
+
+/// Parses the upgrade request once it is complete, and answers it.
+fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let parsed = handshake::parse_request(&conn.inbuf.borrow(), shard.config.max_handshake_size);
+    match parsed {
+        Ok(None) => {}
+        Ok(Some((req, used))) => {
+            conn.inbuf.borrow_mut().advance(used);
+            match accept(shard, &req) {
+                Ok(protocol) => {
+                    let resp = handshake::accept_response(&req.key, protocol);
+                    shard.queue_unbounded(conn, Bytes::from(resp));
+                    open(shard, conn);
+                }
+                Err(e) => refuse(shard, conn, &e),
             }
-            Err(e) => return refuse(shard, conn, &e),
         }
+        Err(e) => refuse(shard, conn, &e),
     }
 }
 
@@ -368,44 +372,25 @@ fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Option<&'static str>, H
     handshake::choose_protocol(&req.protocols)
 }
 
-fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) -> Result<(), ()> {
+fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) {
     debug!(status = err.status(), reason = %err, "upgrade refused");
     shard.metrics.handshake_failed(err.status());
     shard.metrics.disconnect(Disconnect::Handshake);
     conn.phase.set(Phase::Closing);
     conn.after_flush.set(AfterFlush::Shut);
+    conn.inbuf.borrow_mut().clear();
     shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
-    shard.flush_dirty();
-    Err(())
 }
 
 fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.phase.set(Phase::Open);
+    conn.opened.set(true);
     conn.last_ping.set(shard.now_ms());
     shard.metrics.connections_active.fetch_add(1, Relaxed);
     if !shard.config.echo {
         let hb = shard.config.heartbeat.as_secs();
         let welcome = encode_welcome(&shard.conn_name(conn.id), &shard.config.node_name, hb);
         shard.queue(conn, welcome);
-    }
-    shard.flush_dirty();
-}
-
-async fn read_loop(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    loop {
-        process_input(shard, conn);
-        shard.flush_dirty();
-        if conn.phase() == Phase::Closed {
-            return;
-        }
-        // An idle connection keeps no read buffer.
-        if conn.inbuf.borrow().is_empty() {
-            *conn.inbuf.borrow_mut() = BytesMut::new();
-        }
-        match fill(shard, conn).await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return,
-        }
     }
 }
 
@@ -516,7 +501,7 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             match refusal {
                 Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
                 None => {
-                    conn.pending.borrow_mut().insert(topic.clone());
+                    conn.pending.borrow_mut().push(topic.clone());
                     shard.broker.subscribe(SubscribeRequest {
                         reply,
                         topic,

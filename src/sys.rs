@@ -129,3 +129,115 @@ pub fn bind_address_no_port(fd: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// An epoll instance owned by one shard: the readiness of every connection
+/// of the shard, so that an idle connection costs a registration in the
+/// kernel and no pending operation, task or buffer in user space. The shard
+/// waits on the epoll fd itself through its runtime (it is pollable), then
+/// harvests ready connections with [`Epoll::wait`] without blocking.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: std::os::fd::OwnedFd,
+}
+
+/// Readiness for reading (and hang-up / error, always reported).
+pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
+/// Readiness for writing.
+pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+
+/// One readiness event: the token given at registration, and the events.
+pub type EpollEvent = libc::epoll_event;
+
+/// An empty event, to size the buffer given to [`Epoll::wait`].
+pub fn empty_event() -> EpollEvent {
+    libc::epoll_event { events: 0, u64: 0 }
+}
+
+impl Epoll {
+    /// A new epoll instance (close-on-exec).
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is
+        // a fresh fd that nothing else owns, so OwnedFd may take it.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: see above.
+        Ok(Epoll {
+            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// A second fd for the same epoll instance, for the runtime to poll
+    /// (see [`pollable`]).
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        let ret =
+            unsafe { libc::epoll_ctl(std::os::fd::AsRawFd::as_raw_fd(&self.fd), op, fd, &mut ev) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Registers `fd` for `events` (level-triggered), reported with `token`.
+    pub fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    /// Changes the events `fd` is registered for.
+    pub fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    /// Forgets `fd` (closing the fd forgets it too).
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Fills `events` with what is ready now, without waiting.
+    pub fn wait(&self, events: &mut [EpollEvent]) -> io::Result<usize> {
+        let max = events.len().min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: the kernel writes at most `max` events into `events`,
+        // which has at least that many slots.
+        let n = unsafe {
+            libc::epoll_wait(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                events.as_mut_ptr(),
+                max,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Wraps an fd the runtime should poll for readability (an epoll fd) in
+/// the type whose `readable()` the runtime offers. monoio has no generic
+/// pollable-fd type; its TcpStream only polls and closes the fd here, and
+/// both are valid on any pollable fd.
+pub fn pollable(fd: std::os::fd::OwnedFd) -> std::net::TcpStream {
+    std::net::TcpStream::from(fd)
+}
+
+/// Takes an accepted stream away from the runtime: from here on the shard
+/// drives it through its own [`Epoll`].
+pub fn into_owned_fd(stream: monoio::net::TcpStream) -> std::os::fd::OwnedFd {
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
+    // SAFETY: `into_raw_fd` gave up the runtime's ownership (and, on the
+    // epoll driver, its registration), so this is the fd's only owner.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}

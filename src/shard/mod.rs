@@ -64,6 +64,8 @@ pub(crate) struct Shard {
     pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
+    /// Readiness of every connection of this shard.
+    pub(crate) epoll: crate::sys::Epoll,
     /// The one read buffer every connection of this shard reads into.
     pub(crate) scratch: RefCell<Vec<u8>>,
     next_conn: Cell<u64>,
@@ -130,7 +132,26 @@ async fn run(setup: ShardSetup) {
             std::process::exit(1);
         }
     };
+    let epoll = match crate::sys::Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the epoll instance");
+            std::process::exit(1);
+        }
+    };
+    let waiter = epoll
+        .try_clone_fd()
+        .map(crate::sys::pollable)
+        .and_then(monoio::net::TcpStream::from_std);
+    let waiter = match waiter {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the epoll instance");
+            std::process::exit(1);
+        }
+    };
     let shard = Rc::new(Shard {
+        epoll,
         id: setup.id,
         config: setup.config,
         broker: setup.broker,
@@ -148,6 +169,7 @@ async fn run(setup: ShardSetup) {
     });
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweep_loop(shard.clone()));
+    monoio::spawn(poll_loop(shard.clone(), waiter));
     shard_loop(&shard, &setup.inbox).await;
 }
 
@@ -169,10 +191,14 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 shard.tick();
                 let id = ConnId(shard.next_conn.get());
                 shard.next_conn.set(id.0 + 1);
-                let conn = Rc::new(Conn::new(id, stream, peer, shard.now_ms(), &shard.config));
-                shard.conns.borrow_mut().insert(id, conn.clone());
-                let span = tracing::debug_span!("conn", id = id.0, %peer);
-                monoio::spawn(connection::run(shard.clone(), conn).instrument(span));
+                let socket = crate::sys::into_owned_fd(stream);
+                let conn = Rc::new(Conn::new(id, socket, shard.now_ms(), &shard.config));
+                if let Err(e) = shard.epoll.add(conn.fd(), crate::sys::EPOLLIN, id.0) {
+                    warn!(error = %e, "cannot watch a new connection");
+                    continue;
+                }
+                debug!(conn = id.0, %peer, "accepted");
+                shard.conns.borrow_mut().insert(id, conn);
             }
             Err(_) if shard.draining.get() => break,
             Err(e) => {
@@ -184,6 +210,39 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
         }
     }
     debug!("accept loop stopped");
+}
+
+/// Ready events harvested per `epoll_wait`.
+const EVENTS_BATCH: usize = 1024;
+
+/// Waits for connection readiness and acts on it: the only place a
+/// connection's socket is read.
+async fn poll_loop(shard: Rc<Shard>, waiter: monoio::net::TcpStream) {
+    let mut events = vec![crate::sys::empty_event(); EVENTS_BATCH];
+    loop {
+        if let Err(e) = waiter.readable(false).await {
+            tracing::error!(error = %e, "polling connections failed");
+            std::process::exit(1);
+        }
+        shard.tick();
+        loop {
+            let n = match shard.epoll.wait(&mut events) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed");
+                    std::process::exit(1);
+                }
+            };
+            for ev in &events[..n] {
+                let (token, bits) = (ev.u64, ev.events);
+                shard.on_ready(ConnId(token), bits);
+            }
+            shard.flush_dirty();
+            if n < events.len() {
+                break;
+            }
+        }
+    }
 }
 
 async fn sweep_loop(shard: Rc<Shard>) {
@@ -232,6 +291,30 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
 }
 
 impl Shard {
+    /// Acts on one connection's readiness.
+    fn on_ready(self: &Rc<Self>, id: ConnId, events: u32) {
+        let Some(conn) = self.conn(id) else { return };
+        if events & crate::sys::EPOLLOUT != 0 {
+            connection::on_writable(self, &conn);
+        }
+        if events & !crate::sys::EPOLLOUT != 0 && !connection::on_readable(self, &conn) {
+            let _ = self.epoll.delete(conn.fd());
+            connection::finish(self, &conn);
+        }
+    }
+
+    /// Adds or removes EPOLLOUT for a connection whose socket is full.
+    pub(crate) fn watch_writable(&self, conn: &Conn, on: bool) {
+        let events = if on {
+            crate::sys::EPOLLIN | crate::sys::EPOLLOUT
+        } else {
+            crate::sys::EPOLLIN
+        };
+        if self.epoll.modify(conn.fd(), events, conn.id.0).is_err() {
+            conn.shut();
+        }
+    }
+
     /// Milliseconds since the shard started, as of the last tick.
     pub(crate) fn now_ms(&self) -> u64 {
         self.now_ms.get()
@@ -260,7 +343,7 @@ impl Shard {
                 let Some(conn) = self.conn(reply.conn) else {
                     return;
                 };
-                let wanted = conn.pending.borrow_mut().remove(&topic);
+                let wanted = take(&mut conn.pending.borrow_mut(), &topic);
                 for frame in replay {
                     self.queue_msg(&conn, frame);
                 }
@@ -271,7 +354,7 @@ impl Shard {
                 };
                 self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
                 if wanted && conn.phase() == Phase::Open {
-                    conn.subs.borrow_mut().insert(topic.clone());
+                    conn.subs.borrow_mut().push(topic.clone());
                     self.topics
                         .borrow_mut()
                         .entry(topic)
@@ -476,8 +559,8 @@ impl Shard {
 
     /// Unsubscribes one connection from one topic; false if it was not subscribed.
     pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
-        if !conn.subs.borrow_mut().remove(topic) {
-            return conn.pending.borrow_mut().remove(topic);
+        if !take(&mut conn.subs.borrow_mut(), topic) {
+            return take(&mut conn.pending.borrow_mut(), topic);
         }
         detach(&mut self.topics.borrow_mut(), topic, conn);
         self.metrics
@@ -513,4 +596,15 @@ async fn yield_now() {
         }
     })
     .await
+}
+
+/// Removes `item` from a short list; whether it was there.
+fn take(list: &mut Vec<TopicName>, item: &TopicName) -> bool {
+    match list.iter().position(|t| t == item) {
+        Some(i) => {
+            list.swap_remove(i);
+            true
+        }
+        None => false,
+    }
 }
