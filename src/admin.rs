@@ -8,26 +8,34 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::{render, ShardMetrics};
+use crate::metrics::{render, BrokerMetrics, ShardMetrics};
 
 /// Largest admin request head read.
 const MAX_REQUEST: usize = 8192;
 
 /// Binds `addr` and serves on a background thread; returns the bound address.
-pub fn spawn(addr: SocketAddr, shards: Vec<Arc<ShardMetrics>>) -> std::io::Result<SocketAddr> {
+pub fn spawn(
+    addr: SocketAddr,
+    shards: Vec<Arc<ShardMetrics>>,
+    broker: Arc<BrokerMetrics>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &shards);
+                let _ = serve(stream, &shards, &broker);
             }
         })?;
     Ok(local)
 }
 
-fn serve(mut stream: TcpStream, shards: &[Arc<ShardMetrics>]) -> std::io::Result<()> {
+fn serve(
+    mut stream: TcpStream,
+    shards: &[Arc<ShardMetrics>],
+    broker: &BrokerMetrics,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = vec![0u8; MAX_REQUEST];
@@ -48,7 +56,9 @@ fn serve(mut stream: TcpStream, shards: &[Arc<ShardMetrics>]) -> std::io::Result
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
             let refs: Vec<&ShardMetrics> = shards.iter().map(|m| &**m).collect();
-            ("200 OK", "text/plain; version=0.0.4", render(&refs))
+            let mut text = render(&refs);
+            broker.render_into(&mut text);
+            ("200 OK", "text/plain; version=0.0.4", text)
         }
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         (b"GET", _) => (

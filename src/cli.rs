@@ -102,6 +102,22 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "RINGCAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Redis Streams backbone, e.g. redis://127.0.0.1:6379/0; unset or empty
+    /// runs the embedded single-node broker [default: unset].
+    #[arg(long, env = "RINGCAST_REDIS")]
+    pub redis: Option<String>,
+    /// Partition streams; producers must hash with the same number [default: 16].
+    #[arg(long, env = "RINGCAST_REDIS_PARTITIONS")]
+    pub redis_partitions: Option<u32>,
+    /// Prefix of every Redis key ringcast uses [default: ringcast].
+    #[arg(long, env = "RINGCAST_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    /// Approximate MAXLEN of each partition stream: the recovery horizon [default: 100000].
+    #[arg(long, env = "RINGCAST_REDIS_MAXLEN")]
+    pub redis_maxlen: Option<u64>,
+    /// Memory for recent entries that answer recoveries without Redis [default: 64MiB].
+    #[arg(long, env = "RINGCAST_REDIS_CACHE_SIZE")]
+    pub redis_cache_size: Option<ByteSize>,
 }
 
 impl ServeArgs {
@@ -128,6 +144,11 @@ impl ServeArgs {
             allow_anonymous: self.allow_anonymous,
             echo: self.echo,
             log_format: self.log_format,
+            redis: self.redis.clone(),
+            redis_partitions: self.redis_partitions,
+            redis_key_prefix: self.redis_key_prefix.clone(),
+            redis_maxlen: self.redis_maxlen,
+            redis_cache_size: self.redis_cache_size,
         }
     }
 }

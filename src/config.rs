@@ -165,6 +165,21 @@ pub struct Config {
     pub echo: bool,
     /// Log format. Default text.
     pub log_format: LogFormat,
+    /// Redis URL (`redis://HOST:PORT/DB`) of the Redis Streams backbone;
+    /// `None` runs the embedded single-node broker. Default `None`.
+    pub redis: Option<String>,
+    /// Partition streams `{prefix}:stream:{P}`, P = crc32(topic) mod this.
+    /// Producers must use the same number. Default 16.
+    pub redis_partitions: u32,
+    /// Prefix of every Redis key ringcast reads or writes. Default `ringcast`.
+    pub redis_key_prefix: String,
+    /// Approximate `MAXLEN ~` of each partition stream on `pub`: how far back
+    /// `since` recovery reaches, against Redis memory. Default 100000.
+    pub redis_maxlen: u64,
+    /// Memory budget of the recent-entry cache that answers most `since`
+    /// recoveries without touching Redis (split evenly over partitions); 0
+    /// sends every recovery to Redis. Default 64 MiB.
+    pub redis_cache_size: usize,
 }
 
 impl Default for Config {
@@ -190,6 +205,11 @@ impl Default for Config {
             allow_anonymous: false,
             echo: false,
             log_format: LogFormat::Text,
+            redis: None,
+            redis_partitions: 16,
+            redis_key_prefix: "ringcast".into(),
+            redis_maxlen: 100_000,
+            redis_cache_size: 64 << 20,
         }
     }
 }
@@ -247,6 +267,16 @@ pub struct Layer {
     pub echo: Option<bool>,
     /// See [`Config::log_format`].
     pub log_format: Option<LogFormat>,
+    /// See [`Config::redis`]; `""` means the embedded broker.
+    pub redis: Option<String>,
+    /// See [`Config::redis_partitions`].
+    pub redis_partitions: Option<u32>,
+    /// See [`Config::redis_key_prefix`].
+    pub redis_key_prefix: Option<String>,
+    /// See [`Config::redis_maxlen`].
+    pub redis_maxlen: Option<u64>,
+    /// See [`Config::redis_cache_size`].
+    pub redis_cache_size: Option<ByteSize>,
 }
 
 /// Every problem found in the settings, one per line, each naming its setting.
@@ -303,7 +333,12 @@ impl Layer {
             allowed_origins,
             allow_anonymous,
             echo,
-            log_format
+            log_format,
+            redis,
+            redis_partitions,
+            redis_key_prefix,
+            redis_maxlen,
+            redis_cache_size
         )
     }
 }
@@ -365,6 +400,11 @@ impl Config {
             allow_anonymous: l.allow_anonymous.unwrap_or(d.allow_anonymous),
             echo: l.echo.unwrap_or(d.echo),
             log_format: l.log_format.unwrap_or(d.log_format),
+            redis: l.redis.filter(|u| !u.is_empty()).or(d.redis),
+            redis_partitions: l.redis_partitions.unwrap_or(d.redis_partitions),
+            redis_key_prefix: l.redis_key_prefix.unwrap_or(d.redis_key_prefix),
+            redis_maxlen: l.redis_maxlen.unwrap_or(d.redis_maxlen),
+            redis_cache_size: size(l.redis_cache_size, d.redis_cache_size),
         };
         c.check(&mut errs);
         if errs.is_empty() {
@@ -425,10 +465,31 @@ impl Config {
             "node_name: must be 1 to 64 characters",
         );
         need(
+            (1..=1024).contains(&self.redis_partitions),
+            "redis_partitions: must be between 1 and 1024",
+        );
+        need(
+            !self.redis_key_prefix.is_empty()
+                && self.redis_key_prefix.len() <= 64
+                && self
+                    .redis_key_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}'),
+            "redis_key_prefix: must be 1 to 64 printable ASCII characters without spaces or braces",
+        );
+        need(self.redis_maxlen >= 1, "redis_maxlen: must be at least 1");
+        need(
             self.allow_anonymous || self.echo,
             "allow_anonymous: no authentication is configured and JWT auth is not implemented yet; \
              pass --allow-anonymous (RINGCAST_ALLOW_ANONYMOUS=true) to accept every client",
         );
+        if let Some(url) = &self.redis {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                errs.push(format!(
+                    "redis: {url:?} is not a Redis URL like redis://127.0.0.1:6379/0 ({e})"
+                ));
+            }
+        }
     }
 }
 
@@ -526,6 +587,50 @@ mod tests {
             assert!(text.contains(name), "{name} missing in {text}");
         }
         assert_eq!(err.0.len(), 5);
+    }
+
+    #[test]
+    fn redis_settings_default_parse_and_validate() {
+        let c = Config::from_layer(anon()).unwrap();
+        assert_eq!(c.redis, None);
+        assert_eq!(c.redis_partitions, 16);
+        assert_eq!(c.redis_key_prefix, "ringcast");
+        assert_eq!(c.redis_maxlen, 100_000);
+        assert_eq!(c.redis_cache_size, 64 << 20);
+        let file = Layer::from_toml(
+            "redis = \"redis://127.0.0.1:6379/0\"\nredis_partitions = 4\n\
+             redis_key_prefix = \"rc\"\nredis_maxlen = 50\nredis_cache_size = \"1MiB\"",
+        )
+        .unwrap();
+        let c = Config::from_layer(file.over(anon())).unwrap();
+        assert_eq!(c.redis.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        assert_eq!(
+            (c.redis_partitions, c.redis_maxlen, c.redis_cache_size),
+            (4, 50, 1 << 20)
+        );
+        assert_eq!(c.redis_key_prefix, "rc");
+        // An empty URL (e.g. RINGCAST_REDIS=) means the embedded broker.
+        let empty = Layer {
+            redis: Some(String::new()),
+            ..anon()
+        };
+        assert_eq!(Config::from_layer(empty).unwrap().redis, None);
+        let bad = Layer {
+            redis: Some("http://nope".into()),
+            redis_partitions: Some(0),
+            redis_key_prefix: Some("a b".into()),
+            redis_maxlen: Some(0),
+            ..anon()
+        };
+        let text = Config::from_layer(bad).unwrap_err().to_string();
+        for name in [
+            "redis:",
+            "redis_partitions:",
+            "redis_key_prefix:",
+            "redis_maxlen:",
+        ] {
+            assert!(text.contains(name), "{name} missing in {text}");
+        }
     }
 
     #[test]

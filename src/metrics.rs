@@ -245,6 +245,137 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
     out
 }
 
+/// Why the Redis reader skipped a stream entry (producers' mistakes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// No `topic` field.
+    MissingTopic,
+    /// No `data` field.
+    MissingData,
+    /// `topic` is not a valid topic name.
+    InvalidTopic,
+    /// `topic` hashes to another partition than the stream it was found in.
+    WrongPartition,
+    /// `data` is not UTF-8 JSON.
+    InvalidData,
+    /// `event` is not a short UTF-8 string.
+    InvalidEvent,
+    /// The entry id or layout is not what Redis streams return.
+    Malformed,
+}
+
+impl Skip {
+    const ALL: [Skip; 7] = [
+        Skip::MissingTopic,
+        Skip::MissingData,
+        Skip::InvalidTopic,
+        Skip::WrongPartition,
+        Skip::InvalidData,
+        Skip::InvalidEvent,
+        Skip::Malformed,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::MissingTopic => "missing_topic",
+            Skip::MissingData => "missing_data",
+            Skip::InvalidTopic => "invalid_topic",
+            Skip::WrongPartition => "wrong_partition",
+            Skip::InvalidData => "invalid_data",
+            Skip::InvalidEvent => "invalid_event",
+            Skip::Malformed => "malformed",
+        }
+    }
+}
+
+/// The broker's counters, written by its own threads (not shards).
+#[derive(Debug)]
+pub struct BrokerMetrics {
+    /// 1 while the broker can deliver (always for the embedded one), 0
+    /// while the Redis reader is reconnecting.
+    pub up: AtomicI64,
+    /// Entries read from Redis and handed to the shards.
+    pub entries_read: AtomicU64,
+    /// Recoveries (`sub` with `since`) answered from the recent-entry cache.
+    pub recoveries_cached: AtomicU64,
+    /// Recoveries that had to read Redis (XRANGE).
+    pub recoveries_redis: AtomicU64,
+    /// Times the Redis reader lost its connection.
+    pub reader_disconnects: AtomicU64,
+    skipped: [AtomicU64; 7],
+}
+
+impl Default for BrokerMetrics {
+    fn default() -> Self {
+        Self {
+            up: AtomicI64::new(1),
+            entries_read: AtomicU64::new(0),
+            recoveries_cached: AtomicU64::new(0),
+            recoveries_redis: AtomicU64::new(0),
+            reader_disconnects: AtomicU64::new(0),
+            skipped: Default::default(),
+        }
+    }
+}
+
+impl BrokerMetrics {
+    /// Counts one skipped entry.
+    pub fn skipped(&self, why: Skip) {
+        let i = Skip::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        inc(&self.skipped[i]);
+    }
+
+    /// Appends the broker's metrics in the Prometheus text format.
+    pub fn render_into(&self, out: &mut String) {
+        let name = "ringcast_broker_up";
+        header(
+            out,
+            name,
+            "gauge",
+            "1 when the broker delivers, 0 while it reconnects.",
+        );
+        let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
+        let counters: [(&str, &str, &AtomicU64); 4] = [
+            (
+                "ringcast_broker_entries_read_total",
+                "Stream entries read from Redis and delivered to the shards.",
+                &self.entries_read,
+            ),
+            (
+                "ringcast_broker_recoveries_cached_total",
+                "Recoveries answered from the recent-entry cache.",
+                &self.recoveries_cached,
+            ),
+            (
+                "ringcast_broker_recoveries_redis_total",
+                "Recoveries that read Redis.",
+                &self.recoveries_redis,
+            ),
+            (
+                "ringcast_broker_reader_disconnects_total",
+                "Times the Redis reader lost its connection.",
+                &self.reader_disconnects,
+            ),
+        ];
+        for (name, help, c) in counters {
+            header(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", c.load(Ordering::Relaxed));
+        }
+        let name = "ringcast_broker_entries_skipped_total";
+        header(
+            out,
+            name,
+            "counter",
+            "Malformed stream entries skipped, by reason.",
+        );
+        for (i, d) in Skip::ALL.iter().enumerate() {
+            let v = self.skipped[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

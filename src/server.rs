@@ -14,10 +14,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
 use crate::broker::memory::{MemoryBroker, Retention};
+use crate::broker::redis::{self, RedisBroker};
 use crate::broker::Broker;
 use crate::bus::{self, Bus};
 use crate::config::Config;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{BrokerMetrics, ShardMetrics};
 use crate::shard::{self, ShardSetup};
 
 /// Pending connections the kernel queues per shard listener.
@@ -36,10 +37,18 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         size: config.history_size,
         ttl: config.history_ttl,
     };
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(bus.clone(), retention));
+    let broker_metrics = Arc::new(BrokerMetrics::default());
+    let broker: Arc<dyn Broker> = match redis::Settings::from_config(&config) {
+        Some(settings) => Arc::new(
+            RedisBroker::start(settings, bus.clone(), broker_metrics.clone())
+                .context("starting the Redis Streams broker")?,
+        ),
+        None => Arc::new(MemoryBroker::new(bus.clone(), retention)),
+    };
     let admin = match config.admin_listen {
         Some(addr) => Some(
-            crate::admin::spawn(addr, metrics.clone()).context("starting the admin endpoint")?,
+            crate::admin::spawn(addr, metrics.clone(), broker_metrics)
+                .context("starting the admin endpoint")?,
         ),
         None => None,
     };

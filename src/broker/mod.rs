@@ -13,6 +13,7 @@
 //! [`ShardMsg::Subscribed`]: crate::bus::ShardMsg::Subscribed
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,8 +81,8 @@ pub struct Since {
     pub epoch: Option<String>,
 }
 
-/// Publishing and subscribing, implemented by the embedded broker and (in
-/// a later issue) the Redis Streams broker.
+/// Publishing and subscribing, implemented by the embedded broker
+/// ([`memory`]) and the Redis Streams broker ([`redis`]).
 pub trait Broker: Send + Sync + fmt::Debug {
     /// Publishes `data` (a JSON document, already validated) to `topic`.
     /// When `reply` is set, the broker answers the publisher with

@@ -327,3 +327,4 @@ pub mod raw {
 }
 
 pub mod external;
+pub mod redis;

@@ -1,0 +1,401 @@
+//! The Redis Streams broker: Redis is the backbone between producers and
+//! every node (PROTOCOL.md section 6). Topics hash to partition streams
+//! `{prefix}:stream:{P}`; every node reads every partition with plain
+//! `XREAD BLOCK` (not a consumer group: all nodes see all entries) and
+//! delivers to its own shards; a client `pub` is an `XADD`, so every node
+//! sees one order per topic.
+//!
+//! Redis never runs on a shard thread. Three plain threads use the redis
+//! crate's blocking API, each on its own connection, and answer only
+//! through the [`Bus`]:
+//!
+//! - the reader ([`reader`]): `XREAD BLOCK` over all partitions, delivery,
+//!   and every `sub` answer (so the ordering contract holds), with a cache
+//!   of recent entries for recovery and `XRANGE` behind it;
+//! - the publisher: queued publishes pipelined into one round trip of
+//!   `XADD ... MAXLEN ~` per batch, answering each publisher with its id;
+//! - the waker: a queued `sub` should not wait for `XREAD BLOCK` to time
+//!   out, so the waker sends `CLIENT UNBLOCK <reader id>` until the reader
+//!   has taken the queue.
+//!
+//! When Redis goes away the reader retries with backoff and resumes from
+//! the last id it processed; `ringcast_broker_up` is 0 meanwhile.
+
+mod entry;
+mod reader;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ::redis::{Connection, RedisError, Value};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tracing::{info, warn};
+
+pub use entry::{epoch_key, partition, stream_key};
+
+use crate::broker::{Broker, MsgId, SubscribeRequest};
+use crate::bus::{Bus, ReplyTo, ShardMsg};
+use crate::config::Config;
+use crate::metrics::BrokerMetrics;
+use crate::topic::TopicName;
+
+/// Publishes that may wait for the publisher thread; past it a `pub` is
+/// answered with an error rather than queued without bound.
+const PUBLISH_QUEUE: usize = 65_536;
+/// Publishes sent in one pipelined round trip at most.
+const PUBLISH_BATCH: usize = 512;
+/// `sub` requests that may wait for the reader; past it see [`RedisBroker::subscribe`].
+const SUBSCRIBE_QUEUE: usize = 65_536;
+/// Connect timeout of every connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed connect, the publisher fails publishes at once for this long.
+const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// What the Redis broker needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `redis://HOST:PORT/DB`.
+    pub url: String,
+    /// Partition streams.
+    pub partitions: u32,
+    /// Key prefix.
+    pub key_prefix: String,
+    /// Approximate `MAXLEN ~` per stream.
+    pub maxlen: u64,
+    /// Recent-entry cache budget in bytes, over all partitions.
+    pub cache_size: usize,
+}
+
+impl Settings {
+    /// The Redis settings of `config`, or `None` for the embedded broker.
+    pub fn from_config(config: &Config) -> Option<Settings> {
+        Some(Settings {
+            url: config.redis.clone()?,
+            partitions: config.redis_partitions,
+            key_prefix: config.redis_key_prefix.clone(),
+            maxlen: config.redis_maxlen,
+            cache_size: config.redis_cache_size,
+        })
+    }
+}
+
+/// Why the Redis broker could not start or publish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis did not answer at startup.
+    #[error("cannot reach Redis at {url}: {source}")]
+    Unreachable {
+        /// The configured URL.
+        url: String,
+        /// What failed.
+        source: RedisError,
+    },
+    /// A thread could not be spawned.
+    #[error("cannot start the {thread} thread: {source}")]
+    Spawn {
+        /// Which thread.
+        thread: &'static str,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// `XADD` answered something other than an id.
+    #[error("XADD returned {0:?} instead of an entry id")]
+    BadReply(String),
+}
+
+/// Opens one blocking connection with a read timeout.
+pub(crate) fn connect(url: &str, read_timeout: Option<Duration>) -> Result<Connection, RedisError> {
+    let client = ::redis::Client::open(url)?;
+    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(read_timeout)?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(conn)
+}
+
+/// The `XADD` of one message: `MAXLEN ~ maxlen`, auto id.
+pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &str) -> ::redis::Cmd {
+    let p = partition(topic, settings.partitions);
+    let mut cmd = ::redis::cmd("XADD");
+    cmd.arg(stream_key(&settings.key_prefix, p))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(settings.maxlen)
+        .arg("*")
+        .arg("topic")
+        .arg(topic)
+        .arg("data")
+        .arg(data);
+    if let Some(e) = event {
+        cmd.arg("event").arg(e);
+    }
+    cmd
+}
+
+/// Publishes one message with a fresh connection (`ringcast publish --redis`).
+pub fn publish_once(settings: &Settings, topic: &str, data: &str) -> Result<MsgId, Error> {
+    let mut conn = connect(&settings.url, Some(Duration::from_secs(5))).map_err(|source| {
+        Error::Unreachable {
+            url: settings.url.clone(),
+            source,
+        }
+    })?;
+    let v: Value = xadd_cmd(settings, topic, None, data).query(&mut conn)?;
+    xadd_id(v)
+}
+
+fn xadd_id(v: Value) -> Result<MsgId, Error> {
+    let text = match &v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        other => return Err(Error::BadReply(format!("{other:?}"))),
+    };
+    text.parse().map_err(|_| Error::BadReply(text))
+}
+
+/// One queued publish.
+#[derive(Debug)]
+struct PubReq {
+    reply: Option<ReplyTo>,
+    topic: TopicName,
+    data: String,
+}
+
+/// The Redis Streams broker. Dropping it stops its threads (the reader
+/// after its current `XREAD`).
+#[derive(Debug)]
+pub struct RedisBroker {
+    bus: Bus,
+    publishes: Sender<PubReq>,
+    subs: Sender<SubscribeRequest>,
+    wake: Sender<()>,
+}
+
+impl RedisBroker {
+    /// Connects (failing when Redis is unreachable, so a misconfigured node
+    /// does not start), resolves the start position, and starts the
+    /// reader, publisher and waker threads.
+    pub fn start(
+        settings: Settings,
+        bus: Bus,
+        metrics: Arc<BrokerMetrics>,
+    ) -> Result<RedisBroker, Error> {
+        let settings = Arc::new(settings);
+        let (sub_tx, sub_rx) = crossbeam_channel::bounded(SUBSCRIBE_QUEUE);
+        let (pub_tx, pub_rx) = crossbeam_channel::bounded(PUBLISH_QUEUE);
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let client_id = Arc::new(AtomicI64::new(-1));
+        let (reader, conn) = reader::Reader::boot(
+            settings.clone(),
+            bus.clone(),
+            sub_rx,
+            client_id.clone(),
+            metrics,
+        )
+        .map_err(|source| Error::Unreachable {
+            url: settings.url.clone(),
+            source,
+        })?;
+        let spawn = |thread: &'static str, f: Box<dyn FnOnce() + Send>| {
+            thread::Builder::new()
+                .name(thread.into())
+                .spawn(f)
+                .map(drop)
+                .map_err(|source| Error::Spawn { thread, source })
+        };
+        spawn("redis-reader", Box::new(move || reader.run(conn)))?;
+        let (s, b) = (settings.clone(), bus.clone());
+        spawn(
+            "redis-publisher",
+            Box::new(move || publisher(&s, &b, &pub_rx)),
+        )?;
+        let (s, pending) = (settings.clone(), sub_tx.clone());
+        spawn(
+            "redis-waker",
+            Box::new(move || waker(&s.url, &wake_rx, &pending, &client_id)),
+        )?;
+        info!(
+            url = %settings.url,
+            partitions = settings.partitions,
+            prefix = %settings.key_prefix,
+            maxlen = settings.maxlen,
+            "redis streams broker started"
+        );
+        Ok(RedisBroker {
+            bus,
+            publishes: pub_tx,
+            subs: sub_tx,
+            wake: wake_tx,
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+        let req = PubReq {
+            reply,
+            topic,
+            data: data.to_owned(),
+        };
+        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
+            self.publishes.try_send(req)
+        {
+            fail(&self.bus, r, "publish queue full: the broker is behind");
+        }
+    }
+
+    fn subscribe(&self, req: SubscribeRequest) {
+        match self.subs.try_send(req) {
+            Ok(()) => {
+                let _ = self.wake.try_send(());
+            }
+            Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
+                // The reader is stuck; subscribing live-only beats hanging
+                // the client. Recovery is refused since it cannot be ordered.
+                warn!(topic = %req.topic, "subscribe queue full: answering without the reader");
+                self.bus.send_to(
+                    req.reply.shard,
+                    ShardMsg::Subscribed {
+                        reply: req.reply,
+                        topic: req.topic,
+                        replay: Vec::new(),
+                        recovered: req.since.map(|_| false),
+                        epoch: Arc::from(""),
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn fail(bus: &Bus, req: PubReq, why: &str) {
+    if let Some(reply) = req.reply {
+        bus.send_to(
+            reply.shard,
+            ShardMsg::Published {
+                reply,
+                topic: req.topic,
+                result: Err(why.to_string()),
+            },
+        );
+    }
+}
+
+/// The publisher thread: takes everything queued (up to a batch), sends it
+/// as one pipeline, answers each publisher.
+fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>) {
+    let mut conn: Option<Connection> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < PUBLISH_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if conn.is_none() && failed_at.is_none_or(|t| t.elapsed() >= PUBLISH_RETRY_AFTER) {
+            match connect(&settings.url, Some(Duration::from_secs(5))) {
+                Ok(c) => {
+                    if failed_at.take().is_some() {
+                        info!("redis publisher reconnected");
+                    }
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    warn!(error = %e, "redis publisher cannot connect");
+                    failed_at = Some(Instant::now());
+                }
+            }
+        }
+        let results = match conn.as_mut() {
+            Some(c) => {
+                let mut pipe = ::redis::pipe();
+                pipe.ignore_errors();
+                for r in &batch {
+                    pipe.add_command(xadd_cmd(settings, r.topic.as_str(), None, &r.data));
+                }
+                pipe.query::<Vec<Value>>(c)
+            }
+            None => {
+                for r in batch.drain(..) {
+                    fail(bus, r, "broker unavailable: cannot reach Redis");
+                }
+                continue;
+            }
+        };
+        match results {
+            Ok(values) if values.len() == batch.len() => {
+                for (r, v) in batch.drain(..).zip(values) {
+                    answer_publish(bus, r, v);
+                }
+            }
+            Ok(_) | Err(_) => {
+                if let Err(e) = &results {
+                    warn!(error = %e, n = batch.len(), "redis publish failed; reconnecting");
+                }
+                conn = None;
+                failed_at = Some(Instant::now());
+                // Some of these may have been written: the publisher is told
+                // it failed and may publish again (at-least-once).
+                for r in batch.drain(..) {
+                    fail(bus, r, "broker unavailable: Redis connection lost");
+                }
+            }
+        }
+    }
+}
+
+fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
+    let result = match v {
+        Value::ServerError(e) => Err(format!("redis refused the publish: {e}")),
+        v => xadd_id(v).map_err(|e| e.to_string()),
+    };
+    if let Some(reply) = req.reply {
+        bus.send_to(
+            reply.shard,
+            ShardMsg::Published {
+                reply,
+                topic: req.topic,
+                result,
+            },
+        );
+    }
+}
+
+/// The waker thread: while `sub` requests wait, unblock the reader's
+/// `XREAD`. `CLIENT UNBLOCK` answers 0 when the reader is not blocked yet
+/// (busy, or between its queue check and `XREAD`), so it retries with a
+/// short pause until the queue is taken.
+fn waker(url: &str, wake: &Receiver<()>, pending: &Sender<SubscribeRequest>, reader: &AtomicI64) {
+    let mut conn: Option<Connection> = None;
+    while wake.recv().is_ok() {
+        let mut pause = Duration::from_micros(500);
+        while !pending.is_empty() {
+            let id = reader.load(Ordering::Acquire);
+            if id >= 0 {
+                if conn.is_none() {
+                    conn = connect(url, Some(Duration::from_secs(2))).ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    match ::redis::cmd("CLIENT")
+                        .arg("UNBLOCK")
+                        .arg(id)
+                        .query::<i64>(c)
+                    {
+                        Ok(1) => break,
+                        Ok(_) => {}
+                        Err(_) => conn = None,
+                    }
+                }
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}

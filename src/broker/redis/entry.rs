@@ -1,0 +1,351 @@
+//! Stream entries and replies, with no IO: the partition rule, key names,
+//! decoding and validating one entry, and taking apart `XREAD` / `XRANGE` /
+//! `XINFO STREAM` replies. Everything here is a pure function of its input
+//! so it is tested without a Redis server.
+
+use ::redis::Value;
+
+use crate::broker::MsgId;
+use crate::metrics::Skip;
+use crate::topic::TopicName;
+
+/// Longest `event` name copied into a `msg` frame.
+pub(crate) const MAX_EVENT_LEN: usize = 64;
+
+/// The partition of `topic`: CRC-32/ISO-HDLC (zlib's crc32) mod `partitions`.
+/// Producers compute the same thing (PROTOCOL.md section 6).
+pub fn partition(topic: &str, partitions: u32) -> u32 {
+    crc32fast::hash(topic.as_bytes()) % partitions.max(1)
+}
+
+/// `{prefix}:stream:{P}`: the braces are a Redis Cluster hash tag.
+pub fn stream_key(prefix: &str, p: u32) -> String {
+    format!("{prefix}:stream:{{{p}}}")
+}
+
+/// `{prefix}:epoch:{P}`, in the same hash slot as its stream.
+pub fn epoch_key(prefix: &str, p: u32) -> String {
+    format!("{prefix}:epoch:{{{p}}}")
+}
+
+/// One valid entry, ready to encode.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) topic: TopicName,
+    pub(crate) event: Option<String>,
+    pub(crate) data: String,
+}
+
+fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn items(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        Value::Map(m) => Some(m.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+        _ => None,
+    }
+}
+
+/// Parses an entry id as Redis returns it.
+pub(crate) fn parse_id(v: Value) -> Option<MsgId> {
+    std::str::from_utf8(&bytes(v)?).ok()?.parse().ok()
+}
+
+/// Validates one entry's flat field list (`topic`, `data`, optional
+/// `event`; other fields are ignored) found in partition `p`.
+pub(crate) fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Skip> {
+    let fields = items(fields).ok_or(Skip::Malformed)?;
+    let (mut topic, mut data, mut event) = (None, None, None);
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match bytes(k).as_deref() {
+            Some(b"topic") => topic = bytes(v),
+            Some(b"data") => data = bytes(v),
+            Some(b"event") => event = bytes(v),
+            _ => {}
+        }
+    }
+    let topic = topic.ok_or(Skip::MissingTopic)?;
+    let data = data.ok_or(Skip::MissingData)?;
+    let topic = std::str::from_utf8(&topic).map_err(|_| Skip::InvalidTopic)?;
+    let topic = TopicName::new(topic).map_err(|_| Skip::InvalidTopic)?;
+    if partition(topic.as_str(), partitions) != p {
+        return Err(Skip::WrongPartition);
+    }
+    let data = String::from_utf8(data).map_err(|_| Skip::InvalidData)?;
+    // Validates the whole document without building it.
+    serde_json::from_str::<serde::de::IgnoredAny>(&data).map_err(|_| Skip::InvalidData)?;
+    let event = match event {
+        None => None,
+        Some(e) if e.is_empty() || e.len() > MAX_EVENT_LEN => return Err(Skip::InvalidEvent),
+        Some(e) => Some(String::from_utf8(e).map_err(|_| Skip::InvalidEvent)?),
+    };
+    Ok(Entry { topic, event, data })
+}
+
+/// One stream's entries in a reply: (id, fields) pairs, ids unparsed.
+pub(crate) type RawEntries = Vec<(Value, Value)>;
+
+/// The entries of an `XRANGE` reply (or of one stream in `XREAD`).
+pub(crate) fn range_entries(v: Value) -> Option<RawEntries> {
+    if matches!(v, Value::Nil) {
+        return Some(Vec::new());
+    }
+    items(v)?
+        .into_iter()
+        .map(|e| {
+            let mut e = items(e)?.into_iter();
+            Some((e.next()?, e.next().unwrap_or(Value::Nil)))
+        })
+        .collect()
+}
+
+/// The streams of an `XREAD` reply: (key, entries); nil (timeout or
+/// `CLIENT UNBLOCK`) is no stream.
+pub(crate) fn xread_streams(v: Value) -> Option<Vec<(Vec<u8>, RawEntries)>> {
+    if matches!(v, Value::Nil) {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    match v {
+        // RESP3: key => entries.
+        Value::Map(m) => {
+            for (k, e) in m {
+                out.push((bytes(k)?, range_entries(e)?));
+            }
+        }
+        // RESP2: [[key, entries], ...].
+        other => {
+            for s in items(other)? {
+                let mut s = items(s)?.into_iter();
+                let key = bytes(s.next()?)?;
+                out.push((key, range_entries(s.next()?)?));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// What `XINFO STREAM` says about what a partition still holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Retained {
+    /// The oldest entry still in the stream.
+    pub(crate) first: Option<MsgId>,
+    /// Entries in the stream.
+    pub(crate) length: u64,
+    /// Entries ever added (Redis 7+).
+    pub(crate) added: Option<u64>,
+    /// The newest id removed by XDEL (Redis 7+; trimming leaves it alone).
+    pub(crate) max_deleted: Option<MsgId>,
+}
+
+impl Retained {
+    /// Reads an `XINFO STREAM` reply.
+    pub(crate) fn from_xinfo(v: Value) -> Option<Retained> {
+        let mut r = Retained::default();
+        let mut it = items(v)?.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            let int =
+                |v: Value| -> Option<u64> { std::str::from_utf8(&bytes(v)?).ok()?.parse().ok() };
+            match bytes(k).as_deref() {
+                Some(b"length") => r.length = int(v)?,
+                Some(b"entries-added") => r.added = int(v),
+                Some(b"max-deleted-entry-id") => r.max_deleted = parse_id(v),
+                Some(b"first-entry") => {
+                    r.first = items(v)
+                        .and_then(|e| e.into_iter().next())
+                        .and_then(parse_id)
+                }
+                _ => {}
+            }
+        }
+        Some(r)
+    }
+
+    /// Whether every entry after `since` is still in the stream. Trimming
+    /// removes from the front, so after a trim only ids at or past the first
+    /// retained entry are known complete; XDEL shows in `max_deleted`.
+    /// Without `entries-added` (Redis < 7) a trim cannot be told apart from
+    /// an id older than the stream, and recovery is refused.
+    pub(crate) fn covers(&self, since: MsgId) -> bool {
+        if self.max_deleted.is_some_and(|d| since < d) {
+            return false;
+        }
+        let trimmed = self.added.is_none_or(|a| a > self.length);
+        match self.first {
+            Some(first) => since >= first || !trimmed,
+            None => !trimmed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields(kv: &[(&str, &[u8])]) -> Value {
+        Value::Array(
+            kv.iter()
+                .flat_map(|(k, v)| [bulk(k), Value::BulkString(v.to_vec())])
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn partition_is_zlib_crc32() {
+        // The CRC-32/ISO-HDLC check value.
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(partition("123456789", 16), 0xCBF4_3926 % 16);
+        assert_eq!(stream_key("ringcast", 5), "ringcast:stream:{5}");
+        assert_eq!(epoch_key("rc", 0), "rc:epoch:{0}");
+    }
+
+    #[test]
+    fn good_entries_decode() {
+        let p = partition("news", 16);
+        let e = decode_entry(
+            fields(&[("topic", b"news"), ("data", b"{\"a\":1}"), ("x", b"y")]),
+            p,
+            16,
+        )
+        .unwrap();
+        assert_eq!((e.topic.as_str(), e.data.as_str()), ("news", "{\"a\":1}"));
+        assert_eq!(e.event, None);
+        let e = decode_entry(
+            fields(&[("event", b"created"), ("data", b"1"), ("topic", b"news")]),
+            p,
+            16,
+        )
+        .unwrap();
+        assert_eq!(e.event.as_deref(), Some("created"));
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_with_a_reason() {
+        let p = partition("news", 16);
+        let cases: [(Value, Skip); 9] = [
+            (fields(&[("data", b"1")]), Skip::MissingTopic),
+            (fields(&[("topic", b"news")]), Skip::MissingData),
+            (
+                fields(&[("topic", b"bad topic"), ("data", b"1")]),
+                Skip::InvalidTopic,
+            ),
+            (
+                fields(&[("topic", b"\xff"), ("data", b"1")]),
+                Skip::InvalidTopic,
+            ),
+            (
+                fields(&[("topic", b"news"), ("data", b"{nope")]),
+                Skip::InvalidData,
+            ),
+            (
+                fields(&[("topic", b"news"), ("data", b"\xff")]),
+                Skip::InvalidData,
+            ),
+            (
+                fields(&[("topic", b"news"), ("data", b"1"), ("event", b"")]),
+                Skip::InvalidEvent,
+            ),
+            (
+                fields(&[("topic", b"news"), ("data", b"1"), ("event", &[b'e'; 65])]),
+                Skip::InvalidEvent,
+            ),
+            (Value::Int(3), Skip::Malformed),
+        ];
+        for (f, why) in cases {
+            assert_eq!(decode_entry(f.clone(), p, 16), Err(why), "{f:?}");
+        }
+        assert_eq!(
+            decode_entry(
+                fields(&[("topic", b"news"), ("data", b"1")]),
+                (p + 1) % 16,
+                16
+            ),
+            Err(Skip::WrongPartition)
+        );
+    }
+
+    #[test]
+    fn xread_replies_come_apart_in_both_resp_versions() {
+        let entry = Value::Array(vec![bulk("5-1"), fields(&[("topic", b"t")])]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("k"),
+            Value::Array(vec![entry.clone()]),
+        ])]);
+        let resp3 = Value::Map(vec![(bulk("k"), Value::Array(vec![entry]))]);
+        for v in [resp2, resp3] {
+            let s = xread_streams(v).unwrap();
+            assert_eq!(s.len(), 1);
+            assert_eq!(s[0].0, b"k");
+            assert_eq!(parse_id(s[0].1[0].0.clone()), Some(MsgId { ms: 5, seq: 1 }));
+        }
+        assert_eq!(xread_streams(Value::Nil), Some(Vec::new()));
+        assert_eq!(xread_streams(Value::Int(1)), None);
+    }
+
+    #[test]
+    fn retention_is_judged_conservatively() {
+        let id = |ms| MsgId { ms, seq: 0 };
+        let never_trimmed = Retained {
+            first: Some(id(10)),
+            length: 5,
+            added: Some(5),
+            max_deleted: None,
+        };
+        assert!(never_trimmed.covers(id(1)));
+        let trimmed = Retained {
+            added: Some(9),
+            ..never_trimmed
+        };
+        assert!(!trimmed.covers(id(9)));
+        assert!(trimmed.covers(id(10)) && trimmed.covers(id(20)));
+        let xdel = Retained {
+            max_deleted: Some(id(15)),
+            ..trimmed
+        };
+        assert!(!xdel.covers(id(12)) && xdel.covers(id(15)));
+        let old_redis = Retained {
+            added: None,
+            ..never_trimmed
+        };
+        assert!(!old_redis.covers(id(9)) && old_redis.covers(id(10)));
+        let emptied = Retained {
+            first: None,
+            length: 0,
+            added: Some(3),
+            max_deleted: None,
+        };
+        assert!(!emptied.covers(id(1)));
+        let info = Value::Array(vec![
+            bulk("length"),
+            Value::Int(2),
+            bulk("max-deleted-entry-id"),
+            bulk("0-0"),
+            bulk("entries-added"),
+            Value::Int(7),
+            bulk("first-entry"),
+            Value::Array(vec![bulk("10-0"), Value::Array(vec![])]),
+        ]);
+        let r = Retained::from_xinfo(info).unwrap();
+        assert_eq!(
+            r,
+            Retained {
+                first: Some(id(10)),
+                length: 2,
+                added: Some(7),
+                max_deleted: Some(id(0)),
+            }
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! Pub/sub through Redis Streams on one node: client `pub` is an XADD that
+//! every subscriber receives once, in order; a plain producer's XADD
+//! reaches subscribers; malformed entries are skipped and counted while
+//! good ones keep flowing.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::{xadd, TestRedis};
+use common::{raw, TestServer};
+use ringcast::client::{Client, ClientError, Event};
+use serde_json::json;
+
+fn recv_msgs(c: &mut Client, n: usize) -> Vec<(String, String, serde_json::Value)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left) {
+            Ok(Event::Msg { topic, id, data }) => got.push((topic, id, data)),
+            Ok(_) => {}
+            Err(e) => panic!("after {} of {n} messages: {e}", got.len()),
+        }
+    }
+    got
+}
+
+fn assert_quiet(c: &mut Client) {
+    match c.recv(Duration::from_millis(300)) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected nothing more, got {other:?}"),
+    }
+}
+
+#[test]
+fn client_publishes_go_through_redis_to_every_subscriber_once_in_order() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut subs: Vec<Client> = (0..6)
+        .map(|_| Client::connect(&server.url()).unwrap())
+        .collect();
+    for s in &mut subs {
+        let ok = s.subscribe("news", None).unwrap();
+        assert!(!ok.epoch.is_empty(), "sub ok carries the partition epoch");
+    }
+    let mut p = Client::connect(&server.url()).unwrap();
+    let mids: Vec<String> = (0..300)
+        .map(|i| p.publish("news", &json!({ "n": i })).unwrap())
+        .collect();
+    for s in &mut subs {
+        let got = recv_msgs(s, 300);
+        let ids: Vec<&str> = got.iter().map(|(_, id, _)| id.as_str()).collect();
+        assert_eq!(ids, mids, "ids differ from publish acks");
+        for (i, (_, _, data)) in got.iter().enumerate() {
+            assert_eq!(data["n"], i, "out of order");
+        }
+        assert_quiet(s);
+    }
+    // The entries are in the topic's partition stream, with the acked ids.
+    let key = ringcast::broker::redis::stream_key(
+        "ringcast",
+        ringcast::broker::redis::partition("news", 16),
+    );
+    let len: usize = redis::cmd("XLEN")
+        .arg(&key)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(len, 300);
+    let metrics = server.metrics();
+    assert_eq!(metrics["ringcast_broker_up"], 1.0);
+    assert_eq!(metrics["ringcast_broker_entries_read_total"], 300.0);
+}
+
+#[test]
+fn a_plain_xadd_reaches_subscribers_with_its_event() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut s = raw::open(server.addr);
+    std::io::Write::write_all(
+        &mut s,
+        &raw::frame(true, 1, br#"{"op":"sub","id":1,"topic":"orders:7"}"#),
+    )
+    .unwrap();
+    let ok = raw::read_op(&mut s, "ok");
+    assert_eq!(ok["id"], 1);
+    let mut producer = redis.conn();
+    let id = xadd(
+        &mut producer,
+        "orders:7",
+        &[
+            ("topic", "orders:7"),
+            ("event", "shipped"),
+            ("data", r#"{"box":[1,2]}"#),
+        ],
+    );
+    let msg = raw::read_op(&mut s, "msg");
+    assert_eq!(
+        msg,
+        json!({"op":"msg","topic":"orders:7","id":id,"event":"shipped","data":{"box":[1,2]}})
+    );
+}
+
+#[test]
+fn malformed_entries_are_skipped_and_counted_and_good_ones_keep_flowing() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("feed", None).unwrap();
+    let mut producer = redis.conn();
+    // A topic that belongs to another partition than "feed"'s stream.
+    let p = ringcast::broker::redis::partition("feed", 16);
+    let other = (0..100)
+        .map(|i| format!("t{i}"))
+        .find(|t| ringcast::broker::redis::partition(t, 16) != p)
+        .unwrap();
+    let bad: [Vec<(&str, &str)>; 6] = [
+        vec![("data", "1")],
+        vec![("topic", "feed")],
+        vec![("topic", "feed"), ("data", "{not json")],
+        vec![("topic", "bad topic!"), ("data", "1")],
+        vec![("topic", &other), ("data", "1")],
+        vec![("topic", "feed"), ("data", "1"), ("event", "")],
+    ];
+    let mut good = Vec::new();
+    for (i, fields) in bad.iter().enumerate() {
+        good.push(xadd(
+            &mut producer,
+            "feed",
+            &[("topic", "feed"), ("data", &i.to_string())],
+        ));
+        // All in "feed"'s stream, whatever the topic field says.
+        let key = ringcast::broker::redis::stream_key("ringcast", p);
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| [*k, *v])
+                    .collect::<Vec<_>>(),
+            )
+            .query(&mut producer)
+            .unwrap();
+    }
+    good.push(xadd(
+        &mut producer,
+        "feed",
+        &[("topic", "feed"), ("data", "\"last\"")],
+    ));
+    let got = recv_msgs(&mut c, good.len());
+    let ids: Vec<String> = got.into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids, good);
+    assert_quiet(&mut c);
+    let m = server.metrics();
+    let skipped = |r: &str| m[&format!("ringcast_broker_entries_skipped_total{{reason=\"{r}\"}}")];
+    assert_eq!(skipped("missing_topic"), 1.0);
+    assert_eq!(skipped("missing_data"), 1.0);
+    assert_eq!(skipped("invalid_data"), 1.0);
+    assert_eq!(skipped("invalid_topic"), 1.0);
+    assert_eq!(skipped("wrong_partition"), 1.0);
+    assert_eq!(skipped("invalid_event"), 1.0);
+    assert!(server.log().contains("skipping malformed stream entry"));
+}
+
+#[test]
+fn an_unreachable_redis_stops_startup_with_the_reason() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let err = match TestServer::try_start(&["--redis", &url], &[]) {
+        Ok(_) => panic!("started without Redis"),
+        Err(log) => log,
+    };
+    assert!(err.contains("cannot reach Redis"), "{err}");
+}
