@@ -160,6 +160,12 @@ impl Conn {
 
     /// Called when the queue has been written out completely.
     fn flushed(&self) {
+        // An idle connection keeps no queue storage either.
+        let mut out = self.out.borrow_mut();
+        if out.frames.capacity() > 0 {
+            out.frames = VecDeque::new();
+        }
+        drop(out);
         match self.after_flush.get() {
             AfterFlush::Nothing => {}
             AfterFlush::Fin => sys::shutdown_write(self.fd()),
@@ -533,5 +539,18 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             let reason = format!("presence is not enabled for the namespace of {topic}");
             shard.queue(conn, encode_error(id, code::BAD_REQUEST, &reason));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection is this struct in an `Rc` plus a registry entry:
+    /// keep it small (issue #3 targets under 400 B per idle connection).
+    #[test]
+    fn connection_state_stays_small() {
+        let size = std::mem::size_of::<Conn>();
+        assert!(size <= 320, "Conn grew to {size} bytes");
     }
 }
