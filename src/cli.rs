@@ -165,6 +165,19 @@ pub struct PublishArgs {
     /// The message: a JSON document.
     #[arg(long)]
     pub data: String,
+    /// XADD straight to this Redis (redis://HOST:PORT/DB) instead of going
+    /// through a server; the partition settings must match the servers'.
+    #[arg(long, env = "RINGCAST_REDIS")]
+    pub redis: Option<String>,
+    /// Partition streams, as the servers use [default: 16].
+    #[arg(long, env = "RINGCAST_REDIS_PARTITIONS", default_value_t = 16)]
+    pub redis_partitions: u32,
+    /// Redis key prefix, as the servers use [default: ringcast].
+    #[arg(long, env = "RINGCAST_REDIS_KEY_PREFIX", default_value = "ringcast")]
+    pub redis_key_prefix: String,
+    /// Approximate MAXLEN of the partition stream [default: 100000].
+    #[arg(long, env = "RINGCAST_REDIS_MAXLEN", default_value_t = 100_000)]
+    pub redis_maxlen: u64,
 }
 
 /// `ringcast subscribe`.
@@ -210,6 +223,20 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 
 fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     let data: serde_json::Value = serde_json::from_str(&args.data).context("--data is not JSON")?;
+    if let Some(url) = &args.redis {
+        crate::topic::TopicName::new(&args.topic).context("--topic")?;
+        let settings = crate::broker::redis::Settings {
+            url: url.clone(),
+            partitions: args.redis_partitions.max(1),
+            key_prefix: args.redis_key_prefix.clone(),
+            maxlen: args.redis_maxlen,
+            cache_size: 0,
+        };
+        let mid = crate::broker::redis::publish_once(&settings, &args.topic, &data.to_string())
+            .context("publishing to Redis")?;
+        println!("{mid}");
+        return Ok(());
+    }
     let mut client = crate::client::Client::connect(&args.url).context("connecting")?;
     let mid = client.publish(&args.topic, &data).context("publishing")?;
     println!("{mid}");

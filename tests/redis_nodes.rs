@@ -190,3 +190,29 @@ fn a_redis_restart_mid_stream_loses_and_repeats_nothing() {
         "retries are logged with the attempt count"
     );
 }
+
+#[test]
+fn history_lost_with_redis_means_a_new_epoch_and_no_recovery() {
+    let mut redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    let old = c.subscribe("e", None).unwrap().epoch;
+    let mid = c.publish("e", &json!(1)).unwrap();
+    recv_ids(&mut c, 1, Duration::from_secs(5));
+    // No persistence: the restart loses the streams and the epochs.
+    redis.restart();
+    server.wait_for("the reader to reconnect", Duration::from_secs(15), |s| {
+        s.metric("ringcast_broker_reader_disconnects_total") >= 1.0
+            && s.metric("ringcast_broker_up") == 1.0
+    });
+    let mut r = Client::connect(&server.url()).unwrap();
+    let sub = r.subscribe("e", Some((&mid, &old))).unwrap();
+    assert_eq!(sub.recovered, Some(false));
+    assert_ne!(
+        sub.epoch, old,
+        "a new epoch is minted when Redis lost the history"
+    );
+    // Live delivery carries on in the new epoch.
+    let mid2 = r.publish("e", &json!(2)).unwrap();
+    assert_eq!(recv_ids(&mut c, 1, Duration::from_secs(5)), vec![mid2]);
+}

@@ -179,3 +179,25 @@ fn an_unreachable_redis_stops_startup_with_the_reason() {
     };
     assert!(err.contains("cannot reach Redis"), "{err}");
 }
+
+#[test]
+fn ringcast_publish_with_redis_xadds_to_the_right_partition() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("alerts:eu", None).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["publish", "--redis", &redis.url(), "--topic", "alerts:eu"])
+        .args(["--data", r#"{"level":"red"}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let got = recv_msgs(&mut c, 1);
+    assert_eq!(got[0].1, mid);
+    assert_eq!(got[0].2, json!({"level": "red"}));
+}

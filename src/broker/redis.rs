@@ -50,6 +50,8 @@ const PUBLISH_BATCH: usize = 512;
 const SUBSCRIBE_QUEUE: usize = 65_536;
 /// Connect timeout of every connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A publisher connection idle this long is checked with PING before use.
+const PUBLISH_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// After a failed connect, the publisher fails publishes at once for this long.
 const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -194,7 +196,7 @@ impl RedisBroker {
             bus.clone(),
             sub_rx,
             client_id.clone(),
-            metrics,
+            metrics.clone(),
         )
         .map_err(|source| Error::Unreachable {
             url: settings.url.clone(),
@@ -208,10 +210,10 @@ impl RedisBroker {
                 .map_err(|source| Error::Spawn { thread, source })
         };
         spawn("redis-reader", Box::new(move || reader.run(conn)))?;
-        let (s, b) = (settings.clone(), bus.clone());
+        let (s, b, m) = (settings.clone(), bus.clone(), metrics.clone());
         spawn(
             "redis-publisher",
-            Box::new(move || publisher(&s, &b, &pub_rx)),
+            Box::new(move || publisher(&s, &b, &pub_rx, &m)),
         )?;
         let (s, pending) = (settings.clone(), sub_tx.clone());
         spawn(
@@ -287,9 +289,11 @@ fn fail(bus: &Bus, req: PubReq, why: &str) {
 
 /// The publisher thread: takes everything queued (up to a batch), sends it
 /// as one pipeline, answers each publisher.
-fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>) {
+fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &BrokerMetrics) {
     let mut conn: Option<Connection> = None;
     let mut failed_at: Option<Instant> = None;
+    let mut last_used = Instant::now();
+    let mut seen_disconnects = metrics.reader_disconnects.load(Ordering::Relaxed);
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -299,6 +303,20 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>) {
                 Err(_) => break,
             }
         }
+        // An idle connection may have died unnoticed (Redis restarted): check
+        // it before sending, when resending could not duplicate anything.
+        // The reader losing its connection is a strong hint ours is gone too.
+        let disconnects = metrics.reader_disconnects.load(Ordering::Relaxed);
+        if last_used.elapsed() >= PUBLISH_IDLE_CHECK || disconnects != seen_disconnects {
+            seen_disconnects = disconnects;
+            if let Some(c) = conn.as_mut() {
+                if ::redis::cmd("PING").query::<String>(c).is_err() {
+                    conn = None;
+                    failed_at = None;
+                }
+            }
+        }
+        last_used = Instant::now();
         if conn.is_none() && failed_at.is_none_or(|t| t.elapsed() >= PUBLISH_RETRY_AFTER) {
             match connect(&settings.url, Some(Duration::from_secs(5))) {
                 Ok(c) => {
