@@ -9,7 +9,7 @@
 //! crate's blocking API, each on its own connection, and answer only
 //! through the [`Bus`]:
 //!
-//! - the reader ([`reader`]): `XREAD BLOCK` over all partitions, delivery,
+//! - the reader (`reader.rs`): `XREAD BLOCK` over all partitions, delivery,
 //!   and every `sub` answer (so the ordering contract holds), with a cache
 //!   of recent entries for recovery and `XRANGE` behind it;
 //! - the publisher: queued publishes pipelined into one round trip of
