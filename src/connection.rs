@@ -2,14 +2,14 @@
 //!
 //! A connection owns no task. It is an entry in the shard's registry and a
 //! registration in the shard's epoll instance; when its socket is readable
-//! the shard calls [`on_readable`], which reads into the shard's scratch
+//! the shard calls `on_readable`, which reads into the shard's scratch
 //! buffer (an idle connection holds no read buffer; only a partial frame is
 //! kept, in `inbuf`), decodes, and answers. Writes are inline: frames are
 //! queued (each a shared `Bytes`) and the shard writes every dirty
 //! connection's whole queue with one vectored `sendmsg` after each batch;
 //! only when a socket is full does the connection also wait for EPOLLOUT.
 //! Ending a connection is always the same path: shut the socket, the shard
-//! sees it readable, reads end of stream, and [`finish`]es it. Nothing here
+//! sees it readable, reads end of stream, and `finish`es it. Nothing here
 //! panics on input.
 
 use std::cell::{Cell, RefCell};
@@ -249,7 +249,7 @@ impl OutQueue {
 }
 
 /// Writes a dirty connection's queue now; when the socket is full, waits
-/// for EPOLLOUT ([`on_writable`]).
+/// for EPOLLOUT (`on_writable`).
 pub(crate) fn flush(shard: &Shard, conn: &Rc<Conn>) {
     conn.dirty.set(false);
     if conn.write_blocked.get() {
