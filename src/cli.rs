@@ -29,6 +29,8 @@ pub enum Command {
     /// Subscribe to topics and print each message as a JSON line; reconnects
     /// and recovers missed messages on its own.
     Subscribe(SubscribeArgs),
+    /// Mint an HS256 token (development and tests).
+    Token(TokenArgs),
     /// Generate load against a server and report deliveries and latency.
     Load(crate::load::LoadArgs),
 }
@@ -92,10 +94,30 @@ pub struct ServeArgs {
     /// Comma-separated Origin allowlist; empty allows any [default: empty].
     #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
-    /// Accept clients without a token, allowed every topic (JWT auth is not
-    /// implemented yet, so this is required) [default: false].
+    /// Accept clients without a token, allowed every topic: development
+    /// only [default: false].
     #[arg(long, env = "RINGCAST_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_anonymous: Option<bool>,
+    /// Shared secret for HS256 tokens (at least 32 characters). Without a
+    /// secret or key, an ephemeral secret is made and a development token
+    /// printed [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_HMAC_SECRET", hide_env_values = true)]
+    pub auth_hmac_secret: Option<String>,
+    /// PEM public key file for RS256/ES256 tokens [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_PUBLIC_KEY")]
+    pub auth_public_key: Option<PathBuf>,
+    /// Algorithm of --auth-public-key: RS256 or ES256 [default: RS256].
+    #[arg(long, env = "RINGCAST_AUTH_ALGORITHM")]
+    pub auth_algorithm: Option<String>,
+    /// Required `iss` claim [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Required `aud` claim [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Time to send the `auth` frame when no ?token= was given [default: 5s].
+    #[arg(long, env = "RINGCAST_AUTH_TIMEOUT")]
+    pub auth_timeout: Option<HumanDuration>,
     /// Conformance mode: echo data messages back, on any path [default: false].
     #[arg(long, env = "RINGCAST_ECHO", num_args = 0..=1, default_missing_value = "true")]
     pub echo: Option<bool>,
@@ -142,6 +164,12 @@ impl ServeArgs {
             history_ttl: self.history_ttl,
             allowed_origins: self.allowed_origins.clone(),
             allow_anonymous: self.allow_anonymous,
+            auth_hmac_secret: self.auth_hmac_secret.clone(),
+            auth_public_key: self.auth_public_key.clone(),
+            auth_algorithm: self.auth_algorithm.clone(),
+            auth_issuer: self.auth_issuer.clone(),
+            auth_audience: self.auth_audience.clone(),
+            auth_timeout: self.auth_timeout,
             echo: self.echo,
             log_format: self.log_format,
             redis: self.redis.clone(),
@@ -194,6 +222,26 @@ pub struct SubscribeArgs {
     pub count: Option<u64>,
 }
 
+/// `ringcast token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The HS256 secret the server verifies with.
+    #[arg(long, env = "RINGCAST_AUTH_HMAC_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// Comma-separated topic patterns the token may subscribe to.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub subs: Vec<String>,
+    /// Comma-separated topic patterns the token may publish to.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub pubs: Vec<String>,
+    /// Lifetime.
+    #[arg(long, default_value = "1h")]
+    pub ttl: HumanDuration,
+}
+
 /// How the process should end.
 #[derive(Debug)]
 pub enum Failure {
@@ -214,6 +262,36 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
         Command::Subscribe(args) => subscribe(&args).map_err(Failure::Runtime),
+        Command::Token(args) => {
+            let claims = crate::auth::Claims {
+                sub: args.sub.clone(),
+                exp: crate::auth::now_secs() + args.ttl.0.as_secs(),
+                subs: args
+                    .subs
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect(),
+                pubs: args
+                    .pubs
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect(),
+            };
+            for p in claims.subs.iter().chain(&claims.pubs) {
+                if crate::auth::Pattern::parse(p).is_none() {
+                    return Err(Failure::Usage(anyhow::anyhow!(
+                        "invalid topic pattern {p:?}"
+                    )));
+                }
+            }
+            println!(
+                "{}",
+                crate::auth::mint_hmac(args.secret.as_bytes(), &claims)
+            );
+            Ok(())
+        }
         Command::Load(args) => {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)

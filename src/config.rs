@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -158,9 +158,23 @@ pub struct Config {
     /// allows any, and requests without Origin (non-browsers) always pass. Default empty.
     pub allowed_origins: Vec<String>,
     /// Accept connections without a token, and let them subscribe and
-    /// publish to every topic. JWT auth is not implemented yet, so this must
-    /// be set explicitly. Default off.
+    /// publish to every topic: development only. Default off.
     pub allow_anonymous: bool,
+    /// Shared secret for HS256 tokens. With no secret and no public key
+    /// (and not anonymous), the server makes an ephemeral secret at start
+    /// and prints a development token. Default none.
+    pub auth_hmac_secret: Option<String>,
+    /// PEM public key file for RS256/ES256 tokens. Default none.
+    pub auth_public_key: Option<PathBuf>,
+    /// Algorithm of `auth_public_key`: RS256 or ES256. Default RS256.
+    pub auth_algorithm: String,
+    /// Required `iss` claim, when set. Default none.
+    pub auth_issuer: Option<String>,
+    /// Required `aud` claim, when set. Default none.
+    pub auth_audience: Option<String>,
+    /// Time a client without `?token=` has to send its `auth` frame; past
+    /// it the connection closes with 4001. Default 5 s.
+    pub auth_timeout: Duration,
     /// Conformance mode: echo every data message back, serve any path. Default off.
     pub echo: bool,
     /// Log format. Default text.
@@ -203,6 +217,12 @@ impl Default for Config {
             history_ttl: Duration::from_secs(600),
             allowed_origins: Vec::new(),
             allow_anonymous: false,
+            auth_hmac_secret: None,
+            auth_public_key: None,
+            auth_algorithm: "RS256".into(),
+            auth_issuer: None,
+            auth_audience: None,
+            auth_timeout: Duration::from_secs(5),
             echo: false,
             log_format: LogFormat::Text,
             redis: None,
@@ -263,6 +283,18 @@ pub struct Layer {
     pub allowed_origins: Option<Vec<String>>,
     /// See [`Config::allow_anonymous`].
     pub allow_anonymous: Option<bool>,
+    /// See [`Config::auth_hmac_secret`].
+    pub auth_hmac_secret: Option<String>,
+    /// See [`Config::auth_public_key`].
+    pub auth_public_key: Option<PathBuf>,
+    /// See [`Config::auth_algorithm`].
+    pub auth_algorithm: Option<String>,
+    /// See [`Config::auth_issuer`].
+    pub auth_issuer: Option<String>,
+    /// See [`Config::auth_audience`].
+    pub auth_audience: Option<String>,
+    /// See [`Config::auth_timeout`].
+    pub auth_timeout: Option<HumanDuration>,
     /// See [`Config::echo`].
     pub echo: Option<bool>,
     /// See [`Config::log_format`].
@@ -332,6 +364,12 @@ impl Layer {
             history_ttl,
             allowed_origins,
             allow_anonymous,
+            auth_hmac_secret,
+            auth_public_key,
+            auth_algorithm,
+            auth_issuer,
+            auth_audience,
+            auth_timeout,
             echo,
             log_format,
             redis,
@@ -398,6 +436,12 @@ impl Config {
             history_ttl: dur(l.history_ttl, d.history_ttl),
             allowed_origins: l.allowed_origins.unwrap_or(d.allowed_origins),
             allow_anonymous: l.allow_anonymous.unwrap_or(d.allow_anonymous),
+            auth_hmac_secret: l.auth_hmac_secret.filter(|s| !s.is_empty()),
+            auth_public_key: l.auth_public_key,
+            auth_algorithm: l.auth_algorithm.unwrap_or(d.auth_algorithm),
+            auth_issuer: l.auth_issuer,
+            auth_audience: l.auth_audience,
+            auth_timeout: dur(l.auth_timeout, d.auth_timeout),
             echo: l.echo.unwrap_or(d.echo),
             log_format: l.log_format.unwrap_or(d.log_format),
             redis: l.redis.filter(|u| !u.is_empty()).or(d.redis),
@@ -479,9 +523,20 @@ impl Config {
         );
         need(self.redis_maxlen >= 1, "redis_maxlen: must be at least 1");
         need(
-            self.allow_anonymous || self.echo,
-            "allow_anonymous: no authentication is configured and JWT auth is not implemented yet; \
-             pass --allow-anonymous (RINGCAST_ALLOW_ANONYMOUS=true) to accept every client",
+            !(self.auth_hmac_secret.is_some() && self.auth_public_key.is_some()),
+            "auth_hmac_secret: set either it or auth_public_key, not both",
+        );
+        need(
+            matches!(self.auth_algorithm.as_str(), "RS256" | "ES256"),
+            "auth_algorithm: must be RS256 or ES256",
+        );
+        need(
+            self.auth_hmac_secret.as_ref().is_none_or(|s| s.len() >= 32),
+            "auth_hmac_secret: must be at least 32 characters",
+        );
+        need(
+            !self.auth_timeout.is_zero(),
+            "auth_timeout: must be more than 0",
         );
         if let Some(url) = &self.redis {
             if let Err(e) = redis::Client::open(url.as_str()) {
@@ -577,16 +632,10 @@ mod tests {
         };
         let err = Config::from_layer(l).unwrap_err();
         let text = err.to_string();
-        for name in [
-            "listen:",
-            "shards:",
-            "heartbeat:",
-            "outbound_queue:",
-            "allow_anonymous:",
-        ] {
+        for name in ["listen:", "shards:", "heartbeat:", "outbound_queue:"] {
             assert!(text.contains(name), "{name} missing in {text}");
         }
-        assert_eq!(err.0.len(), 5);
+        assert_eq!(err.0.len(), 4);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, trace};
 
+use crate::auth::Identity;
 use crate::broker::SubscribeRequest;
 use crate::bus::{ConnId, ReplyTo};
 use crate::config::Config;
@@ -95,6 +96,8 @@ pub(crate) struct Conn {
     pub(crate) subs: RefCell<Vec<TopicName>>,
     /// Subscriptions asked of the broker and not yet answered.
     pub(crate) pending: RefCell<Vec<TopicName>>,
+    /// Who the client is; `None` until its `auth` frame is accepted.
+    pub(crate) identity: RefCell<Option<Rc<Identity>>>,
 }
 
 impl Conn {
@@ -115,6 +118,7 @@ impl Conn {
             decoder: RefCell::new(Decoder::new(config.max_message_size)),
             subs: RefCell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
+            identity: RefCell::new(None),
         }
     }
 
@@ -345,9 +349,10 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         Ok(Some((req, used))) => {
             conn.inbuf.borrow_mut().advance(used);
             match accept(shard, &req) {
-                Ok(protocol) => {
+                Ok((protocol, identity)) => {
                     let resp = handshake::accept_response(&req.key, protocol);
                     shard.queue_unbounded(conn, Bytes::from(resp));
+                    *conn.identity.borrow_mut() = identity;
                     open(shard, conn);
                 }
                 Err(e) => refuse(shard, conn, &e),
@@ -358,7 +363,12 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 }
 
 /// The checks after parsing, in PROTOCOL.md order: path, origin, capacity, subprotocol.
-fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Option<&'static str>, HandshakeError> {
+/// The checks after parsing, in PROTOCOL.md order: path, origin,
+/// subprotocol, then the token. Returns the subprotocol to echo and the
+/// identity, when the client is authenticated already.
+type Accepted = (Option<&'static str>, Option<Rc<Identity>>);
+
+fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Accepted, HandshakeError> {
     let cfg = &shard.config;
     if !cfg.echo && req.path != "/ws" {
         return Err(HandshakeError::NotFound {
@@ -373,9 +383,25 @@ fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Option<&'static str>, H
         }
     }
     if cfg.echo {
-        return Ok(None);
+        return Ok((None, Some(shard.anonymous.clone())));
     }
-    handshake::choose_protocol(&req.protocols)
+    let protocol = handshake::choose_protocol(&req.protocols)?;
+    let Some(verifier) = &shard.auth else {
+        return Ok((protocol, Some(shard.anonymous.clone())));
+    };
+    match query_token(req.query.as_deref()) {
+        // Checked before the upgrade: a bad token never gets a WebSocket.
+        Some(token) => match verifier.verify(token) {
+            Ok(id) => Ok((protocol, Some(Rc::new(id)))),
+            Err(e) => Err(HandshakeError::Unauthorized { reason: e.reason() }),
+        },
+        None => Ok((protocol, None)),
+    }
+}
+
+/// The `token` parameter of a query string (JWTs need no URL decoding).
+fn query_token(query: Option<&str>) -> Option<&str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
 fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) {
@@ -393,6 +419,16 @@ fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.opened.set(true);
     conn.last_ping.set(shard.now_ms());
     shard.metrics.connections_active.fetch_add(1, Relaxed);
+    if conn.identity.borrow().is_some() {
+        welcome(shard, conn);
+    } else {
+        // The first frame must be `auth`, within auth_timeout (the sweep checks).
+        conn.deadline
+            .set(shard.now_ms() + shard.config.auth_timeout.as_millis() as u64);
+    }
+}
+
+fn welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if !shard.config.echo {
         let hb = shard.config.heartbeat.as_secs();
         let welcome = encode_welcome(&shard.conn_name(conn.id), &shard.config.node_name, hb);
@@ -479,6 +515,10 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         Ok(parsed) => parsed,
         Err(e) => return shard.queue(conn, encode_error(e.id, e.code, &e.reason)),
     };
+    let identity = conn.identity.borrow().clone();
+    let Some(identity) = identity else {
+        return first_auth(shard, conn, op);
+    };
     let reply = ReplyTo {
         shard: shard.id,
         conn: conn.id,
@@ -486,7 +526,12 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     };
     match op {
         ClientOp::Sub { topic, since } => {
-            let refusal = if conn.subs.borrow().contains(&topic) {
+            let refusal = if !identity.may_subscribe(topic.as_str()) {
+                Some((
+                    code::FORBIDDEN_TOPIC,
+                    format!("topic {topic} not allowed by token"),
+                ))
+            } else if conn.subs.borrow().contains(&topic) {
                 Some((code::BAD_REQUEST, format!("already subscribed to {topic}")))
             } else if conn.pending.borrow().contains(&topic) {
                 Some((
@@ -521,6 +566,10 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             shard.queue(conn, encode_ok(id, Some(&topic), OkExtra::default()));
         }
         ClientOp::Pub { topic, data } => {
+            if !identity.may_publish(topic.as_str()) {
+                let reason = format!("publishing to {topic} not allowed by token");
+                return shard.queue(conn, encode_error(id, code::FORBIDDEN_TOPIC, &reason));
+            }
             let len = data.get().len();
             let max = shard.config.max_publish_size;
             if len > max {
@@ -531,14 +580,56 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             shard.broker.publish(Some(reply), topic, data.get());
         }
         ClientOp::Ping => shard.queue(conn, encode_pong(id)),
-        ClientOp::Auth { .. } => {
-            let reason = "token auth is not configured on this server (anonymous mode)";
-            shard.queue(conn, encode_error(id, code::BAD_REQUEST, reason));
-        }
+        ClientOp::Auth { token } => refresh_auth(shard, conn, id, &identity, &token),
         ClientOp::Presence { topic } => {
             let reason = format!("presence is not enabled for the namespace of {topic}");
             shard.queue(conn, encode_error(id, code::BAD_REQUEST, &reason));
         }
+    }
+}
+
+/// The first frame of a client that came without `?token=`: it must be
+/// `auth`; anything else closes with 4001.
+fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
+    let ClientOp::Auth { token } = op else {
+        return shard.close(conn, 4001, "authenticate first", Disconnect::Auth);
+    };
+    let Some(verifier) = &shard.auth else { return };
+    match verifier.verify(&token) {
+        Ok(identity) => {
+            *conn.identity.borrow_mut() = Some(Rc::new(identity));
+            welcome(shard, conn);
+        }
+        Err(e) => shard.close(conn, 4001, e.reason(), Disconnect::Auth),
+    }
+}
+
+/// A later `auth`: a fresh token for the same user replaces the old one.
+fn refresh_auth(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    id: Option<u64>,
+    current: &Identity,
+    token: &str,
+) {
+    let Some(verifier) = &shard.auth else {
+        let reason = "this server accepts anonymous clients: there is no token to refresh";
+        return shard.queue(conn, encode_error(id, code::BAD_REQUEST, reason));
+    };
+    match verifier.verify(token) {
+        Ok(fresh) if fresh.user != current.user => {
+            shard.close(
+                conn,
+                4003,
+                "refreshed token is for another user",
+                Disconnect::Auth,
+            );
+        }
+        Ok(fresh) => {
+            *conn.identity.borrow_mut() = Some(Rc::new(fresh));
+            shard.queue(conn, encode_ok(id, None, OkExtra::default()));
+        }
+        Err(e) => shard.queue(conn, encode_error(id, 4001, e.reason())),
     }
 }
 

@@ -21,6 +21,7 @@
 //! - [`bus`]: the cross-shard hand-off: a bounded inbox per shard plus a waker.
 //! - [`metrics`]: shard-local counters summed at scrape time, Prometheus text.
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`).
+//! - [`auth`]: JWT verification and topic patterns.
 //! - [`client`]: a blocking Rust client with reconnect and recovery.
 //! - [`load`]: the load generator behind `ringcast load`.
 //!
@@ -28,6 +29,7 @@
 //! of sockets; `connection` and `shard` glue them.
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod bus;
 pub mod cli;

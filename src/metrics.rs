@@ -55,10 +55,12 @@ pub enum Disconnect {
     Handshake,
     /// A socket error.
     Io,
+    /// Not authenticated, token expired or refused (4001, 4003).
+    Auth,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 7] = [
+    const ALL: [Disconnect; 8] = [
         Disconnect::Client,
         Disconnect::Slow,
         Disconnect::Heartbeat,
@@ -66,6 +68,7 @@ impl Disconnect {
         Disconnect::Drain,
         Disconnect::Handshake,
         Disconnect::Io,
+        Disconnect::Auth,
     ];
 
     fn label(self) -> &'static str {
@@ -77,6 +80,7 @@ impl Disconnect {
             Disconnect::Drain => "drain",
             Disconnect::Handshake => "handshake",
             Disconnect::Io => "io",
+            Disconnect::Auth => "auth",
         }
     }
 }
@@ -102,7 +106,7 @@ pub struct ShardMetrics {
     /// Bytes written to sockets.
     pub bytes_sent: AtomicU64,
     dropped: [AtomicU64; 4],
-    disconnects: [AtomicU64; 7],
+    disconnects: [AtomicU64; 8],
     handshake_failures: [AtomicU64; 9],
 }
 

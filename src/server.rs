@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::auth::{Claims, Verifier};
 use crate::broker::memory::{MemoryBroker, Retention};
 use crate::broker::redis::{self, RedisBroker};
 use crate::broker::Broker;
@@ -55,6 +56,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     if config.allow_anonymous {
         warn!("anonymous mode: every client may subscribe and publish to every topic");
     }
+    let (auth, dev_token) = verifier(&config)?;
     let (exit_tx, exit_rx) = mpsc::channel::<(usize, bool)>();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let setup = ShardSetup {
@@ -64,6 +66,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             metrics: metrics[id].clone(),
             inbox,
             listener,
+            auth: auth.clone(),
         };
         let tx = exit_tx.clone();
         thread::Builder::new()
@@ -85,8 +88,59 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let admin_text = admin.map_or_else(|| "off".to_string(), |a| a.to_string());
     info!(ws = %local, admin = %admin_text, shards = config.shards, node = %config.node_name, "ready");
     println!("ringcast ready ws={local} admin={admin_text}");
+    if let Some(token) = dev_token {
+        // Printed, never logged: it is only as secret as this terminal.
+        println!("ringcast dev-token {token}");
+        println!(
+            "  (no --auth-hmac-secret or --auth-public-key given: this token is signed with an \
+             ephemeral secret made at start, valid 24 h, for user \"dev\" and every topic; connect \
+             with ws://{local}/ws?token=TOKEN. Configure a real key for production.)"
+        );
+    }
     let _ = std::io::stdout().flush();
     supervise(&exit_rx, config.shards, &draining)
+}
+
+/// Builds the token verifier from the settings. With no key configured
+/// (and not anonymous), makes an ephemeral secret and a development token.
+fn verifier(config: &Config) -> anyhow::Result<(Option<Arc<Verifier>>, Option<String>)> {
+    let (iss, aud) = (
+        config.auth_issuer.as_deref(),
+        config.auth_audience.as_deref(),
+    );
+    if let Some(secret) = &config.auth_hmac_secret {
+        return Ok((
+            Some(Arc::new(Verifier::hmac(secret.as_bytes(), iss, aud))),
+            None,
+        ));
+    }
+    if let Some(path) = &config.auth_public_key {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("auth_public_key: cannot read {}", path.display()))?;
+        let alg = match config.auth_algorithm.as_str() {
+            "ES256" => jsonwebtoken::Algorithm::ES256,
+            _ => jsonwebtoken::Algorithm::RS256,
+        };
+        let v = Verifier::public_key(&pem, alg, iss, aud)
+            .map_err(|e| anyhow::anyhow!("auth_public_key: {e}"))?;
+        return Ok((Some(Arc::new(v)), None));
+    }
+    if config.allow_anonymous || config.echo {
+        return Ok((None, None));
+    }
+    let secret = crate::auth::random_secret().context("making an ephemeral auth secret")?;
+    let claims = Claims {
+        sub: "dev".into(),
+        exp: crate::auth::now_secs() + 24 * 3600,
+        subs: vec!["#".into()],
+        pubs: vec!["#".into()],
+    };
+    let token = crate::auth::mint_hmac(secret.as_bytes(), &claims);
+    warn!("no auth key configured: using an ephemeral secret; see the development token on stdout");
+    Ok((
+        Some(Arc::new(Verifier::hmac(secret.as_bytes(), iss, aud))),
+        Some(token),
+    ))
 }
 
 fn supervise(

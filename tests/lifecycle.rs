@@ -152,9 +152,9 @@ fn invalid_settings_exit_2_naming_the_setting() {
     let out = ringcast(&["serve", "--allow-anonymous"], &[("RINGCAST_SHARDS", "0")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shards: must be between"));
-    let out = ringcast(&["serve"], &[]);
+    let out = ringcast(&["serve", "--auth-hmac-secret", "short"], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-anonymous"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth_hmac_secret: must be at least 32"));
     let file = std::env::temp_dir().join(format!("ringcast-bad-{}.toml", std::process::id()));
     std::fs::write(&file, "allow_anonymous = true\nheartbeet = 5\n").unwrap();
     let out = ringcast(&["serve", "--config", file.to_str().unwrap()], &[]);

@@ -52,6 +52,8 @@ pub struct ShardSetup {
     pub inbox: Inbox,
     /// This shard's listener (SO_REUSEPORT, non-blocking).
     pub listener: std::net::TcpListener,
+    /// Token verification; `None` when anonymous clients are allowed everything.
+    pub auth: Option<Arc<crate::auth::Verifier>>,
 }
 
 /// Shard-local state, shared by the shard's tasks through `Rc`.
@@ -60,6 +62,10 @@ pub(crate) struct Shard {
     pub(crate) config: Arc<Config>,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) metrics: Arc<ShardMetrics>,
+    /// Token verification; `None`: anonymous clients may do everything.
+    pub(crate) auth: Option<Arc<crate::auth::Verifier>>,
+    /// The identity every anonymous client shares.
+    pub(crate) anonymous: Rc<crate::auth::Identity>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
     /// Connections with frames queued since the last flush.
@@ -156,6 +162,8 @@ async fn run(setup: ShardSetup) {
         config: setup.config,
         broker: setup.broker,
         metrics: setup.metrics,
+        auth: setup.auth,
+        anonymous: Rc::new(crate::auth::Identity::anonymous()),
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
         dirty: RefCell::new(Vec::new()),
@@ -471,6 +479,7 @@ impl Shard {
     fn sweep(&self) {
         let now = self.now_ms();
         let hb = self.config.heartbeat.as_millis() as u64;
+        let wall = crate::auth::now_secs();
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for conn in conns {
             match conn.phase() {
@@ -478,6 +487,18 @@ impl Shard {
                     self.metrics.handshake_failed(408);
                     self.metrics.disconnect(Disconnect::Handshake);
                     conn.shut();
+                }
+                Phase::Open if conn.identity.borrow().is_none() && now >= conn.deadline() => {
+                    self.close(&conn, 4001, "authentication timed out", Disconnect::Auth);
+                }
+                Phase::Open
+                    if conn
+                        .identity
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|i| i.expires_at <= wall) =>
+                {
+                    self.close(&conn, 4001, "token expired", Disconnect::Auth);
                 }
                 Phase::Open if now.saturating_sub(conn.last_rx()) >= 2 * hb => {
                     debug!(

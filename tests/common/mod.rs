@@ -41,7 +41,11 @@ impl TestServer {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
         cmd.args(["--admin-listen", "127.0.0.1:0"]);
-        cmd.args(["--allow-anonymous", "--shards", "2"]);
+        // Auth tests configure a key; everyone else runs anonymous.
+        if !extra.iter().any(|a| a.starts_with("--auth")) {
+            cmd.arg("--allow-anonymous");
+        }
+        cmd.args(["--shards", "2"]);
         cmd.args(extra);
         cmd.env("RUST_LOG", "debug");
         for (k, v) in env {

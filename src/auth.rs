@@ -1,0 +1,382 @@
+//! Authentication and topic authorization (PROTOCOL.md sections 1 and 5).
+//!
+//! A token is a JWT: `sub` (the user, required), `exp` (required), `subs`
+//! and `pubs` (topic patterns the token may subscribe / publish to; absent
+//! means nothing). [`Verifier`] checks signature, algorithm, `exp`, `nbf`
+//! and optionally `iss`/`aud`, and turns the claims into an [`Identity`]
+//! whose patterns are parsed once. Only the configured algorithm is
+//! accepted, so `alg: none` and HS/RS confusion are refused by construction.
+//!
+//! Pattern grammar: segments separated by `.` or `:`; `*` matches exactly
+//! one whole segment; `#`, only as the last segment, matches one or more
+//! trailing segments (`user.#` matches `user.42` and `user.42.x`, not `user`).
+
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Why a token was refused. The text never contains the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The token is past its `exp`.
+    #[error("token expired")]
+    Expired,
+    /// The token is not valid yet (`nbf`).
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
+    /// Signature, algorithm or format is wrong.
+    #[error("invalid token: {0}")]
+    Invalid(&'static str),
+    /// `iss` or `aud` does not match the configured value.
+    #[error("token {0} does not match")]
+    Claim(&'static str),
+    /// A pattern in `subs`/`pubs` is malformed.
+    #[error("token has an invalid topic pattern in {0}")]
+    Pattern(&'static str),
+}
+
+impl AuthError {
+    /// A fixed string for HTTP 401 bodies and close reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Expired => "token expired",
+            AuthError::NotYetValid => "token not valid yet",
+            AuthError::Invalid(why) => why,
+            AuthError::Claim("iss") => "token issuer does not match",
+            AuthError::Claim(_) => "token audience does not match",
+            AuthError::Pattern(_) => "token has an invalid topic pattern",
+        }
+    }
+}
+
+/// The claims ringcast reads; others are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Topic patterns the token may subscribe to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subs: Vec<String>,
+    /// Topic patterns the token may publish to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pubs: Vec<String>,
+}
+
+/// One parsed topic pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `#`: one or more trailing segments.
+    Rest,
+}
+
+impl Pattern {
+    /// Parses a pattern; `None` when it is malformed (empty segment, `#`
+    /// not last, `*`/`#` mixed with other characters in a segment).
+    pub fn parse(text: &str) -> Option<Pattern> {
+        let parts: Vec<&str> = text.split(['.', ':']).collect();
+        let last = parts.len() - 1;
+        let mut segs = Vec::with_capacity(parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            segs.push(match *p {
+                "" => return None,
+                "*" => Segment::One,
+                "#" if i == last => Segment::Rest,
+                p if p.contains(['*', '#']) => return None,
+                p => Segment::Literal(p.to_string()),
+            });
+        }
+        Some(Pattern(segs))
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut parts = topic.split(['.', ':']);
+        for seg in &self.0 {
+            match (seg, parts.next()) {
+                (Segment::Rest, Some(_)) => return true,
+                (Segment::One, Some(_)) => {}
+                (Segment::Literal(l), Some(p)) if l == p => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// A verified client: who it is, until when, and what it may do.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The `sub` claim.
+    pub user: Arc<str>,
+    /// `exp`, seconds since the Unix epoch; `u64::MAX` for anonymous.
+    pub expires_at: u64,
+    subs: Vec<Pattern>,
+    pubs: Vec<Pattern>,
+}
+
+impl Identity {
+    /// An anonymous client allowed every topic (`--allow-anonymous`).
+    pub fn anonymous() -> Identity {
+        let all = vec![Segment::Rest];
+        Identity {
+            user: Arc::from(""),
+            expires_at: u64::MAX,
+            subs: vec![Pattern(all.clone())],
+            pubs: vec![Pattern(all)],
+        }
+    }
+
+    /// Whether this client may subscribe to `topic`.
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        self.subs.iter().any(|p| p.matches(topic))
+    }
+
+    /// Whether this client may publish to `topic`.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        self.pubs.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// How tokens are checked: one key, one algorithm.
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+impl Verifier {
+    /// HS256 with a shared secret.
+    pub fn hmac(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Verifier {
+        Self::with(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            issuer,
+            audience,
+        )
+    }
+
+    /// RS256 or ES256 with a PEM public key.
+    pub fn public_key(
+        pem: &[u8],
+        alg: Algorithm,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Verifier, String> {
+        let key = match alg {
+            Algorithm::RS256 => DecodingKey::from_rsa_pem(pem),
+            Algorithm::ES256 => DecodingKey::from_ec_pem(pem),
+            other => {
+                return Err(format!(
+                    "unsupported algorithm {other:?} for a public key (use RS256 or ES256)"
+                ))
+            }
+        }
+        .map_err(|e| format!("cannot read the public key: {e}"))?;
+        Ok(Self::with(key, alg, issuer, audience))
+    }
+
+    fn with(
+        key: DecodingKey,
+        alg: Algorithm,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Verifier {
+        let mut v = Validation::new(alg);
+        v.leeway = 0;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match issuer {
+            Some(i) => v.set_issuer(&[i]),
+            None => v.iss = None,
+        }
+        match audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        Verifier { key, validation: v }
+    }
+
+    /// Verifies a token and parses its patterns.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        use jsonwebtoken::errors::ErrorKind as K;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                K::ExpiredSignature => AuthError::Expired,
+                K::ImmatureSignature => AuthError::NotYetValid,
+                K::InvalidIssuer => AuthError::Claim("iss"),
+                K::InvalidAudience => AuthError::Claim("aud"),
+                K::InvalidSignature => AuthError::Invalid("invalid token signature"),
+                K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+                    AuthError::Invalid("token algorithm not accepted")
+                }
+                K::MissingRequiredClaim(_) => {
+                    AuthError::Invalid("token lacks a required claim (sub, exp)")
+                }
+                _ => AuthError::Invalid("malformed token"),
+            },
+        )?;
+        let c = data.claims;
+        let parse = |list: &[String], which| -> Result<Vec<Pattern>, AuthError> {
+            list.iter()
+                .map(|p| Pattern::parse(p).ok_or(AuthError::Pattern(which)))
+                .collect()
+        };
+        Ok(Identity {
+            user: Arc::from(c.sub.as_str()),
+            expires_at: c.exp,
+            subs: parse(&c.subs, "subs")?,
+            pubs: parse(&c.pubs, "pubs")?,
+        })
+    }
+}
+
+/// Mints an HS256 token (`ringcast token`, tests, the development token).
+pub fn mint_hmac(secret: &[u8], claims: &Claims) -> String {
+    // Encoding HS256 claims that serialize cannot fail.
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap_or_default()
+}
+
+/// 32 random bytes from the OS, hex-encoded: an ephemeral development secret.
+pub fn random_secret() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pat(s: &str) -> Pattern {
+        Pattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_whole_segments() {
+        assert!(pat("user.#").matches("user.42"));
+        assert!(pat("user.#").matches("user.42.x"));
+        assert!(!pat("user.#").matches("user"));
+        assert!(pat("chat:*").matches("chat:42"));
+        assert!(!pat("chat:*").matches("chat:42:x"));
+        assert!(!pat("chat:*").matches("chat"));
+        assert!(pat("news").matches("news"));
+        assert!(!pat("news").matches("newsroom"));
+        assert!(pat("#").matches("anything:at.all"));
+        assert!(pat("a.*.c").matches("a:b.c"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["", "a..b", "#.a", "a*", "a.#b", "a.", ":"] {
+            assert!(Pattern::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            exp,
+            subs: vec!["user.u1.#".into()],
+            pubs: vec![],
+        }
+    }
+
+    #[test]
+    fn tokens_verify_and_fail_for_the_right_reasons() {
+        let v = Verifier::hmac(b"secret", None, None);
+        let id = v
+            .verify(&mint_hmac(b"secret", &claims(now_secs() + 60)))
+            .unwrap();
+        assert_eq!(&*id.user, "u1");
+        assert!(id.may_subscribe("user.u1.inbox"));
+        assert!(!id.may_subscribe("user.u2.inbox"));
+        assert!(
+            !id.may_publish("user.u1.inbox"),
+            "absent pubs allow nothing"
+        );
+        assert_eq!(
+            v.verify(&mint_hmac(b"secret", &claims(now_secs() - 5)))
+                .unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            v.verify(&mint_hmac(b"other", &claims(now_secs() + 60)))
+                .unwrap_err(),
+            AuthError::Invalid("invalid token signature")
+        );
+        assert!(v.verify("not.a.token").is_err());
+        assert!(v.verify("").is_err());
+        // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(v.verify(none).is_err());
+        let mut bad = claims(now_secs() + 60);
+        bad.subs = vec!["a.#.b".into()];
+        assert_eq!(
+            v.verify(&mint_hmac(b"secret", &bad)).unwrap_err(),
+            AuthError::Pattern("subs")
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        #[derive(Serialize)]
+        struct WithIss<'a> {
+            sub: &'a str,
+            exp: u64,
+            iss: &'a str,
+            aud: &'a str,
+        }
+        let exp = now_secs() + 60;
+        let tok = |iss, aud| {
+            jsonwebtoken::encode(
+                &Header::default(),
+                &WithIss {
+                    sub: "u",
+                    exp,
+                    iss,
+                    aud,
+                },
+                &EncodingKey::from_secret(b"k"),
+            )
+            .unwrap()
+        };
+        let v = Verifier::hmac(b"k", Some("me"), Some("app"));
+        assert!(v.verify(&tok("me", "app")).is_ok());
+        assert_eq!(
+            v.verify(&tok("you", "app")).unwrap_err(),
+            AuthError::Claim("iss")
+        );
+        assert_eq!(
+            v.verify(&tok("me", "web")).unwrap_err(),
+            AuthError::Claim("aud")
+        );
+    }
+}

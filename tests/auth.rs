@@ -1,0 +1,276 @@
+//! Authentication and authorization through the real server: tokens before
+//! the upgrade and in the first frame, forged and expired tokens, refresh,
+//! expiry mid-connection, and topic patterns (PROTOCOL.md sections 1, 2, 5).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{raw, TestServer};
+use ringcast::auth::{mint_hmac, now_secs, Claims};
+use ringcast::client::{Client, ClientError, Event};
+use serde_json::json;
+
+const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+fn server(extra: &[&str]) -> TestServer {
+    let mut args = vec!["--auth-hmac-secret", SECRET, "--auth-timeout", "1s"];
+    args.extend_from_slice(extra);
+    TestServer::start(&args)
+}
+
+fn token(sub: &str, ttl: i64, subs: &[&str], pubs: &[&str]) -> String {
+    let claims = Claims {
+        sub: sub.into(),
+        exp: (now_secs() as i64 + ttl) as u64,
+        subs: subs.iter().map(|s| s.to_string()).collect(),
+        pubs: pubs.iter().map(|s| s.to_string()).collect(),
+    };
+    mint_hmac(SECRET.as_bytes(), &claims)
+}
+
+fn url_with(server: &TestServer, token: &str) -> String {
+    format!("{}?token={token}", server.url())
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn refused(url: &str) -> String {
+    match Client::connect(url) {
+        Err(ClientError::Refused(why)) => why,
+        Ok(_) => panic!("{url}: accepted"),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+#[test]
+fn a_good_token_in_the_query_is_accepted_and_bad_ones_get_401() {
+    let s = server(&[]);
+    let c = Client::connect(&url_with(&s, &token("u1", 60, &["news"], &[]))).unwrap();
+    assert_eq!(c.welcome["op"], "welcome");
+    let expired = refused(&url_with(&s, &token("u1", -10, &["news"], &[])));
+    assert!(
+        expired.contains("401") && expired.contains("expired"),
+        "{expired}"
+    );
+    let forged = mint_hmac(
+        b"not-the-secret-not-the-secret-xx",
+        &Claims {
+            sub: "u1".into(),
+            exp: now_secs() + 60,
+            subs: vec![],
+            pubs: vec![],
+        },
+    );
+    assert!(refused(&url_with(&s, &forged)).contains("signature"));
+    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = b64(format!(r#"{{"sub":"u1","exp":{}}}"#, now_secs() + 60).as_bytes());
+    assert!(refused(&url_with(&s, &format!("{header}.{body}."))).contains("401"));
+    // HS384 with the right secret: not the configured algorithm.
+    let hs384 = jsonwebtoken_like_hs384();
+    assert!(refused(&url_with(&s, &hs384)).contains("401"));
+    assert!(refused(&url_with(&s, "garbage")).contains("401"));
+    assert!(s.metric("ringcast_handshake_failures_total{status=\"401\"}") >= 5.0);
+}
+
+/// An HS384 token signed with the server's secret (algorithm confusion).
+fn jsonwebtoken_like_hs384() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", &format!(
+            "import hmac,hashlib,base64,json,time\nb=lambda d: base64.urlsafe_b64encode(d).rstrip(b'=').decode()\n\
+             h=b(json.dumps({{'alg':'HS384','typ':'JWT'}}).encode())\np=b(json.dumps({{'sub':'u1','exp':int(time.time())+60,'subs':['#']}}).encode())\n\
+             s=b(hmac.new(b'{SECRET}', (h+'.'+p).encode(), hashlib.sha384).digest())\nprint(h+'.'+p+'.'+s)"
+        )])
+        .output()
+        .expect("python3 (installed by tests/run)");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn without_a_token_the_first_frame_must_be_auth() {
+    let s = server(&[]);
+    // Another op first: closed with 4001.
+    let mut c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    c.write_all(&raw::frame(true, 1, br#"{"op":"sub","topic":"news"}"#))
+        .unwrap();
+    assert_eq!(raw::read_close_code(&mut c), Some(4001));
+    // Silence: closed with 4001 after auth_timeout (1 s; the sweep runs each second).
+    let mut c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    let started = Instant::now();
+    assert_eq!(raw::read_close_code(&mut c), Some(4001));
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // A bad token in the frame: 4001.
+    let mut c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    c.write_all(&raw::frame(true, 1, br#"{"op":"auth","token":"nope"}"#))
+        .unwrap();
+    assert_eq!(raw::read_close_code(&mut c), Some(4001));
+    // A good one: welcome, then service.
+    let mut c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    let auth = json!({"op": "auth", "token": token("u1", 60, &["news"], &[])}).to_string();
+    c.write_all(&raw::frame(true, 1, auth.as_bytes())).unwrap();
+    raw::read_op(&mut c, "welcome");
+    c.write_all(&raw::frame(
+        true,
+        1,
+        br#"{"op":"sub","id":5,"topic":"news"}"#,
+    ))
+    .unwrap();
+    assert_eq!(raw::read_op(&mut c, "ok")["id"], 5);
+}
+
+#[test]
+fn topics_outside_the_token_patterns_are_refused_and_never_delivered() {
+    let s = server(&[]);
+    let mut alice = Client::connect(&url_with(
+        &s,
+        &token("alice", 60, &["user.alice.#", "chat:*"], &["chat:*"]),
+    ))
+    .unwrap();
+    let err = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        err(alice.subscribe("user.bob.inbox", None).map(|_| ())),
+        4403
+    );
+    assert_eq!(
+        err(alice.subscribe("user.alice", None).map(|_| ())),
+        4403,
+        "# needs one segment"
+    );
+    assert_eq!(
+        err(alice.subscribe("chat:1:x", None).map(|_| ())),
+        4403,
+        "* is one segment"
+    );
+    assert_eq!(
+        err(alice.publish("user.alice.inbox", &json!(1)).map(|_| ())),
+        4403
+    );
+    alice.subscribe("user.alice.inbox", None).unwrap();
+    alice.subscribe("chat:1", None).unwrap();
+    // Bob may publish to his inbox and Alice's; Alice never sees Bob's inbox.
+    let mut bob = Client::connect(&url_with(&s, &token("bob", 60, &[], &["user.#"]))).unwrap();
+    bob.publish("user.bob.inbox", &json!("secret")).unwrap();
+    bob.publish("user.alice.inbox", &json!("for alice"))
+        .unwrap();
+    alice.publish("chat:1", &json!("hi")).unwrap();
+    let mut got = Vec::new();
+    while let Ok(Event::Msg { topic, data, .. }) = alice.recv(Duration::from_millis(500)) {
+        got.push((topic, data));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("user.alice.inbox".into(), json!("for alice")),
+            ("chat:1".into(), json!("hi"))
+        ]
+    );
+    // A token without subs/pubs allows nothing.
+    let mut nobody = Client::connect(&url_with(&s, &token("n", 60, &[], &[]))).unwrap();
+    assert_eq!(err(nobody.subscribe("news", None).map(|_| ())), 4403);
+}
+
+#[test]
+fn refresh_extends_the_session_and_must_keep_the_user() {
+    let s = server(&[]);
+    let mut c = Client::connect(&url_with(&s, &token("u1", 2, &["news"], &[]))).unwrap();
+    let (ok, _) = c
+        .request(json!({"op": "auth", "token": token("u1", 60, &["news"], &[])}))
+        .unwrap();
+    assert_eq!(ok["op"], "ok");
+    // Past the first token's expiry the connection lives on.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let _ = c.recv(Duration::from_millis(200));
+    }
+    let (pong, _) = c.request(json!({"op": "ping"})).unwrap();
+    assert_eq!(pong["op"], "pong");
+    // A bad refresh is an error reply; a token for someone else closes 4003.
+    match c.request(json!({"op": "auth", "token": "bad"})) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, 4001),
+        other => panic!("{other:?}"),
+    }
+    match c.request(json!({"op": "auth", "token": token("mallory", 60, &["#"], &[])})) {
+        Err(ClientError::Closed(code, _)) => assert_eq!(code, 4003),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_expiring_token_closes_the_connection_with_4001() {
+    let s = server(&[]);
+    let mut c = Client::connect(&url_with(&s, &token("u1", 2, &["news"], &[]))).unwrap();
+    let started = Instant::now();
+    let code = loop {
+        match c.recv(Duration::from_secs(6)) {
+            Ok(Event::Close(code, _)) => break code,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(code, 4001);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn with_no_key_the_server_prints_a_working_development_token() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--shards",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    let dev = lines.next().unwrap().unwrap();
+    let addr = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ws="))
+        .unwrap()
+        .to_string();
+    let token = dev
+        .strip_prefix("ringcast dev-token ")
+        .expect(&dev)
+        .to_string();
+    let url = format!("ws://{addr}/ws");
+    let denied = match Client::connect(&format!("{url}?token=wrong")) {
+        Err(ClientError::Refused(why)) => why,
+        other => panic!("{other:?}"),
+    };
+    assert!(denied.contains("401"));
+    let mut c = Client::connect(&format!("{url}?token={token}")).unwrap();
+    c.subscribe("anything:at.all", None).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}
