@@ -7,8 +7,10 @@
 //! buffer: topics and ids need no escaping, and `data` is copied verbatim.
 
 use std::borrow::Cow;
+use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -87,10 +89,33 @@ struct Envelope<'a> {
     #[serde(borrow)]
     since: Option<Cow<'a, str>>,
     epoch: Option<String>,
-    #[serde(borrow)]
+    // Not a plain `Option`: that would read `"data":null` as absent.
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+}
+
+/// Reads a field that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// Longest `reason` of an error reply, in bytes. A reason may quote the
+/// client's input (serde quotes a mistyped string whole); a longer one
+/// keeps its start and its end (where serde puts the position).
+pub const MAX_REASON_LEN: usize = 256;
+
+/// `reason` cut to [`MAX_REASON_LEN`] bytes, keeping both ends.
+fn shorten(reason: String) -> String {
+    if reason.len() <= MAX_REASON_LEN {
+        return reason;
+    }
+    const GAP: &str = " ... ";
+    let keep = (MAX_REASON_LEN - GAP.len()) / 2;
+    let head = reason.floor_char_boundary(keep);
+    let tail = reason.ceil_char_boundary(reason.len() - keep);
+    format!("{}{GAP}{}", &reason[..head], &reason[tail..])
 }
 
 /// Largest `id` a client may send: ids are echoed as JSON numbers, and
@@ -103,13 +128,13 @@ impl<'a> ClientOp<'a> {
         let env: Envelope<'a> = serde_json::from_str(text).map_err(|e| OpError {
             id: None,
             code: code::BAD_REQUEST,
-            reason: format!("invalid JSON request: {e}"),
+            reason: shorten(format!("invalid JSON request: {e}")),
         })?;
         let id = env.id;
         let bad = |reason: String| OpError {
             id,
             code: code::BAD_REQUEST,
-            reason,
+            reason: shorten(reason),
         };
         if id.is_some_and(|i| i > MAX_REQUEST_ID) {
             return Err(bad(format!("id: larger than {MAX_REQUEST_ID}")));
@@ -139,11 +164,7 @@ impl<'a> ClientOp<'a> {
             "unsub" => ClientOp::Unsub { topic: topic()? },
             "pub" => {
                 let data = env.data.ok_or_else(|| bad("missing field: data".into()))?;
-                if nesting_depth(data.get()) > MAX_DATA_DEPTH {
-                    return Err(bad(format!(
-                        "data: nesting deeper than {MAX_DATA_DEPTH} levels"
-                    )));
-                }
+                check_data(data.get()).map_err(|e| bad(format!("data: {e}")))?;
                 ClientOp::Pub {
                     topic: topic()?,
                     data,
@@ -166,9 +187,75 @@ impl<'a> ClientOp<'a> {
     }
 }
 
-/// Deepest nesting of arrays and objects accepted in `data`: the same
-/// limit serde_json applies to values, so every subscriber's parser copes.
-pub const MAX_DATA_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted in `data`, so every
+/// subscriber's parser copes with the `msg` frame that wraps it in one more
+/// object: serde_json (ringcast's own client) reads at most 127 levels.
+pub const MAX_DATA_DEPTH: usize = 126;
+
+/// Checks that `data`, one syntactically valid JSON document, can be sent
+/// to subscribers in a `msg` frame: nested at most [`MAX_DATA_DEPTH`] levels,
+/// and with every number within f64 range (serde_json refuses `1e400`, so
+/// such a frame would break ringcast's own client). The error says which.
+pub fn check_data(data: &str) -> Result<(), String> {
+    if nesting_depth(data) > MAX_DATA_DEPTH {
+        return Err(format!("nesting deeper than {MAX_DATA_DEPTH} levels"));
+    }
+    serde_json::from_str::<Readable>(data)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Reads any JSON value the way serde_json's `Value` does (numbers
+/// included), building nothing.
+struct Readable;
+
+impl<'de> Deserialize<'de> for Readable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Readable)
+    }
+}
+
+impl<'de> Visitor<'de> for Readable {
+    type Value = Readable;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_unit<E>(self) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Readable, A::Error> {
+        while seq.next_element::<Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Readable, A::Error> {
+        while map.next_entry::<IgnoredAny, Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+}
 
 /// The deepest nesting of `[` / `{` in valid JSON text, skipping strings.
 fn nesting_depth(json: &str) -> usize {
@@ -394,7 +481,11 @@ mod tests {
 
     #[test]
     fn hostile_json_is_an_error_not_a_crash() {
-        let data = format!("{}\"[{{\\\"\"{}", "[".repeat(128), "]".repeat(128));
+        let data = format!(
+            "{}\"[{{\\\"\"{}",
+            "[".repeat(MAX_DATA_DEPTH),
+            "]".repeat(MAX_DATA_DEPTH)
+        );
         let ok = format!(r#"{{"op":"pub","topic":"a","data":{data}}}"#);
         assert!(ClientOp::parse(&ok).is_ok(), "{ok}");
         let deep = format!(
@@ -405,6 +496,52 @@ mod tests {
         assert!(ClientOp::parse(&deep).is_err());
         let huge_key = format!("{{\"{}\":1}}", "k".repeat(1 << 16));
         assert!(matches!(ClientOp::parse(&huge_key), Err(OpError { .. })));
+    }
+
+    #[test]
+    fn data_numbers_must_fit_an_f64() {
+        let err = ClientOp::parse(r#"{"op":"pub","topic":"a","data":{"x":[1e400]}}"#).unwrap_err();
+        assert!(
+            err.reason.starts_with("data: number out of range"),
+            "{}",
+            err.reason
+        );
+        for ok in [
+            "1e308",
+            "-1e-400",
+            "123456789012345678901234567890",
+            "[0.5,\"1e400\"]",
+        ] {
+            assert_eq!(check_data(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn null_data_is_data() {
+        let (_, op) = ClientOp::parse(r#"{"op":"pub","topic":"a","data":null}"#).unwrap();
+        assert!(matches!(op, ClientOp::Pub { data, .. } if data.get() == "null"));
+    }
+
+    #[test]
+    fn reasons_are_short_and_keep_both_ends() {
+        let long = "x".repeat(10_000);
+        for text in [
+            format!(r#"{{"op":"ping","id":"{long}"}}"#),
+            format!(r#"{{"op":"{long}"}}"#),
+            format!(r#"{{"op":"{}"}}"#, "\\u0085".repeat(64)),
+        ] {
+            let err = ClientOp::parse(&text).unwrap_err();
+            assert!(err.reason.len() <= MAX_REASON_LEN, "{}", err.reason);
+        }
+        let err = ClientOp::parse(&format!(r#"{{"op":"ping","id":"{long}"}}"#)).unwrap_err();
+        assert!(err
+            .reason
+            .starts_with("invalid JSON request: invalid type: string \"xxx"));
+        assert!(
+            err.reason.ends_with("expected u64 at line 1 column 10020"),
+            "{}",
+            err.reason
+        );
     }
 
     #[test]
