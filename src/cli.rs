@@ -79,6 +79,19 @@ pub struct ServeArgs {
     /// Subscriptions per connection; past it error 4013 [default: 1024].
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    /// Frames per second per connection, 0 = unlimited; past it error 4008,
+    /// for 5 s: close 4008 [default: 100].
+    #[arg(long, env = "RINGCAST_INBOUND_RATE")]
+    pub inbound_rate: Option<u32>,
+    /// Burst of the inbound rate limit, in frames [default: 200].
+    #[arg(long, env = "RINGCAST_INBOUND_BURST")]
+    pub inbound_burst: Option<u32>,
+    /// Open connections per node; past it 503 [default: 1000000].
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections per client address; past it 429 [default: 10000].
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
     /// Outbound queue bound per connection; past it close 4009 [default: 1MiB].
     #[arg(long, env = "RINGCAST_OUTBOUND_QUEUE")]
     pub outbound_queue: Option<ByteSize>,
@@ -158,6 +171,10 @@ impl ServeArgs {
             max_message_size: self.max_message_size,
             max_publish_size: self.max_publish_size,
             max_subscriptions: self.max_subscriptions,
+            inbound_rate: self.inbound_rate,
+            inbound_burst: self.inbound_burst,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             outbound_queue: self.outbound_queue,
             drain_window: self.drain_window,
             history_size: self.history_size,

@@ -144,6 +144,20 @@ pub struct Config {
     pub max_publish_size: usize,
     /// Subscriptions per connection; past it error 4013. Default 1024.
     pub max_subscriptions: usize,
+    /// Frames per second one connection may send, refilling a token bucket
+    /// of `inbound_burst`; past it each frame gets error 4008, and a client
+    /// still over it after 5 s is closed with 4008. 0 = unlimited (trusted
+    /// publishers, benchmarks). Default 100.
+    pub inbound_rate: u32,
+    /// Size of the inbound token bucket (frames). Default 200.
+    pub inbound_burst: u32,
+    /// Open connections per node; past it upgrades get 503. Default 1000000.
+    pub max_connections: usize,
+    /// Open connections per client address; past it upgrades get 429.
+    /// Counted per shard (each shard admits its share), so the limit is
+    /// approximate. Behind a proxy every client has the proxy's address:
+    /// raise it there. Default 10000.
+    pub max_connections_per_ip: usize,
     /// Bytes that may wait in one connection's outbound queue. Past it the
     /// client is too slow to keep up: it is closed with 4009 and recovers
     /// with `since`, so one slow phone never holds memory for everyone. Default 1 MiB.
@@ -211,6 +225,10 @@ impl Default for Config {
             max_message_size: 64 << 10,
             max_publish_size: 64 << 10,
             max_subscriptions: 1024,
+            inbound_rate: 100,
+            inbound_burst: 200,
+            max_connections: 1_000_000,
+            max_connections_per_ip: 10_000,
             outbound_queue: 1 << 20,
             drain_window: Duration::from_secs(10),
             history_size: 1000,
@@ -271,6 +289,14 @@ pub struct Layer {
     pub max_publish_size: Option<ByteSize>,
     /// See [`Config::max_subscriptions`].
     pub max_subscriptions: Option<usize>,
+    /// See [`Config::inbound_rate`].
+    pub inbound_rate: Option<u32>,
+    /// See [`Config::inbound_burst`].
+    pub inbound_burst: Option<u32>,
+    /// See [`Config::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`Config::max_connections_per_ip`].
+    pub max_connections_per_ip: Option<usize>,
     /// See [`Config::outbound_queue`].
     pub outbound_queue: Option<ByteSize>,
     /// See [`Config::drain_window`].
@@ -358,6 +384,10 @@ impl Layer {
             max_message_size,
             max_publish_size,
             max_subscriptions,
+            inbound_rate,
+            inbound_burst,
+            max_connections,
+            max_connections_per_ip,
             outbound_queue,
             drain_window,
             history_size,
@@ -430,6 +460,10 @@ impl Config {
             max_message_size: size(l.max_message_size, d.max_message_size),
             max_publish_size: size(l.max_publish_size, d.max_publish_size),
             max_subscriptions: l.max_subscriptions.unwrap_or(d.max_subscriptions),
+            inbound_rate: l.inbound_rate.unwrap_or(d.inbound_rate),
+            inbound_burst: l.inbound_burst.unwrap_or(d.inbound_burst),
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: l.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
             outbound_queue: size(l.outbound_queue, d.outbound_queue),
             drain_window: dur(l.drain_window, d.drain_window),
             history_size: l.history_size.unwrap_or(d.history_size),
@@ -495,6 +529,18 @@ impl Config {
         need(
             self.max_subscriptions >= 1,
             "max_subscriptions: must be at least 1",
+        );
+        need(
+            self.inbound_rate == 0 || self.inbound_burst >= 1,
+            "inbound_burst: must be at least 1 when inbound_rate is set",
+        );
+        need(
+            self.max_connections >= 1,
+            "max_connections: must be at least 1",
+        );
+        need(
+            self.max_connections_per_ip >= 1,
+            "max_connections_per_ip: must be at least 1",
         );
         need(
             self.outbound_queue >= 4096,

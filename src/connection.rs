@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -98,10 +99,25 @@ pub(crate) struct Conn {
     pub(crate) pending: RefCell<Vec<TopicName>>,
     /// Who the client is; `None` until its `auth` frame is accepted.
     pub(crate) identity: RefCell<Option<Rc<Identity>>>,
+    /// The client's address, for the per-address connection cap.
+    pub(crate) peer: IpAddr,
+    /// Inbound rate limit: tokens left, and when they were last refilled (ms).
+    tokens: Cell<f32>,
+    refilled: Cell<u64>,
+    /// When the client's current run of refused frames began (ms; 0 = none),
+    /// and when its last frame was refused: a run ends after a quiet second.
+    over_since: Cell<u64>,
+    last_refused: Cell<u64>,
 }
 
 impl Conn {
-    pub(crate) fn new(id: ConnId, socket: OwnedFd, now: u64, config: &Config) -> Self {
+    pub(crate) fn new(
+        id: ConnId,
+        socket: OwnedFd,
+        peer: IpAddr,
+        now: u64,
+        config: &Config,
+    ) -> Self {
         Self {
             id,
             socket,
@@ -119,6 +135,11 @@ impl Conn {
             subs: RefCell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
             identity: RefCell::new(None),
+            peer,
+            tokens: Cell::new(config.inbound_burst as f32),
+            refilled: Cell::new(now),
+            over_since: Cell::new(0),
+            last_refused: Cell::new(0),
         }
     }
 
@@ -332,6 +353,7 @@ pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
     shard.remove(conn);
     if conn.was_open() {
         shard.metrics.connections_active.fetch_sub(1, Relaxed);
+        shard.closed(conn.peer);
     }
     let mut out = conn.out.borrow_mut();
     shard
@@ -348,7 +370,7 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         Ok(None) => {}
         Ok(Some((req, used))) => {
             conn.inbuf.borrow_mut().advance(used);
-            match accept(shard, &req) {
+            match accept(shard, &req, conn.peer) {
                 Ok((protocol, identity)) => {
                     let resp = handshake::accept_response(&req.key, protocol);
                     shard.queue_unbounded(conn, Bytes::from(resp));
@@ -368,7 +390,7 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 /// identity, when the client is authenticated already.
 type Accepted = (Option<&'static str>, Option<Rc<Identity>>);
 
-fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Accepted, HandshakeError> {
+fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted, HandshakeError> {
     let cfg = &shard.config;
     if !cfg.echo && req.path != "/ws" {
         return Err(HandshakeError::NotFound {
@@ -381,6 +403,19 @@ fn accept(shard: &Shard, req: &UpgradeRequest) -> Result<Accepted, HandshakeErro
                 origin: origin.chars().take(64).collect(),
             });
         }
+    }
+    if shard.draining() {
+        return Err(HandshakeError::Unavailable {
+            reason: "server is draining",
+        });
+    }
+    if !shard.admits(peer) {
+        return Err(HandshakeError::TooManyConnections);
+    }
+    if shard.node_full() {
+        return Err(HandshakeError::Unavailable {
+            reason: "server is full",
+        });
     }
     if cfg.echo {
         return Ok((None, Some(shard.anonymous.clone())));
@@ -418,7 +453,9 @@ fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.phase.set(Phase::Open);
     conn.opened.set(true);
     conn.last_ping.set(shard.now_ms());
+    conn.refilled.set(shard.now_ms());
     shard.metrics.connections_active.fetch_add(1, Relaxed);
+    shard.opened(conn.peer);
     if conn.identity.borrow().is_some() {
         welcome(shard, conn);
     } else {
@@ -515,6 +552,22 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         Ok(parsed) => parsed,
         Err(e) => return shard.queue(conn, encode_error(e.id, e.code, &e.reason)),
     };
+    let now = shard.now_ms();
+    if now.saturating_sub(conn.last_refused.get()) >= 1000 {
+        conn.over_since.set(0);
+    }
+    if !within_rate(shard, conn) {
+        if conn.over_since.get() == 0 {
+            conn.over_since.set(now.max(1));
+        }
+        conn.last_refused.set(now);
+        if now.saturating_sub(conn.over_since.get()) >= RATE_GRACE_MS {
+            let reason = "rate limited: over the inbound rate for 5 s";
+            return shard.close(conn, 4008, reason, Disconnect::RateLimited);
+        }
+        let reason = format!("rate limited: over {} frames/s", shard.config.inbound_rate);
+        return shard.queue(conn, encode_error(id, code::RATE_LIMITED, &reason));
+    }
     let identity = conn.identity.borrow().clone();
     let Some(identity) = identity else {
         return first_auth(shard, conn, op);
@@ -588,6 +641,29 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     }
 }
 
+/// How long a client may stay over its inbound rate before it is closed.
+const RATE_GRACE_MS: u64 = 5_000;
+
+/// Takes one token from the connection's bucket, refilled at
+/// `inbound_rate` per second up to `inbound_burst`; false when empty.
+fn within_rate(shard: &Shard, conn: &Conn) -> bool {
+    let rate = shard.config.inbound_rate;
+    if rate == 0 || shard.config.echo {
+        return true;
+    }
+    let now = shard.now_ms();
+    let elapsed = now.saturating_sub(conn.refilled.get()) as f32 / 1000.0;
+    let tokens = (conn.tokens.get() + elapsed * rate as f32).min(shard.config.inbound_burst as f32);
+    conn.refilled.set(now);
+    if tokens >= 1.0 {
+        conn.tokens.set(tokens - 1.0);
+        true
+    } else {
+        conn.tokens.set(tokens);
+        false
+    }
+}
+
 /// The first frame of a client that came without `?token=`: it must be
 /// `auth`; anything else closes with 4001.
 fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
@@ -642,6 +718,6 @@ mod tests {
     #[test]
     fn connection_state_stays_small() {
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 320, "Conn grew to {size} bytes");
+        assert!(size <= 352, "Conn grew to {size} bytes");
     }
 }

@@ -57,10 +57,12 @@ pub enum Disconnect {
     Io,
     /// Not authenticated, token expired or refused (4001, 4003).
     Auth,
+    /// Over the inbound rate for too long (4008).
+    RateLimited,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 8] = [
+    const ALL: [Disconnect; 9] = [
         Disconnect::Client,
         Disconnect::Slow,
         Disconnect::Heartbeat,
@@ -69,6 +71,7 @@ impl Disconnect {
         Disconnect::Handshake,
         Disconnect::Io,
         Disconnect::Auth,
+        Disconnect::RateLimited,
     ];
 
     fn label(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Disconnect {
             Disconnect::Handshake => "handshake",
             Disconnect::Io => "io",
             Disconnect::Auth => "auth",
+            Disconnect::RateLimited => "rate_limited",
         }
     }
 }
@@ -106,7 +110,7 @@ pub struct ShardMetrics {
     /// Bytes written to sockets.
     pub bytes_sent: AtomicU64,
     dropped: [AtomicU64; 4],
-    disconnects: [AtomicU64; 8],
+    disconnects: [AtomicU64; 9],
     handshake_failures: [AtomicU64; 9],
 }
 

@@ -57,6 +57,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         warn!("anonymous mode: every client may subscribe and publish to every topic");
     }
     let (auth, dev_token) = verifier(&config)?;
+    let node_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (exit_tx, exit_rx) = mpsc::channel::<(usize, bool)>();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let setup = ShardSetup {
@@ -67,6 +68,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             inbox,
             listener,
             auth: auth.clone(),
+            node_connections: node_connections.clone(),
         };
         let tx = exit_tx.clone();
         thread::Builder::new()

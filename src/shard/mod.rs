@@ -54,6 +54,8 @@ pub struct ShardSetup {
     pub listener: std::net::TcpListener,
     /// Token verification; `None` when anonymous clients are allowed everything.
     pub auth: Option<Arc<crate::auth::Verifier>>,
+    /// Open connections of the whole node (every shard counts here).
+    pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Shard-local state, shared by the shard's tasks through `Rc`.
@@ -66,6 +68,12 @@ pub(crate) struct Shard {
     pub(crate) auth: Option<Arc<crate::auth::Verifier>>,
     /// The identity every anonymous client shares.
     pub(crate) anonymous: Rc<crate::auth::Identity>,
+    /// Open connections of the whole node.
+    node_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Open connections per client address, on this shard.
+    per_ip: RefCell<HashMap<std::net::IpAddr, u32>>,
+    /// This shard's share of `max_connections_per_ip`.
+    per_ip_limit: u32,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
     /// Connections with frames queued since the last flush.
@@ -156,6 +164,11 @@ async fn run(setup: ShardSetup) {
             std::process::exit(1);
         }
     };
+    let per_ip_limit = setup
+        .config
+        .max_connections_per_ip
+        .div_ceil(setup.config.shards)
+        .max(1) as u32;
     let shard = Rc::new(Shard {
         epoll,
         id: setup.id,
@@ -164,6 +177,9 @@ async fn run(setup: ShardSetup) {
         metrics: setup.metrics,
         auth: setup.auth,
         anonymous: Rc::new(crate::auth::Identity::anonymous()),
+        node_connections: setup.node_connections,
+        per_ip: RefCell::new(HashMap::new()),
+        per_ip_limit,
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
         dirty: RefCell::new(Vec::new()),
@@ -200,7 +216,13 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 let id = ConnId(shard.next_conn.get());
                 shard.next_conn.set(id.0 + 1);
                 let socket = crate::sys::into_owned_fd(stream);
-                let conn = Rc::new(Conn::new(id, socket, shard.now_ms(), &shard.config));
+                let conn = Rc::new(Conn::new(
+                    id,
+                    socket,
+                    peer.ip(),
+                    shard.now_ms(),
+                    &shard.config,
+                ));
                 if let Err(e) = shard.epoll.add(conn.fd(), crate::sys::EPOLLIN, id.0) {
                     warn!(error = %e, "cannot watch a new connection");
                     continue;
@@ -320,6 +342,43 @@ impl Shard {
         };
         if self.epoll.modify(conn.fd(), events, conn.id.0).is_err() {
             conn.shut();
+        }
+    }
+
+    /// Whether the drain has started (new upgrades get 503).
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Whether the node is at `max_connections`.
+    pub(crate) fn node_full(&self) -> bool {
+        self.node_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= self.config.max_connections
+    }
+
+    /// Whether one more connection from `ip` fits this shard's share.
+    pub(crate) fn admits(&self, ip: std::net::IpAddr) -> bool {
+        self.per_ip.borrow().get(&ip).copied().unwrap_or(0) < self.per_ip_limit
+    }
+
+    /// Counts an upgraded connection.
+    pub(crate) fn opened(&self, ip: std::net::IpAddr) {
+        self.node_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+    }
+
+    /// Uncounts a connection counted by [`Shard::opened`].
+    pub(crate) fn closed(&self, ip: std::net::IpAddr) {
+        self.node_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut per_ip = self.per_ip.borrow_mut();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
         }
     }
 

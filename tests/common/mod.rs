@@ -46,6 +46,10 @@ impl TestServer {
             cmd.arg("--allow-anonymous");
         }
         cmd.args(["--shards", "2"]);
+        // Tests pipeline requests; the rate limit has its own tests.
+        if !extra.contains(&"--inbound-rate") {
+            cmd.args(["--inbound-rate", "0"]);
+        }
         cmd.args(extra);
         cmd.env("RUST_LOG", "debug");
         for (k, v) in env {
