@@ -121,9 +121,28 @@ pub struct Identity {
     pub expires_at: u64,
     subs: Vec<Pattern>,
     pubs: Vec<Pattern>,
+    /// A client without a token, admitted only to anonymous namespaces.
+    guest: bool,
 }
 
 impl Identity {
+    /// A client without a token where some namespace admits anonymous
+    /// subscribers: no patterns of its own, never expires.
+    pub fn guest() -> Identity {
+        Identity {
+            user: Arc::from(""),
+            expires_at: u64::MAX,
+            subs: Vec::new(),
+            pubs: Vec::new(),
+            guest: true,
+        }
+    }
+
+    /// Whether this is a [`Identity::guest`].
+    pub fn is_guest(&self) -> bool {
+        self.guest
+    }
+
     /// An anonymous client allowed every topic (`--allow-anonymous`).
     pub fn anonymous() -> Identity {
         let all = vec![Segment::Rest];
@@ -132,6 +151,7 @@ impl Identity {
             expires_at: u64::MAX,
             subs: vec![Pattern(all.clone())],
             pubs: vec![Pattern(all)],
+            guest: false,
         }
     }
 
@@ -248,6 +268,7 @@ impl Verifier {
             expires_at: c.exp,
             subs: parse(&c.subs, "subs")?,
             pubs: parse(&c.pubs, "pubs")?,
+            guest: false,
         })
     }
 }

@@ -187,6 +187,7 @@ impl ServeArgs {
             auth_issuer: self.auth_issuer.clone(),
             auth_audience: self.auth_audience.clone(),
             auth_timeout: self.auth_timeout,
+            namespaces: None,
             echo: self.echo,
             log_format: self.log_format,
             redis: self.redis.clone(),

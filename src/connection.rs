@@ -456,6 +456,11 @@ fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.refilled.set(shard.now_ms());
     shard.metrics.connections_active.fetch_add(1, Relaxed);
     shard.opened(conn.peer);
+    if conn.identity.borrow().is_none() && shard.namespaces.any_anonymous() {
+        // Some namespace admits clients without a token: serve it now; an
+        // `auth` frame may still come later.
+        *conn.identity.borrow_mut() = Some(shard.guest.clone());
+    }
     if conn.identity.borrow().is_some() {
         welcome(shard, conn);
     } else {
@@ -579,7 +584,11 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     };
     match op {
         ClientOp::Sub { topic, since } => {
-            let refusal = if !identity.may_subscribe(topic.as_str()) {
+            let ns = shard.namespaces.of(topic.as_str());
+            let refusal = if ns.is_none() {
+                let reason = format!("unknown namespace {:?}", topic.namespace());
+                Some((code::UNKNOWN_NAMESPACE, reason))
+            } else if !(ns.is_some_and(|n| n.anonymous) || identity.may_subscribe(topic.as_str())) {
                 Some((
                     code::FORBIDDEN_TOPIC,
                     format!("topic {topic} not allowed by token"),
@@ -619,6 +628,18 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             shard.queue(conn, encode_ok(id, Some(&topic), OkExtra::default()));
         }
         ClientOp::Pub { topic, data } => {
+            match shard.namespaces.of(topic.as_str()) {
+                None => {
+                    let reason = format!("unknown namespace {:?}", topic.namespace());
+                    return shard.queue(conn, encode_error(id, code::UNKNOWN_NAMESPACE, &reason));
+                }
+                Some(ns) if !ns.allow_publish => {
+                    let reason =
+                        format!("namespace {:?} does not allow client publishing", ns.name);
+                    return shard.queue(conn, encode_error(id, code::FORBIDDEN_TOPIC, &reason));
+                }
+                Some(_) => {}
+            }
             if !identity.may_publish(topic.as_str()) {
                 let reason = format!("publishing to {topic} not allowed by token");
                 return shard.queue(conn, encode_error(id, code::FORBIDDEN_TOPIC, &reason));
@@ -635,8 +656,21 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         ClientOp::Ping => shard.queue(conn, encode_pong(id)),
         ClientOp::Auth { token } => refresh_auth(shard, conn, id, &identity, &token),
         ClientOp::Presence { topic } => {
-            let reason = format!("presence is not enabled for the namespace of {topic}");
-            shard.queue(conn, encode_error(id, code::BAD_REQUEST, &reason));
+            let (c, reason) = match shard.namespaces.of(topic.as_str()) {
+                None => {
+                    let reason = format!("unknown namespace {:?}", topic.namespace());
+                    (code::UNKNOWN_NAMESPACE, reason)
+                }
+                Some(ns) if !ns.presence => {
+                    let reason = format!("presence is off in namespace {:?}", ns.name);
+                    (code::FORBIDDEN_TOPIC, reason)
+                }
+                Some(_) => (
+                    code::BAD_REQUEST,
+                    "presence is not implemented yet".to_string(),
+                ),
+            };
+            shard.queue(conn, encode_error(id, c, &reason));
         }
     }
 }
@@ -693,7 +727,7 @@ fn refresh_auth(
         return shard.queue(conn, encode_error(id, code::BAD_REQUEST, reason));
     };
     match verifier.verify(token) {
-        Ok(fresh) if fresh.user != current.user => {
+        Ok(fresh) if fresh.user != current.user && !current.is_guest() => {
             shard.close(
                 conn,
                 4003,

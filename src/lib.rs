@@ -15,7 +15,7 @@
 //!   client ops, the outbound queue and its vectored writes.
 //! - [`ws`]: RFC 6455 with no IO: upgrade parsing and the frame codec.
 //! - [`protocol`]: the `ringcast.v1` JSON ops and server frames.
-//! - [`topic`]: topic names and their validation.
+//! - [`topic`]: topic names and their validation; [`namespace`]: policy per topic family.
 //! - [`broker`]: the seam between publishing and delivery; [`broker::memory`]
 //!   is the embedded, single-node broker with per-topic history.
 //! - [`bus`]: the cross-shard hand-off: a bounded inbox per shard plus a waker.
@@ -38,6 +38,7 @@ pub mod config;
 pub mod connection;
 pub mod load;
 pub mod metrics;
+pub mod namespace;
 pub mod protocol;
 pub mod server;
 pub mod shard;

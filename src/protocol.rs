@@ -24,6 +24,8 @@ pub mod code {
     pub const BAD_REQUEST: u16 = 4000;
     /// Topic not allowed by token or namespace policy.
     pub const FORBIDDEN_TOPIC: u16 = 4403;
+    /// The topic's namespace is not configured.
+    pub const UNKNOWN_NAMESPACE: u16 = 4004;
     /// Rate limited.
     pub const RATE_LIMITED: u16 = 4008;
     /// Too many subscriptions on this connection.

@@ -44,7 +44,11 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             RedisBroker::start(settings, bus.clone(), broker_metrics.clone())
                 .context("starting the Redis Streams broker")?,
         ),
-        None => Arc::new(MemoryBroker::new(bus.clone(), retention)),
+        None => {
+            let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
+                .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+            Arc::new(MemoryBroker::new(bus.clone(), retention).with_namespaces(&namespaces))
+        }
     };
     let admin = match config.admin_listen {
         Some(addr) => Some(

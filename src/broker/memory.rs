@@ -34,6 +34,8 @@ pub struct MemoryBroker {
     bus: Bus,
     epoch: Arc<str>,
     retention: Retention,
+    /// Per-namespace overrides of `retention`.
+    by_namespace: HashMap<String, Retention>,
     inner: Mutex<Inner>,
 }
 
@@ -83,8 +85,28 @@ impl MemoryBroker {
             bus,
             epoch: mint_epoch(),
             retention,
+            by_namespace: HashMap::new(),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Applies the namespaces' `history_size` / `history_ttl` overrides.
+    pub fn with_namespaces(mut self, namespaces: &crate::namespace::Namespaces) -> Self {
+        for ns in namespaces.iter() {
+            let r = Retention {
+                size: ns.history_size.unwrap_or(self.retention.size),
+                ttl: ns.history_ttl.unwrap_or(self.retention.ttl),
+            };
+            self.by_namespace.insert(ns.name.clone(), r);
+        }
+        self
+    }
+
+    fn retention_for(&self, topic: &TopicName) -> Retention {
+        self.by_namespace
+            .get(topic.namespace())
+            .copied()
+            .unwrap_or(self.retention)
     }
 
     /// This run's epoch (the embedded broker mints one per start).
@@ -114,9 +136,11 @@ impl Inner {
         self.last
     }
 
-    fn sweep(&mut self, oldest_kept_ms: u64) {
-        self.topics.retain(|_, log| {
-            log.expire(oldest_kept_ms);
+    /// Drops expired history everywhere; `oldest_kept` gives each topic's
+    /// cut-off (retention differs by namespace).
+    fn sweep(&mut self, oldest_kept: impl Fn(&TopicName) -> u64) {
+        self.topics.retain(|topic, log| {
+            log.expire(oldest_kept(topic));
             !log.entries.is_empty()
         });
     }
@@ -157,7 +181,8 @@ impl TopicLog {
 impl Broker for MemoryBroker {
     fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
         let now = now_ms();
-        let oldest_kept = now.saturating_sub(self.retention.ttl.as_millis() as u64);
+        let retention = self.retention_for(&topic);
+        let oldest_kept = now.saturating_sub(retention.ttl.as_millis() as u64);
         let mut inner = self.lock();
         let id = inner.next_id(now);
         let frame = encode_msg(&topic, id, None, data);
@@ -175,19 +200,20 @@ impl Broker for MemoryBroker {
         let log = inner.topics.entry(topic).or_default();
         log.last = id;
         log.entries.push_back(Entry { id, frame });
-        while log.entries.len() > self.retention.size {
+        while log.entries.len() > retention.size {
             log.trim_front();
         }
         log.expire(oldest_kept);
         inner.publishes_since_sweep += 1;
         if inner.publishes_since_sweep >= SWEEP_EVERY {
             inner.publishes_since_sweep = 0;
-            inner.sweep(oldest_kept);
+            inner.sweep(|t| now.saturating_sub(self.retention_for(t).ttl.as_millis() as u64));
         }
     }
 
     fn subscribe(&self, req: SubscribeRequest) {
-        let oldest_kept = now_ms().saturating_sub(self.retention.ttl.as_millis() as u64);
+        let ttl = self.retention_for(&req.topic).ttl;
+        let oldest_kept = now_ms().saturating_sub(ttl.as_millis() as u64);
         let mut inner = self.lock();
         let (replay, recovered) = match &req.since {
             None => (Vec::new(), None),

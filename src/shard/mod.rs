@@ -68,6 +68,10 @@ pub(crate) struct Shard {
     pub(crate) auth: Option<Arc<crate::auth::Verifier>>,
     /// The identity every anonymous client shares.
     pub(crate) anonymous: Rc<crate::auth::Identity>,
+    /// The identity of clients without a token in anonymous namespaces.
+    pub(crate) guest: Rc<crate::auth::Identity>,
+    /// Policy per namespace.
+    pub(crate) namespaces: crate::namespace::Namespaces,
     /// Open connections of the whole node.
     node_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Open connections per client address, on this shard.
@@ -164,6 +168,11 @@ async fn run(setup: ShardSetup) {
             std::process::exit(1);
         }
     };
+    // Validated with the rest of the settings, so this cannot fail here.
+    let namespaces = crate::namespace::Namespaces::from_config(&setup.config.namespaces)
+        .unwrap_or_else(|_| {
+            crate::namespace::Namespaces::from_config(&[]).unwrap_or_else(|_| unreachable!())
+        });
     let per_ip_limit = setup
         .config
         .max_connections_per_ip
@@ -177,6 +186,8 @@ async fn run(setup: ShardSetup) {
         metrics: setup.metrics,
         auth: setup.auth,
         anonymous: Rc::new(crate::auth::Identity::anonymous()),
+        guest: Rc::new(crate::auth::Identity::guest()),
+        namespaces,
         node_connections: setup.node_connections,
         per_ip: RefCell::new(HashMap::new()),
         per_ip_limit,

@@ -1,0 +1,173 @@
+//! Namespaces: policy per topic family (PROTOCOL.md section 5). A topic's
+//! namespace is the part before its first `:` (`chat:42` is in `chat`;
+//! `news` is in the default namespace, named `""`). Namespaces come from the
+//! config file as `[[namespaces]]` tables; with none configured, every
+//! topic is in an implicit default namespace where token holders may
+//! subscribe and publish as their tokens allow.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::HumanDuration;
+
+/// One `[[namespaces]]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// The namespace (`""` for topics without a colon).
+    pub name: String,
+    /// Presence (`join`/`leave`, `presence` op) for this namespace. Default false.
+    #[serde(default)]
+    pub presence: bool,
+    /// Clients whose token grants it may publish. Default true.
+    #[serde(default = "yes")]
+    pub allow_publish: bool,
+    /// Clients without a token may subscribe. Default false.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Messages kept per topic (embedded broker); default: `history_size`.
+    pub history_size: Option<usize>,
+    /// How long they are kept (embedded broker); default: `history_ttl`.
+    pub history_ttl: Option<HumanDuration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A namespace's policy, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// The namespace.
+    pub name: String,
+    /// See [`NamespaceConfig::presence`].
+    pub presence: bool,
+    /// See [`NamespaceConfig::allow_publish`].
+    pub allow_publish: bool,
+    /// See [`NamespaceConfig::anonymous`].
+    pub anonymous: bool,
+    /// Retention override, messages.
+    pub history_size: Option<usize>,
+    /// Retention override, age.
+    pub history_ttl: Option<Duration>,
+}
+
+impl Namespace {
+    fn implicit() -> Namespace {
+        Namespace {
+            name: String::new(),
+            presence: false,
+            allow_publish: true,
+            anonymous: false,
+            history_size: None,
+            history_ttl: None,
+        }
+    }
+}
+
+/// Every configured namespace, looked up by topic.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    list: Vec<Namespace>,
+    configured: bool,
+    implicit: Namespace,
+}
+
+impl Namespaces {
+    /// Validates the config file's tables; every problem names the table.
+    pub fn from_config(tables: &[NamespaceConfig]) -> Result<Namespaces, Vec<String>> {
+        let mut errs = Vec::new();
+        let mut list: Vec<Namespace> = Vec::new();
+        for t in tables {
+            let ok_name = t.name.is_empty()
+                || crate::topic::validate(&t.name).is_ok() && !t.name.contains(':');
+            if !ok_name {
+                errs.push(format!(
+                    "namespaces: name {:?} must be \"\" or topic characters without ':'",
+                    t.name
+                ));
+            }
+            if list.iter().any(|n| n.name == t.name) {
+                errs.push(format!("namespaces: {:?} is configured twice", t.name));
+            }
+            if t.history_size.is_some_and(|s| s > 10_000_000) {
+                errs.push(format!(
+                    "namespaces.{}: history_size must be at most 10000000",
+                    t.name
+                ));
+            }
+            list.push(Namespace {
+                name: t.name.clone(),
+                presence: t.presence,
+                allow_publish: t.allow_publish,
+                anonymous: t.anonymous,
+                history_size: t.history_size,
+                history_ttl: t.history_ttl.map(|d| d.0),
+            });
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Namespaces {
+            configured: !list.is_empty(),
+            list,
+            implicit: Namespace::implicit(),
+        })
+    }
+
+    /// The namespace of a topic; `None` when namespaces are configured and
+    /// this one is not among them (error 4004).
+    pub fn of(&self, topic: &str) -> Option<&Namespace> {
+        if !self.configured {
+            return Some(&self.implicit);
+        }
+        let name = topic.split_once(':').map_or("", |(ns, _)| ns);
+        self.list.iter().find(|n| n.name == name)
+    }
+
+    /// Whether any namespace admits clients without a token.
+    pub fn any_anonymous(&self) -> bool {
+        self.list.iter().any(|n| n.anonymous)
+    }
+
+    /// Every configured namespace.
+    pub fn iter(&self) -> impl Iterator<Item = &Namespace> {
+        self.list.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str) -> NamespaceConfig {
+        NamespaceConfig {
+            name: name.into(),
+            presence: false,
+            allow_publish: true,
+            anonymous: false,
+            history_size: None,
+            history_ttl: None,
+        }
+    }
+
+    #[test]
+    fn topics_find_their_namespace() {
+        let ns = Namespaces::from_config(&[table("chat"), table("")]).unwrap();
+        assert_eq!(ns.of("chat:42").unwrap().name, "chat");
+        assert_eq!(ns.of("news").unwrap().name, "");
+        assert!(ns.of("other:1").is_none());
+        let none = Namespaces::from_config(&[]).unwrap();
+        assert!(none
+            .of("anything:1")
+            .is_some_and(|n| n.allow_publish && !n.anonymous));
+    }
+
+    #[test]
+    fn bad_tables_are_named() {
+        let errs = Namespaces::from_config(&[table("a:b"), table("x"), table("x")]).unwrap_err();
+        assert!(errs[0].contains("\"a:b\""), "{errs:?}");
+        assert!(errs[1].contains("configured twice"), "{errs:?}");
+    }
+}
