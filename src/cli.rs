@@ -137,8 +137,10 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "RINGCAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Redis Streams backbone, e.g. redis://127.0.0.1:6379/0; unset or empty
-    /// runs the embedded single-node broker [default: unset].
+    /// Redis Streams backbone, e.g. redis://127.0.0.1:6379/0, or a Redis
+    /// Cluster by any of its nodes, e.g.
+    /// redis+cluster://10.0.0.1:7000,10.0.0.2:7000; unset or empty runs the
+    /// embedded single-node broker [default: unset].
     #[arg(long, env = "RINGCAST_REDIS")]
     pub redis: Option<String>,
     /// Partition streams; producers must hash with the same number [default: 16].

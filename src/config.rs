@@ -196,8 +196,9 @@ pub struct Config {
     pub echo: bool,
     /// Log format. Default text.
     pub log_format: LogFormat,
-    /// Redis URL (`redis://HOST:PORT/DB`) of the Redis Streams backbone;
-    /// `None` runs the embedded single-node broker. Default `None`.
+    /// Redis URL (`redis://HOST:PORT/DB`) of the Redis Streams backbone, or
+    /// `redis+cluster://HOST:PORT,HOST:PORT` (seed nodes) for a Redis
+    /// Cluster; `None` runs the embedded single-node broker. Default `None`.
     pub redis: Option<String>,
     /// Partition streams `{prefix}:stream:{P}`, P = crc32(topic) mod this.
     /// Producers must use the same number. Default 16.
@@ -593,9 +594,10 @@ impl Config {
             "auth_timeout: must be more than 0",
         );
         if let Some(url) = &self.redis {
-            if let Err(e) = redis::Client::open(url.as_str()) {
+            if let Err(e) = crate::broker::redis::check_url(url) {
                 errs.push(format!(
-                    "redis: {url:?} is not a Redis URL like redis://127.0.0.1:6379/0 ({e})"
+                    "redis: {url:?} is not a Redis URL like redis://127.0.0.1:6379/0 \
+                     or redis+cluster://10.0.0.1:7000,10.0.0.2:7000 ({e})"
                 ));
             }
         }

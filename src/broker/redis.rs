@@ -5,13 +5,16 @@
 //! delivers to its own shards; a client `pub` is an `XADD`, so every node
 //! sees one order per topic.
 //!
-//! Redis never runs on a shard thread. Three plain threads use the redis
-//! crate's blocking API, each on its own connection, and answer only
-//! through the [`Bus`]:
+//! Redis never runs on a shard thread. Plain threads use the redis crate's
+//! blocking API, each on its own connection, and answer only through the
+//! [`Bus`]:
 //!
 //! - the reader (`reader.rs`): `XREAD BLOCK` over all partitions, delivery,
 //!   and every `sub` answer (so the ordering contract holds), with a cache
-//!   of recent entries for recovery and `XRANGE` behind it;
+//!   of recent entries for recovery and `XRANGE` behind it. On a Redis
+//!   Cluster (`redis+cluster://`, `link.rs`) every partition is its own hash
+//!   slot and a multi-key `XREAD` must stay within one slot, so there is one
+//!   reader per partition, each answering the `sub`s of its own topics;
 //! - the publisher: queued publishes pipelined into one round trip of
 //!   `XADD ... MAXLEN ~` per batch, answering each publisher with its id;
 //! - the waker: a queued `sub` should not wait for `XREAD BLOCK` to time
@@ -22,18 +25,20 @@
 //! the last id it processed; `ringcast_broker_up` is 0 meanwhile.
 
 mod entry;
+mod link;
 mod reader;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ::redis::{Connection, RedisError, Value};
+use ::redis::{RedisError, Value};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tracing::{info, warn};
 
 pub use entry::{epoch_key, partition, stream_key};
+pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 
 use crate::broker::{Broker, MsgId, SubscribeRequest};
 use crate::bus::{Bus, ReplyTo, ShardMsg};
@@ -48,8 +53,6 @@ const PUBLISH_QUEUE: usize = 65_536;
 const PUBLISH_BATCH: usize = 512;
 /// `sub` requests that may wait for the reader; past it see [`RedisBroker::subscribe`].
 const SUBSCRIBE_QUEUE: usize = 65_536;
-/// Connect timeout of every connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A publisher connection idle this long is checked with PING before use.
 const PUBLISH_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// After a failed connect, the publisher fails publishes at once for this long.
@@ -58,7 +61,7 @@ const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 /// What the Redis broker needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `redis://HOST:PORT/DB`.
+    /// `redis://HOST:PORT/DB`, or `redis+cluster://HOST:PORT,HOST:PORT`.
     pub url: String,
     /// Partition streams.
     pub partitions: u32,
@@ -110,14 +113,7 @@ pub enum Error {
     BadReply(String),
 }
 
-/// Opens one blocking connection with a read timeout.
-pub(crate) fn connect(url: &str, read_timeout: Option<Duration>) -> Result<Connection, RedisError> {
-    let client = ::redis::Client::open(url)?;
-    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    conn.set_read_timeout(read_timeout)?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    Ok(conn)
-}
+pub(crate) use link::{open as connect, Conn};
 
 /// The `XADD` of one message: `MAXLEN ~ maxlen`, auto id.
 pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &str) -> ::redis::Cmd {
@@ -167,62 +163,117 @@ struct PubReq {
     data: String,
 }
 
-/// The Redis Streams broker. Dropping it stops its threads (the reader
-/// after its current `XREAD`).
+/// The Redis Streams broker. Dropping it stops its threads (the readers
+/// after their current `XREAD`).
 #[derive(Debug)]
 pub struct RedisBroker {
     bus: Bus,
     publishes: Sender<PubReq>,
-    subs: Sender<SubscribeRequest>,
-    wake: Sender<()>,
+    /// One queue per reader: all partitions on one server, one partition
+    /// per reader on a cluster.
+    subs: Vec<Sender<SubscribeRequest>>,
+    partitions: u32,
+    wakes: Arc<Wakes>,
+}
+
+/// What the waker needs to reach every reader.
+#[derive(Debug)]
+struct Wakes {
+    /// Signals the waker that some reader has `sub`s waiting.
+    signal: Sender<()>,
+    readers: Vec<ReaderHandle>,
+}
+
+/// One reader as the waker sees it.
+#[derive(Debug)]
+struct ReaderHandle {
+    /// Set by `subscribe`, taken by the waker.
+    wanted: AtomicBool,
+    /// The reader's Redis client id; -1 while it has no connection.
+    client_id: Arc<AtomicI64>,
+    /// A key the reader reads, to route `CLIENT UNBLOCK` on a cluster.
+    key: String,
+    pending: Sender<SubscribeRequest>,
 }
 
 impl RedisBroker {
     /// Connects (failing when Redis is unreachable, so a misconfigured node
     /// does not start), resolves the start position, and starts the
-    /// reader, publisher and waker threads.
+    /// reader(s), publisher and waker threads.
     pub fn start(
         settings: Settings,
         bus: Bus,
         metrics: Arc<BrokerMetrics>,
     ) -> Result<RedisBroker, Error> {
         let settings = Arc::new(settings);
-        let (sub_tx, sub_rx) = crossbeam_channel::bounded(SUBSCRIBE_QUEUE);
-        let (pub_tx, pub_rx) = crossbeam_channel::bounded(PUBLISH_QUEUE);
-        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
-        let client_id = Arc::new(AtomicI64::new(-1));
-        let (reader, conn) = reader::Reader::boot(
-            settings.clone(),
-            bus.clone(),
-            sub_rx,
-            client_id.clone(),
-            metrics.clone(),
-        )
-        .map_err(|source| Error::Unreachable {
-            url: settings.url.clone(),
-            source,
-        })?;
-        let spawn = |thread: &'static str, f: Box<dyn FnOnce() + Send>| {
+        let spawn = |thread: String, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
-                .name(thread.into())
+                .name(thread)
                 .spawn(f)
                 .map(drop)
-                .map_err(|source| Error::Spawn { thread, source })
+                .map_err(|source| Error::Spawn {
+                    thread: "redis",
+                    source,
+                })
         };
-        spawn("redis-reader", Box::new(move || reader.run(conn)))?;
+        let n = settings.partitions;
+        // One server: one reader over every partition. A cluster: one per
+        // partition, since each partition is its own slot.
+        let groups: Vec<(u32, u32)> = if cluster_seeds(&settings.url).is_some() {
+            (0..n).map(|p| (p, 1)).collect()
+        } else {
+            vec![(0, n)]
+        };
+        let down = Arc::new(AtomicUsize::new(groups.len()));
+        let mut readers = Vec::with_capacity(groups.len());
+        let mut subs = Vec::with_capacity(groups.len());
+        for (base, len) in groups {
+            let (sub_tx, sub_rx) = crossbeam_channel::bounded(SUBSCRIBE_QUEUE);
+            let client_id = Arc::new(AtomicI64::new(-1));
+            let (reader, conn) = reader::Reader::boot(
+                settings.clone(),
+                (base, len),
+                bus.clone(),
+                sub_rx,
+                client_id.clone(),
+                metrics.clone(),
+                down.clone(),
+            )
+            .map_err(|source| Error::Unreachable {
+                url: settings.url.clone(),
+                source,
+            })?;
+            readers.push(ReaderHandle {
+                wanted: AtomicBool::new(false),
+                client_id,
+                key: stream_key(&settings.key_prefix, base),
+                pending: sub_tx.clone(),
+            });
+            subs.push(sub_tx);
+            let name = if len == n {
+                "redis-reader".to_string()
+            } else {
+                format!("redis-reader-{base}")
+            };
+            spawn(name, Box::new(move || reader.run(conn)))?;
+        }
         let (s, b, m) = (settings.clone(), bus.clone(), metrics.clone());
+        let (pub_tx, pub_rx) = crossbeam_channel::bounded(PUBLISH_QUEUE);
         spawn(
-            "redis-publisher",
+            "redis-publisher".into(),
             Box::new(move || publisher(&s, &b, &pub_rx, &m)),
         )?;
-        let (s, pending) = (settings.clone(), sub_tx.clone());
+        let (signal, wake_rx) = crossbeam_channel::bounded(1);
+        let wakes = Arc::new(Wakes { signal, readers });
+        let (s, w) = (settings.clone(), wakes.clone());
         spawn(
-            "redis-waker",
-            Box::new(move || waker(&s.url, &wake_rx, &pending, &client_id)),
+            "redis-waker".into(),
+            Box::new(move || waker(&s.url, &wake_rx, &w)),
         )?;
         info!(
             url = %settings.url,
             partitions = settings.partitions,
+            readers = subs.len(),
             prefix = %settings.key_prefix,
             maxlen = settings.maxlen,
             "redis streams broker started"
@@ -230,8 +281,9 @@ impl RedisBroker {
         Ok(RedisBroker {
             bus,
             publishes: pub_tx,
-            subs: sub_tx,
-            wake: wake_tx,
+            subs,
+            partitions: n,
+            wakes,
         })
     }
 }
@@ -251,9 +303,16 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, req: SubscribeRequest) {
-        match self.subs.try_send(req) {
+        // The reader of the topic's partition answers, so the `sub` is
+        // ordered with that partition's deliveries.
+        let g = match self.subs.len() {
+            1 => 0,
+            _ => partition(req.topic.as_str(), self.partitions) as usize,
+        };
+        match self.subs[g].try_send(req) {
             Ok(()) => {
-                let _ = self.wake.try_send(());
+                self.wakes.readers[g].wanted.store(true, Ordering::Release);
+                let _ = self.wakes.signal.try_send(());
             }
             Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
                 // The reader is stuck; subscribing live-only beats hanging
@@ -290,7 +349,7 @@ fn fail(bus: &Bus, req: PubReq, why: &str) {
 /// The publisher thread: takes everything queued (up to a batch), sends it
 /// as one pipeline, answers each publisher.
 fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &BrokerMetrics) {
-    let mut conn: Option<Connection> = None;
+    let mut conn: Option<Conn> = None;
     let mut failed_at: Option<Instant> = None;
     let mut last_used = Instant::now();
     let mut seen_disconnects = metrics.reader_disconnects.load(Ordering::Relaxed);
@@ -332,14 +391,12 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &Br
             }
         }
         let results = match conn.as_mut() {
-            Some(c) => {
-                let mut pipe = ::redis::pipe();
-                pipe.ignore_errors();
-                for r in &batch {
-                    pipe.add_command(xadd_cmd(settings, r.topic.as_str(), None, &r.data));
-                }
-                pipe.query::<Vec<Value>>(c)
-            }
+            Some(c) => c.pipeline_each(
+                batch
+                    .iter()
+                    .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
+                    .collect(),
+            ),
             None => {
                 for r in batch.drain(..) {
                     fail(bus, r, "broker unavailable: cannot reach Redis");
@@ -386,31 +443,54 @@ fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
     }
 }
 
-/// The waker thread: while `sub` requests wait, unblock the reader's
+/// The waker thread: while `sub` requests wait, unblock their reader's
 /// `XREAD`. `CLIENT UNBLOCK` answers 0 when the reader is not blocked yet
 /// (busy, or between its queue check and `XREAD`), so it retries with a
-/// short pause until the queue is taken.
-fn waker(url: &str, wake: &Receiver<()>, pending: &Sender<SubscribeRequest>, reader: &AtomicI64) {
-    let mut conn: Option<Connection> = None;
-    while wake.recv().is_ok() {
+/// short pause until the queue is taken. On a cluster the command goes to
+/// the node that serves the reader's partition.
+fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
+    let mut conn: Option<Conn> = None;
+    let mut waiting: Vec<usize> = Vec::new();
+    while signal.recv().is_ok() {
         let mut pause = Duration::from_micros(500);
-        while !pending.is_empty() {
-            let id = reader.load(Ordering::Acquire);
-            if id >= 0 {
-                if conn.is_none() {
-                    conn = connect(url, Some(Duration::from_secs(2))).ok();
+        loop {
+            for (g, r) in wakes.readers.iter().enumerate() {
+                if r.wanted.swap(false, Ordering::AcqRel) && !waiting.contains(&g) {
+                    waiting.push(g);
                 }
-                if let Some(c) = conn.as_mut() {
-                    match ::redis::cmd("CLIENT")
-                        .arg("UNBLOCK")
-                        .arg(id)
-                        .query::<i64>(c)
-                    {
-                        Ok(1) => break,
-                        Ok(_) => {}
-                        Err(_) => conn = None,
+            }
+            waiting.retain(|&g| !wakes.readers[g].pending.is_empty());
+            if waiting.is_empty() {
+                break;
+            }
+            if conn.is_none() {
+                conn = connect(url, Some(Duration::from_secs(2))).ok();
+            }
+            let mut i = 0;
+            while i < waiting.len() {
+                let r = &wakes.readers[waiting[i]];
+                let id = r.client_id.load(Ordering::Acquire);
+                let unblocked = match (id >= 0).then_some(()).and(conn.as_mut()) {
+                    Some(c) => {
+                        let cmd = ::redis::cmd("CLIENT").arg("UNBLOCK").arg(id).clone();
+                        match c.query_at::<i64>(&r.key, &cmd) {
+                            Ok(n) => n == 1,
+                            Err(_) => {
+                                conn = None;
+                                false
+                            }
+                        }
                     }
+                    None => false,
+                };
+                if unblocked {
+                    waiting.swap_remove(i);
+                } else {
+                    i += 1;
                 }
+            }
+            if waiting.is_empty() {
+                continue;
             }
             thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));

@@ -1,20 +1,22 @@
-//! The reader thread: one `XREAD BLOCK` over every partition, delivering
-//! each entry to the shards, and the only place `sub` requests are
-//! answered. Because subscriptions are handled between two `XREAD` calls
-//! on this one thread, every `Subscribed` it sends follows the `Deliver`s
-//! of the ids it replayed through and precedes those of later ids: the
-//! ordering contract of [`crate::broker`] holds by construction.
+//! The reader thread: one `XREAD BLOCK` over its partitions (all of them on
+//! one server, a single one per reader on a cluster, where each partition
+//! is its own hash slot), delivering each entry to the shards, and the only
+//! place `sub` requests for those partitions are answered. Because
+//! subscriptions are handled between two `XREAD` calls on this one thread,
+//! every `Subscribed` it sends follows the `Deliver`s of the ids it
+//! replayed through and precedes those of later ids: the ordering contract
+//! of [`crate::broker`] holds by construction.
 //!
 //! Recovery reads the per-partition cache of recent entries when it
 //! reaches back far enough, and `XRANGE` otherwise, up to the last id this
 //! thread delivered, so replay and live join without gap or duplicate.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::{Connection, RedisError, Value};
+use ::redis::{RedisError, Value};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tracing::{debug, info, trace, warn};
@@ -23,7 +25,7 @@ use super::entry::{
     decode_entry, epoch_key, parse_id, partition, range_entries, stream_key, xread_streams,
     Retained,
 };
-use super::{connect, Settings};
+use super::{connect, Conn, Settings};
 use crate::broker::memory::mint_epoch;
 use crate::broker::{MsgId, Since, SubscribeRequest};
 use crate::bus::{Bus, ShardMsg};
@@ -69,12 +71,18 @@ struct Cached {
 pub(crate) struct Reader {
     settings: Arc<Settings>,
     bus: Bus,
+    /// The first partition this reader reads; `parts[i]` is `base + i`.
+    base: u32,
     parts: Vec<Part>,
     key_index: HashMap<Vec<u8>, usize>,
     subs: Receiver<SubscribeRequest>,
     deferred: Vec<(SubscribeRequest, Instant)>,
     client_id: Arc<AtomicI64>,
     metrics: Arc<BrokerMetrics>,
+    /// Readers without a connection; `ringcast_broker_up` is 1 at zero.
+    down: Arc<AtomicUsize>,
+    /// Whether this reader counts itself in `down`.
+    is_down: bool,
     cache_budget: usize,
 }
 
@@ -82,15 +90,19 @@ impl Reader {
     /// Connects, learns every partition's epoch and newest id (the start
     /// position), and returns the reader with its connection. Fails when
     /// Redis cannot be reached, so a misconfigured node does not start.
+    /// `group` is (first partition, count); `down` counts readers without a
+    /// connection and starts at the number of readers.
     pub(crate) fn boot(
         settings: Arc<Settings>,
+        group: (u32, u32),
         bus: Bus,
         subs: Receiver<SubscribeRequest>,
         client_id: Arc<AtomicI64>,
         metrics: Arc<BrokerMetrics>,
-    ) -> Result<(Reader, Connection), RedisError> {
-        let n = settings.partitions;
-        let parts = (0..n)
+        down: Arc<AtomicUsize>,
+    ) -> Result<(Reader, Conn), RedisError> {
+        let (base, len) = group;
+        let parts = (base..base + len)
             .map(|p| Part {
                 key: stream_key(&settings.key_prefix, p),
                 epoch: Arc::from(""),
@@ -106,15 +118,18 @@ impl Reader {
             .map(|(i, p)| (p.key.as_bytes().to_vec(), i))
             .collect();
         let mut reader = Reader {
-            cache_budget: settings.cache_size / n.max(1) as usize,
+            cache_budget: settings.cache_size / settings.partitions.max(1) as usize,
             settings,
             bus,
+            base,
             parts,
             key_index,
             subs,
             deferred: Vec::new(),
             client_id,
             metrics,
+            down,
+            is_down: true,
         };
         let mut conn = reader.connect()?;
         // `$` resolved to concrete ids once, so a reconnect resumes exactly.
@@ -141,20 +156,27 @@ impl Reader {
 
     /// Opens the reader's connection, publishes its client id for the
     /// waker, and (re)reads the epochs.
-    fn connect(&mut self) -> Result<Connection, RedisError> {
+    fn connect(&mut self) -> Result<Conn, RedisError> {
         let mut conn = connect(&self.settings.url, Some(BLOCK + Duration::from_secs(5)))?;
-        let id: i64 = ::redis::cmd("CLIENT").arg("ID").query(&mut conn)?;
         self.sync_epochs(&mut conn)?;
-        self.client_id.store(id, Ordering::Release);
+        self.publish_client_id(&mut conn)?;
         Ok(conn)
+    }
+
+    /// Tells the waker the id of the connection that blocks in `XREAD` (on
+    /// a cluster: the connection to the node serving this partition).
+    fn publish_client_id(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        let id: i64 = conn.query_at(&self.parts[0].key, ::redis::cmd("CLIENT").arg("ID"))?;
+        self.client_id.store(id, Ordering::Release);
+        Ok(())
     }
 
     /// Creates missing epochs (`SET NX`) and reads them all. A changed epoch
     /// means Redis lost that partition's history: the cache goes with it.
-    fn sync_epochs(&mut self, conn: &mut Connection) -> Result<(), RedisError> {
+    fn sync_epochs(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let mut pipe = ::redis::pipe();
-        for p in 0..self.settings.partitions {
-            let key = epoch_key(&self.settings.key_prefix, p);
+        for i in 0..self.parts.len() as u32 {
+            let key = epoch_key(&self.settings.key_prefix, self.base + i);
             pipe.cmd("SET")
                 .arg(&key)
                 .arg(&*mint_epoch())
@@ -163,11 +185,11 @@ impl Reader {
             pipe.cmd("GET").arg(&key);
         }
         let epochs: Vec<String> = pipe.query(conn)?;
-        for (p, (part, epoch)) in self.parts.iter_mut().zip(epochs).enumerate() {
+        for (i, (part, epoch)) in self.parts.iter_mut().zip(epochs).enumerate() {
             if *part.epoch != *epoch {
                 if !part.epoch.is_empty() {
                     warn!(
-                        partition = p,
+                        partition = self.base as usize + i,
                         "partition epoch changed: Redis lost its history"
                     );
                     part.cache.clear();
@@ -182,7 +204,7 @@ impl Reader {
 
     /// Runs until the broker is dropped: serve, and on failure retry with
     /// backoff, resuming from the last id processed.
-    pub(crate) fn run(mut self, conn: Connection) {
+    pub(crate) fn run(mut self, conn: Conn) {
         let mut next = Some(conn);
         let mut attempt: u32 = 0;
         loop {
@@ -196,7 +218,7 @@ impl Reader {
                         info!(attempts = attempt, "redis reader reconnected");
                     }
                     attempt = 0;
-                    self.metrics.up.store(1, Ordering::Relaxed);
+                    self.set_up(true);
                     match self.serve(c) {
                         Ok(()) => return,
                         Err(e) => {
@@ -210,7 +232,7 @@ impl Reader {
                 Err(e) => e,
             };
             self.client_id.store(-1, Ordering::Release);
-            self.metrics.up.store(0, Ordering::Relaxed);
+            self.set_up(false);
             attempt = attempt.saturating_add(1);
             warn!(attempt, error = %err, "redis reader: connection failed, retrying");
             if !self.idle(backoff(attempt)) {
@@ -219,8 +241,23 @@ impl Reader {
         }
     }
 
+    /// Counts this reader in or out of `down`; the broker is up when no
+    /// reader is down.
+    fn set_up(&mut self, up: bool) {
+        if up && self.is_down {
+            self.is_down = false;
+            if self.down.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.metrics.up.store(1, Ordering::Relaxed);
+            }
+        } else if !up && !self.is_down {
+            self.is_down = true;
+            self.down.fetch_add(1, Ordering::AcqRel);
+            self.metrics.up.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Reads and delivers until an error. `Ok` only when the broker is gone.
-    fn serve(&mut self, mut conn: Connection) -> Result<(), RedisError> {
+    fn serve(&mut self, mut conn: Conn) -> Result<(), RedisError> {
         loop {
             loop {
                 match self.subs.try_recv() {
@@ -242,6 +279,12 @@ impl Reader {
                 cmd.arg(p.last.to_string());
             }
             let reply: Value = cmd.query(&mut conn)?;
+            // A cluster connection follows MOVED to another node by itself:
+            // after a timeout or an unblock, make sure the waker targets the
+            // connection that blocks now.
+            if conn.is_cluster() && matches!(reply, Value::Nil) {
+                self.publish_client_id(&mut conn)?;
+            }
             self.handle_batch(reply);
             self.retry_deferred(Some(&mut conn))?;
         }
@@ -289,9 +332,10 @@ impl Reader {
 
     fn deliver(&mut self, p: usize, id: MsgId, fields: Value) {
         let partitions = self.settings.partitions;
+        let global = self.base + p as u32;
         let part = &mut self.parts[p];
         part.last = id;
-        let entry = match decode_entry(fields, p as u32, partitions) {
+        let entry = match decode_entry(fields, global, partitions) {
             Ok(e) => e,
             Err(why) => {
                 self.metrics.skipped(why);
@@ -320,12 +364,8 @@ impl Reader {
 
     /// Answers one `sub`, or defers it when `since` is past what this
     /// reader delivered but within what the stream holds.
-    fn answer(
-        &mut self,
-        conn: Option<&mut Connection>,
-        req: SubscribeRequest,
-    ) -> Result<(), RedisError> {
-        let p = partition(req.topic.as_str(), self.settings.partitions) as usize;
+    fn answer(&mut self, conn: Option<&mut Conn>, req: SubscribeRequest) -> Result<(), RedisError> {
+        let p = self.local(&req.topic);
         let (replay, recovered) = match &req.since {
             None => (Vec::new(), None),
             Some(Since { epoch, .. }) if epoch.as_deref() != Some(&*self.parts[p].epoch) => {
@@ -375,13 +415,19 @@ impl Reader {
         Ok(())
     }
 
-    fn retry_deferred(&mut self, mut conn: Option<&mut Connection>) -> Result<(), RedisError> {
+    /// The index in `parts` of `topic`'s partition, which this reader
+    /// reads (the broker routes each `sub` to its partition's reader).
+    fn local(&self, topic: &TopicName) -> usize {
+        (partition(topic.as_str(), self.settings.partitions) - self.base) as usize
+    }
+
+    fn retry_deferred(&mut self, mut conn: Option<&mut Conn>) -> Result<(), RedisError> {
         if self.deferred.is_empty() {
             return Ok(());
         }
         let now = Instant::now();
         for (req, deadline) in std::mem::take(&mut self.deferred) {
-            let p = partition(req.topic.as_str(), self.settings.partitions) as usize;
+            let p = self.local(&req.topic);
             let reached = req
                 .since
                 .as_ref()
@@ -408,12 +454,7 @@ impl Reader {
     }
 
     /// Whether the partition's newest entry is at or past `id`.
-    fn stream_reaches(
-        &self,
-        conn: &mut Connection,
-        p: usize,
-        id: MsgId,
-    ) -> Result<bool, RedisError> {
+    fn stream_reaches(&self, conn: &mut Conn, p: usize, id: MsgId) -> Result<bool, RedisError> {
         let v: Value = ::redis::cmd("XREVRANGE")
             .arg(&self.parts[p].key)
             .arg("+")
@@ -441,7 +482,7 @@ impl Reader {
     /// some of that range is no longer retained.
     fn replay_redis(
         &self,
-        conn: &mut Connection,
+        conn: &mut Conn,
         p: usize,
         since: MsgId,
         topic: &TopicName,
@@ -465,7 +506,7 @@ impl Reader {
             for (id, fields) in entries {
                 let Some(id) = parse_id(id) else { continue };
                 start = id;
-                match decode_entry(fields, p as u32, self.settings.partitions) {
+                match decode_entry(fields, self.base + p as u32, self.settings.partitions) {
                     Ok(e) if e.topic == *topic => {
                         frames.push(encode_msg(&e.topic, id, e.event.as_deref(), &e.data));
                     }

@@ -1,0 +1,360 @@
+//! Redis Cluster as the backbone (`--redis redis+cluster://...`): a real
+//! 3-master cluster on loopback ports, two ringcast nodes, subscribers on
+//! both, producers through both nodes and by plain XADD to the node that
+//! owns the key's slot. Every subscriber gets every message exactly once,
+//! in the stream's order per topic; recovery with `since` works through the
+//! cluster from the cache and from XRANGE.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use ringcast::broker::redis::{partition, stream_key};
+use ringcast::client::{Client, ClientError, Event};
+use serde_json::json;
+
+/// A 3-master Redis Cluster on free loopback ports; every server is killed
+/// by its PID on drop.
+struct TestCluster {
+    children: Vec<Child>,
+    ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    // Cluster nodes also listen on port + 10000: keep both free and valid.
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl TestCluster {
+    fn start() -> TestCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "ringcast-cluster-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = TestCluster {
+            children: Vec::new(),
+            ports: Vec::new(),
+            dir,
+        };
+        for _ in 0..3 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(c.dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&c.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}): install it (tests/run does)")
+                });
+            c.children.push(child);
+            c.ports.push(port);
+        }
+        for &port in &c.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ports.iter().all(|&p| c.state_ok(p)) {
+            assert!(Instant::now() < deadline, "cluster_state never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn state_ok(&self, port: u16) -> bool {
+        let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query(&mut self.node(port));
+        info.is_ok_and(|i| i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384"))
+    }
+
+    fn node(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Runs `cmd` for `key` on the node that owns its slot, as a producer
+    /// with a plain (non-cluster) client does: try a node, follow MOVED.
+    fn query_owner<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut port = self.ports[0];
+        for _ in 0..5 {
+            match cmd.query::<T>(&mut self.node(port)) {
+                Ok(v) => return v,
+                Err(e) => {
+                    let (addr, _) = e
+                        .redirect_node()
+                        .unwrap_or_else(|| panic!("{e}: not a redirect"));
+                    port = addr.rsplit(':').next().unwrap().parse().unwrap();
+                }
+            }
+        }
+        panic!("too many redirects");
+    }
+
+    /// The master that owns `key`'s slot.
+    fn owner(&self, key: &str) -> u16 {
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.node(self.ports[0]))
+            .unwrap();
+        let slots: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut self.node(self.ports[0]))
+            .unwrap()
+            .into_iter()
+            .map(|v| {
+                let redis::Value::Array(a) = v else { panic!() };
+                let master = match &a[2] {
+                    redis::Value::Array(m) => (
+                        redis::from_redis_value::<String>(m[0].clone()).unwrap(),
+                        redis::from_redis_value::<u16>(m[1].clone()).unwrap(),
+                    ),
+                    _ => panic!(),
+                };
+                (
+                    redis::from_redis_value(a[0].clone()).unwrap(),
+                    redis::from_redis_value(a[1].clone()).unwrap(),
+                    master,
+                )
+            })
+            .collect();
+        slots
+            .into_iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+            .unwrap()
+            .2
+             .1
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn key(topic: &str) -> String {
+    stream_key("ringcast", partition(topic, 16))
+}
+
+fn xadd(cluster: &TestCluster, topic: &str, data: &str) -> String {
+    cluster.query_owner(
+        redis::cmd("XADD")
+            .arg(key(topic))
+            .arg("*")
+            .arg("topic")
+            .arg(topic)
+            .arg("data")
+            .arg(data),
+    )
+}
+
+fn stream_ids(cluster: &TestCluster, topic: &str) -> Vec<String> {
+    let entries: Vec<(String, HashMap<String, String>)> =
+        cluster.query_owner(redis::cmd("XRANGE").arg(key(topic)).arg("-").arg("+"));
+    entries
+        .into_iter()
+        .filter(|(_, f)| f.get("topic").map(String::as_str) == Some(topic))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Receives `n` messages and groups their ids by topic, in arrival order.
+fn recv_by_topic(c: &mut Client, n: usize) -> HashMap<String, Vec<String>> {
+    let mut got: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for k in 0..n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        loop {
+            match c.recv(left) {
+                Ok(Event::Msg { topic, id, .. }) => {
+                    got.entry(topic).or_default().push(id);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("after {k} of {n} messages: {e}"),
+            }
+        }
+    }
+    got
+}
+
+fn assert_quiet(c: &mut Client) {
+    match c.recv(Duration::from_millis(300)) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected nothing more, got {other:?}"),
+    }
+}
+
+const TOPICS: [&str; 3] = ["room", "news", "alerts"];
+
+#[test]
+fn two_nodes_on_a_cluster_deliver_every_message_once_in_one_order_per_topic() {
+    let cluster = TestCluster::start();
+    let owners: Vec<u16> = TOPICS.iter().map(|t| cluster.owner(&key(t))).collect();
+    assert!(
+        owners.iter().any(|o| *o != owners[0]),
+        "the test topics should live on different masters: {owners:?}"
+    );
+    let a = TestServer::start(&["--redis", &cluster.url()]);
+    let b = TestServer::start(&["--redis", &cluster.url()]);
+    let mut subs: Vec<Client> = [&a, &a, &b, &b]
+        .iter()
+        .map(|s| Client::connect(&s.url()).unwrap())
+        .collect();
+    for t in TOPICS {
+        let epochs: Vec<String> = subs
+            .iter_mut()
+            .map(|c| c.subscribe(t, None).unwrap().epoch)
+            .collect();
+        assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{t}: {epochs:?}");
+    }
+    // Three producers at once: a client of each node and a plain XADD.
+    const EACH: usize = 60;
+    let producers: Vec<_> = [a.url(), b.url()]
+        .into_iter()
+        .enumerate()
+        .map(|(n, url)| {
+            std::thread::spawn(move || {
+                let mut p = Client::connect(&url).unwrap();
+                for i in 0..EACH {
+                    let t = TOPICS[i % TOPICS.len()];
+                    p.publish(t, &json!({"node": n, "i": i})).unwrap();
+                }
+            })
+        })
+        .collect();
+    for i in 0..EACH {
+        let t = TOPICS[i % TOPICS.len()];
+        xadd(&cluster, t, &json!({"node": "redis", "i": i}).to_string());
+    }
+    for p in producers {
+        p.join().unwrap();
+    }
+    let expected: HashMap<String, Vec<String>> = TOPICS
+        .iter()
+        .map(|t| (t.to_string(), stream_ids(&cluster, t)))
+        .collect();
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert_eq!(total, 3 * EACH);
+    for s in &mut subs {
+        assert_eq!(recv_by_topic(s, total), expected);
+        assert_quiet(s);
+    }
+    assert_eq!(a.metric("ringcast_broker_up"), 1.0);
+}
+
+#[test]
+fn recovery_with_since_works_through_the_cluster_from_cache_and_xrange() {
+    let cluster = TestCluster::start();
+    let a = TestServer::start(&["--redis", &cluster.url()]);
+    // No cache: every recovery on this node reads XRANGE from the cluster.
+    let b = TestServer::start(&["--redis", &cluster.url(), "--redis-cache-size", "0"]);
+    let mut p = Client::connect(&a.url()).unwrap();
+    let mut live = Client::connect(&b.url()).unwrap();
+    for t in TOPICS {
+        live.subscribe(t, None).unwrap();
+    }
+    let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
+    for i in 0..30 {
+        let t = TOPICS[i % TOPICS.len()];
+        ids.entry(t)
+            .or_default()
+            .push(p.publish(t, &json!(i)).unwrap());
+    }
+    // Both nodes have read everything once the live subscriber has it.
+    let seen = recv_by_topic(&mut live, 30);
+    for t in TOPICS {
+        assert_eq!(seen[t], ids[t]);
+    }
+    for (server, path) in [(&a, "cache"), (&b, "xrange")] {
+        for t in TOPICS {
+            let mut c = Client::connect(&server.url()).unwrap();
+            let epoch = Client::connect(&server.url())
+                .unwrap()
+                .subscribe(t, None)
+                .unwrap()
+                .epoch;
+            let since = &ids[t][3];
+            let sub = c.subscribe(t, Some((since, &epoch))).unwrap();
+            assert_eq!(sub.recovered, Some(true), "{path} {t}");
+            let replayed: Vec<String> = sub
+                .replayed
+                .iter()
+                .map(|e| match e {
+                    Event::Msg { id, .. } => id.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(replayed, ids[t][4..], "{path} {t}");
+            // Live carries on after the replay, with no duplicate.
+            let next = p.publish(t, &json!("after")).unwrap();
+            ids.get_mut(t).unwrap().push(next.clone());
+            let got = recv_by_topic(&mut c, 1);
+            assert_eq!(got[t], vec![next], "{path} {t}");
+            recv_by_topic(&mut live, 1);
+        }
+    }
+    assert!(a.metric("ringcast_broker_recoveries_cached_total") >= 3.0);
+    assert!(b.metric("ringcast_broker_recoveries_redis_total") >= 3.0);
+}
