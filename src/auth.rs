@@ -13,7 +13,8 @@
 
 use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+pub use jsonwebtoken::Algorithm;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// Why a token was refused. The text never contains the token.
@@ -169,16 +170,45 @@ impl Identity {
 /// How tokens are checked: one key, one algorithm.
 #[derive(Clone)]
 pub struct Verifier {
+    /// One key (no `kid` needed) or a JWKS (tokens name their key by `kid`).
+    keys: Vec<VerifyingKey>,
+}
+
+/// One key and the only algorithm it accepts.
+#[derive(Clone)]
+struct VerifyingKey {
+    kid: Option<String>,
     key: DecodingKey,
     validation: Validation,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
-            .finish()
+        let keys: Vec<_> = self
+            .keys
+            .iter()
+            .map(|k| (&k.kid, &k.validation.algorithms))
+            .collect();
+        f.debug_struct("Verifier").field("keys", &keys).finish()
     }
+}
+
+/// Checks for tokens of one algorithm: signature, `exp` and `nbf` with no
+/// leeway, `sub` and `exp` required, `iss`/`aud` when configured.
+fn validation(alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = 0;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(&["exp", "sub"]);
+    match issuer {
+        Some(i) => v.set_issuer(&[i]),
+        None => v.iss = None,
+    }
+    match audience {
+        Some(a) => v.set_audience(&[a]),
+        None => v.validate_aud = false,
+    }
+    v
 }
 
 /// Seconds since the Unix epoch.
@@ -223,26 +253,78 @@ impl Verifier {
         issuer: Option<&str>,
         audience: Option<&str>,
     ) -> Verifier {
-        let mut v = Validation::new(alg);
-        v.leeway = 0;
-        v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
-        match issuer {
-            Some(i) => v.set_issuer(&[i]),
-            None => v.iss = None,
+        Verifier {
+            keys: vec![VerifyingKey {
+                kid: None,
+                key,
+                validation: validation(alg, issuer, audience),
+            }],
         }
-        match audience {
-            Some(a) => v.set_audience(&[a]),
-            None => v.validate_aud = false,
-        }
-        Verifier { key, validation: v }
     }
 
-    /// Verifies a token and parses its patterns.
+    /// A JWKS document (`{"keys":[...]}`): asymmetric keys only, each with
+    /// a `kid` and an `alg`; a token is checked with the key its header names.
+    pub fn jwks(
+        json: &[u8],
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Verifier, String> {
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = Vec::with_capacity(set.keys.len());
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let kid = jwk
+                .common
+                .key_id
+                .clone()
+                .ok_or(format!("key {i} has no kid"))?;
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| Algorithm::try_from(a).ok())
+                .ok_or(format!("key {kid:?} has no supported alg"))?;
+            if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                return Err(format!(
+                    "key {kid:?}: shared-secret keys do not belong in a JWKS"
+                ));
+            }
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+            keys.push(VerifyingKey {
+                kid: Some(kid),
+                key,
+                validation: validation(alg, issuer, audience),
+            });
+        }
+        if keys.is_empty() {
+            return Err("the JWKS has no keys".into());
+        }
+        Ok(Verifier { keys })
+    }
+
+    fn key_for(&self, token: &str) -> Result<&VerifyingKey, AuthError> {
+        if let [only] = self.keys.as_slice() {
+            if only.kid.is_none() {
+                return Ok(only);
+            }
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
+        let kid = header
+            .kid
+            .ok_or(AuthError::Invalid("token names no key (kid)"))?;
+        self.keys
+            .iter()
+            .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+            .ok_or(AuthError::Invalid("token names an unknown key (kid)"))
+    }
+
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
+        let vk = self.key_for(token)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &vk.key, &vk.validation).map_err(|e| match e
+                .kind()
+            {
                 K::ExpiredSignature => AuthError::Expired,
                 K::ImmatureSignature => AuthError::NotYetValid,
                 K::InvalidIssuer => AuthError::Claim("iss"),
@@ -255,8 +337,7 @@ impl Verifier {
                     AuthError::Invalid("token lacks a required claim (sub, exp)")
                 }
                 _ => AuthError::Invalid("malformed token"),
-            },
-        )?;
+            })?;
         let c = data.claims;
         let parse = |list: &[String], which| -> Result<Vec<Pattern>, AuthError> {
             list.iter()
@@ -282,6 +363,25 @@ pub fn mint_hmac(secret: &[u8], claims: &Claims) -> String {
         &EncodingKey::from_secret(secret),
     )
     .unwrap_or_default()
+}
+
+/// Mints a token signed with a PEM private key (RS256 or ES256), with an
+/// optional `kid` (tests, tooling).
+pub fn mint_with_pem(
+    pem: &[u8],
+    alg: Algorithm,
+    kid: Option<&str>,
+    claims: &Claims,
+) -> Result<String, String> {
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
+        other => return Err(format!("unsupported algorithm {other:?}")),
+    }
+    .map_err(|e| format!("cannot read the private key: {e}"))?;
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, &key).map_err(|e| e.to_string())
 }
 
 /// 32 random bytes from the OS, hex-encoded: an ephemeral development secret.

@@ -119,6 +119,9 @@ pub struct ServeArgs {
     /// PEM public key file for RS256/ES256 tokens [default: none].
     #[arg(long, env = "RINGCAST_AUTH_PUBLIC_KEY")]
     pub auth_public_key: Option<PathBuf>,
+    /// JWKS file of public keys; tokens name their key by `kid` [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_JWKS")]
+    pub auth_jwks: Option<PathBuf>,
     /// Algorithm of --auth-public-key: RS256 or ES256 [default: RS256].
     #[arg(long, env = "RINGCAST_AUTH_ALGORITHM")]
     pub auth_algorithm: Option<String>,
@@ -185,6 +188,7 @@ impl ServeArgs {
             allow_anonymous: self.allow_anonymous,
             auth_hmac_secret: self.auth_hmac_secret.clone(),
             auth_public_key: self.auth_public_key.clone(),
+            auth_jwks: self.auth_jwks.clone(),
             auth_algorithm: self.auth_algorithm.clone(),
             auth_issuer: self.auth_issuer.clone(),
             auth_audience: self.auth_audience.clone(),

@@ -180,6 +180,9 @@ pub struct Config {
     pub auth_hmac_secret: Option<String>,
     /// PEM public key file for RS256/ES256 tokens. Default none.
     pub auth_public_key: Option<PathBuf>,
+    /// JWKS file (`{"keys":[...]}`) of RS/ES/EdDSA public keys; tokens
+    /// name their key with `kid`. Default none.
+    pub auth_jwks: Option<PathBuf>,
     /// Algorithm of `auth_public_key`: RS256 or ES256. Default RS256.
     pub auth_algorithm: String,
     /// Required `iss` claim, when set. Default none.
@@ -241,6 +244,7 @@ impl Default for Config {
             allow_anonymous: false,
             auth_hmac_secret: None,
             auth_public_key: None,
+            auth_jwks: None,
             auth_algorithm: "RS256".into(),
             auth_issuer: None,
             auth_audience: None,
@@ -318,6 +322,8 @@ pub struct Layer {
     pub auth_hmac_secret: Option<String>,
     /// See [`Config::auth_public_key`].
     pub auth_public_key: Option<PathBuf>,
+    /// See [`Config::auth_jwks`].
+    pub auth_jwks: Option<PathBuf>,
     /// See [`Config::auth_algorithm`].
     pub auth_algorithm: Option<String>,
     /// See [`Config::auth_issuer`].
@@ -403,6 +409,7 @@ impl Layer {
             allow_anonymous,
             auth_hmac_secret,
             auth_public_key,
+            auth_jwks,
             auth_algorithm,
             auth_issuer,
             auth_audience,
@@ -480,6 +487,7 @@ impl Config {
             allow_anonymous: l.allow_anonymous.unwrap_or(d.allow_anonymous),
             auth_hmac_secret: l.auth_hmac_secret.filter(|s| !s.is_empty()),
             auth_public_key: l.auth_public_key,
+            auth_jwks: l.auth_jwks,
             auth_algorithm: l.auth_algorithm.unwrap_or(d.auth_algorithm),
             auth_issuer: l.auth_issuer,
             auth_audience: l.auth_audience,
@@ -577,9 +585,14 @@ impl Config {
             "redis_key_prefix: must be 1 to 64 printable ASCII characters without spaces or braces",
         );
         need(self.redis_maxlen >= 1, "redis_maxlen: must be at least 1");
+        let keys = [
+            self.auth_hmac_secret.is_some(),
+            self.auth_public_key.is_some(),
+            self.auth_jwks.is_some(),
+        ];
         need(
-            !(self.auth_hmac_secret.is_some() && self.auth_public_key.is_some()),
-            "auth_hmac_secret: set either it or auth_public_key, not both",
+            keys.iter().filter(|k| **k).count() <= 1,
+            "auth_hmac_secret: set at most one of auth_hmac_secret, auth_public_key, auth_jwks",
         );
         need(
             matches!(self.auth_algorithm.as_str(), "RS256" | "ES256"),

@@ -131,6 +131,12 @@ fn verifier(config: &Config) -> anyhow::Result<(Option<Arc<Verifier>>, Option<St
             .map_err(|e| anyhow::anyhow!("auth_public_key: {e}"))?;
         return Ok((Some(Arc::new(v)), None));
     }
+    if let Some(path) = &config.auth_jwks {
+        let json = std::fs::read(path)
+            .with_context(|| format!("auth_jwks: cannot read {}", path.display()))?;
+        let v = Verifier::jwks(&json, iss, aud).map_err(|e| anyhow::anyhow!("auth_jwks: {e}"))?;
+        return Ok((Some(Arc::new(v)), None));
+    }
     if config.allow_anonymous || config.echo {
         return Ok((None, None));
     }

@@ -274,3 +274,96 @@ fn with_no_key_the_server_prints_a_working_development_token() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// An RSA key pair made with openssl: (private PEM, public PEM, modulus hex).
+fn rsa_keys(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf, String) {
+    let private = dir.join("key.pem");
+    let public = dir.join("pub.pem");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        private.to_str().unwrap(),
+    ]);
+    run(&[
+        "pkey",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let modulus = run(&[
+        "rsa",
+        "-in",
+        private.to_str().unwrap(),
+        "-noout",
+        "-modulus",
+    ]);
+    let hex = modulus.trim().strip_prefix("Modulus=").unwrap().to_string();
+    (std::fs::read(&private).unwrap(), public, hex)
+}
+
+fn claims(sub: &str) -> Claims {
+    Claims {
+        sub: sub.into(),
+        exp: now_secs() + 60,
+        subs: vec!["#".into()],
+        pubs: vec![],
+    }
+}
+
+#[test]
+fn rs256_public_keys_and_jwks_verify_and_refuse_hs_rs_confusion() {
+    use ringcast::auth::{mint_with_pem, Algorithm};
+    let dir = std::env::temp_dir().join(format!(
+        "ringcast-rsa-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (private, public, modulus) = rsa_keys(&dir);
+    // One public key.
+    let s = TestServer::start(&[
+        "--auth-public-key",
+        public.to_str().unwrap(),
+        "--auth-algorithm",
+        "RS256",
+    ]);
+    let good = mint_with_pem(&private, Algorithm::RS256, None, &claims("u1")).unwrap();
+    Client::connect(&url_with(&s, &good)).unwrap();
+    // HS256 signed with the public key's bytes as the secret: refused.
+    let confused = mint_hmac(&std::fs::read(&public).unwrap(), &claims("u1"));
+    assert!(refused(&url_with(&s, &confused)).contains("algorithm"));
+    drop(s);
+    // A JWKS with that key under kid "k1".
+    let n: Vec<u8> = (0..modulus.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&modulus[i..i + 2], 16).unwrap())
+        .collect();
+    let jwks = json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": b64(&n), "e": "AQAB"}]});
+    let jwks_path = dir.join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let s = TestServer::start(&["--auth-jwks", jwks_path.to_str().unwrap()]);
+    let with_kid = mint_with_pem(&private, Algorithm::RS256, Some("k1"), &claims("u1")).unwrap();
+    Client::connect(&url_with(&s, &with_kid)).unwrap();
+    let unknown_kid = mint_with_pem(&private, Algorithm::RS256, Some("k2"), &claims("u1")).unwrap();
+    assert!(refused(&url_with(&s, &unknown_kid)).contains("unknown key"));
+    assert!(refused(&url_with(&s, &good)).contains("names no key"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
