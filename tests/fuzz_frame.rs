@@ -564,8 +564,7 @@ proptest! {
         chunks in chunking(),
     ) {
         // `bad` spliced in at a char boundary: invalid whatever follows.
-        let boundaries: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
-        let i = boundaries[at.index(boundaries.len())];
+        let i = char_boundary(&text, at);
         let mut payload = text.as_bytes()[..i].to_vec();
         payload.extend_from_slice(&bad);
         payload.extend_from_slice(&text.as_bytes()[i..]);
@@ -593,8 +592,7 @@ proptest! {
         bad in invalid_utf8(),
         key in any::<[u8; 4]>(),
     ) {
-        let boundaries: Vec<usize> = (0..=reason.len()).filter(|&i| reason.is_char_boundary(i)).collect();
-        let i = boundaries[at.index(boundaries.len())];
+        let i = char_boundary(&reason, at);
         let mut payload = code.to_be_bytes().to_vec();
         payload.extend_from_slice(&reason.as_bytes()[..i]);
         payload.extend_from_slice(&bad);
@@ -649,21 +647,39 @@ proptest! {
         let at = got.error_at.unwrap();
         // Fed in chunks, the error shows in the chunk that completes that header.
         let chunk_max = chunks.iter().copied().max().unwrap_or(stream.len());
-        prop_assert!(at < deadline + chunk_max, "error after {at} bytes, header ends at {deadline}");
+        prop_assert!(
+            at < deadline + chunk_max,
+            "error after {at} bytes, header ends at {deadline}"
+        );
         prop_assert!(got.messages.len() <= expect.len());
         prop_assert_eq!(&got.messages[..], &expect[..got.messages.len()]);
     }
 
     #[test]
     fn codec_encoders_match_the_reference(
-        opcode in prop_oneof![Just(OpCode::Text), Just(OpCode::Binary), Just(OpCode::Continuation), Just(OpCode::Ping)],
+        opcode in prop_oneof![
+            Just(OpCode::Text),
+            Just(OpCode::Binary),
+            Just(OpCode::Continuation),
+            Just(OpCode::Ping),
+        ],
         fin in any::<bool>(),
-        payload in prop_oneof![vec(any::<u8>(), 0..300), (65_530usize..65_545).prop_map(|n| vec![1; n])],
+        payload in prop_oneof![
+            vec(any::<u8>(), 0..300),
+            (65_530usize..65_545).prop_map(|n| vec![1; n]),
+        ],
         key in any::<[u8; 4]>(),
         rsv1 in any::<bool>(),
     ) {
-        let reference = |mask| RawFrame { fin, opcode: opcode.bits(), payload: payload.clone(), mask, form: LenForm::Shortest };
-        prop_assert_eq!(encode_masked(opcode, fin, &payload, key).to_vec(), reference(Some(key)).encode());
+        let reference = |mask| RawFrame {
+            fin,
+            opcode: opcode.bits(),
+            payload: payload.clone(),
+            mask,
+            form: LenForm::Shortest,
+        };
+        let masked = encode_masked(opcode, fin, &payload, key);
+        prop_assert_eq!(masked.to_vec(), reference(Some(key)).encode());
         let unmasked = RawFrame { fin: true, ..reference(None) }.encode();
         prop_assert_eq!(encode_frame(opcode, &payload).to_vec(), unmasked.clone());
         let mut header = BytesMut::new();
@@ -674,7 +690,10 @@ proptest! {
     }
 
     #[test]
-    fn encode_close_cuts_the_reason_at_a_char_boundary(code in close_code(), reason in any::<String>()) {
+    fn encode_close_cuts_the_reason_at_a_char_boundary(
+        code in close_code(),
+        reason in any::<String>(),
+    ) {
         let frame = encode_close(code, &reason);
         let got = Decoder::new_client(MAX).decode(&mut BytesMut::from(&frame[..])).unwrap();
         let Some(Message::Close(Some((c, r)))) = got else { panic!("{got:?}") };
@@ -684,7 +703,10 @@ proptest! {
     }
 
     #[test]
-    fn unmask_is_bytewise_xor_and_its_own_inverse(data in vec(any::<u8>(), 0..200), key in any::<[u8; 4]>()) {
+    fn unmask_is_bytewise_xor_and_its_own_inverse(
+        data in vec(any::<u8>(), 0..200),
+        key in any::<[u8; 4]>(),
+    ) {
         let mut buf = data.clone();
         unmask(&mut buf, key);
         let want: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
@@ -692,6 +714,12 @@ proptest! {
         unmask(&mut buf, key);
         prop_assert_eq!(buf, data);
     }
+}
+
+/// A char boundary of `s`, picked by `at`.
+fn char_boundary(s: &str, at: Index) -> usize {
+    let boundaries: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+    boundaries[at.index(boundaries.len())]
 }
 
 /// Byte sequences that are never valid UTF-8 whatever comes after them (the

@@ -138,7 +138,11 @@ prop_compose! {
     )(
         lines in {
             let key = base64(&key);
-            let upgrade = if upper_ws { upgrade.replace("websocket", "WebSocket") } else { upgrade.clone() };
+            let upgrade = if upper_ws {
+                upgrade.replace("websocket", "WebSocket")
+            } else {
+                upgrade.clone()
+            };
             let mut lines: Vec<BoxedStrategy<(Line, String)>> = vec![
                 header("Upgrade", Just(upgrade), Line::Other),
                 header("Connection", Just(connection.clone()), Line::Other),
@@ -245,7 +249,11 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         4 => (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
         2 => any::<Index>().prop_map(Mutation::Truncate),
         2 => any::<Index>().prop_map(Mutation::DuplicateLine),
-        1 => (any::<Index>(), 0..2 * MAX, prop_oneof![Just(b'a'), Just(b'\t'), Just(0x80u8), any::<u8>()])
+        1 => (
+            any::<Index>(),
+            0..2 * MAX,
+            prop_oneof![Just(b'a'), Just(b'\t'), Just(0x80u8), any::<u8>()],
+        )
             .prop_map(|(i, n, f)| Mutation::Huge(i, n, f)),
         3 => (any::<Index>(), injected).prop_map(|(i, b)| Mutation::Insert(i, b)),
         1 => (any::<Index>(), 1..100usize).prop_map(|(i, n)| Mutation::ManyHeaders(i, n)),
@@ -428,7 +436,10 @@ proptest! {
     #![proptest_config(fuzz_support::config(256))]
 
     #[test]
-    fn valid_requests_parse_to_their_parts(built in valid_request(), trailing in vec(any::<u8>(), 0..16)) {
+    fn valid_requests_parse_to_their_parts(
+        built in valid_request(),
+        trailing in vec(any::<u8>(), 0..16),
+    ) {
         let mut buf = built.bytes.clone();
         buf.extend_from_slice(&trailing);
         let got = parse_request(&buf, MAX);
