@@ -5,6 +5,9 @@
 //!   B-byte payloads for D seconds: deliveries/s, expected vs received, and
 //!   publish-to-deliver latency percentiles (HDR histogram). Publisher and
 //!   subscribers share this process's clock, so latency needs no clock sync.
+//!   With `--redis URL` the publisher is a producer instead: pipelined
+//!   `XADD`s to the topic's partition stream on its own thread (the redis
+//!   crate blocks), so latency is XADD -> subscriber.
 //! - `idle`: S idle connections; the server's RSS (from /proc, by
 //!   `--server-pid`) before and after, per connection, plus the kernel's
 //!   TCP memory from /proc/net/sockstat.
@@ -60,6 +63,11 @@ pub struct LoadArgs {
     /// Rounds of connect-then-close (connect).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Publish by `XADD` straight to this Redis (fanout), as a producer
+    /// does, instead of the WebSocket `pub` op; the server must read the
+    /// same Redis with the default partitions and key prefix.
+    #[arg(long)]
+    pub redis: Option<String>,
     /// Hard cap on the whole run; the tool exits with an error past it.
     #[arg(long, default_value = "120s")]
     pub timeout: HumanDuration,
@@ -258,9 +266,15 @@ async fn fanout(args: &LoadArgs) -> anyhow::Result<()> {
     for s in subs {
         monoio::spawn(subscriber(s, tally.clone()));
     }
-    let mut publisher = LoadConn::open(args.target, source_addr(0, args.source_ips)).await?;
     let pad = "x".repeat(args.size.saturating_sub(24));
-    let published = publish(&mut publisher, args, &pad, &tally).await?;
+    let published = match &args.redis {
+        Some(url) => publish_redis(url, args, &pad, tally.base).await?,
+        None => {
+            let mut publisher =
+                LoadConn::open(args.target, source_addr(0, args.source_ips)).await?;
+            publish(&mut publisher, args, &pad, &tally).await?
+        }
+    };
     let expected = published * args.connections as u64;
     // Give in-flight messages up to 5 s to land.
     let settle = Instant::now();
@@ -319,6 +333,66 @@ async fn publish(
         monoio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok(sent)
+}
+
+/// Publishes like [`publish`], by pipelined `XADD` on a thread of its own
+/// (one pipeline per 1 ms tick) while this runtime keeps reading.
+async fn publish_redis(
+    url: &str,
+    args: &LoadArgs,
+    pad: &str,
+    base: Instant,
+) -> anyhow::Result<u64> {
+    let d = crate::config::Config::default();
+    let settings = crate::broker::redis::Settings {
+        url: url.to_owned(),
+        partitions: d.redis_partitions,
+        key_prefix: d.redis_key_prefix,
+        maxlen: d.redis_maxlen,
+        cache_size: 0,
+    };
+    let mut conn = crate::broker::redis::connect(url, Some(Duration::from_secs(5)))
+        .with_context(|| format!("connecting to {url}"))?;
+    let (topic, pad, rate, duration) = (
+        args.topic.clone(),
+        pad.to_owned(),
+        args.rate,
+        args.duration.0,
+    );
+    let thread = std::thread::Builder::new().name("load-xadd".into()).spawn(
+        move || -> anyhow::Result<u64> {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < duration {
+                let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                let mut cmds = Vec::new();
+                while sent + (cmds.len() as u64) < due {
+                    let t = base.elapsed().as_micros();
+                    let data = format!("{{\"t\":{t},\"p\":\"{pad}\"}}");
+                    cmds.push(crate::broker::redis::xadd_cmd(
+                        &settings, &topic, None, &data,
+                    ));
+                }
+                if !cmds.is_empty() {
+                    let n = cmds.len() as u64;
+                    for v in conn.pipeline_each(cmds).context("XADD pipeline")? {
+                        if let ::redis::Value::ServerError(e) = v {
+                            bail!("XADD refused: {e:?}");
+                        }
+                    }
+                    sent += n;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(sent)
+        },
+    )?;
+    while !thread.is_finished() {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the XADD thread panicked"))?
 }
 
 fn report_fanout(

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# XADD -> subscriber latency and ingest through Redis Streams, against the
+# embedded broker in the same session (issue 5 item 9).
+#
+#   cargo build --release
+#   benches/redis_load.sh latency   # 1k and 10k subscribers at 1k msg/s
+#   benches/redis_load.sh ingest    # rising rates, 10 subscribers
+#
+# Every configuration runs twice (the machine is shared and noisy). Each run
+# gets a fresh server (and a fresh redis-server for Redis runs), started
+# here on free loopback ports and killed by PID at the end of the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release/ringcast
+OUT=${OUT:-/tmp/ringcast-redis-load}
+mkdir -p "$OUT"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+REDIS_PID=
+SERVER_PID=
+cleanup() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
+  SERVER_PID= REDIS_PID=
+}
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+# run NAME BROKER(embedded|redis) SHARDS SUBSCRIBERS RATE [SOURCE_IPS]
+run() {
+  local name=$1 broker=$2 shards=$3 subs=$4 rate=$5 ips=${6:-1}
+  local port admin redis_args=() load_args=()
+  port=$(free_port); admin=$(free_port)
+  if [ "$broker" = redis ]; then
+    local rport rdir
+    rport=$(free_port); rdir=$(mktemp -d)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$rdir" >/dev/null 2>&1 &
+    REDIS_PID=$!
+    wait_port "$rport"
+    redis_args=(--redis "redis://127.0.0.1:$rport/0")
+    load_args=(--redis "redis://127.0.0.1:$rport/0")
+  fi
+  $BIN serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --allow-anonymous \
+    --inbound-rate 0 --max-connections-per-ip 1000000 --shards "$shards" "${redis_args[@]}" \
+    >"$OUT/$name.server.log" 2>&1 &
+  SERVER_PID=$!
+  wait_port "$port"
+  echo "== $name: broker=$broker shards=$shards subscribers=$subs rate=$rate"
+  $BIN load fanout --target "127.0.0.1:$port" --connections "$subs" --rate "$rate" \
+    --duration 10s --source-ips "$ips" --timeout 90s "${load_args[@]}" | tee "$OUT/$name.txt" || true
+  cleanup
+}
+
+case ${1:-latency} in
+  latency)
+    for round in 1 2; do
+      for shards in 1 2; do
+        for subs in 1000 10000; do
+          for broker in embedded redis; do
+            run "lat-$broker-s$shards-$subs-r$round" "$broker" "$shards" "$subs" 1000 2
+          done
+        done
+      done
+    done
+    ;;
+  ingest)
+    for round in 1 2; do
+      for rate in ${RATES:-10000 20000 40000 80000}; do
+        for broker in embedded redis; do
+          run "ing-$broker-$rate-r$round" "$broker" 1 10 "$rate"
+        done
+      done
+    done
+    ;;
+  *) echo "usage: $0 latency|ingest" >&2; exit 2 ;;
+esac
