@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Longest duration any setting accepts. Shards turn durations into u64
+/// millisecond deadlines (`now + 2 * heartbeat`); a year is far past any
+/// sensible value and far from overflowing them.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A duration written as `500ms`, `25s`, `10m`, `1h`, or bare seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
@@ -614,6 +619,18 @@ impl Config {
                 ));
             }
         }
+        for (name, d) in [
+            ("heartbeat", self.heartbeat),
+            ("handshake_timeout", self.handshake_timeout),
+            ("close_timeout", self.close_timeout),
+            ("drain_window", self.drain_window),
+            ("history_ttl", self.history_ttl),
+            ("auth_timeout", self.auth_timeout),
+        ] {
+            if d > MAX_DURATION {
+                errs.push(format!("{name}: must be at most 8760h (a year)"));
+            }
+        }
     }
 }
 
@@ -705,6 +722,24 @@ mod tests {
             assert!(text.contains(name), "{name} missing in {text}");
         }
         assert_eq!(err.0.len(), 4);
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        // Found by tests/fuzz_config.rs: a huge heartbeat overflowed the
+        // shard's `2 * heartbeat` in milliseconds (a panic in debug builds).
+        let file =
+            Layer::from_toml("heartbeat = \"5124095576030h\"\nhistory_ttl = \"8761h\"").unwrap();
+        let err = Config::from_layer(file.over(anon())).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "heartbeat: must be at most 8760h (a year)",
+                "history_ttl: must be at most 8760h (a year)"
+            ]
+        );
+        let file = Layer::from_toml("history_ttl = \"8760h\"").unwrap();
+        assert!(Config::from_layer(file.over(anon())).is_ok());
     }
 
     #[test]
