@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Open connections per client address; past it 429 [default: 10000].
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
+    /// Upgrades per second per client address, 0 = unlimited; past it 429
+    /// [default: 100].
+    #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<u32>,
     /// Outbound queue bound per connection; past it close 4009 [default: 1MiB].
     #[arg(long, env = "RINGCAST_OUTBOUND_QUEUE")]
     pub outbound_queue: Option<ByteSize>,
@@ -180,6 +184,7 @@ impl ServeArgs {
             inbound_burst: self.inbound_burst,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
             outbound_queue: self.outbound_queue,
             drain_window: self.drain_window,
             history_size: self.history_size,

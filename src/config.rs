@@ -163,6 +163,10 @@ pub struct Config {
     /// approximate. Behind a proxy every client has the proxy's address:
     /// raise it there. Default 10000.
     pub max_connections_per_ip: usize,
+    /// Upgrades per second per client address (each shard admits its
+    /// share, with a burst of one second's worth); past it 429. 0 =
+    /// unlimited. Default 100.
+    pub max_handshakes_per_ip: u32,
     /// Bytes that may wait in one connection's outbound queue. Past it the
     /// client is too slow to keep up: it is closed with 4009 and recovers
     /// with `since`, so one slow phone never holds memory for everyone. Default 1 MiB.
@@ -241,6 +245,7 @@ impl Default for Config {
             inbound_burst: 200,
             max_connections: 1_000_000,
             max_connections_per_ip: 10_000,
+            max_handshakes_per_ip: 100,
             outbound_queue: 1 << 20,
             drain_window: Duration::from_secs(10),
             history_size: 1000,
@@ -311,6 +316,8 @@ pub struct Layer {
     pub max_connections: Option<usize>,
     /// See [`Config::max_connections_per_ip`].
     pub max_connections_per_ip: Option<usize>,
+    /// See [`Config::max_handshakes_per_ip`].
+    pub max_handshakes_per_ip: Option<u32>,
     /// See [`Config::outbound_queue`].
     pub outbound_queue: Option<ByteSize>,
     /// See [`Config::drain_window`].
@@ -406,6 +413,7 @@ impl Layer {
             inbound_burst,
             max_connections,
             max_connections_per_ip,
+            max_handshakes_per_ip,
             outbound_queue,
             drain_window,
             history_size,
@@ -484,6 +492,7 @@ impl Config {
             inbound_burst: l.inbound_burst.unwrap_or(d.inbound_burst),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: l.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+            max_handshakes_per_ip: l.max_handshakes_per_ip.unwrap_or(d.max_handshakes_per_ip),
             outbound_queue: size(l.outbound_queue, d.outbound_queue),
             drain_window: dur(l.drain_window, d.drain_window),
             history_size: l.history_size.unwrap_or(d.history_size),

@@ -409,7 +409,7 @@ fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted,
             reason: "server is draining",
         });
     }
-    if !shard.admits(peer) {
+    if !shard.admits(peer) || !shard.handshake_allowed(peer) {
         return Err(HandshakeError::TooManyConnections);
     }
     if shard.node_full() {

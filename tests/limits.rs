@@ -125,3 +125,30 @@ fn the_per_address_cap_answers_429() {
     );
     assert!(server.metric("ringcast_handshake_failures_total{status=\"429\"}") >= 1.0);
 }
+
+#[test]
+fn upgrades_per_address_are_rate_limited_with_429() {
+    // 2 shards: each admits 5 per second.
+    let server = TestServer::start(&["--max-handshakes-per-ip", "10"]);
+    let mut admitted = 0;
+    let mut refused = None;
+    for _ in 0..40 {
+        match Client::connect(&server.url()) {
+            Ok(c) => {
+                admitted += 1;
+                drop(c);
+            }
+            Err(ClientError::Refused(why)) => {
+                refused = Some(why);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let why = refused.expect("never limited");
+    assert!(why.contains("429"), "{why}");
+    assert!((5..=12).contains(&admitted), "{admitted} admitted");
+    // The budget refills: a second later, upgrades pass again.
+    std::thread::sleep(Duration::from_millis(1200));
+    Client::connect(&server.url()).unwrap();
+}

@@ -78,6 +78,8 @@ pub(crate) struct Shard {
     per_ip: RefCell<HashMap<std::net::IpAddr, u32>>,
     /// This shard's share of `max_connections_per_ip`.
     per_ip_limit: u32,
+    /// Upgrade budget per client address: (tokens, last refill ms).
+    handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
     /// Connections with frames queued since the last flush.
@@ -191,6 +193,7 @@ async fn run(setup: ShardSetup) {
         node_connections: setup.node_connections,
         per_ip: RefCell::new(HashMap::new()),
         per_ip_limit,
+        handshakes: RefCell::new(HashMap::new()),
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
         dirty: RefCell::new(Vec::new()),
@@ -291,6 +294,7 @@ async fn sweep_loop(shard: Rc<Shard>) {
         monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
         shard.tick();
         shard.sweep();
+        shard.forget_full_budgets();
         shard.flush_dirty();
     }
 }
@@ -371,6 +375,36 @@ impl Shard {
     /// Whether one more connection from `ip` fits this shard's share.
     pub(crate) fn admits(&self, ip: std::net::IpAddr) -> bool {
         self.per_ip.borrow().get(&ip).copied().unwrap_or(0) < self.per_ip_limit
+    }
+
+    /// Takes one upgrade from `ip`'s budget (`max_handshakes_per_ip`, this
+    /// shard's share, refilled continuously); false when it is spent.
+    pub(crate) fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let per_sec = self.config.max_handshakes_per_ip;
+        if per_sec == 0 {
+            return true;
+        }
+        let rate = (per_sec as f32 / self.config.shards as f32).max(1.0);
+        let now = self.now_ms();
+        let mut budgets = self.handshakes.borrow_mut();
+        let (tokens, at) = budgets.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.saturating_sub(*at) as f32 / 1000.0 * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets upgrade budgets that have refilled (bounded memory).
+    fn forget_full_budgets(&self) {
+        let rate = (self.config.max_handshakes_per_ip as f32 / self.config.shards as f32).max(1.0);
+        let now = self.now_ms();
+        self.handshakes.borrow_mut().retain(|_, (tokens, at)| {
+            *tokens + now.saturating_sub(*at) as f32 / 1000.0 * rate < rate
+        });
     }
 
     /// Counts an upgraded connection.

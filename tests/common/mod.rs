@@ -50,6 +50,9 @@ impl TestServer {
         if !extra.contains(&"--inbound-rate") {
             cmd.args(["--inbound-rate", "0"]);
         }
+        if !extra.contains(&"--max-handshakes-per-ip") {
+            cmd.args(["--max-handshakes-per-ip", "0"]);
+        }
         cmd.args(extra);
         cmd.env("RUST_LOG", "debug");
         for (k, v) in env {
