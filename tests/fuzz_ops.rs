@@ -381,7 +381,7 @@ fn msg_id_reference(s: &str) -> Option<MsgId> {
 }
 
 proptest! {
-    #![proptest_config(fuzz_support::config(512))]
+    #![proptest_config(fuzz_support::config(256))]
 
     #[test]
     fn any_text_is_an_op_or_a_4000(text in prop_oneof![
@@ -407,7 +407,7 @@ proptest! {
         deep in prop_oneof![
             0usize..300,
             (MAX_DATA_DEPTH - 1)..=(MAX_DATA_DEPTH + 1),
-            1000usize..20_000,
+            1000usize..5000,
         ],
         shape in vec(any::<u8>(), 1..6),
         closed in prop_oneof![9 => Just(true), 1 => Just(false)],
