@@ -122,7 +122,7 @@ impl Conn {
             id,
             socket,
             phase: Cell::new(Phase::Handshake),
-            deadline: Cell::new(now + config.handshake_timeout.as_millis() as u64),
+            deadline: Cell::new(now.saturating_add(config.handshake_timeout.as_millis() as u64)),
             last_rx: Cell::new(now),
             last_ping: Cell::new(now),
             out: RefCell::new(OutQueue::default()),
@@ -465,8 +465,11 @@ fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         welcome(shard, conn);
     } else {
         // The first frame must be `auth`, within auth_timeout (the sweep checks).
-        conn.deadline
-            .set(shard.now_ms() + shard.config.auth_timeout.as_millis() as u64);
+        conn.deadline.set(
+            shard
+                .now_ms()
+                .saturating_add(shard.config.auth_timeout.as_millis() as u64),
+        );
     }
 }
 

@@ -91,6 +91,14 @@ impl Namespaces {
             if list.iter().any(|n| n.name == t.name) {
                 errs.push(format!("namespaces: {:?} is configured twice", t.name));
             }
+            if t.history_ttl
+                .is_some_and(|d| d.0 > crate::config::MAX_DURATION)
+            {
+                errs.push(format!(
+                    "namespaces.{}: history_ttl must be at most 8760h",
+                    t.name
+                ));
+            }
             if t.history_size.is_some_and(|s| s > 10_000_000) {
                 errs.push(format!(
                     "namespaces.{}: history_size must be at most 10000000",

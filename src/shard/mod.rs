@@ -323,7 +323,7 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
             if let ShardMsg::Drain { window_ms } = msg {
                 shard.tick();
                 let window = Duration::from_millis(window_ms) + DRAIN_GRACE;
-                drain_deadline = Some(shard.now_ms() + window.as_millis() as u64);
+                drain_deadline = Some(shard.now_ms().saturating_add(window.as_millis() as u64));
                 shard.start_drain(window_ms);
             } else {
                 shard.handle(msg);
@@ -575,7 +575,9 @@ impl Shard {
             return;
         }
         self.metrics.disconnect(why);
-        let deadline = self.now_ms() + self.config.close_timeout.as_millis() as u64;
+        let deadline = self
+            .now_ms()
+            .saturating_add(self.config.close_timeout.as_millis() as u64);
         conn.set_closing(deadline);
         self.queue_unbounded(conn, crate::ws::frame::encode_close(code, reason));
     }
@@ -604,7 +606,7 @@ impl Shard {
                 {
                     self.close(&conn, 4001, "token expired", Disconnect::Auth);
                 }
-                Phase::Open if now.saturating_sub(conn.last_rx()) >= 2 * hb => {
+                Phase::Open if now.saturating_sub(conn.last_rx()) >= hb.saturating_mul(2) => {
                     debug!(
                         conn = conn.id.0,
                         silent_ms = now - conn.last_rx(),
