@@ -16,7 +16,7 @@ fn read_buffer() -> BytesMut {
     let mut buf = BytesMut::new();
     for i in 0..FRAMES {
         // A JSON-looking 100-byte text payload; the key changes per frame.
-        let body = format!(r#"{{"op":"ping","id":{i:03},"pad":"{}"}}"#, "p".repeat(72));
+        let body = format!(r#"{{"op":"ping","id":{i:03},"pad":"{}"}}"#, "p".repeat(69));
         assert_eq!(body.len(), PAYLOAD);
         let mask = (i as u32).wrapping_mul(0x9E37_79B9).to_be_bytes();
         buf.extend_from_slice(&encode_masked(OpCode::Text, true, body.as_bytes(), mask));
