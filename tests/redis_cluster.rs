@@ -358,3 +358,110 @@ fn recovery_with_since_works_through_the_cluster_from_cache_and_xrange() {
     assert!(a.metric("ringcast_broker_recoveries_cached_total") >= 3.0);
     assert!(b.metric("ringcast_broker_recoveries_redis_total") >= 3.0);
 }
+
+impl TestCluster {
+    fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node(port))
+            .unwrap()
+    }
+
+    /// Moves `key`'s slot, with its keys, from its master to another one,
+    /// the way `redis-cli --cluster reshard` does: IMPORTING / MIGRATING,
+    /// MIGRATE the keys, then SETSLOT NODE everywhere.
+    fn move_slot_of(&self, key: &str) -> (u16, u16) {
+        let from = self.owner(key);
+        let to = *self.ports.iter().find(|&&p| p != from).unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.node(from))
+            .unwrap();
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let setslot = |port: u16, how: &str, id: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(how)
+                .arg(id)
+                .query(&mut self.node(port))
+                .unwrap();
+        };
+        setslot(to, "IMPORTING", &from_id);
+        setslot(from, "MIGRATING", &to_id);
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut self.node(from))
+            .unwrap();
+        assert!(!keys.is_empty());
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut self.node(from))
+            .unwrap();
+        for port in [to, from] {
+            setslot(port, "NODE", &to_id);
+        }
+        for &port in &self.ports {
+            if port != to && port != from {
+                setslot(port, "NODE", &to_id);
+            }
+        }
+        (from, to)
+    }
+}
+
+#[test]
+fn a_partition_moved_to_another_master_mid_stream_loses_and_repeats_nothing() {
+    let cluster = TestCluster::start();
+    let server = TestServer::start(&["--redis", &cluster.url()]);
+    let mut sub = Client::connect(&server.url()).unwrap();
+    sub.subscribe("moving", None).unwrap();
+    let url = server.url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut p = Client::connect(&url).unwrap();
+            let mut acked = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                if p.publish("moving", &json!(acked)).is_ok() {
+                    acked += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (from, to) = cluster.move_slot_of(&key("moving"));
+    assert_eq!(cluster.owner(&key("moving")), to, "moved from {from}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let acked = producer.join().unwrap();
+    let expected = stream_ids(&cluster, "moving");
+    assert!(expected.len() >= acked && acked > 100, "{acked} acked");
+    assert_eq!(recv_by_topic(&mut sub, expected.len())["moving"], expected);
+    assert_quiet(&mut sub);
+    // Subscribing still works afterwards. Right after a move the waker may
+    // miss the reader's new connection, so the answer can wait for one
+    // XREAD BLOCK (2 s) at most (known limit, see the README).
+    let t = Instant::now();
+    Client::connect(&server.url())
+        .unwrap()
+        .subscribe("moving", None)
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -55,6 +55,9 @@ const PUBLISH_BATCH: usize = 512;
 const SUBSCRIBE_QUEUE: usize = 65_536;
 /// A publisher connection idle this long is checked with PING before use.
 const PUBLISH_IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How long `CLIENT UNBLOCK` may keep missing before the waker reconnects
+/// (refreshing its cluster slot map).
+const WAKER_REFRESH: Duration = Duration::from_millis(200);
 /// After a failed connect, the publisher fails publishes at once for this long.
 const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -451,6 +454,9 @@ fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
 fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
     let mut conn: Option<Conn> = None;
     let mut waiting: Vec<usize> = Vec::new();
+    // On a cluster, a reader that followed MOVED blocks on another node
+    // than our slot map says; unblocks failing this long refresh the map.
+    let mut failing_since: Option<Instant> = None;
     while signal.recv().is_ok() {
         let mut pause = Duration::from_micros(500);
         loop {
@@ -484,13 +490,20 @@ fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
                     None => false,
                 };
                 if unblocked {
+                    failing_since = None;
                     waiting.swap_remove(i);
                 } else {
                     i += 1;
                 }
             }
             if waiting.is_empty() {
+                failing_since = None;
                 continue;
+            }
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= WAKER_REFRESH && conn.as_ref().is_some_and(Conn::is_cluster) {
+                conn = None;
+                failing_since = None;
             }
             thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));

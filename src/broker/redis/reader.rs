@@ -37,6 +37,10 @@ use crate::topic::TopicName;
 /// waker unblocks the call), so it only bounds how soon a dead connection
 /// without traffic is noticed (it + the read timeout margin).
 pub(crate) const BLOCK: Duration = Duration::from_secs(2);
+/// On a cluster, how often a busy reader re-reads its client id: the
+/// cluster connection may have followed `MOVED` to another node, and the
+/// waker must unblock the connection that blocks now.
+const ID_RECHECK: Duration = Duration::from_millis(100);
 /// Entries per partition per `XREAD`.
 const READ_COUNT: usize = 1000;
 /// Entries per `XRANGE` page during recovery.
@@ -83,6 +87,8 @@ pub(crate) struct Reader {
     down: Arc<AtomicUsize>,
     /// Whether this reader counts itself in `down`.
     is_down: bool,
+    /// When the client id was last published.
+    id_checked: Instant,
     cache_budget: usize,
 }
 
@@ -130,6 +136,7 @@ impl Reader {
             metrics,
             down,
             is_down: true,
+            id_checked: Instant::now(),
         };
         let mut conn = reader.connect()?;
         // `$` resolved to concrete ids once, so a reconnect resumes exactly.
@@ -165,9 +172,11 @@ impl Reader {
 
     /// Tells the waker the id of the connection that blocks in `XREAD` (on
     /// a cluster: the connection to the node serving this partition).
-    fn publish_client_id(&self, conn: &mut Conn) -> Result<(), RedisError> {
+    fn publish_client_id(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let id: i64 = conn.query_at(&self.parts[0].key, ::redis::cmd("CLIENT").arg("ID"))?;
         self.client_id.store(id, Ordering::Release);
+        self.id_checked = Instant::now();
+        trace!(id, "reader client id");
         Ok(())
     }
 
@@ -265,6 +274,9 @@ impl Reader {
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            if conn.is_cluster() && self.id_checked.elapsed() >= ID_RECHECK {
+                self.publish_client_id(&mut conn)?;
             }
             let mut cmd = ::redis::cmd("XREAD");
             cmd.arg("BLOCK")
