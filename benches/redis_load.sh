@@ -4,14 +4,15 @@
 #
 #   cargo build --release
 #   benches/redis_load.sh latency   # 1k and 10k subscribers at 1k msg/s
-#   benches/redis_load.sh ingest    # rising rates, 10 subscribers
+#   SHARDS=1 SUBS=10000 RATE=100 benches/redis_load.sh latency
+#   benches/redis_load.sh ingest    # rising rates (RATES=...), 10 subscribers (INGEST_SUBS=...)
 #
 # Every configuration runs twice (the machine is shared and noisy). Each run
 # gets a fresh server (and a fresh redis-server for Redis runs), started
 # here on free loopback ports and killed by PID at the end of the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=target/release/ringcast
+BIN=${BIN:-target/release/ringcast}
 OUT=${OUT:-/tmp/ringcast-redis-load}
 mkdir -p "$OUT"
 
@@ -43,11 +44,11 @@ run() {
     load_args=(--redis "redis://127.0.0.1:$rport/0")
   fi
   $BIN serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --allow-anonymous \
-    --inbound-rate 0 --max-connections-per-ip 1000000 --shards "$shards" "${redis_args[@]}" \
+    --inbound-rate 0 --max-connections-per-ip 1000000 --max-handshakes-per-ip 0 --shards "$shards" "${redis_args[@]}" \
     >"$OUT/$name.server.log" 2>&1 &
   SERVER_PID=$!
   wait_port "$port"
-  echo "== $name: broker=$broker shards=$shards subscribers=$subs rate=$rate"
+  echo "== $name: broker=$broker shards=$shards subscribers=$subs rate=$rate loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
   $BIN load fanout --target "127.0.0.1:$port" --connections "$subs" --rate "$rate" \
     --duration 10s --source-ips "$ips" --timeout 90s "${load_args[@]}" | tee "$OUT/$name.txt" || true
   cleanup
@@ -56,10 +57,10 @@ run() {
 case ${1:-latency} in
   latency)
     for round in 1 2; do
-      for shards in 1 2; do
-        for subs in 1000 10000; do
+      for shards in ${SHARDS:-1 2}; do
+        for subs in ${SUBS:-1000 10000}; do
           for broker in embedded redis; do
-            run "lat-$broker-s$shards-$subs-r$round" "$broker" "$shards" "$subs" 1000 2
+            run "lat-$broker-s$shards-$subs-${RATE:-1000}-r$round" "$broker" "$shards" "$subs" "${RATE:-1000}" 2
           done
         done
       done
@@ -69,7 +70,7 @@ case ${1:-latency} in
     for round in 1 2; do
       for rate in ${RATES:-10000 20000 40000 80000}; do
         for broker in embedded redis; do
-          run "ing-$broker-$rate-r$round" "$broker" 1 10 "$rate"
+          run "ing-$broker-$rate-n${INGEST_SUBS:-10}-r$round" "$broker" 1 "${INGEST_SUBS:-10}" "$rate"
         done
       done
     done
