@@ -451,17 +451,12 @@ fn a_partition_moved_to_another_master_mid_stream_loses_and_repeats_nothing() {
     assert!(expected.len() >= acked && acked > 100, "{acked} acked");
     assert_eq!(recv_by_topic(&mut sub, expected.len())["moving"], expected);
     assert_quiet(&mut sub);
-    // Subscribing still works afterwards. Right after a move the waker may
-    // miss the reader's new connection, so the answer can wait for one
-    // XREAD BLOCK (2 s) at most (known limit, see the README).
+    // Subscribing (through the waker, which must find the reader's new
+    // connection on the new master) still answers promptly afterwards.
     let t = Instant::now();
     Client::connect(&server.url())
         .unwrap()
         .subscribe("moving", None)
         .unwrap();
-    assert!(
-        t.elapsed() < Duration::from_millis(2500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }

@@ -28,7 +28,7 @@ mod entry;
 mod link;
 mod reader;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -55,9 +55,6 @@ const PUBLISH_BATCH: usize = 512;
 const SUBSCRIBE_QUEUE: usize = 65_536;
 /// A publisher connection idle this long is checked with PING before use.
 const PUBLISH_IDLE_CHECK: Duration = Duration::from_secs(1);
-/// How long `CLIENT UNBLOCK` may keep missing before the waker reconnects
-/// (refreshing its cluster slot map).
-const WAKER_REFRESH: Duration = Duration::from_millis(200);
 /// After a failed connect, the publisher fails publishes at once for this long.
 const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -116,7 +113,7 @@ pub enum Error {
     BadReply(String),
 }
 
-pub(crate) use link::{open as connect, Conn};
+pub(crate) use link::{open as connect, Blocker, Conn};
 
 /// The `XADD` of one message: `MAXLEN ~ maxlen`, auto id.
 pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &str) -> ::redis::Cmd {
@@ -192,8 +189,8 @@ struct Wakes {
 struct ReaderHandle {
     /// Set by `subscribe`, taken by the waker.
     wanted: AtomicBool,
-    /// The reader's Redis client id; -1 while it has no connection.
-    client_id: Arc<AtomicI64>,
+    /// The reader's connection; `None` while it has none.
+    blocker: Arc<Blocker>,
     /// A key the reader reads, to route `CLIENT UNBLOCK` on a cluster.
     key: String,
     pending: Sender<SubscribeRequest>,
@@ -232,13 +229,13 @@ impl RedisBroker {
         let mut subs = Vec::with_capacity(groups.len());
         for (base, len) in groups {
             let (sub_tx, sub_rx) = crossbeam_channel::bounded(SUBSCRIBE_QUEUE);
-            let client_id = Arc::new(AtomicI64::new(-1));
+            let blocker = Arc::new(Blocker::default());
             let (reader, conn) = reader::Reader::boot(
                 settings.clone(),
                 (base, len),
                 bus.clone(),
                 sub_rx,
-                client_id.clone(),
+                blocker.clone(),
                 metrics.clone(),
                 down.clone(),
             )
@@ -248,7 +245,7 @@ impl RedisBroker {
             })?;
             readers.push(ReaderHandle {
                 wanted: AtomicBool::new(false),
-                client_id,
+                blocker,
                 key: stream_key(&settings.key_prefix, base),
                 pending: sub_tx.clone(),
             });
@@ -450,13 +447,10 @@ fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
 /// `XREAD`. `CLIENT UNBLOCK` answers 0 when the reader is not blocked yet
 /// (busy, or between its queue check and `XREAD`), so it retries with a
 /// short pause until the queue is taken. On a cluster the command goes to
-/// the node that serves the reader's partition.
+/// the node the reader published with its id (see [`Blocker`]).
 fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
     let mut conn: Option<Conn> = None;
     let mut waiting: Vec<usize> = Vec::new();
-    // On a cluster, a reader that followed MOVED blocks on another node
-    // than our slot map says; unblocks failing this long refresh the map.
-    let mut failing_since: Option<Instant> = None;
     while signal.recv().is_ok() {
         let mut pause = Duration::from_micros(500);
         loop {
@@ -475,35 +469,24 @@ fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
             let mut i = 0;
             while i < waiting.len() {
                 let r = &wakes.readers[waiting[i]];
-                let id = r.client_id.load(Ordering::Acquire);
-                let unblocked = match (id >= 0).then_some(()).and(conn.as_mut()) {
-                    Some(c) => {
-                        let cmd = ::redis::cmd("CLIENT").arg("UNBLOCK").arg(id).clone();
-                        match c.query_at::<i64>(&r.key, &cmd) {
-                            Ok(n) => n == 1,
-                            Err(_) => {
-                                conn = None;
-                                false
-                            }
+                let unblocked = match (r.blocker.get(), conn.as_mut()) {
+                    (Some((id, node)), Some(c)) => match c.unblock(id, node.as_ref(), &r.key) {
+                        Ok(done) => done,
+                        Err(_) => {
+                            conn = None;
+                            false
                         }
-                    }
-                    None => false,
+                    },
+                    _ => false,
                 };
                 if unblocked {
-                    failing_since = None;
                     waiting.swap_remove(i);
                 } else {
                     i += 1;
                 }
             }
             if waiting.is_empty() {
-                failing_since = None;
                 continue;
-            }
-            let since = *failing_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= WAKER_REFRESH && conn.as_ref().is_some_and(Conn::is_cluster) {
-                conn = None;
-                failing_since = None;
             }
             thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));

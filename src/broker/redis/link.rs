@@ -13,6 +13,7 @@
 //! one slot (the reader's do: a partition's stream and epoch share a hash
 //! tag), and the publisher's cross-partition batches use a cluster pipeline.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::cluster::{ClusterClientBuilder, ClusterConnection};
@@ -57,6 +58,51 @@ pub fn check_url(url: &str) -> Result<(), RedisError> {
             .iter()
             .try_for_each(|s| ::redis::Client::open(s.as_str()).map(drop)),
     }
+}
+
+/// Where a reader blocks in `XREAD`, for the waker: the connection's client
+/// id and, on a cluster, the node's address. Client ids are per server, so
+/// on a cluster `CLIENT UNBLOCK` must go to that node and not to whatever
+/// the waker's slot map says owns the partition (after a slot moves it may
+/// unblock another reader with the same id there).
+///
+/// A lock rather than atomics so id and node change together; it is taken
+/// once per wake-up and per id check, never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Blocker(Mutex<Option<ReaderConn>>);
+
+/// A reader's client id and, on a cluster, its node (host, port).
+pub(crate) type ReaderConn = (i64, Option<(String, u16)>);
+
+impl Blocker {
+    /// Publishes the reader's connection, or `None` while it has none.
+    pub(crate) fn set(&self, to: Option<ReaderConn>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = to;
+    }
+
+    /// The reader's connection, if it has one.
+    pub(crate) fn get(&self) -> Option<ReaderConn> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The `id` and `laddr` (the server address this connection reached) of a
+/// `CLIENT INFO` line; `laddr` is missing before Redis 6.2.
+pub(crate) fn parse_client_info(info: &str) -> Option<ReaderConn> {
+    let field = |name: &str| {
+        info.split_ascii_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let id = field("id")?.parse().ok()?;
+    let node = field("laddr").and_then(|a| {
+        let (host, port) = a.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some((host.to_owned(), port.parse().ok()?))
+    });
+    Some((id, node))
 }
 
 /// One blocking connection to a server or to a cluster.
@@ -120,6 +166,48 @@ impl Conn {
                 Ok(T::from_redis_value(v)?)
             }
         }
+    }
+
+    /// The client id (and on a cluster the node) of the connection that
+    /// serves `key`, for [`Blocker::set`].
+    pub(crate) fn whoami(&mut self, key: &str) -> RedisResult<ReaderConn> {
+        match self {
+            Conn::Node(c) => Ok((::redis::cmd("CLIENT").arg("ID").query(c)?, None)),
+            Conn::Cluster(_) => {
+                let info: String = self.query_at(key, ::redis::cmd("CLIENT").arg("INFO"))?;
+                parse_client_info(&info).ok_or_else(|| {
+                    RedisError::from((
+                        ::redis::ErrorKind::UnexpectedReturnType,
+                        "CLIENT INFO without an id",
+                    ))
+                })
+            }
+        }
+    }
+
+    /// `CLIENT UNBLOCK id` on the node `node` (as published in a
+    /// [`Blocker`]), or the node serving `key` when the node is unknown.
+    pub(crate) fn unblock(
+        &mut self,
+        id: i64,
+        node: Option<&(String, u16)>,
+        key: &str,
+    ) -> RedisResult<bool> {
+        let cmd = ::redis::cmd("CLIENT").arg("UNBLOCK").arg(id).clone();
+        let n: i64 = match (self, node) {
+            (Conn::Cluster(c), Some((host, port))) => {
+                let v = c.route_command(
+                    &cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    }),
+                )?;
+                i64::from_redis_value(v)?
+            }
+            (conn, _) => conn.query_at(key, &cmd)?,
+        };
+        Ok(n == 1)
     }
 
     /// Sends `cmds` in one pipeline per node. On one server a refused
@@ -221,5 +309,16 @@ mod tests {
         assert!(check_url("redis+cluster://h:1,h:2").is_ok());
         assert!(check_url("redis+cluster://").is_err());
         assert!(check_url("http://nope").is_err());
+    }
+
+    #[test]
+    fn client_info_gives_the_id_and_the_node() {
+        let line = "id=12 addr=127.0.0.1:54830 laddr=127.0.0.1:42271 fd=24 name= cmd=client|info";
+        assert_eq!(
+            parse_client_info(line),
+            Some((12, Some(("127.0.0.1".into(), 42271))))
+        );
+        assert_eq!(parse_client_info("id=3 addr=x:1 fd=5"), Some((3, None)));
+        assert_eq!(parse_client_info("addr=x:1"), None);
     }
 }

@@ -12,7 +12,7 @@
 //! thread delivered, so replay and live join without gap or duplicate.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use super::entry::{
     decode_entry, epoch_key, parse_id, partition, range_entries, stream_key, xread_streams,
     Retained,
 };
-use super::{connect, Conn, Settings};
+use super::{connect, Blocker, Conn, Settings};
 use crate::broker::memory::mint_epoch;
 use crate::broker::{MsgId, Since, SubscribeRequest};
 use crate::bus::{Bus, ShardMsg};
@@ -81,7 +81,7 @@ pub(crate) struct Reader {
     key_index: HashMap<Vec<u8>, usize>,
     subs: Receiver<SubscribeRequest>,
     deferred: Vec<(SubscribeRequest, Instant)>,
-    client_id: Arc<AtomicI64>,
+    blocker: Arc<Blocker>,
     metrics: Arc<BrokerMetrics>,
     /// Readers without a connection; `ringcast_broker_up` is 1 at zero.
     down: Arc<AtomicUsize>,
@@ -103,7 +103,7 @@ impl Reader {
         group: (u32, u32),
         bus: Bus,
         subs: Receiver<SubscribeRequest>,
-        client_id: Arc<AtomicI64>,
+        blocker: Arc<Blocker>,
         metrics: Arc<BrokerMetrics>,
         down: Arc<AtomicUsize>,
     ) -> Result<(Reader, Conn), RedisError> {
@@ -132,7 +132,7 @@ impl Reader {
             key_index,
             subs,
             deferred: Vec::new(),
-            client_id,
+            blocker,
             metrics,
             down,
             is_down: true,
@@ -173,10 +173,10 @@ impl Reader {
     /// Tells the waker the id of the connection that blocks in `XREAD` (on
     /// a cluster: the connection to the node serving this partition).
     fn publish_client_id(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
-        let id: i64 = conn.query_at(&self.parts[0].key, ::redis::cmd("CLIENT").arg("ID"))?;
-        self.client_id.store(id, Ordering::Release);
+        let (id, node) = conn.whoami(&self.parts[0].key)?;
+        trace!(id, node = ?node, "reader connection");
+        self.blocker.set(Some((id, node)));
         self.id_checked = Instant::now();
-        trace!(id, "reader client id");
         Ok(())
     }
 
@@ -240,7 +240,7 @@ impl Reader {
                 }
                 Err(e) => e,
             };
-            self.client_id.store(-1, Ordering::Release);
+            self.blocker.set(None);
             self.set_up(false);
             attempt = attempt.saturating_add(1);
             warn!(attempt, error = %err, "redis reader: connection failed, retrying");
