@@ -70,6 +70,77 @@ pub fn send_frames<'a>(
     check(ret)
 }
 
+/// Reads from any fd (a pipe, say) into `buf`; in non-blocking mode
+/// `WouldBlock` means nothing is there yet. `Ok(0)` is end of file.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: as for `recv`: `buf` is valid and writable for its length.
+    let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    check(ret)
+}
+
+/// Puts any fd (a pipe, say) in non-blocking mode.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL takes no pointers.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `buf` without waiting; returns how much the socket took.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, readable region of `buf.len()` bytes for the
+    // duration of the call; the kernel only reads from it.
+    let ret = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    check(ret)
+}
+
+/// Microseconds of CLOCK_MONOTONIC: one clock for every process on this
+/// machine, so a load generator's processes can stamp and measure latency
+/// across each other without clock synchronisation.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the kernel to write; the call
+    // cannot fail for CLOCK_MONOTONIC on Linux.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000) + (ts.tv_nsec as u64) / 1_000
+}
+
+/// Raises this process's soft open-file limit to its hard limit (a load
+/// generator holds one fd per connection); returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill, then to read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Shuts both directions of a socket: pending reads see end of stream and
 /// pending writes fail, so the connection's task ends and its state is freed.
 pub fn shutdown(fd: RawFd) {
@@ -202,6 +273,12 @@ impl Epoll {
 
     /// Fills `events` with what is ready now, without waiting.
     pub fn wait(&self, events: &mut [EpollEvent]) -> io::Result<usize> {
+        self.wait_timeout(events, 0)
+    }
+
+    /// Fills `events` with what is ready, waiting up to `timeout_ms` for
+    /// the first event (for a thread that owns nothing else to wait on).
+    pub fn wait_timeout(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
         let max = events.len().min(i32::MAX as usize) as libc::c_int;
         // SAFETY: the kernel writes at most `max` events into `events`,
         // which has at least that many slots.
@@ -210,7 +287,7 @@ impl Epoll {
                 std::os::fd::AsRawFd::as_raw_fd(&self.fd),
                 events.as_mut_ptr(),
                 max,
-                0,
+                timeout_ms,
             )
         };
         if n < 0 {

@@ -1,0 +1,225 @@
+//! The load tool's publishers: WebSocket `pub` frames over plain blocking
+//! sockets, or pipelined `XADD`s straight to Redis as a producer does. Each
+//! publisher runs on a thread of its own in the parent process and paces
+//! itself in 1 ms ticks; every payload carries its send time (`"t":`,
+//! monotonic µs) for the workers to measure latency against.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::sys::monotonic_us;
+use crate::ws::frame::{encode_masked, OpCode};
+
+/// Where publishes go.
+#[derive(Debug, Clone)]
+pub(super) enum Via {
+    /// The server's WebSocket `pub` op.
+    WebSocket {
+        target: SocketAddr,
+        token: Option<String>,
+    },
+    /// `XADD` to this Redis URL (default partitions and key prefix).
+    Redis(String),
+}
+
+/// One publishing connection, held open across the steps of a run.
+pub(super) struct Publisher {
+    via: Via,
+    socket: Option<TcpStream>,
+    redis: Option<crate::broker::redis::Conn>,
+    /// Error replies the server sent to this publisher (a reader thread counts).
+    pub(super) errors: Arc<AtomicU64>,
+}
+
+/// What one publishing step sent, per topic.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Sent {
+    pub(super) per_topic: Vec<u64>,
+}
+
+impl Sent {
+    pub(super) fn total(&self) -> u64 {
+        self.per_topic.iter().sum()
+    }
+}
+
+impl Publisher {
+    /// Connects (and upgrades, for WebSocket).
+    pub(super) fn connect(via: &Via) -> anyhow::Result<Publisher> {
+        let errors = Arc::new(AtomicU64::new(0));
+        match via {
+            Via::WebSocket { target, token } => {
+                let socket = ws_connect(*target, token.as_deref())?;
+                let reader = socket.try_clone()?;
+                let counter = errors.clone();
+                std::thread::Builder::new()
+                    .name("load-pub-reader".into())
+                    .spawn(move || drain_replies(reader, &counter))?;
+                Ok(Publisher {
+                    via: via.clone(),
+                    socket: Some(socket),
+                    redis: None,
+                    errors,
+                })
+            }
+            Via::Redis(url) => {
+                let conn = crate::broker::redis::connect(url, Some(Duration::from_secs(5)))
+                    .with_context(|| format!("connecting to {url}"))?;
+                Ok(Publisher {
+                    via: via.clone(),
+                    socket: None,
+                    redis: Some(conn),
+                    errors,
+                })
+            }
+        }
+    }
+
+    /// Publishes to `topics` round-robin at `rate` msg/s in all for
+    /// `duration`, `size`-byte payloads; returns what went to each topic.
+    pub(super) fn run(
+        &mut self,
+        topics: &[String],
+        rate: f64,
+        size: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Sent> {
+        let pad = "x".repeat(size.saturating_sub(24));
+        let mut sent = Sent {
+            per_topic: vec![0; topics.len()],
+        };
+        if topics.is_empty() || rate <= 0.0 {
+            return Ok(sent);
+        }
+        let start = Instant::now();
+        let mut n = 0u64;
+        let mut batch = Vec::new();
+        let mut cmds = Vec::new();
+        while start.elapsed() < duration {
+            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+            while n < due {
+                let t = n as usize % topics.len();
+                let data = format!("{{\"t\":{},\"p\":\"{pad}\"}}", monotonic_us());
+                match &self.via {
+                    Via::WebSocket { .. } => {
+                        let body = format!(
+                            "{{\"op\":\"pub\",\"topic\":\"{}\",\"data\":{data}}}",
+                            topics[t]
+                        );
+                        let mask = (n as u32).to_be_bytes();
+                        batch.extend_from_slice(&encode_masked(
+                            OpCode::Text,
+                            true,
+                            body.as_bytes(),
+                            mask,
+                        ));
+                    }
+                    Via::Redis(url) => cmds.push(xadd(url, &topics[t], &data)),
+                }
+                sent.per_topic[t] += 1;
+                n += 1;
+            }
+            self.flush(&mut batch, &mut cmds)?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(sent)
+    }
+
+    fn flush(&mut self, batch: &mut Vec<u8>, cmds: &mut Vec<::redis::Cmd>) -> anyhow::Result<()> {
+        if let Some(s) = &mut self.socket {
+            if !batch.is_empty() {
+                s.write_all(batch).context("publishing")?;
+                batch.clear();
+            }
+        }
+        if let Some(conn) = &mut self.redis {
+            if !cmds.is_empty() {
+                for v in conn
+                    .pipeline_each(std::mem::take(cmds))
+                    .context("XADD pipeline")?
+                {
+                    if let ::redis::Value::ServerError(e) = v {
+                        bail!("XADD refused: {e:?}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn xadd(url: &str, topic: &str, data: &str) -> ::redis::Cmd {
+    let d = crate::config::Config::default();
+    let settings = crate::broker::redis::Settings {
+        url: url.to_owned(),
+        partitions: d.redis_partitions,
+        key_prefix: d.redis_key_prefix,
+        maxlen: d.redis_maxlen,
+        cache_size: 0,
+    };
+    crate::broker::redis::xadd_cmd(&settings, topic, None, data)
+}
+
+/// Opens a blocking WebSocket connection and reads through `welcome`.
+fn ws_connect(target: SocketAddr, token: Option<&str>) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .with_context(|| format!("connecting the publisher to {target}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let path = token.map_or_else(|| "/ws".to_string(), |t| format!("/ws?token={t}"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: ringcast.v1\r\n\r\n"
+    )?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s
+            .read(&mut buf)
+            .context("reading the publisher's upgrade")?;
+        if n == 0 {
+            bail!("the server closed the publisher's connection during the upgrade");
+        }
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !got.starts_with(b"HTTP/1.1 101") {
+                bail!(
+                    "publisher upgrade refused: {}",
+                    String::from_utf8_lossy(&got[..end])
+                );
+            }
+            if super::worker::has_op(&got[end..], "welcome") {
+                break;
+            }
+        }
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// Reads and discards the server's frames to the publisher, counting error replies.
+fn drain_replies(mut s: TcpStream, errors: &AtomicU64) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut reported = false;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            return;
+        }
+        let chunk = &buf[..n];
+        if super::worker::has_op(chunk, "error") {
+            errors.fetch_add(1, Ordering::Relaxed);
+            if !reported {
+                reported = true;
+                let text = String::from_utf8_lossy(&chunk[..chunk.len().min(300)]);
+                eprintln!("load: the server refused a publish: {text}");
+            }
+        }
+    }
+}
