@@ -334,8 +334,10 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     if matches!(conn.phase(), Phase::Open | Phase::Closing) {
         process_input(shard, conn);
     }
-    // An idle connection keeps no read buffer.
-    if conn.inbuf.borrow().is_empty() && conn.inbuf.borrow().capacity() > 0 {
+    // An idle connection keeps no read buffer. (Not `capacity() > 0`: a
+    // buffer advanced to its very end reports no capacity yet still holds
+    // its whole allocation.)
+    if conn.inbuf.borrow().is_empty() {
         *conn.inbuf.borrow_mut() = BytesMut::new();
     }
     true

@@ -189,7 +189,9 @@ pub struct Decoder {
     max_message_size: usize,
     /// Server side: inbound frames must be masked; client side: must not be.
     expect_masked: bool,
-    partial: Option<Partial>,
+    /// Boxed: fragmented messages are rare, and an idle connection's
+    /// decoder should stay a few words.
+    partial: Option<Box<Partial>>,
 }
 
 /// A fragmented data message being assembled.
@@ -316,7 +318,7 @@ impl Decoder {
                 Message::Text(payload.freeze())
             }
             OpCode::Text | OpCode::Binary => {
-                self.partial = Some(Partial::start(header.opcode, &payload)?);
+                self.partial = Some(Box::new(Partial::start(header.opcode, &payload)?));
                 return Ok(None);
             }
             OpCode::Continuation => {
