@@ -318,16 +318,18 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
         if inbox.take_lagged() {
             shard.on_lagged();
         }
-        for _ in 0..INBOX_BATCH {
-            let Some(msg) = inbox.try_recv() else { break };
-            if let ShardMsg::Drain { window_ms } = msg {
+        // A flag, not a message: a full inbox cannot lose it (crate::bus).
+        if let Some(window_ms) = inbox.take_drain() {
+            if drain_deadline.is_none() {
                 shard.tick();
                 let window = Duration::from_millis(window_ms) + DRAIN_GRACE;
                 drain_deadline = Some(shard.now_ms().saturating_add(window.as_millis() as u64));
                 shard.start_drain(window_ms);
-            } else {
-                shard.handle(msg);
             }
+        }
+        for _ in 0..INBOX_BATCH {
+            let Some(msg) = inbox.try_recv() else { break };
+            shard.handle(msg);
         }
         shard.flush_dirty();
         // Let connection tasks run between batches.
@@ -497,7 +499,6 @@ impl Shard {
                     Err(reason) => self.queue(&conn, encode_error(reply.req, 1011, &reason)),
                 }
             }
-            ShardMsg::Drain { window_ms } => self.start_drain(window_ms),
         }
     }
 
