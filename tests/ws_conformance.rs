@@ -336,6 +336,34 @@ fn only_unknown_subprotocols_is_400() {
 }
 
 #[test]
+fn handshake_not_finished_in_time_is_408() {
+    let server = TestServer::start(&["--handshake-timeout", "1s"]);
+    // Half a request head, then nothing.
+    let started = std::time::Instant::now();
+    let partial = &raw::UPGRADE[..40];
+    let r = assert_refused(&server, partial, 408, "not received in time");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(r.header("connection"), Some("close"));
+    // Not a single byte: the same.
+    assert_refused(&server, "", 408, "not received in time");
+}
+
+#[test]
+fn bytes_after_a_refused_upgrade_are_not_read_as_frames() {
+    let server = TestServer::start(&[]);
+    // A refused upgrade followed at once by what would be protocol errors
+    // (unmasked, then a reserved opcode; no FIN bit, so the bytes stay
+    // ASCII): only the HTTP answer comes back (one line, exactly
+    // Content-Length bytes, then EOF), never a close frame.
+    let mut request = upgrade_with("GET /ws ", "GET /nope ").into_bytes();
+    request.extend(frame_with(false, 0, 1, b"{}", None));
+    request.extend(frame_with(false, 0, 0x3, b"x", None));
+    let request = String::from_utf8(request).expect("ASCII frames");
+    assert_refused(&server, &request, 404, "/nope");
+    assert_eq!(protocol_disconnects(&server), 0.0);
+}
+
+#[test]
 fn request_head_over_8_kib_is_431() {
     let server = TestServer::start(&[]);
     let pad = format!("X-Pad: {}\r\n", "a".repeat(9000));

@@ -27,6 +27,7 @@ use crate::metrics::{Disconnect, Drop, ShardMetrics};
 use crate::protocol::{encode_drain, encode_error, encode_ok, OkExtra};
 use crate::topic::TopicName;
 use crate::ws::frame::{encode_frame, OpCode};
+use crate::ws::handshake::HandshakeError;
 
 /// Inbox messages handled before the shard flushes writes and yields.
 const INBOX_BATCH: usize = 256;
@@ -591,9 +592,8 @@ impl Shard {
         for conn in conns {
             match conn.phase() {
                 Phase::Handshake if now >= conn.deadline() => {
-                    self.metrics.handshake_failed(408);
-                    self.metrics.disconnect(Disconnect::Handshake);
-                    conn.shut();
+                    // Like every handshake error: an HTTP answer, then close.
+                    connection::refuse(self, &conn, &HandshakeError::Timeout);
                 }
                 Phase::Open if conn.identity.borrow().is_none() && now >= conn.deadline() => {
                     self.close(&conn, 4001, "authentication timed out", Disconnect::Auth);
