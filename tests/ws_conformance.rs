@@ -418,6 +418,26 @@ fn ping_payload_of_126_bytes_is_1002() {
 }
 
 #[test]
+fn pong_payload_of_126_bytes_is_1002() {
+    let server = TestServer::start(&[]);
+    assert_frames_fail(&server, &[frame(true, 0xA, &[7; 126])], 1002);
+}
+
+#[test]
+fn close_payload_of_126_bytes_is_1002() {
+    let server = TestServer::start(&[]);
+    // A valid code and a 124-byte UTF-8 reason: 126 bytes, one too many.
+    let payload = close_payload(1000, &"r".repeat(124));
+    assert_eq!(payload.len(), 126);
+    assert_frames_fail(&server, &[frame(true, 8, &payload)], 1002);
+    // 125 bytes is still a close, and is echoed.
+    let mut s = raw::open(server.addr);
+    send(&mut s, &[frame(true, 8, &close_payload(1000, &"r".repeat(123)))]);
+    assert_eq!(read_close_code(&mut s), Some(1000));
+    assert_eof(&mut s, EOF_WITHIN, false);
+}
+
+#[test]
 fn fragmented_ping_is_1002() {
     let server = TestServer::start(&[]);
     let frames = [frame(false, 9, b"pi"), frame(true, 0, b"ng")];
@@ -587,6 +607,26 @@ fn client_close_1000_is_echoed_then_the_server_ends_tcp() {
         "{payload:?}"
     );
     assert_eof(&mut s, EOF_WITHIN, false);
+    assert_no_connections(&server);
+}
+
+#[test]
+fn client_close_codes_of_applications_and_libraries_are_echoed() {
+    let server = TestServer::start(&[]);
+    // 3000-3999: registered for libraries; 4000-4999: private use. RFC 6455
+    // section 5.5.1: the endpoint typically echoes the status code it received.
+    for code in [3000u16, 3999, 4000, 4321, 4999, 1001, 1011] {
+        let mut s = raw::open(server.addr);
+        send(&mut s, &[frame(true, 8, &close_payload(code, "going"))]);
+        let (op, payload) = read_frame(&mut s).expect("close reply");
+        assert_eq!(op, 8, "code {code}");
+        assert_eq!(
+            payload.get(..2),
+            Some(&code.to_be_bytes()[..]),
+            "code {code} echoed: {payload:?}"
+        );
+        assert_eof(&mut s, EOF_WITHIN, false);
+    }
     assert_no_connections(&server);
 }
 
