@@ -400,7 +400,6 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
 }
 
-/// The checks after parsing, in PROTOCOL.md order: path, origin, capacity, subprotocol.
 /// The checks after parsing, in PROTOCOL.md order: path, origin,
 /// subprotocol, then the token. Returns the subprotocol to echo and the
 /// identity, when the client is authenticated already.
@@ -413,10 +412,12 @@ fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted,
             path: req.path.chars().take(64).collect(),
         });
     }
+    // No Origin: not a browser, so nothing for the allowlist to protect
+    // (see Config::allowed_origins).
     if let (Some(origin), false) = (&req.origin, cfg.allowed_origins.is_empty()) {
         if !cfg.allowed_origins.iter().any(|o| o == origin) {
             return Err(HandshakeError::OriginNotAllowed {
-                origin: origin.chars().take(64).collect(),
+                origin: origin.chars().take(handshake::ECHO_MAX).collect(),
             });
         }
     }
@@ -466,7 +467,8 @@ pub(crate) fn refuse(shard: &Shard, conn: &Rc<Conn>, err: &HandshakeError) {
         .now_ms()
         .saturating_add(shard.config.close_timeout.as_millis() as u64);
     conn.set_closing(deadline);
-    conn.after_flush.set(conn.after_flush.get().then(AfterFlush::Shut));
+    conn.after_flush
+        .set(conn.after_flush.get().then(AfterFlush::Shut));
     conn.inbuf.borrow_mut().clear();
     shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
 }

@@ -363,7 +363,10 @@ fn slowloris_handshakes_are_closed_by_the_handshake_timeout() {
             "connection {i}: {answer:?}"
         );
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        assert_eq!(body, "request head not received in time\n", "connection {i}");
+        assert_eq!(
+            body, "request head not received in time\n",
+            "connection {i}"
+        );
     }
     assert_eq!(
         server.metric("ringcast_handshake_failures_total{status=\"408\"}"),

@@ -315,16 +315,32 @@ fn unknown_path_is_404() {
 
 #[test]
 fn origin_outside_the_allow_list_is_403() {
-    let server = TestServer::start(&["--allowed-origins", "http://good"]);
+    let server = TestServer::start(&["--allowed-origins", "http://good,http://also-good"]);
     let evil = upgrade_plus("Origin: http://evil\r\n");
     assert_refused(&server, &evil, 403, "http://evil");
-    let good = upgrade_plus("Origin: http://good\r\n");
-    let (r, mut s) = exchange(&server, &good);
+    // An empty Origin is not on the list either (only a missing one passes).
+    assert_refused(&server, &upgrade_plus("Origin:\r\n"), 403, "origin \"\"");
+    for good in ["http://good", "http://also-good"] {
+        let (r, mut s) = exchange(&server, &upgrade_plus(&format!("Origin: {good}\r\n")));
+        assert_eq!(r.status, 101, "{good}");
+        assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
+        assert!(read_frame(&mut s).is_some(), "welcome after {good}");
+    }
+}
+
+#[test]
+fn no_origin_passes_the_allow_list() {
+    // Browsers always send Origin; the allowlist protects them from
+    // cross-site WebSocket hijacking. A client without one is not a
+    // browser, and could send any Origin it liked: it is let through.
+    let server = TestServer::start(&["--allowed-origins", "http://good"]);
+    assert!(!raw::UPGRADE.contains("Origin"));
+    let (r, mut s) = exchange(&server, raw::UPGRADE);
     assert_eq!(r.status, 101);
-    assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
-    assert!(
-        read_frame(&mut s).is_some(),
-        "welcome after an allowed origin"
+    assert!(read_frame(&mut s).is_some(), "welcome without an Origin");
+    assert_eq!(
+        server.metric("ringcast_handshake_failures_total{status=\"403\"}"),
+        0.0
     );
 }
 
@@ -432,7 +448,10 @@ fn close_payload_of_126_bytes_is_1002() {
     assert_frames_fail(&server, &[frame(true, 8, &payload)], 1002);
     // 125 bytes is still a close, and is echoed.
     let mut s = raw::open(server.addr);
-    send(&mut s, &[frame(true, 8, &close_payload(1000, &"r".repeat(123)))]);
+    send(
+        &mut s,
+        &[frame(true, 8, &close_payload(1000, &"r".repeat(123)))],
+    );
     assert_eq!(read_close_code(&mut s), Some(1000));
     assert_eof(&mut s, EOF_WITHIN, false);
 }
