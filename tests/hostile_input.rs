@@ -63,9 +63,22 @@ fn assert_running(server: &mut TestServer) {
     }
 }
 
+/// No connection is left: none upgraded, and none in the shards' registry
+/// in any phase (handshake and closing included).
 fn assert_no_connections(server: &TestServer) {
-    server.wait_for("connections_active == 0", Duration::from_secs(10), |s| {
-        s.metric("ringcast_connections_active") == 0.0
+    server.wait_for("no connection left", Duration::from_secs(10), |s| {
+        let m = s.metrics();
+        m.get("ringcast_connections_active") == Some(&0.0)
+            && m.get("ringcast_registry_connections") == Some(&0.0)
+    });
+}
+
+/// Nothing is left in the shards' topic indexes, and no subscription.
+fn assert_no_topics(server: &TestServer) {
+    server.wait_for("topic index empty", Duration::from_secs(5), |s| {
+        let m = s.metrics();
+        m.get("ringcast_topic_index_entries") == Some(&0.0)
+            && m.get("ringcast_subscriptions_active") == Some(&0.0)
     });
 }
 
@@ -335,6 +348,10 @@ fn slowloris_handshakes_are_closed_by_the_handshake_timeout() {
         }
         next += 1;
         if next == 3 {
+            // The registry holds connections still in the handshake.
+            let m = server.metrics();
+            assert!(m["ringcast_registry_connections"] >= 50.0, "{m:?}");
+            assert_eq!(m["ringcast_connections_active"], 0.0);
             // While 50 connections trickle, a normal client gets through.
             assert_served(&mut server);
             served_meanwhile = true;
@@ -586,10 +603,9 @@ fn ten_thousand_subscriptions_stop_at_max_subscriptions() {
         1,
         "the connection stays open"
     );
+    assert_eq!(server.metric("ringcast_topic_index_entries"), 1024.0);
     drop((s, reader));
-    server.wait_for("subscriptions_active == 0", Duration::from_secs(5), |s| {
-        s.metric("ringcast_subscriptions_active") == 0.0
-    });
+    assert_no_topics(&server);
     assert_served(&mut server);
 }
 
@@ -651,9 +667,7 @@ fn five_thousand_connect_subscribe_leave_cycles_leak_nothing() {
         t.join().unwrap();
     }
     assert_no_connections(&server);
-    server.wait_for("subscriptions_active == 0", Duration::from_secs(5), |s| {
-        s.metric("ringcast_subscriptions_active") == 0.0
-    });
+    assert_no_topics(&server);
     assert!(server.metric("ringcast_connections_accepted_total") >= 5000.0);
     assert_rss_bounded(&server);
     assert_served(&mut server);

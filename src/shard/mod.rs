@@ -244,6 +244,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 }
                 debug!(conn = id.0, %peer, "accepted");
                 shard.conns.borrow_mut().insert(id, conn);
+                shard.sync_gauges();
             }
             Err(_) if shard.draining.get() => break,
             Err(e) => {
@@ -475,6 +476,7 @@ impl Shard {
                         .entry(topic)
                         .or_default()
                         .push(conn);
+                    self.sync_gauges();
                     self.metrics
                         .subscriptions_active
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -680,9 +682,22 @@ impl Shard {
         for topic in &subs {
             detach(&mut topics, topic, conn);
         }
+        drop(topics);
+        self.sync_gauges();
         self.metrics
             .subscriptions_active
             .fetch_sub(subs.len() as i64, Relaxed);
+    }
+
+    /// Publishes the sizes of the registry and the topic index as gauges,
+    /// after every change to either: what `/metrics` shows is the maps
+    /// themselves, not a count kept beside them that could drift.
+    fn sync_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let conns = self.conns.borrow().len() as i64;
+        let topics = self.topics.borrow().len() as i64;
+        self.metrics.registry_connections.store(conns, Relaxed);
+        self.metrics.topic_index_entries.store(topics, Relaxed);
     }
 
     /// Unsubscribes one connection from one topic; false if it was not subscribed.
@@ -691,6 +706,7 @@ impl Shard {
             return take(&mut conn.pending.borrow_mut(), topic);
         }
         detach(&mut self.topics.borrow_mut(), topic, conn);
+        self.sync_gauges();
         self.metrics
             .subscriptions_active
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
