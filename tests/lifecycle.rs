@@ -134,6 +134,39 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
     assert!(status.success(), "{status:?}\n{}", server.log());
 }
 
+/// Supervision: a shard that dies (here by the debug build's fault
+/// injection, `RINGCAST_DEBUG_PANIC_SHARD`) is logged and the process exits
+/// 1 at once, instead of serving on with a shard gone or hanging.
+#[cfg(debug_assertions)]
+#[test]
+fn a_dead_shard_is_logged_and_the_process_exits_1() {
+    for shard in ["0", "1"] {
+        let mut server = TestServer::start_with_env(&[], &[("RINGCAST_DEBUG_PANIC_SHARD", shard)]);
+        let status = server.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "shard {shard} panicked: the process still runs\n{}",
+                server.log()
+            )
+        });
+        let log = server.log();
+        assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
+        assert!(
+            log.contains("injected panic"),
+            "the panic is in the log:\n{log}"
+        );
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains("shard panicked")
+                && l.contains(&format!("shard={shard}"))),
+            "the supervisor names the dead shard:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("shard {shard} panicked; stopping the node")),
+            "{log}"
+        );
+    }
+}
+
 fn ringcast(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
     cmd.args(args).stdin(Stdio::null());

@@ -209,7 +209,39 @@ async fn run(setup: ShardSetup) {
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweep_loop(shard.clone()));
     monoio::spawn(poll_loop(shard.clone(), waiter));
+    #[cfg(debug_assertions)]
+    arm_debug_panic(shard.id);
     shard_loop(&shard, &setup.inbox).await;
+}
+
+/// Test-only fault injection, in debug builds only (release builds do not
+/// read it): with `RINGCAST_DEBUG_PANIC_SHARD=N`, shard N panics
+/// [`DEBUG_PANIC_AFTER`] after it is up, so the tests (which run the debug
+/// binary) can check the supervision in [`crate::server`]: the dead shard
+/// is logged and the process exits 1 instead of hanging. Never set it in
+/// production; a release build ignores it.
+#[cfg(debug_assertions)]
+pub const DEBUG_PANIC_SHARD_ENV: &str = "RINGCAST_DEBUG_PANIC_SHARD";
+
+/// How long after start-up the shard named by [`DEBUG_PANIC_SHARD_ENV`] panics.
+#[cfg(debug_assertions)]
+pub const DEBUG_PANIC_AFTER: Duration = Duration::from_millis(300);
+
+#[cfg(debug_assertions)]
+fn arm_debug_panic(id: usize) {
+    let wanted = std::env::var(DEBUG_PANIC_SHARD_ENV).ok();
+    if wanted.and_then(|v| v.trim().parse::<usize>().ok()) != Some(id) {
+        return;
+    }
+    warn!(
+        env = DEBUG_PANIC_SHARD_ENV,
+        after_ms = DEBUG_PANIC_AFTER.as_millis() as u64,
+        "test-only fault injection: this shard will panic"
+    );
+    monoio::spawn(async move {
+        monoio::time::sleep(DEBUG_PANIC_AFTER).await;
+        panic!("{DEBUG_PANIC_SHARD_ENV}={id}: injected panic (test-only, debug builds)");
+    });
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
