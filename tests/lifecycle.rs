@@ -196,6 +196,74 @@ fn invalid_settings_exit_2_naming_the_setting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeet"));
 }
 
+/// `ringcast serve --help` documents every setting: each flag of the
+/// README's configuration table is in it, and each flag in it has a
+/// description with its default and its `RINGCAST_*` variable, and is in
+/// the README.
+#[test]
+fn serve_help_documents_every_flag() {
+    let out = ringcast(&["serve", "--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each option is a block: its flag line, then indented description lines.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("--") {
+            let flag = rest.split([' ', '\t']).next().unwrap().to_string();
+            blocks.push((flag, String::new()));
+        } else if trimmed.starts_with("-h, --help") {
+            blocks.push(("help".into(), String::new()));
+        } else if let Some((_, text)) = blocks.last_mut() {
+            text.push_str(trimmed);
+            text.push('\n');
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .flat_map(|row| row.split('|').nth(1).unwrap().split('`'))
+        .filter_map(|w| w.strip_prefix("--"))
+        .collect();
+    assert!(
+        table.len() >= 30,
+        "the README's configuration table: {table:?}"
+    );
+    for flag in &table {
+        assert!(
+            blocks.iter().any(|(f, _)| f == flag),
+            "README flag --{flag} is not in `ringcast serve --help`:\n{help}"
+        );
+    }
+    for (flag, text) in blocks.iter().filter(|(f, _)| f != "help") {
+        // `[env: RINGCAST_X=]`, or `[env: RINGCAST_X]` for a hidden value.
+        let env = format!("[env: RINGCAST_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(
+            [format!("{env}=]"), format!("{env}]")]
+                .iter()
+                .any(|e| text.contains(e)),
+            "--{flag} does not name {env}:\n{text}"
+        );
+        let description = text.lines().next().unwrap_or_default();
+        assert!(
+            !description.starts_with('['),
+            "--{flag} has no description:\n{text}"
+        );
+        if flag != "config" {
+            assert!(
+                text.contains("[default: "),
+                "--{flag} gives no default:\n{text}"
+            );
+        }
+        assert!(
+            readme.contains(&format!("`--{flag}`")),
+            "--{flag} is not in the README"
+        );
+    }
+}
+
 #[test]
 fn a_port_held_by_another_process_is_refused() {
     let holder = TcpListener::bind("127.0.0.1:0").unwrap();
