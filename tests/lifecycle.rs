@@ -102,6 +102,13 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
     let mut clients: Vec<Client> = (0..6)
         .map(|_| Client::connect(&server.url()).unwrap())
         .collect();
+    // One client is still sending its upgrade request when the drain starts.
+    let mut upgrading = raw::connect(server.addr, &raw::UPGRADE.as_bytes()[..30]);
+    server.wait_for(
+        "the upgrading connection accepted",
+        Duration::from_secs(5),
+        |s| s.metric("ringcast_registry_connections") == 7.0,
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status();
@@ -124,6 +131,12 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
     assert!(
         delays.iter().any(|d| *d != delays[0]),
         "delays not spread: {delays:?}"
+    );
+    let answer = String::from_utf8(raw::read_to_end(&mut upgrading)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ")
+            && answer.ends_with("service unavailable: server is draining\n"),
+        "{answer:?}"
     );
     for c in clients {
         c.close();

@@ -684,7 +684,13 @@ impl Shard {
                     }
                     self.close(&conn, 1001, "server going away", Disconnect::Drain);
                 }
-                Phase::Handshake => conn.shut(),
+                // Mid-upgrade: an HTTP answer too, like every refusal.
+                Phase::Handshake => {
+                    let draining = HandshakeError::Unavailable {
+                        reason: "server is draining",
+                    };
+                    connection::refuse(self, &conn, &draining);
+                }
                 Phase::Closing | Phase::Closed => {}
             }
         }
