@@ -8,9 +8,14 @@
 //! `ringcast_messages_dropped_total{reason="shard_inbox_full"}`, and flags the
 //! shard as lagged; the shard then closes every connection with 4009 so the
 //! clients recover with `since`. Nothing is lost silently.
+//!
+//! The drain signal does not travel through the channel: a full inbox must
+//! not lose it, or that shard would never drain and the process would hang.
+//! It is a flag beside the channel (like `lagged`), set by
+//! [`ShardSender::drain`] and checked by the shard loop on every wake-up.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -78,12 +83,10 @@ pub enum ShardMsg {
         /// The new message id, or why publishing failed.
         result: Result<MsgId, String>,
     },
-    /// Start the graceful drain: send `drain`, close with 1001.
-    Drain {
-        /// Delays for `reconnect_in_ms` are spread over this window.
-        window_ms: u64,
-    },
 }
+
+/// The value of [`Inbox`]'s drain flag while no drain was asked for.
+const NO_DRAIN: u64 = u64::MAX;
 
 /// The sending side of one shard's inbox.
 #[derive(Debug, Clone)]
@@ -91,6 +94,7 @@ pub struct ShardSender {
     tx: Sender<ShardMsg>,
     waker: Arc<AtomicWaker>,
     lagged: Arc<AtomicBool>,
+    drain: Arc<AtomicU64>,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -109,6 +113,18 @@ impl ShardSender {
         }
         self.waker.wake();
     }
+
+    /// Asks the shard to start the graceful drain (send `drain`, close with
+    /// 1001), with `reconnect_in_ms` spread over `window_ms`. Never dropped,
+    /// however full the inbox: it sets a flag, then wakes the shard. A
+    /// second call before the shard looked replaces the window.
+    pub fn drain(&self, window_ms: u64) {
+        // NO_DRAIN is the one value a window cannot take; a year is the
+        // longest setting, far below it.
+        self.drain
+            .store(window_ms.min(NO_DRAIN - 1), Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 /// The receiving side of one shard's inbox; lives on the shard thread.
@@ -117,14 +133,18 @@ pub struct Inbox {
     rx: Receiver<ShardMsg>,
     waker: Arc<AtomicWaker>,
     lagged: Arc<AtomicBool>,
+    drain: Arc<AtomicU64>,
 }
 
 impl Inbox {
-    /// Waits until the inbox has something or the lagged flag is up.
+    /// Waits until the inbox has something, or the lagged or drain flag is up.
     pub async fn ready(&self) {
         poll_fn(|cx| {
             self.waker.register(cx.waker());
-            if !self.rx.is_empty() || self.lagged.load(Ordering::Acquire) {
+            if !self.rx.is_empty()
+                || self.lagged.load(Ordering::Acquire)
+                || self.drain.load(Ordering::Acquire) != NO_DRAIN
+            {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -142,6 +162,14 @@ impl Inbox {
     pub fn take_lagged(&self) -> bool {
         self.lagged.swap(false, Ordering::AcqRel)
     }
+
+    /// Returns and clears a drain request: its window in milliseconds.
+    pub fn take_drain(&self) -> Option<u64> {
+        match self.drain.swap(NO_DRAIN, Ordering::AcqRel) {
+            NO_DRAIN => None,
+            window_ms => Some(window_ms),
+        }
+    }
 }
 
 /// Creates one shard's inbox pair.
@@ -149,13 +177,21 @@ pub fn inbox(metrics: Arc<ShardMetrics>) -> (ShardSender, Inbox) {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_INBOX_CAPACITY);
     let waker = Arc::new(AtomicWaker::new());
     let lagged = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(AtomicU64::new(NO_DRAIN));
     let sender = ShardSender {
         tx,
         waker: waker.clone(),
         lagged: lagged.clone(),
+        drain: drain.clone(),
         metrics,
     };
-    (sender, Inbox { rx, waker, lagged })
+    let inbox = Inbox {
+        rx,
+        waker,
+        lagged,
+        drain,
+    };
+    (sender, inbox)
 }
 
 /// Every shard's sender: the broker's view of the node.
@@ -189,10 +225,10 @@ impl Bus {
         }
     }
 
-    /// Sends `Drain` to every shard.
+    /// Asks every shard to drain ([`ShardSender::drain`]: never dropped).
     pub fn drain(&self, window_ms: u64) {
         for shard in &self.shards {
-            shard.send(ShardMsg::Drain { window_ms });
+            shard.drain(window_ms);
         }
     }
 
@@ -204,5 +240,56 @@ impl Bus {
     /// True when the bus has no shard.
     pub fn is_empty(&self) -> bool {
         self.shards.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future as _;
+
+    use super::*;
+
+    fn deliver(topic: &TopicName) -> ShardMsg {
+        ShardMsg::Deliver {
+            topic: topic.clone(),
+            id: MsgId { ms: 1, seq: 0 },
+            frame: Bytes::from_static(b"x"),
+        }
+    }
+
+    /// Polls `ready()` once: whether it would resolve now.
+    fn is_ready(inbox: &Inbox) -> bool {
+        let fut = std::pin::pin!(inbox.ready());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        fut.poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn drain_reaches_a_shard_whose_inbox_is_full() {
+        let metrics = Arc::new(ShardMetrics::default());
+        let (tx, inbox) = inbox(metrics.clone());
+        let bus = Bus::new(vec![tx.clone()]);
+        let topic = TopicName::new("t").expect("a valid topic");
+        for _ in 0..SHARD_INBOX_CAPACITY {
+            tx.send(deliver(&topic));
+        }
+        // Full: the next message is dropped and counted, the drain is not.
+        tx.send(deliver(&topic));
+        assert_eq!(metrics.dropped_count(Drop::ShardInboxFull), 1);
+        bus.drain(1800);
+        assert_eq!(metrics.dropped_count(Drop::ShardInboxFull), 1);
+        assert_eq!(inbox.take_drain(), Some(1800));
+        assert_eq!(inbox.take_drain(), None, "taken once");
+        assert!(inbox.take_lagged());
+    }
+
+    #[test]
+    fn a_drain_request_wakes_an_idle_shard() {
+        let (tx, inbox) = inbox(Arc::new(ShardMetrics::default()));
+        assert!(!is_ready(&inbox), "nothing to do yet");
+        tx.drain(0);
+        assert!(is_ready(&inbox));
+        assert_eq!(inbox.take_drain(), Some(0), "a zero window is a drain too");
+        assert!(!is_ready(&inbox));
     }
 }

@@ -108,7 +108,9 @@ pub struct ServeArgs {
     /// How long messages are kept for recovery (embedded broker) [default: 10m].
     #[arg(long, env = "RINGCAST_HISTORY_TTL")]
     pub history_ttl: Option<HumanDuration>,
-    /// Comma-separated Origin allowlist; empty allows any [default: empty].
+    /// Comma-separated Origin allowlist (403 otherwise); empty allows any.
+    /// Requests without an Origin header (not browsers) always pass
+    /// [default: empty].
     #[arg(long, env = "RINGCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
     /// Accept clients without a token, allowed every topic: development

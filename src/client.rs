@@ -3,6 +3,11 @@
 //! reconnects with exponential backoff and full jitter and resubscribes
 //! every topic from the last id it saw. Used by the CLI and the tests.
 //!
+//! [`Reconnecting`] follows PROTOCOL.md section 4: after a `drain` it
+//! reconnects when `reconnect_in_ms` has passed, not on its backoff; after
+//! a close with 1000 (normal) or 4003 (forbidden) it does not reconnect at
+//! all and reports the close as an error.
+//!
 //! It speaks plain `ws://` over a std `TcpStream` (TLS is terminated in
 //! front of ringcast); frames are decoded with the crate's own codec in
 //! client mode and sent masked as RFC 6455 requires.
@@ -329,10 +334,15 @@ fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
     Ok(())
 }
 
+/// Close codes after which the client must not reconnect (PROTOCOL.md
+/// section 4): 1000 normal, 4003 forbidden (e.g. the token was revoked).
+pub const FINAL_CLOSE_CODES: [u16; 2] = [1000, 4003];
+
 /// A client that survives disconnects: it reconnects with exponential
 /// backoff and full jitter, and resubscribes every topic with `since` set to
 /// the last id it delivered, so nothing is missed or repeated while the
-/// server still has the history.
+/// server still has the history. A `drain` sets when it reconnects; a
+/// close in [`FINAL_CLOSE_CODES`] ends it.
 #[derive(Debug)]
 pub struct Reconnecting {
     url: String,
@@ -346,22 +356,35 @@ pub struct Reconnecting {
     pub reconnects: u32,
     /// Topics whose last resubscription could not recover (`recovered:false`).
     pub unrecovered: Vec<String>,
+    /// Topics whose resubscription recovered what was missed (`recovered:true`).
+    pub recovered: Vec<String>,
+    /// When to reconnect, as the server's `drain` asked (instead of backoff).
+    reconnect_at: Option<Instant>,
+    /// The final close (code, reason): no reconnecting after it.
+    ended: Option<(u16, String)>,
     queue: VecDeque<Event>,
 }
 
 impl Reconnecting {
     /// Connects now (failing if the first connect fails).
     pub fn connect(url: &str) -> Result<Reconnecting> {
-        Ok(Reconnecting {
+        Ok(Self::new(url, Some(Client::connect(url)?)))
+    }
+
+    fn new(url: &str, client: Option<Client>) -> Reconnecting {
+        Reconnecting {
             url: url.to_string(),
-            client: Some(Client::connect(url)?),
+            client,
             positions: HashMap::new(),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             attempt: 0,
             reconnects: 0,
             unrecovered: Vec::new(),
+            recovered: Vec::new(),
+            reconnect_at: None,
+            ended: None,
             queue: VecDeque::new(),
-        })
+        }
     }
 
     /// Subscribes and remembers the topic for resubscription.
@@ -382,11 +405,17 @@ impl Reconnecting {
         ceiling.mul_f64(fastrand::f64())
     }
 
-    /// The next message, reconnecting (and recovering) as needed, until `deadline`.
+    /// The next message, reconnecting (and recovering) as needed, until
+    /// `deadline`. After a close with a code in [`FINAL_CLOSE_CODES`] it
+    /// does not reconnect: that close is returned as
+    /// [`ClientError::Closed`], now and on every later call.
     pub fn recv(&mut self, deadline: Instant) -> Result<Event> {
         loop {
             if let Some(e) = self.queue.pop_front() {
                 return Ok(self.track(e));
+            }
+            if let Some((code, reason)) = &self.ended {
+                return Err(ClientError::Closed(*code, reason.clone()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -397,10 +426,19 @@ impl Reconnecting {
                 continue;
             };
             match client.recv(left) {
+                Ok(Event::Close(code, reason)) if FINAL_CLOSE_CODES.contains(&code) => {
+                    self.client = None;
+                    self.ended = Some((code, reason));
+                }
                 Ok(Event::Close(..)) | Err(ClientError::Closed(..)) | Err(ClientError::Io(_)) => {
                     self.client = None;
                 }
-                Ok(Event::Frame(v)) if v["op"] == "drain" => {}
+                Ok(Event::Frame(v)) if v["op"] == "drain" => {
+                    // The server spreads these delays so its clients do not
+                    // all come back at once: honour it, not our backoff.
+                    let ms = v["reconnect_in_ms"].as_u64().unwrap_or(0);
+                    self.reconnect_at = Some(Instant::now() + Duration::from_millis(ms));
+                }
                 Ok(e) => return Ok(self.track(e)),
                 Err(e) => return Err(e),
             }
@@ -418,10 +456,23 @@ impl Reconnecting {
 
     fn reconnect(&mut self, deadline: Instant) -> Result<()> {
         loop {
-            std::thread::sleep(self.backoff_delay(self.attempt));
-            self.attempt += 1;
-            if Instant::now() >= deadline {
-                return Err(ClientError::Timeout);
+            match self.reconnect_at {
+                // Drained: the first attempt waits for the server's delay.
+                Some(at) => {
+                    std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
+                    if Instant::now() < at {
+                        // Timed out first; the next call goes on waiting.
+                        return Err(ClientError::Timeout);
+                    }
+                    self.reconnect_at = None;
+                }
+                None => {
+                    std::thread::sleep(self.backoff_delay(self.attempt));
+                    self.attempt += 1;
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::Timeout);
+                    }
+                }
             }
             let Ok(mut client) = Client::connect(&self.url) else {
                 continue;
@@ -436,8 +487,10 @@ impl Reconnecting {
                 let since = last.as_deref().map(|id| (id, epoch.as_str()));
                 match client.subscribe(&topic, since) {
                     Ok(sub) => {
-                        if sub.recovered == Some(false) {
-                            self.unrecovered.push(topic.clone());
+                        match sub.recovered {
+                            Some(true) => self.recovered.push(topic.clone()),
+                            Some(false) => self.unrecovered.push(topic.clone()),
+                            None => {}
                         }
                         self.queue.extend(sub.replayed);
                         if let Some(pos) = self.positions.get_mut(&topic) {
@@ -476,21 +529,34 @@ mod tests {
 
     #[test]
     fn backoff_is_jittered_and_capped() {
-        let r = Reconnecting {
-            url: String::new(),
-            client: None,
-            positions: HashMap::new(),
-            backoff: (Duration::from_millis(100), Duration::from_secs(1)),
-            attempt: 0,
-            reconnects: 0,
-            unrecovered: Vec::new(),
-            queue: VecDeque::new(),
-        };
+        let mut r = Reconnecting::new("", None);
+        r.backoff = (Duration::from_millis(100), Duration::from_secs(1));
         for attempt in 0..40 {
-            let d = r.backoff_delay(attempt);
             let ceiling =
                 Duration::from_millis(100 * (1u64 << attempt.min(16))).min(Duration::from_secs(1));
-            assert!(d < ceiling, "attempt {attempt}: {d:?}");
+            // Full jitter: uniform in [0, ceiling). 200 draws all in one
+            // half, or all equal, has odds of 2^-200 for a real jitter.
+            let draws: Vec<Duration> = (0..200).map(|_| r.backoff_delay(attempt)).collect();
+            for d in &draws {
+                assert!(
+                    *d < ceiling,
+                    "attempt {attempt}: {d:?} not under {ceiling:?}"
+                );
+            }
+            let low = draws.iter().filter(|d| **d < ceiling / 2).count();
+            assert!(
+                low > 0 && low < draws.len(),
+                "attempt {attempt}: not spread over [0, {ceiling:?}): {draws:?}"
+            );
+            assert!(
+                draws.iter().any(|d| *d != draws[0]),
+                "attempt {attempt}: constant"
+            );
         }
+        // The ceiling grows with the attempt: by 4, draws reach past attempt 0's.
+        assert!(
+            (0..200).any(|_| r.backoff_delay(4) >= Duration::from_millis(100)),
+            "no exponential growth"
+        );
     }
 }

@@ -177,8 +177,11 @@ pub struct Config {
     pub history_size: usize,
     /// How long the embedded broker keeps a message. Default 10 min.
     pub history_ttl: Duration,
-    /// Origins allowed to connect (exact match on the Origin header); empty
-    /// allows any, and requests without Origin (non-browsers) always pass. Default empty.
+    /// Origins allowed to connect (exact match on the Origin header, else
+    /// 403); empty allows any. Requests without an Origin always pass: only
+    /// browsers send one, and the list is there to keep other sites' pages
+    /// from connecting with a user's credentials (cross-site WebSocket
+    /// hijacking); a non-browser client could send any Origin anyway. Default empty.
     pub allowed_origins: Vec<String>,
     /// Accept connections without a token, and let them subscribe and
     /// publish to every topic: development only. Default off.

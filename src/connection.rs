@@ -60,8 +60,11 @@ struct OutQueue {
     bytes: usize,
 }
 
-/// What happens to the socket once the outbound queue is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens to the socket once the outbound queue is written. The
+/// variants are ordered: a connection only ever moves to a later one
+/// ([`AfterFlush::then`]), so failing a connection whose HTTP refusal or
+/// close handshake is under way never keeps its socket open longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum AfterFlush {
     /// Keep it open.
     Nothing,
@@ -69,6 +72,13 @@ enum AfterFlush {
     Fin,
     /// Shut both ways (HTTP error sent, or close handshake complete).
     Shut,
+}
+
+impl AfterFlush {
+    /// The stronger of the two: never a downgrade.
+    fn then(self, next: AfterFlush) -> AfterFlush {
+        self.max(next)
+    }
 }
 
 /// One connection's state, owned by its shard.
@@ -331,8 +341,14 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     if conn.phase() == Phase::Handshake {
         handshake(shard, conn);
     }
-    if matches!(conn.phase(), Phase::Open | Phase::Closing) {
-        process_input(shard, conn);
+    if conn.was_open() {
+        if matches!(conn.phase(), Phase::Open | Phase::Closing) {
+            process_input(shard, conn);
+        }
+    } else if conn.phase() != Phase::Handshake {
+        // Refused: the HTTP answer is queued and the socket is shut once it
+        // is written. What the client sends meanwhile is not WebSocket.
+        conn.inbuf.borrow_mut().clear();
     }
     // An idle connection keeps no read buffer. (Not `capacity() > 0`: a
     // buffer advanced to its very end reports no capacity yet still holds
@@ -386,7 +402,6 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
 }
 
-/// The checks after parsing, in PROTOCOL.md order: path, origin, capacity, subprotocol.
 /// The checks after parsing, in PROTOCOL.md order: path, origin,
 /// subprotocol, then the token. Returns the subprotocol to echo and the
 /// identity, when the client is authenticated already.
@@ -399,10 +414,12 @@ fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted,
             path: req.path.chars().take(64).collect(),
         });
     }
+    // No Origin: not a browser, so nothing for the allowlist to protect
+    // (see Config::allowed_origins).
     if let (Some(origin), false) = (&req.origin, cfg.allowed_origins.is_empty()) {
         if !cfg.allowed_origins.iter().any(|o| o == origin) {
             return Err(HandshakeError::OriginNotAllowed {
-                origin: origin.chars().take(64).collect(),
+                origin: origin.chars().take(handshake::ECHO_MAX).collect(),
             });
         }
     }
@@ -441,12 +458,19 @@ fn query_token(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
-fn refuse(shard: &Rc<Shard>, conn: &Rc<Conn>, err: &HandshakeError) {
+/// Refuses the upgrade (or ends a handshake that took too long, with 408):
+/// the plain HTTP answer with its one-line reason, then the socket is shut
+/// once it is written, or at the close timeout if the client never reads it.
+pub(crate) fn refuse(shard: &Shard, conn: &Rc<Conn>, err: &HandshakeError) {
     debug!(status = err.status(), reason = %err, "upgrade refused");
     shard.metrics.handshake_failed(err.status());
     shard.metrics.disconnect(Disconnect::Handshake);
-    conn.phase.set(Phase::Closing);
-    conn.after_flush.set(AfterFlush::Shut);
+    let deadline = shard
+        .now_ms()
+        .saturating_add(shard.config.close_timeout.as_millis() as u64);
+    conn.set_closing(deadline);
+    conn.after_flush
+        .set(conn.after_flush.get().then(AfterFlush::Shut));
     conn.inbuf.borrow_mut().clear();
     shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
 }
@@ -534,7 +558,9 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
 /// that could destroy the close frame before the peer reads it.
 fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, code: u16, reason: &str) {
     shard.close(conn, code, reason, Disconnect::Protocol);
-    conn.after_flush.set(AfterFlush::Fin);
+    // Already shutting both ways (the close handshake completed): keep that.
+    conn.after_flush
+        .set(conn.after_flush.get().then(AfterFlush::Fin));
 }
 
 fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
@@ -758,5 +784,16 @@ mod tests {
     fn connection_state_stays_small() {
         let size = std::mem::size_of::<Conn>();
         assert!(size <= 352, "Conn grew to {size} bytes");
+    }
+
+    #[test]
+    fn after_flush_never_downgrades() {
+        use AfterFlush::{Fin, Nothing, Shut};
+        // fail() after an HTTP refusal or a completed close handshake.
+        assert_eq!(Shut.then(Fin), Shut);
+        assert_eq!(Shut.then(Nothing), Shut);
+        assert_eq!(Fin.then(Nothing), Fin);
+        assert_eq!(Nothing.then(Fin), Fin);
+        assert_eq!(Fin.then(Shut), Shut);
     }
 }

@@ -1,5 +1,5 @@
 //! ringcast: a real-time notification server. Producers publish to a broker
-//! (embedded, or Redis Streams later); ringcast delivers each message over
+//! (embedded, or Redis Streams); ringcast delivers each message over
 //! WebSocket, in order, to every subscriber of its topic, and lets a client
 //! that reconnects recover what it missed.
 //!

@@ -101,6 +101,13 @@ pub struct ShardMetrics {
     pub connections_accepted: AtomicU64,
     /// Active subscriptions (connection x topic).
     pub subscriptions_active: AtomicI64,
+    /// Connections in the shard's registry, in any phase: handshake,
+    /// open, closing. Written by the shard from the registry's own size,
+    /// so a connection that is never forgotten shows here (a leak).
+    pub registry_connections: AtomicI64,
+    /// Topics in the shard's topic index (each has a local subscriber);
+    /// written from the index's own size, like `registry_connections`.
+    pub topic_index_entries: AtomicI64,
     /// `msg` frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
     /// Messages handed to the broker by clients on this shard.
@@ -170,7 +177,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Renders every shard's counters, summed, in the Prometheus text format.
 pub fn render(shards: &[&ShardMetrics]) -> String {
     let mut out = String::with_capacity(4096);
-    let gauges: [(&str, &str, GaugeOf); 2] = [
+    let gauges: [(&str, &str, GaugeOf); 4] = [
         (
             "ringcast_connections_active",
             "Open WebSocket connections.",
@@ -180,6 +187,16 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             "ringcast_subscriptions_active",
             "Active subscriptions.",
             |m| &m.subscriptions_active,
+        ),
+        (
+            "ringcast_registry_connections",
+            "Connections the shards hold, in any phase (handshake included).",
+            |m| &m.registry_connections,
+        ),
+        (
+            "ringcast_topic_index_entries",
+            "Topics in the shards' topic indexes (summed: a topic counts once per shard).",
+            |m| &m.topic_index_entries,
         ),
     ];
     for (name, help, f) in gauges {
@@ -394,11 +411,16 @@ mod tests {
         let b = ShardMetrics::default();
         a.connections_active.fetch_add(2, Ordering::Relaxed);
         b.connections_active.fetch_add(3, Ordering::Relaxed);
+        a.registry_connections.store(4, Ordering::Relaxed);
+        b.registry_connections.store(1, Ordering::Relaxed);
+        b.topic_index_entries.store(7, Ordering::Relaxed);
         a.dropped(Drop::SlowConsumer);
         b.dropped_n(Drop::SlowConsumer, 4);
         b.handshake_failed(404);
         let text = render(&[&a, &b]);
         assert!(text.contains("ringcast_connections_active 5\n"), "{text}");
+        assert!(text.contains("ringcast_registry_connections 5\n"), "{text}");
+        assert!(text.contains("ringcast_topic_index_entries 7\n"), "{text}");
         assert!(text.contains("ringcast_messages_dropped_total{reason=\"slow_consumer\"} 5\n"));
         assert!(text.contains("ringcast_handshake_failures_total{status=\"404\"} 1\n"));
     }

@@ -4,7 +4,7 @@
 //! a shard that dies unexpectedly ends the process with status 1.
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -232,36 +232,62 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListe
 /// Whether /proc/net/tcp{,6} shows a listening socket on `addr`'s port at
 /// `addr`'s IP or a wildcard. `None` when /proc cannot be read.
 fn someone_listens_on(addr: SocketAddr) -> Option<bool> {
-    const LISTEN: &str = "0A";
-    let port = format!("{:04X}", addr.port());
     let mut any_read = false;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
         any_read = true;
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let (Some(local), Some(_remote), Some(state)) = (cols.nth(1), cols.next(), cols.next())
-            else {
-                continue;
-            };
-            let Some((ip, p)) = local.rsplit_once(':') else {
-                continue;
-            };
-            let wildcard = ip.bytes().all(|b| b == b'0');
-            let same_ip = match addr.ip() {
-                std::net::IpAddr::V4(v4) => {
-                    ip == format!("{:08X}", u32::from_ne_bytes(v4.octets()))
-                }
-                std::net::IpAddr::V6(_) => false,
-            };
-            if state == LISTEN && p == port && (wildcard || same_ip || addr.ip().is_unspecified()) {
-                return Some(true);
-            }
+        if table_has_listener(&text, addr) {
+            return Some(true);
         }
     }
     any_read.then_some(false)
+}
+
+/// Whether a /proc/net/tcp or /proc/net/tcp6 table (its whole text, header
+/// line first) has a socket in LISTEN on `addr`'s port whose local address
+/// conflicts with `addr`: the same IP (an IPv4 address also in its
+/// IPv4-mapped IPv6 form, and back), a wildcard, or any IP when `addr`
+/// itself is a wildcard.
+fn table_has_listener(table: &str, addr: SocketAddr) -> bool {
+    const LISTEN: &str = "0A";
+    let port = format!("{:04X}", addr.port());
+    let mut same = vec![proc_net_hex(addr.ip())];
+    match addr.ip() {
+        IpAddr::V4(v4) => same.push(proc_net_hex(IpAddr::V6(v4.to_ipv6_mapped()))),
+        IpAddr::V6(v6) => same.extend(v6.to_ipv4_mapped().map(|v4| proc_net_hex(v4.into()))),
+    }
+    table.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        let (Some(local), Some(_remote), Some(state)) = (cols.nth(1), cols.next(), cols.next())
+        else {
+            return false;
+        };
+        let Some((ip, p)) = local.rsplit_once(':') else {
+            return false;
+        };
+        let wildcard = ip.bytes().all(|b| b == b'0');
+        let same_ip = same.iter().any(|s| s.eq_ignore_ascii_case(ip));
+        state == LISTEN && p == port && (wildcard || same_ip || addr.ip().is_unspecified())
+    })
+}
+
+/// An IP address as /proc/net/tcp{,6} print it: each 32-bit word of the
+/// address (one for IPv4, four for IPv6) in host byte order, as `%08X`.
+fn proc_net_hex(ip: IpAddr) -> String {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    octets
+        .chunks_exact(4)
+        .map(|w| {
+            let mut word = [0u8; 4];
+            word.copy_from_slice(w);
+            format!("{:08X}", u32::from_ne_bytes(word))
+        })
+        .collect()
 }
 
 fn new_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<Socket> {
@@ -285,6 +311,71 @@ mod tests {
             err.to_string().contains("is another process using it"),
             "{err}"
         );
+    }
+
+    /// /proc/net/tcp6 as Linux prints it (x86, little-endian): a listener
+    /// on [::1]:8080, one on [2001:db8::5]:8080, one on [::ffff:127.0.0.1]:9000,
+    /// one on [::]:7000, and an established connection on port 8081.
+    #[cfg(target_endian = "little")]
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 41 1 0000000000000000 100 0 0 10 0
+   1: B80D0120000000000000000005000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 42 1 0000000000000000 100 0 0 10 0
+   2: 0000000000000000FFFF00000100007F:2328 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 43 1 0000000000000000 100 0 0 10 0
+   3: 00000000000000000000000000000000:1B58 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 44 1 0000000000000000 100 0 0 10 0
+   4: 00000000000000000000000001000000:1F91 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000  1000        0 45 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn proc_net_hex_matches_the_kernel_format() {
+        assert_eq!(proc_net_hex("127.0.0.1".parse().unwrap()), "0100007F");
+        assert_eq!(
+            proc_net_hex("::1".parse().unwrap()),
+            "00000000000000000000000001000000"
+        );
+        assert_eq!(
+            proc_net_hex("2001:db8::5".parse().unwrap()),
+            "B80D0120000000000000000005000000"
+        );
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn specific_ipv6_listeners_are_found_in_tcp6() {
+        let at = |a: &str| table_has_listener(TCP6, a.parse().unwrap());
+        assert!(at("[::1]:8080"));
+        assert!(at("[2001:db8::5]:8080"));
+        assert!(at("[2001:DB8:0::5]:8080"), "any spelling of the address");
+        assert!(!at("[2001:db8::6]:8080"), "another address, same port");
+        assert!(!at("[::1]:8081"), "established, not listening");
+        assert!(!at("[::1]:8082"), "nothing there");
+        // The IPv4-mapped form and IPv4 conflict both ways.
+        assert!(at("127.0.0.1:9000"));
+        assert!(at("[::ffff:127.0.0.1]:9000"));
+        assert!(!at("127.0.0.2:9000"));
+        // A wildcard listener conflicts with every address; a wildcard
+        // address with every listener on its port.
+        assert!(at("[2001:db8::7]:7000"));
+        assert!(at("10.0.0.1:7000"));
+        assert!(at("[::]:8080"));
+    }
+
+    #[test]
+    fn an_ipv6_port_held_elsewhere_is_refused() {
+        // Needs IPv6 on loopback; without it there is nothing to refuse.
+        let Ok(other) = TcpListener::bind("[::1]:0") else {
+            eprintln!("no IPv6 loopback here: skipping");
+            return;
+        };
+        let addr = other.local_addr().unwrap();
+        assert_eq!(someone_listens_on(addr), Some(true));
+        let err = bind_listeners(addr, 2).unwrap_err();
+        assert!(
+            err.to_string().contains("is another process using it"),
+            "{err}"
+        );
+        drop(other);
+        assert_eq!(someone_listens_on(addr), Some(false));
     }
 
     #[test]

@@ -63,9 +63,22 @@ fn assert_running(server: &mut TestServer) {
     }
 }
 
+/// No connection is left: none upgraded, and none in the shards' registry
+/// in any phase (handshake and closing included).
 fn assert_no_connections(server: &TestServer) {
-    server.wait_for("connections_active == 0", Duration::from_secs(10), |s| {
-        s.metric("ringcast_connections_active") == 0.0
+    server.wait_for("no connection left", Duration::from_secs(10), |s| {
+        let m = s.metrics();
+        m.get("ringcast_connections_active") == Some(&0.0)
+            && m.get("ringcast_registry_connections") == Some(&0.0)
+    });
+}
+
+/// Nothing is left in the shards' topic indexes, and no subscription.
+fn assert_no_topics(server: &TestServer) {
+    server.wait_for("topic index empty", Duration::from_secs(5), |s| {
+        let m = s.metrics();
+        m.get("ringcast_topic_index_entries") == Some(&0.0)
+            && m.get("ringcast_subscriptions_active") == Some(&0.0)
     });
 }
 
@@ -315,16 +328,19 @@ fn slowloris_handshakes_are_closed_by_the_handshake_timeout() {
         })
         .collect();
     let mut closed_after = Vec::new();
+    let mut answers: Vec<Vec<u8>> = vec![Vec::new(); slow.len()];
     let mut served_meanwhile = false;
     let mut next = 0;
     while closed_after.len() < slow.len() && started.elapsed() < Duration::from_secs(5) {
-        for slot in slow.iter_mut() {
+        for (slot, answer) in slow.iter_mut().zip(&mut answers) {
             let Some(s) = slot else { continue };
-            let mut buf = [0u8; 64];
-            let gone = match s.read(&mut buf) {
-                Ok(_) => true, // EOF, or an answer: either way no longer idle
-                Err(e) => e.kind() != ErrorKind::WouldBlock,
-            } || s.write(&upgrade[next % upgrade.len()..][..1]).is_err();
+            // The answer, then EOF (or a reset: the client kept writing).
+            let ended = read_available(s, answer);
+            let gone = ended || s.write(&upgrade[next % upgrade.len()..][..1]).is_err();
+            if gone && !ended {
+                // The write failed: what came before the reset is still readable.
+                read_available(s, answer);
+            }
             if gone {
                 closed_after.push(started.elapsed());
                 *slot = None;
@@ -332,6 +348,10 @@ fn slowloris_handshakes_are_closed_by_the_handshake_timeout() {
         }
         next += 1;
         if next == 3 {
+            // The registry holds connections still in the handshake.
+            let m = server.metrics();
+            assert!(m["ringcast_registry_connections"] >= 50.0, "{m:?}");
+            assert_eq!(m["ringcast_connections_active"], 0.0);
             // While 50 connections trickle, a normal client gets through.
             assert_served(&mut server);
             served_meanwhile = true;
@@ -352,9 +372,40 @@ fn slowloris_handshakes_are_closed_by_the_handshake_timeout() {
         "no normal client was served during the attack"
     );
     assert!(next < upgrade.len(), "the slow upgrade must never complete");
-    assert!(server.metric("ringcast_handshake_failures_total{status=\"408\"}") >= 50.0);
+    // Every handshake error is an HTTP answer with a one-line reason.
+    for (i, answer) in answers.iter().enumerate() {
+        let answer = String::from_utf8_lossy(answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "connection {i}: {answer:?}"
+        );
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert_eq!(
+            body, "request head not received in time\n",
+            "connection {i}"
+        );
+    }
+    assert_eq!(
+        server.metric("ringcast_handshake_failures_total{status=\"408\"}"),
+        50.0
+    );
     assert_no_connections(&server);
     assert_served(&mut server);
+}
+
+/// Reads what a non-blocking socket has into `into`; true once the server
+/// has ended the connection (EOF or reset).
+fn read_available(s: &mut TcpStream, into: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => into.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 #[test]
@@ -552,10 +603,9 @@ fn ten_thousand_subscriptions_stop_at_max_subscriptions() {
         1,
         "the connection stays open"
     );
+    assert_eq!(server.metric("ringcast_topic_index_entries"), 1024.0);
     drop((s, reader));
-    server.wait_for("subscriptions_active == 0", Duration::from_secs(5), |s| {
-        s.metric("ringcast_subscriptions_active") == 0.0
-    });
+    assert_no_topics(&server);
     assert_served(&mut server);
 }
 
@@ -617,9 +667,7 @@ fn five_thousand_connect_subscribe_leave_cycles_leak_nothing() {
         t.join().unwrap();
     }
     assert_no_connections(&server);
-    server.wait_for("subscriptions_active == 0", Duration::from_secs(5), |s| {
-        s.metric("ringcast_subscriptions_active") == 0.0
-    });
+    assert_no_topics(&server);
     assert!(server.metric("ringcast_connections_accepted_total") >= 5000.0);
     assert_rss_bounded(&server);
     assert_served(&mut server);

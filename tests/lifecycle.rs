@@ -102,6 +102,13 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
     let mut clients: Vec<Client> = (0..6)
         .map(|_| Client::connect(&server.url()).unwrap())
         .collect();
+    // One client is still sending its upgrade request when the drain starts.
+    let mut upgrading = raw::connect(server.addr, &raw::UPGRADE.as_bytes()[..30]);
+    server.wait_for(
+        "the upgrading connection accepted",
+        Duration::from_secs(5),
+        |s| s.metric("ringcast_registry_connections") == 7.0,
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status();
@@ -125,6 +132,12 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
         delays.iter().any(|d| *d != delays[0]),
         "delays not spread: {delays:?}"
     );
+    let answer = String::from_utf8(raw::read_to_end(&mut upgrading)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ")
+            && answer.ends_with("service unavailable: server is draining\n"),
+        "{answer:?}"
+    );
     for c in clients {
         c.close();
     }
@@ -132,6 +145,39 @@ fn sigterm_drains_with_spread_delays_then_exits_zero() {
         .wait_exit(Duration::from_secs(10))
         .expect("server did not exit");
     assert!(status.success(), "{status:?}\n{}", server.log());
+}
+
+/// Supervision: a shard that dies (here by the debug build's fault
+/// injection, `RINGCAST_DEBUG_PANIC_SHARD`) is logged and the process exits
+/// 1 at once, instead of serving on with a shard gone or hanging.
+#[cfg(debug_assertions)]
+#[test]
+fn a_dead_shard_is_logged_and_the_process_exits_1() {
+    for shard in ["0", "1"] {
+        let mut server = TestServer::start_with_env(&[], &[("RINGCAST_DEBUG_PANIC_SHARD", shard)]);
+        let status = server.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "shard {shard} panicked: the process still runs\n{}",
+                server.log()
+            )
+        });
+        let log = server.log();
+        assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
+        assert!(
+            log.contains("injected panic"),
+            "the panic is in the log:\n{log}"
+        );
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains("shard panicked")
+                && l.contains(&format!("shard={shard}"))),
+            "the supervisor names the dead shard:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("shard {shard} panicked; stopping the node")),
+            "{log}"
+        );
+    }
 }
 
 fn ringcast(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -161,6 +207,74 @@ fn invalid_settings_exit_2_naming_the_setting() {
     std::fs::remove_file(&file).unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeet"));
+}
+
+/// `ringcast serve --help` documents every setting: each flag of the
+/// README's configuration table is in it, and each flag in it has a
+/// description with its default and its `RINGCAST_*` variable, and is in
+/// the README.
+#[test]
+fn serve_help_documents_every_flag() {
+    let out = ringcast(&["serve", "--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each option is a block: its flag line, then indented description lines.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("--") {
+            let flag = rest.split([' ', '\t']).next().unwrap().to_string();
+            blocks.push((flag, String::new()));
+        } else if trimmed.starts_with("-h, --help") {
+            blocks.push(("help".into(), String::new()));
+        } else if let Some((_, text)) = blocks.last_mut() {
+            text.push_str(trimmed);
+            text.push('\n');
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .flat_map(|row| row.split('|').nth(1).unwrap().split('`'))
+        .filter_map(|w| w.strip_prefix("--"))
+        .collect();
+    assert!(
+        table.len() >= 30,
+        "the README's configuration table: {table:?}"
+    );
+    for flag in &table {
+        assert!(
+            blocks.iter().any(|(f, _)| f == flag),
+            "README flag --{flag} is not in `ringcast serve --help`:\n{help}"
+        );
+    }
+    for (flag, text) in blocks.iter().filter(|(f, _)| f != "help") {
+        // `[env: RINGCAST_X=]`, or `[env: RINGCAST_X]` for a hidden value.
+        let env = format!("[env: RINGCAST_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(
+            [format!("{env}=]"), format!("{env}]")]
+                .iter()
+                .any(|e| text.contains(e)),
+            "--{flag} does not name {env}:\n{text}"
+        );
+        let description = text.lines().next().unwrap_or_default();
+        assert!(
+            !description.starts_with('['),
+            "--{flag} has no description:\n{text}"
+        );
+        if flag != "config" {
+            assert!(
+                text.contains("[default: "),
+                "--{flag} gives no default:\n{text}"
+            );
+        }
+        assert!(
+            readme.contains(&format!("`--{flag}`")),
+            "--{flag} is not in the README"
+        );
+    }
 }
 
 #[test]
@@ -263,6 +377,26 @@ fn the_reconnecting_client_comes_back_and_resubscribes() {
 fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
     let server = TestServer::start(&[]);
     let target = server.addr.to_string();
+    // Meanwhile, connections that subscribe then leave (close frame, FIN or
+    // reset), so the topic index churns with the registry.
+    let addr = server.addr;
+    let subscribers = std::thread::spawn(move || {
+        for i in 0..SUBSCRIBING_CYCLES {
+            let mut s = raw::open(addr);
+            let sub = format!(r#"{{"op":"sub","id":{i},"topic":"churn.{}"}}"#, i % 8);
+            s.write_all(&raw::frame(true, 1, sub.as_bytes())).unwrap();
+            assert_eq!(raw::read_op(&mut s, "ok")["id"], i);
+            match i % 3 {
+                0 => s
+                    .write_all(&raw::frame(true, 8, &1000u16.to_be_bytes()))
+                    .unwrap(),
+                1 => {}
+                _ => socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap(),
+            }
+        }
+    });
     let args = [
         "load",
         "connect",
@@ -282,12 +416,30 @@ fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    server.wait_for("every connection released", Duration::from_secs(10), |s| {
-        s.metric("ringcast_connections_active") == 0.0
-    });
+    subscribers.join().unwrap();
+    assert_registry_empty(&server);
     assert_eq!(
         server.metric("ringcast_connections_accepted_total"),
-        100_000.0
+        100_000.0 + f64::from(SUBSCRIBING_CYCLES)
     );
-    assert_eq!(server.metric("ringcast_subscriptions_active"), 0.0);
+}
+
+/// Subscribing connections made during the 100k connect/close cycles.
+const SUBSCRIBING_CYCLES: u32 = 600;
+
+/// Waits until the shards hold no connection (in any phase: the registry
+/// itself, not only upgraded ones), no subscription and no topic.
+fn assert_registry_empty(server: &TestServer) {
+    server.wait_for(
+        "registry and topic index empty",
+        Duration::from_secs(10),
+        |s| {
+            let m = s.metrics();
+            let get = |name: &str| m.get(name).copied();
+            get("ringcast_registry_connections") == Some(0.0)
+                && get("ringcast_topic_index_entries") == Some(0.0)
+                && get("ringcast_connections_active") == Some(0.0)
+                && get("ringcast_subscriptions_active") == Some(0.0)
+        },
+    );
 }

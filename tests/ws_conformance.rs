@@ -315,16 +315,32 @@ fn unknown_path_is_404() {
 
 #[test]
 fn origin_outside_the_allow_list_is_403() {
-    let server = TestServer::start(&["--allowed-origins", "http://good"]);
+    let server = TestServer::start(&["--allowed-origins", "http://good,http://also-good"]);
     let evil = upgrade_plus("Origin: http://evil\r\n");
     assert_refused(&server, &evil, 403, "http://evil");
-    let good = upgrade_plus("Origin: http://good\r\n");
-    let (r, mut s) = exchange(&server, &good);
+    // An empty Origin is not on the list either (only a missing one passes).
+    assert_refused(&server, &upgrade_plus("Origin:\r\n"), 403, "origin \"\"");
+    for good in ["http://good", "http://also-good"] {
+        let (r, mut s) = exchange(&server, &upgrade_plus(&format!("Origin: {good}\r\n")));
+        assert_eq!(r.status, 101, "{good}");
+        assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
+        assert!(read_frame(&mut s).is_some(), "welcome after {good}");
+    }
+}
+
+#[test]
+fn no_origin_passes_the_allow_list() {
+    // Browsers always send Origin; the allowlist protects them from
+    // cross-site WebSocket hijacking. A client without one is not a
+    // browser, and could send any Origin it liked: it is let through.
+    let server = TestServer::start(&["--allowed-origins", "http://good"]);
+    assert!(!raw::UPGRADE.contains("Origin"));
+    let (r, mut s) = exchange(&server, raw::UPGRADE);
     assert_eq!(r.status, 101);
-    assert_eq!(r.header("sec-websocket-accept"), Some(RFC_ACCEPT));
-    assert!(
-        read_frame(&mut s).is_some(),
-        "welcome after an allowed origin"
+    assert!(read_frame(&mut s).is_some(), "welcome without an Origin");
+    assert_eq!(
+        server.metric("ringcast_handshake_failures_total{status=\"403\"}"),
+        0.0
     );
 }
 
@@ -333,6 +349,34 @@ fn only_unknown_subprotocols_is_400() {
     let server = TestServer::start(&[]);
     let request = upgrade_plus("Sec-WebSocket-Protocol: chat, mqtt\r\n");
     assert_refused(&server, &request, 400, "subprotocol");
+}
+
+#[test]
+fn handshake_not_finished_in_time_is_408() {
+    let server = TestServer::start(&["--handshake-timeout", "1s"]);
+    // Half a request head, then nothing.
+    let started = std::time::Instant::now();
+    let partial = &raw::UPGRADE[..40];
+    let r = assert_refused(&server, partial, 408, "not received in time");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(r.header("connection"), Some("close"));
+    // Not a single byte: the same.
+    assert_refused(&server, "", 408, "not received in time");
+}
+
+#[test]
+fn bytes_after_a_refused_upgrade_are_not_read_as_frames() {
+    let server = TestServer::start(&[]);
+    // A refused upgrade followed at once by what would be protocol errors
+    // (unmasked, then a reserved opcode; no FIN bit, so the bytes stay
+    // ASCII): only the HTTP answer comes back (one line, exactly
+    // Content-Length bytes, then EOF), never a close frame.
+    let mut request = upgrade_with("GET /ws ", "GET /nope ").into_bytes();
+    request.extend(frame_with(false, 0, 1, b"{}", None));
+    request.extend(frame_with(false, 0, 0x3, b"x", None));
+    let request = String::from_utf8(request).expect("ASCII frames");
+    assert_refused(&server, &request, 404, "/nope");
+    assert_eq!(protocol_disconnects(&server), 0.0);
 }
 
 #[test]
@@ -387,6 +431,29 @@ fn ping_is_answered_with_pong_carrying_the_same_payload() {
 fn ping_payload_of_126_bytes_is_1002() {
     let server = TestServer::start(&[]);
     assert_frames_fail(&server, &[frame(true, 9, &[7; 126])], 1002);
+}
+
+#[test]
+fn pong_payload_of_126_bytes_is_1002() {
+    let server = TestServer::start(&[]);
+    assert_frames_fail(&server, &[frame(true, 0xA, &[7; 126])], 1002);
+}
+
+#[test]
+fn close_payload_of_126_bytes_is_1002() {
+    let server = TestServer::start(&[]);
+    // A valid code and a 124-byte UTF-8 reason: 126 bytes, one too many.
+    let payload = close_payload(1000, &"r".repeat(124));
+    assert_eq!(payload.len(), 126);
+    assert_frames_fail(&server, &[frame(true, 8, &payload)], 1002);
+    // 125 bytes is still a close, and is echoed.
+    let mut s = raw::open(server.addr);
+    send(
+        &mut s,
+        &[frame(true, 8, &close_payload(1000, &"r".repeat(123)))],
+    );
+    assert_eq!(read_close_code(&mut s), Some(1000));
+    assert_eof(&mut s, EOF_WITHIN, false);
 }
 
 #[test]
@@ -559,6 +626,26 @@ fn client_close_1000_is_echoed_then_the_server_ends_tcp() {
         "{payload:?}"
     );
     assert_eof(&mut s, EOF_WITHIN, false);
+    assert_no_connections(&server);
+}
+
+#[test]
+fn client_close_codes_of_applications_and_libraries_are_echoed() {
+    let server = TestServer::start(&[]);
+    // 3000-3999: registered for libraries; 4000-4999: private use. RFC 6455
+    // section 5.5.1: the endpoint typically echoes the status code it received.
+    for code in [3000u16, 3999, 4000, 4321, 4999, 1001, 1011] {
+        let mut s = raw::open(server.addr);
+        send(&mut s, &[frame(true, 8, &close_payload(code, "going"))]);
+        let (op, payload) = read_frame(&mut s).expect("close reply");
+        assert_eq!(op, 8, "code {code}");
+        assert_eq!(
+            payload.get(..2),
+            Some(&code.to_be_bytes()[..]),
+            "code {code} echoed: {payload:?}"
+        );
+        assert_eof(&mut s, EOF_WITHIN, false);
+    }
     assert_no_connections(&server);
 }
 

@@ -27,6 +27,7 @@ use crate::metrics::{Disconnect, Drop, ShardMetrics};
 use crate::protocol::{encode_drain, encode_error, encode_ok, OkExtra};
 use crate::topic::TopicName;
 use crate::ws::frame::{encode_frame, OpCode};
+use crate::ws::handshake::HandshakeError;
 
 /// Inbox messages handled before the shard flushes writes and yields.
 const INBOX_BATCH: usize = 256;
@@ -208,7 +209,39 @@ async fn run(setup: ShardSetup) {
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweep_loop(shard.clone()));
     monoio::spawn(poll_loop(shard.clone(), waiter));
+    #[cfg(debug_assertions)]
+    arm_debug_panic(shard.id);
     shard_loop(&shard, &setup.inbox).await;
+}
+
+/// Test-only fault injection, in debug builds only (release builds do not
+/// read it): with `RINGCAST_DEBUG_PANIC_SHARD=N`, shard N panics
+/// [`DEBUG_PANIC_AFTER`] after it is up, so the tests (which run the debug
+/// binary) can check the supervision in [`crate::server`]: the dead shard
+/// is logged and the process exits 1 instead of hanging. Never set it in
+/// production; a release build ignores it.
+#[cfg(debug_assertions)]
+pub const DEBUG_PANIC_SHARD_ENV: &str = "RINGCAST_DEBUG_PANIC_SHARD";
+
+/// How long after start-up the shard named by [`DEBUG_PANIC_SHARD_ENV`] panics.
+#[cfg(debug_assertions)]
+pub const DEBUG_PANIC_AFTER: Duration = Duration::from_millis(300);
+
+#[cfg(debug_assertions)]
+fn arm_debug_panic(id: usize) {
+    let wanted = std::env::var(DEBUG_PANIC_SHARD_ENV).ok();
+    if wanted.and_then(|v| v.trim().parse::<usize>().ok()) != Some(id) {
+        return;
+    }
+    warn!(
+        env = DEBUG_PANIC_SHARD_ENV,
+        after_ms = DEBUG_PANIC_AFTER.as_millis() as u64,
+        "test-only fault injection: this shard will panic"
+    );
+    monoio::spawn(async move {
+        monoio::time::sleep(DEBUG_PANIC_AFTER).await;
+        panic!("{DEBUG_PANIC_SHARD_ENV}={id}: injected panic (test-only, debug builds)");
+    });
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
@@ -243,6 +276,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 }
                 debug!(conn = id.0, %peer, "accepted");
                 shard.conns.borrow_mut().insert(id, conn);
+                shard.sync_gauges();
             }
             Err(_) if shard.draining.get() => break,
             Err(e) => {
@@ -318,16 +352,18 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
         if inbox.take_lagged() {
             shard.on_lagged();
         }
-        for _ in 0..INBOX_BATCH {
-            let Some(msg) = inbox.try_recv() else { break };
-            if let ShardMsg::Drain { window_ms } = msg {
+        // A flag, not a message: a full inbox cannot lose it (crate::bus).
+        if let Some(window_ms) = inbox.take_drain() {
+            if drain_deadline.is_none() {
                 shard.tick();
                 let window = Duration::from_millis(window_ms) + DRAIN_GRACE;
                 drain_deadline = Some(shard.now_ms().saturating_add(window.as_millis() as u64));
                 shard.start_drain(window_ms);
-            } else {
-                shard.handle(msg);
             }
+        }
+        for _ in 0..INBOX_BATCH {
+            let Some(msg) = inbox.try_recv() else { break };
+            shard.handle(msg);
         }
         shard.flush_dirty();
         // Let connection tasks run between batches.
@@ -472,6 +508,7 @@ impl Shard {
                         .entry(topic)
                         .or_default()
                         .push(conn);
+                    self.sync_gauges();
                     self.metrics
                         .subscriptions_active
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -497,7 +534,6 @@ impl Shard {
                     Err(reason) => self.queue(&conn, encode_error(reply.req, 1011, &reason)),
                 }
             }
-            ShardMsg::Drain { window_ms } => self.start_drain(window_ms),
         }
     }
 
@@ -590,9 +626,8 @@ impl Shard {
         for conn in conns {
             match conn.phase() {
                 Phase::Handshake if now >= conn.deadline() => {
-                    self.metrics.handshake_failed(408);
-                    self.metrics.disconnect(Disconnect::Handshake);
-                    conn.shut();
+                    // Like every handshake error: an HTTP answer, then close.
+                    connection::refuse(self, &conn, &HandshakeError::Timeout);
                 }
                 Phase::Open if conn.identity.borrow().is_none() && now >= conn.deadline() => {
                     self.close(&conn, 4001, "authentication timed out", Disconnect::Auth);
@@ -649,7 +684,13 @@ impl Shard {
                     }
                     self.close(&conn, 1001, "server going away", Disconnect::Drain);
                 }
-                Phase::Handshake => conn.shut(),
+                // Mid-upgrade: an HTTP answer too, like every refusal.
+                Phase::Handshake => {
+                    let draining = HandshakeError::Unavailable {
+                        reason: "server is draining",
+                    };
+                    connection::refuse(self, &conn, &draining);
+                }
                 Phase::Closing | Phase::Closed => {}
             }
         }
@@ -679,9 +720,22 @@ impl Shard {
         for topic in &subs {
             detach(&mut topics, topic, conn);
         }
+        drop(topics);
+        self.sync_gauges();
         self.metrics
             .subscriptions_active
             .fetch_sub(subs.len() as i64, Relaxed);
+    }
+
+    /// Publishes the sizes of the registry and the topic index as gauges,
+    /// after every change to either: what `/metrics` shows is the maps
+    /// themselves, not a count kept beside them that could drift.
+    fn sync_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let conns = self.conns.borrow().len() as i64;
+        let topics = self.topics.borrow().len() as i64;
+        self.metrics.registry_connections.store(conns, Relaxed);
+        self.metrics.topic_index_entries.store(topics, Relaxed);
     }
 
     /// Unsubscribes one connection from one topic; false if it was not subscribed.
@@ -690,6 +744,7 @@ impl Shard {
             return take(&mut conn.pending.borrow_mut(), topic);
         }
         detach(&mut self.topics.borrow_mut(), topic, conn);
+        self.sync_gauges();
         self.metrics
             .subscriptions_active
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

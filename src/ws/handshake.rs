@@ -125,11 +125,13 @@ pub enum HandshakeError {
         /// The requested path, without query.
         path: String,
     },
-    /// The `Origin` is not allow-listed (403). A missing `Origin` is passed
-    /// as an empty string.
+    /// The `Origin` is not allow-listed (403). Only a request that sends
+    /// an `Origin` can get this: one without (not a browser, which could
+    /// send any value it liked) passes the allowlist, which exists to keep
+    /// other sites' pages in a browser from connecting.
     #[error("origin {origin:?} is not allowed")]
     OriginNotAllowed {
-        /// The `Origin` sent, or `""` when absent.
+        /// The `Origin` sent (its first [`ECHO_MAX`] characters; may be empty).
         origin: String,
     },
     /// Only unknown subprotocols were offered (400).
