@@ -311,6 +311,12 @@ pub struct BrokerMetrics {
     pub recoveries_redis: AtomicU64,
     /// Times the Redis reader lost its connection.
     pub reader_disconnects: AtomicU64,
+    /// `XRANGE` reads run for recoveries; identical recoveries in flight
+    /// at once share one.
+    pub recovery_ranges: AtomicU64,
+    /// Recoveries answered `recovered:false` at once because too many
+    /// Redis reads for recovery were already waiting.
+    pub recoveries_shed: AtomicU64,
     skipped: [AtomicU64; 7],
 }
 
@@ -322,6 +328,8 @@ impl Default for BrokerMetrics {
             recoveries_cached: AtomicU64::new(0),
             recoveries_redis: AtomicU64::new(0),
             reader_disconnects: AtomicU64::new(0),
+            recovery_ranges: AtomicU64::new(0),
+            recoveries_shed: AtomicU64::new(0),
             skipped: Default::default(),
         }
     }
@@ -344,7 +352,7 @@ impl BrokerMetrics {
             "1 when the broker delivers, 0 while it reconnects.",
         );
         let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
-        let counters: [(&str, &str, &AtomicU64); 4] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             (
                 "ringcast_broker_entries_read_total",
                 "Stream entries read from Redis and delivered to the shards.",
@@ -364,6 +372,16 @@ impl BrokerMetrics {
                 "ringcast_broker_reader_disconnects_total",
                 "Times the Redis reader lost its connection.",
                 &self.reader_disconnects,
+            ),
+            (
+                "ringcast_broker_recovery_ranges_total",
+                "XRANGE reads run for recoveries (identical concurrent recoveries share one).",
+                &self.recovery_ranges,
+            ),
+            (
+                "ringcast_broker_recoveries_shed_total",
+                "Recoveries refused because too many Redis reads for recovery were waiting.",
+                &self.recoveries_shed,
             ),
         ];
         for (name, help, c) in counters {
