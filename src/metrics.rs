@@ -317,6 +317,8 @@ pub struct BrokerMetrics {
     /// Recoveries answered `recovered:false` at once because too many
     /// Redis reads for recovery were already waiting.
     pub recoveries_shed: AtomicU64,
+    /// Pipelined round trips that carried client publishes (`XADD`s).
+    pub publish_round_trips: AtomicU64,
     skipped: [AtomicU64; 7],
 }
 
@@ -330,6 +332,7 @@ impl Default for BrokerMetrics {
             reader_disconnects: AtomicU64::new(0),
             recovery_ranges: AtomicU64::new(0),
             recoveries_shed: AtomicU64::new(0),
+            publish_round_trips: AtomicU64::new(0),
             skipped: Default::default(),
         }
     }
@@ -352,7 +355,7 @@ impl BrokerMetrics {
             "1 when the broker delivers, 0 while it reconnects.",
         );
         let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             (
                 "ringcast_broker_entries_read_total",
                 "Stream entries read from Redis and delivered to the shards.",
@@ -382,6 +385,11 @@ impl BrokerMetrics {
                 "ringcast_broker_recoveries_shed_total",
                 "Recoveries refused because too many Redis reads for recovery were waiting.",
                 &self.recoveries_shed,
+            ),
+            (
+                "ringcast_broker_publish_round_trips_total",
+                "Pipelined round trips to Redis that carried client publishes.",
+                &self.publish_round_trips,
             ),
         ];
         for (name, help, c) in counters {

@@ -201,3 +201,55 @@ fn ringcast_publish_with_redis_xadds_to_the_right_partition() {
     assert_eq!(got[0].1, mid);
     assert_eq!(got[0].2, json!({"level": "red"}));
 }
+
+#[test]
+fn a_burst_of_concurrent_publishes_shares_pipelined_round_trips() {
+    const CONNS: usize = 4;
+    const EACH: usize = 250;
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    // Each connection writes all its publishes at once, as a burst.
+    let bursts: Vec<_> = (0..CONNS)
+        .map(|n| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut s = raw::open(addr);
+                let topic = format!("burst{n}");
+                let frames: Vec<u8> = (0..EACH)
+                    .flat_map(|i| {
+                        let op = json!({"op": "pub", "id": i, "topic": topic, "data": i});
+                        raw::frame(true, 1, op.to_string().as_bytes())
+                    })
+                    .collect();
+                std::io::Write::write_all(&mut s, &frames).unwrap();
+                let mut mids = vec![String::new(); EACH];
+                for _ in 0..EACH {
+                    let ok = raw::read_op(&mut s, "ok");
+                    let i = ok["id"].as_u64().unwrap() as usize;
+                    mids[i] = ok["mid"].as_str().unwrap().to_string();
+                }
+                (topic, mids)
+            })
+        })
+        .collect();
+    for b in bursts {
+        let (topic, mids) = b.join().unwrap();
+        let parsed: Vec<ringcast::broker::MsgId> =
+            mids.iter().map(|m| m.parse().unwrap()).collect();
+        assert!(
+            parsed.windows(2).all(|w| w[0] < w[1]),
+            "{topic}: one connection's publishes keep their order"
+        );
+    }
+    let m = server.metrics();
+    let (published, trips) = (
+        m["ringcast_messages_published_total"],
+        m["ringcast_broker_publish_round_trips_total"],
+    );
+    eprintln!("{published} publishes in {trips} round trips");
+    assert_eq!(published, (CONNS * EACH) as f64);
+    assert!(
+        trips * 10.0 <= published,
+        "{trips} round trips for {published} publishes: not pipelined"
+    );
+}

@@ -445,12 +445,15 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &Br
             }
         }
         let results = match conn.as_mut() {
-            Some(c) => c.pipeline_each(
-                batch
-                    .iter()
-                    .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
-                    .collect(),
-            ),
+            Some(c) => {
+                metrics.publish_round_trips.fetch_add(1, Ordering::Relaxed);
+                c.pipeline_each(
+                    batch
+                        .iter()
+                        .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
+                        .collect(),
+                )
+            }
             None => {
                 for r in batch.drain(..) {
                     fail(bus, r, "broker unavailable: cannot reach Redis");
