@@ -253,3 +253,93 @@ fn a_burst_of_concurrent_publishes_shares_pipelined_round_trips() {
         "{trips} round trips for {published} publishes: not pipelined"
     );
 }
+
+#[test]
+fn partitions_and_key_prefix_are_settings_producers_must_match() {
+    use ringcast::broker::redis::{epoch_key, partition, stream_key};
+    let redis = TestRedis::start();
+    let server = TestServer::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-partitions",
+        "4",
+        "--redis-key-prefix",
+        "app",
+    ]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    let epoch = c.subscribe("news", None).unwrap().epoch;
+    let p = partition("news", 4);
+    let mut producer = redis.conn();
+    let mut want = vec![common::redis::xadd_to(
+        &mut producer,
+        "app",
+        4,
+        "news",
+        &[("topic", "news"), ("data", "1")],
+    )];
+    // In another of the 4 partitions' streams: skipped.
+    let _: String = redis::cmd("XADD")
+        .arg(stream_key("app", (p + 1) % 4))
+        .arg("*")
+        .arg(&["topic", "news", "data", "2"])
+        .query(&mut producer)
+        .unwrap();
+    // Where a producer with the defaults would write: not read at all.
+    xadd(&mut producer, "news", &[("topic", "news"), ("data", "3")]);
+    // A client publish goes to the prefixed stream of its partition of 4.
+    want.push(c.publish("news", &json!(4)).unwrap());
+    let got = recv_msgs(&mut c, 2);
+    assert_eq!(
+        got.iter().map(|(_, id, _)| id.clone()).collect::<Vec<_>>(),
+        want
+    );
+    assert_eq!(got[1].2, json!(4));
+    assert_quiet(&mut c);
+    let m = server.metrics();
+    assert_eq!(
+        m["ringcast_broker_entries_skipped_total{reason=\"wrong_partition\"}"],
+        1.0
+    );
+    assert_eq!(m["ringcast_broker_entries_read_total"], 2.0);
+    let len: usize = redis::cmd("XLEN")
+        .arg(stream_key("app", p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(len, 2);
+    let stored: String = redis::cmd("GET")
+        .arg(epoch_key("app", p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(stored, epoch);
+    // Recovery reads the same prefixed stream.
+    let mut r = Client::connect(&server.url()).unwrap();
+    let sub = r.subscribe("news", Some((&want[0], &epoch))).unwrap();
+    assert_eq!(sub.recovered, Some(true));
+    assert_eq!(sub.replayed.len(), 1);
+}
+
+#[test]
+fn a_freshly_booted_node_does_not_deliver_entries_written_before_it_booted() {
+    let redis = TestRedis::start();
+    let mut producer = redis.conn();
+    for i in 0..5 {
+        xadd(
+            &mut producer,
+            "early",
+            &[("topic", "early"), ("data", &i.to_string())],
+        );
+    }
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("early", None).unwrap();
+    assert_quiet(&mut c);
+    let id = xadd(
+        &mut producer,
+        "early",
+        &[("topic", "early"), ("data", "\"new\"")],
+    );
+    let got = recv_msgs(&mut c, 1);
+    assert_eq!((got[0].1.as_str(), &got[0].2), (id.as_str(), &json!("new")));
+    assert_quiet(&mut c);
+    assert_eq!(server.metric("ringcast_broker_entries_read_total"), 1.0);
+}
