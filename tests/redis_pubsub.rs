@@ -343,3 +343,47 @@ fn a_freshly_booted_node_does_not_deliver_entries_written_before_it_booted() {
     assert_quiet(&mut c);
     assert_eq!(server.metric("ringcast_broker_entries_read_total"), 1.0);
 }
+
+#[test]
+fn namespace_history_settings_with_redis_are_warned_about_at_start() {
+    let redis = TestRedis::start();
+    let file = std::env::temp_dir().join(format!(
+        "ringcast-ns-redis-{}-{}.toml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::write(
+        &file,
+        "[[namespaces]]\nname = \"chat\"\nhistory_size = 10\n\n\
+         [[namespaces]]\nname = \"feed\"\nhistory_ttl = \"1m\"\n\n\
+         [[namespaces]]\nname = \"\"\n",
+    )
+    .unwrap();
+    let server = TestServer::start(&["--redis", &redis.url(), "--config", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("history_size / history_ttl are ignored with --redis"))
+        .unwrap_or_else(|| panic!("no warning in the log: {log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("chat") && line.contains("feed"),
+        "names them: {line}"
+    );
+    // Everything else works as configured.
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("chat:1", None).unwrap();
+    let mid = c.publish("chat:1", &json!(1)).unwrap();
+    assert_eq!(recv_msgs(&mut c, 1)[0].1, mid);
+    // The embedded broker uses them: no warning there.
+    let file = std::env::temp_dir().join(format!("ringcast-ns-mem-{}.toml", fastrand::u64(..)));
+    std::fs::write(
+        &file,
+        "[[namespaces]]\nname = \"chat\"\nhistory_size = 10\n",
+    )
+    .unwrap();
+    let embedded = TestServer::start(&["--config", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(!embedded.log().contains("are ignored with --redis"));
+}
