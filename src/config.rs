@@ -224,8 +224,9 @@ pub struct Config {
     /// `since` recovery reaches, against Redis memory. Default 100000.
     pub redis_maxlen: u64,
     /// Memory budget of the recent-entry cache that answers most `since`
-    /// recoveries without touching Redis (split evenly over partitions); 0
-    /// sends every recovery to Redis. Default 64 MiB.
+    /// recoveries without touching Redis (split evenly over partitions,
+    /// filled from each stream's tail at start so a reconnect storm after a
+    /// restart stays off Redis); 0 sends every recovery to Redis. Default 64 MiB.
     pub redis_cache_size: usize,
 }
 

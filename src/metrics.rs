@@ -328,6 +328,14 @@ pub struct BrokerMetrics {
     pub recoveries_redis: AtomicU64,
     /// Times the Redis reader lost its connection.
     pub reader_disconnects: AtomicU64,
+    /// `XRANGE` reads run for recoveries; identical recoveries in flight
+    /// at once share one.
+    pub recovery_ranges: AtomicU64,
+    /// Recoveries answered `recovered:false` at once because too many
+    /// Redis reads for recovery were already waiting.
+    pub recoveries_shed: AtomicU64,
+    /// Pipelined round trips that carried client publishes (`XADD`s).
+    pub publish_round_trips: AtomicU64,
     skipped: [AtomicU64; 7],
 }
 
@@ -339,6 +347,9 @@ impl Default for BrokerMetrics {
             recoveries_cached: AtomicU64::new(0),
             recoveries_redis: AtomicU64::new(0),
             reader_disconnects: AtomicU64::new(0),
+            recovery_ranges: AtomicU64::new(0),
+            recoveries_shed: AtomicU64::new(0),
+            publish_round_trips: AtomicU64::new(0),
             skipped: Default::default(),
         }
     }
@@ -361,7 +372,7 @@ impl BrokerMetrics {
             "1 when the broker delivers, 0 while it reconnects.",
         );
         let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
-        let counters: [(&str, &str, &AtomicU64); 4] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             (
                 "ringcast_broker_entries_read_total",
                 "Stream entries read from Redis and delivered to the shards.",
@@ -381,6 +392,21 @@ impl BrokerMetrics {
                 "ringcast_broker_reader_disconnects_total",
                 "Times the Redis reader lost its connection.",
                 &self.reader_disconnects,
+            ),
+            (
+                "ringcast_broker_recovery_ranges_total",
+                "XRANGE reads run for recoveries (identical concurrent recoveries share one).",
+                &self.recovery_ranges,
+            ),
+            (
+                "ringcast_broker_recoveries_shed_total",
+                "Recoveries refused because too many Redis reads for recovery were waiting.",
+                &self.recoveries_shed,
+            ),
+            (
+                "ringcast_broker_publish_round_trips_total",
+                "Pipelined round trips to Redis that carried client publishes.",
+                &self.publish_round_trips,
             ),
         ];
         for (name, help, c) in counters {

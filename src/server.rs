@@ -40,10 +40,13 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     };
     let broker_metrics = Arc::new(BrokerMetrics::default());
     let broker: Arc<dyn Broker> = match redis::Settings::from_config(&config) {
-        Some(settings) => Arc::new(
-            RedisBroker::start(settings, bus.clone(), broker_metrics.clone())
-                .context("starting the Redis Streams broker")?,
-        ),
+        Some(settings) => {
+            warn_ignored_history(&config);
+            Arc::new(
+                RedisBroker::start(settings, bus.clone(), broker_metrics.clone())
+                    .context("starting the Redis Streams broker")?,
+            )
+        }
         None => {
             let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
                 .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
@@ -105,6 +108,25 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     let _ = std::io::stdout().flush();
     supervise(&exit_rx, config.shards, &draining)
+}
+
+/// Namespaces' `history_size` / `history_ttl` shape the embedded broker's
+/// per-topic history only; with Redis, history is the partition stream
+/// (`--redis-maxlen`). Say so rather than ignore them silently.
+fn warn_ignored_history(config: &Config) {
+    let named: Vec<&str> = config
+        .namespaces
+        .iter()
+        .filter(|n| n.history_size.is_some() || n.history_ttl.is_some())
+        .map(|n| n.name.as_str())
+        .collect();
+    if !named.is_empty() {
+        warn!(
+            namespaces = ?named,
+            "namespace history_size / history_ttl are ignored with --redis: history is per \
+             partition stream (--redis-maxlen), shared by every topic of the partition"
+        );
+    }
 }
 
 /// Builds the token verifier from the settings. With no key configured

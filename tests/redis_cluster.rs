@@ -10,17 +10,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis::spawn_redis;
 use common::TestServer;
 use ringcast::broker::redis::{partition, stream_key};
 use ringcast::client::{Client, ClientError, Event};
 use serde_json::json;
 
-/// A 3-master Redis Cluster on free loopback ports; every server is killed
+/// A 3-master Redis Cluster on free loopback ports; every server is checked
+/// to be our own child before use (`common::redis::spawn_redis`) and killed
 /// by its PID on drop.
 struct TestCluster {
     children: Vec<Child>,
@@ -56,31 +57,39 @@ impl TestCluster {
             dir,
         };
         for _ in 0..3 {
-            let port = free_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(c.dir.join(format!("nodes-{port}.conf")))
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(&c.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run redis-server ({e}): install it (tests/run does)")
-                });
-            c.children.push(child);
-            c.ports.push(port);
-        }
-        for &port in &c.ports {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server {port} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
+            // The port may be taken between checking and binding: try others.
+            for attempt in 1.. {
+                let port = free_port();
+                let args: Vec<String> = [
+                    "--port".to_string(),
+                    port.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    c.dir
+                        .join(format!("nodes-{port}.conf"))
+                        .to_string_lossy()
+                        .into(),
+                    "--save".into(),
+                    "".into(),
+                    "--appendonly".into(),
+                    "no".into(),
+                    "--dir".into(),
+                    c.dir.to_string_lossy().into(),
+                ]
+                .to_vec();
+                let log = c.dir.join(format!("redis-{port}.log"));
+                match spawn_redis(&args, port, &log) {
+                    Ok(child) => {
+                        c.children.push(child);
+                        c.ports.push(port);
+                        break;
+                    }
+                    Err(e) if e.port_taken() && attempt < 5 => {}
+                    Err(e) => panic!("{}", e.describe()),
+                }
             }
         }
         let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -98,7 +107,15 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ports.iter().all(|&p| c.state_ok(p)) {
+        loop {
+            for (child, port) in c.children.iter_mut().zip(&c.ports) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("cluster node {port} exited ({status}) before the cluster was ok");
+                }
+            }
+            if c.ports.iter().all(|&p| c.state_ok(p)) {
+                break;
+            }
             assert!(Instant::now() < deadline, "cluster_state never became ok");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -106,9 +123,10 @@ impl TestCluster {
     }
 
     fn state_ok(&self, port: u16) -> bool {
-        let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
-            .arg("INFO")
-            .query(&mut self.node(port));
+        let info: redis::RedisResult<String> =
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c));
         info.is_ok_and(|i| i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384"))
     }
 

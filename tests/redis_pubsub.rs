@@ -201,3 +201,189 @@ fn ringcast_publish_with_redis_xadds_to_the_right_partition() {
     assert_eq!(got[0].1, mid);
     assert_eq!(got[0].2, json!({"level": "red"}));
 }
+
+#[test]
+fn a_burst_of_concurrent_publishes_shares_pipelined_round_trips() {
+    const CONNS: usize = 4;
+    const EACH: usize = 250;
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    // Each connection writes all its publishes at once, as a burst.
+    let bursts: Vec<_> = (0..CONNS)
+        .map(|n| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut s = raw::open(addr);
+                let topic = format!("burst{n}");
+                let frames: Vec<u8> = (0..EACH)
+                    .flat_map(|i| {
+                        let op = json!({"op": "pub", "id": i, "topic": topic, "data": i});
+                        raw::frame(true, 1, op.to_string().as_bytes())
+                    })
+                    .collect();
+                std::io::Write::write_all(&mut s, &frames).unwrap();
+                let mut mids = vec![String::new(); EACH];
+                for _ in 0..EACH {
+                    let ok = raw::read_op(&mut s, "ok");
+                    let i = ok["id"].as_u64().unwrap() as usize;
+                    mids[i] = ok["mid"].as_str().unwrap().to_string();
+                }
+                (topic, mids)
+            })
+        })
+        .collect();
+    for b in bursts {
+        let (topic, mids) = b.join().unwrap();
+        let parsed: Vec<ringcast::broker::MsgId> =
+            mids.iter().map(|m| m.parse().unwrap()).collect();
+        assert!(
+            parsed.windows(2).all(|w| w[0] < w[1]),
+            "{topic}: one connection's publishes keep their order"
+        );
+    }
+    let m = server.metrics();
+    let (published, trips) = (
+        m["ringcast_messages_published_total"],
+        m["ringcast_broker_publish_round_trips_total"],
+    );
+    eprintln!("{published} publishes in {trips} round trips");
+    assert_eq!(published, (CONNS * EACH) as f64);
+    assert!(
+        trips * 10.0 <= published,
+        "{trips} round trips for {published} publishes: not pipelined"
+    );
+}
+
+#[test]
+fn partitions_and_key_prefix_are_settings_producers_must_match() {
+    use ringcast::broker::redis::{epoch_key, partition, stream_key};
+    let redis = TestRedis::start();
+    let server = TestServer::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-partitions",
+        "4",
+        "--redis-key-prefix",
+        "app",
+    ]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    let epoch = c.subscribe("news", None).unwrap().epoch;
+    let p = partition("news", 4);
+    let mut producer = redis.conn();
+    let mut want = vec![common::redis::xadd_to(
+        &mut producer,
+        "app",
+        4,
+        "news",
+        &[("topic", "news"), ("data", "1")],
+    )];
+    // In another of the 4 partitions' streams: skipped.
+    let _: String = redis::cmd("XADD")
+        .arg(stream_key("app", (p + 1) % 4))
+        .arg("*")
+        .arg(&["topic", "news", "data", "2"])
+        .query(&mut producer)
+        .unwrap();
+    // Where a producer with the defaults would write: not read at all.
+    xadd(&mut producer, "news", &[("topic", "news"), ("data", "3")]);
+    // A client publish goes to the prefixed stream of its partition of 4.
+    want.push(c.publish("news", &json!(4)).unwrap());
+    let got = recv_msgs(&mut c, 2);
+    assert_eq!(
+        got.iter().map(|(_, id, _)| id.clone()).collect::<Vec<_>>(),
+        want
+    );
+    assert_eq!(got[1].2, json!(4));
+    assert_quiet(&mut c);
+    let m = server.metrics();
+    assert_eq!(
+        m["ringcast_broker_entries_skipped_total{reason=\"wrong_partition\"}"],
+        1.0
+    );
+    assert_eq!(m["ringcast_broker_entries_read_total"], 2.0);
+    let len: usize = redis::cmd("XLEN")
+        .arg(stream_key("app", p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(len, 2);
+    let stored: String = redis::cmd("GET")
+        .arg(epoch_key("app", p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(stored, epoch);
+    // Recovery reads the same prefixed stream.
+    let mut r = Client::connect(&server.url()).unwrap();
+    let sub = r.subscribe("news", Some((&want[0], &epoch))).unwrap();
+    assert_eq!(sub.recovered, Some(true));
+    assert_eq!(sub.replayed.len(), 1);
+}
+
+#[test]
+fn a_freshly_booted_node_does_not_deliver_entries_written_before_it_booted() {
+    let redis = TestRedis::start();
+    let mut producer = redis.conn();
+    for i in 0..5 {
+        xadd(
+            &mut producer,
+            "early",
+            &[("topic", "early"), ("data", &i.to_string())],
+        );
+    }
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("early", None).unwrap();
+    assert_quiet(&mut c);
+    let id = xadd(
+        &mut producer,
+        "early",
+        &[("topic", "early"), ("data", "\"new\"")],
+    );
+    let got = recv_msgs(&mut c, 1);
+    assert_eq!((got[0].1.as_str(), &got[0].2), (id.as_str(), &json!("new")));
+    assert_quiet(&mut c);
+    assert_eq!(server.metric("ringcast_broker_entries_read_total"), 1.0);
+}
+
+#[test]
+fn namespace_history_settings_with_redis_are_warned_about_at_start() {
+    let redis = TestRedis::start();
+    let file = std::env::temp_dir().join(format!(
+        "ringcast-ns-redis-{}-{}.toml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::write(
+        &file,
+        "[[namespaces]]\nname = \"chat\"\nhistory_size = 10\n\n\
+         [[namespaces]]\nname = \"feed\"\nhistory_ttl = \"1m\"\n\n\
+         [[namespaces]]\nname = \"\"\n",
+    )
+    .unwrap();
+    let server = TestServer::start(&["--redis", &redis.url(), "--config", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("history_size / history_ttl are ignored with --redis"))
+        .unwrap_or_else(|| panic!("no warning in the log: {log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("chat") && line.contains("feed"),
+        "names them: {line}"
+    );
+    // Everything else works as configured.
+    let mut c = Client::connect(&server.url()).unwrap();
+    c.subscribe("chat:1", None).unwrap();
+    let mid = c.publish("chat:1", &json!(1)).unwrap();
+    assert_eq!(recv_msgs(&mut c, 1)[0].1, mid);
+    // The embedded broker uses them: no warning there.
+    let file = std::env::temp_dir().join(format!("ringcast-ns-mem-{}.toml", fastrand::u64(..)));
+    std::fs::write(
+        &file,
+        "[[namespaces]]\nname = \"chat\"\nhistory_size = 10\n",
+    )
+    .unwrap();
+    let embedded = TestServer::start(&["--config", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(!embedded.log().contains("are ignored with --redis"));
+}

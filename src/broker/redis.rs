@@ -11,10 +11,16 @@
 //!
 //! - the reader (`reader.rs`): `XREAD BLOCK` over all partitions, delivery,
 //!   and every `sub` answer (so the ordering contract holds), with a cache
-//!   of recent entries for recovery and `XRANGE` behind it. On a Redis
-//!   Cluster (`redis+cluster://`, `link.rs`) every partition is its own hash
-//!   slot and a multi-key `XREAD` must stay within one slot, so there is one
-//!   reader per partition, each answering the `sub`s of its own topics;
+//!   of recent entries for recovery, warmed from the partitions' tails at
+//!   boot. On a Redis Cluster (`redis+cluster://`, `link.rs`) every
+//!   partition is its own hash slot and a multi-key `XREAD` must stay
+//!   within one slot, so there is one reader per partition, each answering
+//!   the `sub`s of its own topics;
+//! - the recovery workers (`worker.rs`): the reads recovery needs beyond
+//!   the cache (`XRANGE` + `XINFO`, the newest id for a `since` ahead of the
+//!   reader, pages of the tail to warm the cache), on their own connections,
+//!   so a long recovery never stops a reader's deliveries. The reader joins
+//!   what a worker read with what it delivered meanwhile;
 //! - the publisher: queued publishes pipelined into one round trip of
 //!   `XADD ... MAXLEN ~` per batch, answering each publisher with its id;
 //! - the waker: a queued `sub` should not wait for `XREAD BLOCK` to time
@@ -27,6 +33,7 @@
 mod entry;
 mod link;
 mod reader;
+mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -53,6 +60,13 @@ const PUBLISH_QUEUE: usize = 65_536;
 const PUBLISH_BATCH: usize = 512;
 /// `sub` requests that may wait for the reader; past it see [`RedisBroker::subscribe`].
 const SUBSCRIBE_QUEUE: usize = 65_536;
+/// Recovery reads (tasks for the workers) that may wait; past it a
+/// recovery that needs Redis is refused (`recovered:false`, counted).
+const RECOVERY_QUEUE: usize = 4096;
+/// Recovery worker threads, each with its own connection.
+const RECOVERY_WORKERS: usize = 2;
+/// Worker answers that may wait for one reader.
+const DONE_QUEUE: usize = 4096;
 /// A publisher connection idle this long is checked with PING before use.
 const PUBLISH_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// After a failed connect, the publisher fails publishes at once for this long.
@@ -179,9 +193,17 @@ pub struct RedisBroker {
 /// What the waker needs to reach every reader.
 #[derive(Debug)]
 struct Wakes {
-    /// Signals the waker that some reader has `sub`s waiting.
+    /// Signals the waker that some reader has work waiting.
     signal: Sender<()>,
     readers: Vec<ReaderHandle>,
+}
+
+impl Wakes {
+    /// Asks the waker to unblock reader `g`, which has work queued.
+    fn wake(&self, g: usize) {
+        self.readers[g].wanted.store(true, Ordering::Release);
+        let _ = self.signal.try_send(());
+    }
 }
 
 /// One reader as the waker sees it.
@@ -193,7 +215,16 @@ struct ReaderHandle {
     blocker: Arc<Blocker>,
     /// A key the reader reads, to route `CLIENT UNBLOCK` on a cluster.
     key: String,
-    pending: Sender<SubscribeRequest>,
+    /// The reader's queues, to see whether it has taken its work
+    /// (receivers, so they keep nothing alive).
+    pending: Receiver<SubscribeRequest>,
+    done: Receiver<worker::Done>,
+}
+
+impl ReaderHandle {
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty() || !self.done.is_empty()
+    }
 }
 
 impl RedisBroker {
@@ -225,17 +256,33 @@ impl RedisBroker {
             vec![(0, n)]
         };
         let down = Arc::new(AtomicUsize::new(groups.len()));
+        let (task_tx, task_rx) = crossbeam_channel::bounded(RECOVERY_QUEUE);
         let mut readers = Vec::with_capacity(groups.len());
+        let mut booted = Vec::with_capacity(groups.len());
         let mut subs = Vec::with_capacity(groups.len());
-        for (base, len) in groups {
+        for (index, (base, len)) in groups.into_iter().enumerate() {
             let (sub_tx, sub_rx) = crossbeam_channel::bounded(SUBSCRIBE_QUEUE);
+            let (done_tx, done_rx) = crossbeam_channel::bounded(DONE_QUEUE);
             let blocker = Arc::new(Blocker::default());
+            readers.push(ReaderHandle {
+                wanted: AtomicBool::new(false),
+                blocker: blocker.clone(),
+                key: stream_key(&settings.key_prefix, base),
+                pending: sub_rx.clone(),
+                done: done_rx.clone(),
+            });
+            let links = reader::Links {
+                index,
+                subs: sub_rx,
+                tasks: task_tx.clone(),
+                done: (done_tx, done_rx),
+                blocker,
+            };
             let (reader, conn) = reader::Reader::boot(
                 settings.clone(),
                 (base, len),
                 bus.clone(),
-                sub_rx,
-                blocker.clone(),
+                links,
                 metrics.clone(),
                 down.clone(),
             )
@@ -243,18 +290,30 @@ impl RedisBroker {
                 url: settings.url.clone(),
                 source,
             })?;
-            readers.push(ReaderHandle {
-                wanted: AtomicBool::new(false),
-                blocker,
-                key: stream_key(&settings.key_prefix, base),
-                pending: sub_tx.clone(),
-            });
             subs.push(sub_tx);
             let name = if len == n {
                 "redis-reader".to_string()
             } else {
                 format!("redis-reader-{base}")
             };
+            booted.push((name, reader, conn));
+        }
+        // Only the readers hold the task queue: the workers stop with them.
+        drop(task_tx);
+        let (signal, wake_rx) = crossbeam_channel::bounded(1);
+        let wakes = Arc::new(Wakes { signal, readers });
+        worker::spawn(
+            RECOVERY_WORKERS,
+            &settings.url,
+            settings.partitions,
+            &task_rx,
+            &wakes,
+        )
+        .map_err(|source| Error::Spawn {
+            thread: "redis-recovery",
+            source,
+        })?;
+        for (name, reader, conn) in booted {
             spawn(name, Box::new(move || reader.run(conn)))?;
         }
         let (s, b, m) = (settings.clone(), bus.clone(), metrics.clone());
@@ -263,8 +322,6 @@ impl RedisBroker {
             "redis-publisher".into(),
             Box::new(move || publisher(&s, &b, &pub_rx, &m)),
         )?;
-        let (signal, wake_rx) = crossbeam_channel::bounded(1);
-        let wakes = Arc::new(Wakes { signal, readers });
         let (s, w) = (settings.clone(), wakes.clone());
         spawn(
             "redis-waker".into(),
@@ -310,10 +367,7 @@ impl Broker for RedisBroker {
             _ => partition(req.topic.as_str(), self.partitions) as usize,
         };
         match self.subs[g].try_send(req) {
-            Ok(()) => {
-                self.wakes.readers[g].wanted.store(true, Ordering::Release);
-                let _ = self.wakes.signal.try_send(());
-            }
+            Ok(()) => self.wakes.wake(g),
             Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
                 // The reader is stuck; subscribing live-only beats hanging
                 // the client. Recovery is refused since it cannot be ordered.
@@ -391,12 +445,15 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &Br
             }
         }
         let results = match conn.as_mut() {
-            Some(c) => c.pipeline_each(
-                batch
-                    .iter()
-                    .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
-                    .collect(),
-            ),
+            Some(c) => {
+                metrics.publish_round_trips.fetch_add(1, Ordering::Relaxed);
+                c.pipeline_each(
+                    batch
+                        .iter()
+                        .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
+                        .collect(),
+                )
+            }
             None => {
                 for r in batch.drain(..) {
                     fail(bus, r, "broker unavailable: cannot reach Redis");
@@ -443,10 +500,10 @@ fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
     }
 }
 
-/// The waker thread: while `sub` requests wait, unblock their reader's
-/// `XREAD`. `CLIENT UNBLOCK` answers 0 when the reader is not blocked yet
-/// (busy, or between its queue check and `XREAD`), so it retries with a
-/// short pause until the queue is taken. On a cluster the command goes to
+/// The waker thread: while `sub` requests (or workers' answers) wait,
+/// unblock their reader's `XREAD`. `CLIENT UNBLOCK` answers 0 when the
+/// reader is not blocked yet (busy, or between its queue check and
+/// `XREAD`), so it retries with a short pause until the queues are taken. On a cluster the command goes to
 /// the node the reader published with its id (see [`Blocker`]).
 fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
     let mut conn: Option<Conn> = None;
@@ -459,7 +516,7 @@ fn waker(url: &str, signal: &Receiver<()>, wakes: &Wakes) {
                     waiting.push(g);
                 }
             }
-            waiting.retain(|&g| !wakes.readers[g].pending.is_empty());
+            waiting.retain(|&g| wakes.readers[g].has_work());
             if waiting.is_empty() {
                 break;
             }

@@ -54,6 +54,12 @@ impl TestServer {
             cmd.args(["--max-handshakes-per-ip", "0"]);
         }
         cmd.args(extra);
+        // A developer's RINGCAST_REDIS (or any setting) must not leak in.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RINGCAST_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.env("RUST_LOG", "debug");
         for (k, v) in env {
             cmd.env(k, v);

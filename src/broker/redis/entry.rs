@@ -90,6 +90,27 @@ pub(crate) fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Ent
     Ok(Entry { topic, event, data })
 }
 
+/// Whether an entry's field list has a `topic` field equal to `topic`: a
+/// cheap look before [`decode_entry`] when most entries are of other topics.
+/// (When `topic` repeats, decoding keeps the last one, so this is a
+/// necessary condition, not a sufficient one.)
+pub(crate) fn has_topic(fields: &Value, topic: &str) -> bool {
+    let is = |v: &Value, want: &[u8]| match v {
+        Value::BulkString(b) => b.as_slice() == want,
+        Value::SimpleString(s) => s.as_bytes() == want,
+        _ => false,
+    };
+    match fields {
+        Value::Array(a) => a
+            .chunks_exact(2)
+            .any(|kv| is(&kv[0], b"topic") && is(&kv[1], topic.as_bytes())),
+        Value::Map(m) => m
+            .iter()
+            .any(|(k, v)| is(k, b"topic") && is(v, topic.as_bytes())),
+        _ => false,
+    }
+}
+
 /// One stream's entries in a reply: (id, fields) pairs, ids unparsed.
 pub(crate) type RawEntries = Vec<(Value, Value)>;
 
@@ -274,6 +295,17 @@ mod tests {
             ),
             Err(Skip::WrongPartition)
         );
+    }
+
+    #[test]
+    fn the_topic_is_found_before_decoding() {
+        let f = fields(&[("data", b"1"), ("topic", b"news")]);
+        assert!(has_topic(&f, "news"));
+        assert!(!has_topic(&f, "new"));
+        assert!(!has_topic(&fields(&[("data", b"news")]), "news"));
+        let map = Value::Map(vec![(bulk("topic"), bulk("news"))]);
+        assert!(has_topic(&map, "news"));
+        assert!(!has_topic(&Value::Int(1), "news"));
     }
 
     #[test]

@@ -1,15 +1,27 @@
 //! The reader thread: one `XREAD BLOCK` over its partitions (all of them on
 //! one server, a single one per reader on a cluster, where each partition
 //! is its own hash slot), delivering each entry to the shards, and the only
-//! place `sub` requests for those partitions are answered. Because
-//! subscriptions are handled between two `XREAD` calls on this one thread,
-//! every `Subscribed` it sends follows the `Deliver`s of the ids it
-//! replayed through and precedes those of later ids: the ordering contract
-//! of [`crate::broker`] holds by construction.
+//! place `sub` requests for those partitions are answered. Because every
+//! `Subscribed` is sent from this one thread, between two batches of
+//! deliveries, it follows the `Deliver`s of the ids it replayed through and
+//! precedes those of later ids: the ordering contract of [`crate::broker`]
+//! holds by construction.
 //!
 //! Recovery reads the per-partition cache of recent entries when it
-//! reaches back far enough, and `XRANGE` otherwise, up to the last id this
-//! thread delivered, so replay and live join without gap or duplicate.
+//! reaches back far enough; the cache is warmed from each partition's tail
+//! at boot, so a reconnect storm after a restart is answered without Redis
+//! (`sub`s that need the part still being read wait for it). Older `since`
+//! ids are read by a recovery worker (`worker.rs`) on its own connection:
+//! `XRANGE (since, upto]` where `upto` is the last id this thread had
+//! processed when it asked. Meanwhile this thread keeps delivering and keeps
+//! the topic's frames after `upto` aside (the *tail*); when the worker
+//! answers, replay is the range followed by the tail, and `Subscribed` goes
+//! out right then, so replay and live join without gap or duplicate. A tail
+//! over its budget is dropped and made up from the cache, or by reading the
+//! rest of the range again. Identical recoveries in flight share one read.
+//! Answering `sub`s is in `reader/recover.rs`.
+
+mod recover;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,17 +30,15 @@ use std::time::{Duration, Instant};
 
 use ::redis::{RedisError, Value};
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-use tracing::{debug, info, trace, warn};
+use crossbeam_channel::{Receiver, Sender};
+use tracing::{info, trace, warn};
 
-use super::entry::{
-    decode_entry, epoch_key, parse_id, partition, range_entries, stream_key, xread_streams,
-    Retained,
-};
+use super::entry::{decode_entry, epoch_key, parse_id, range_entries, stream_key, xread_streams};
+use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
 use crate::broker::memory::mint_epoch;
-use crate::broker::{MsgId, Since, SubscribeRequest};
-use crate::bus::{Bus, ShardMsg};
+use crate::broker::{MsgId, SubscribeRequest};
+use crate::bus::Bus;
 use crate::metrics::{BrokerMetrics, Skip};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
@@ -43,8 +53,6 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 const ID_RECHECK: Duration = Duration::from_millis(100);
 /// Entries per partition per `XREAD`.
 const READ_COUNT: usize = 1000;
-/// Entries per `XRANGE` page during recovery.
-const RANGE_PAGE: usize = 1000;
 /// How long a `sub` whose `since` the reader has not reached yet waits.
 const DEFER_LIMIT: Duration = Duration::from_secs(2);
 /// Bookkeeping bytes counted per cached entry besides frame and topic.
@@ -61,13 +69,38 @@ struct Part {
     floor: MsgId,
     cache: VecDeque<Cached>,
     cache_bytes: usize,
+    /// While a page of the tail is being read to warm the cache: the
+    /// page's upper bound (the floor when it was asked for).
+    warming: Option<MsgId>,
+    /// `sub`s below the floor waiting for the warm-up to finish.
+    parked: Vec<SubscribeRequest>,
 }
 
+/// One recent entry, encoded.
 #[derive(Debug)]
-struct Cached {
-    id: MsgId,
-    topic: TopicName,
-    frame: Bytes,
+pub(crate) struct Cached {
+    pub(crate) id: MsgId,
+    pub(crate) topic: TopicName,
+    pub(crate) frame: Bytes,
+}
+
+impl Cached {
+    fn size(&self) -> usize {
+        self.frame.len() + self.topic.as_str().len() + CACHE_ENTRY_OVERHEAD
+    }
+}
+
+/// A reader's channels: `sub`s in, tasks out to the recovery workers, and
+/// their answers back.
+#[derive(Debug)]
+pub(crate) struct Links {
+    /// The reader's number (for the waker).
+    pub(crate) index: usize,
+    pub(crate) subs: Receiver<SubscribeRequest>,
+    pub(crate) tasks: Sender<Task>,
+    pub(crate) done: (Sender<Done>, Receiver<Done>),
+    /// Where the reader publishes its connection for the waker.
+    pub(crate) blocker: Arc<Blocker>,
 }
 
 /// The reader thread's state.
@@ -79,9 +112,19 @@ pub(crate) struct Reader {
     base: u32,
     parts: Vec<Part>,
     key_index: HashMap<Vec<u8>, usize>,
-    subs: Receiver<SubscribeRequest>,
+    links: Links,
     deferred: Vec<(SubscribeRequest, Instant)>,
-    blocker: Arc<Blocker>,
+    /// Recoveries from Redis in flight, by topic.
+    recoveries: HashMap<TopicName, Vec<recover::Recovery>>,
+    /// Recoveries in `recoveries`.
+    in_flight: usize,
+    /// Bytes in every recovery's tail.
+    tail_bytes: usize,
+    /// `sub`s whose `since` is ahead of this reader, while a worker reads
+    /// the stream's newest id.
+    probes: HashMap<u64, SubscribeRequest>,
+    /// Numbers worker jobs.
+    next_job: u64,
     metrics: Arc<BrokerMetrics>,
     /// Readers without a connection; `ringcast_broker_up` is 1 at zero.
     down: Arc<AtomicUsize>,
@@ -102,8 +145,7 @@ impl Reader {
         settings: Arc<Settings>,
         group: (u32, u32),
         bus: Bus,
-        subs: Receiver<SubscribeRequest>,
-        blocker: Arc<Blocker>,
+        links: Links,
         metrics: Arc<BrokerMetrics>,
         down: Arc<AtomicUsize>,
     ) -> Result<(Reader, Conn), RedisError> {
@@ -116,6 +158,8 @@ impl Reader {
                 floor: MsgId::default(),
                 cache: VecDeque::new(),
                 cache_bytes: 0,
+                warming: None,
+                parked: Vec::new(),
             })
             .collect::<Vec<_>>();
         let key_index = parts
@@ -130,9 +174,13 @@ impl Reader {
             base,
             parts,
             key_index,
-            subs,
+            links,
             deferred: Vec::new(),
-            blocker,
+            recoveries: HashMap::new(),
+            in_flight: 0,
+            tail_bytes: 0,
+            probes: HashMap::new(),
+            next_job: 0,
             metrics,
             down,
             is_down: true,
@@ -175,7 +223,7 @@ impl Reader {
     fn publish_client_id(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let (id, node) = conn.whoami(&self.parts[0].key)?;
         trace!(id, node = ?node, "reader connection");
-        self.blocker.set(Some((id, node)));
+        self.links.blocker.set(Some((id, node)));
         self.id_checked = Instant::now();
         Ok(())
     }
@@ -214,6 +262,7 @@ impl Reader {
     /// Runs until the broker is dropped: serve, and on failure retry with
     /// backoff, resuming from the last id processed.
     pub(crate) fn run(mut self, conn: Conn) {
+        self.start_warming();
         let mut next = Some(conn);
         let mut attempt: u32 = 0;
         loop {
@@ -240,7 +289,7 @@ impl Reader {
                 }
                 Err(e) => e,
             };
-            self.blocker.set(None);
+            self.links.blocker.set(None);
             self.set_up(false);
             attempt = attempt.saturating_add(1);
             warn!(attempt, error = %err, "redis reader: connection failed, retrying");
@@ -269,11 +318,14 @@ impl Reader {
     fn serve(&mut self, mut conn: Conn) -> Result<(), RedisError> {
         loop {
             loop {
-                match self.subs.try_recv() {
-                    Ok(req) => self.answer(Some(&mut conn), req)?,
+                match self.links.subs.try_recv() {
+                    Ok(req) => self.answer(req),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            while let Ok(done) = self.links.done.1.try_recv() {
+                self.on_done(done);
             }
             if conn.is_cluster() && self.id_checked.elapsed() >= ID_RECHECK {
                 self.publish_client_id(&mut conn)?;
@@ -298,26 +350,32 @@ impl Reader {
                 self.publish_client_id(&mut conn)?;
             }
             self.handle_batch(reply);
-            self.retry_deferred(Some(&mut conn))?;
+            self.retry_deferred();
         }
     }
 
-    /// While Redis is away: answer what needs no Redis, for `wait`. Returns
-    /// false when the broker is gone.
+    /// While the reader has no connection: answer `sub`s (recoveries still
+    /// go to the workers) and workers' answers, for `wait`. Returns false
+    /// when the broker is gone.
     fn idle(&mut self, wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
+        let (subs, done) = (self.links.subs.clone(), self.links.done.1.clone());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.subs.recv_timeout(left) {
-                Ok(req) => {
-                    // Without a connection `answer` cannot fail.
-                    let _ = self.answer(None, req);
+            crossbeam_channel::select! {
+                recv(subs) -> req => match req {
+                    Ok(req) => self.answer(req),
+                    Err(_) => return false,
+                },
+                recv(done) -> d => {
+                    if let Ok(d) = d {
+                        self.on_done(d);
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return false,
+                default(left) => break,
             }
         }
-        let _ = self.retry_deferred(None);
+        self.retry_deferred();
         true
     }
 
@@ -359,189 +417,29 @@ impl Reader {
         trace!(topic = %entry.topic, id = %id, "deliver");
         self.bus.deliver(&entry.topic, id, &frame);
         self.metrics.entries_read.fetch_add(1, Ordering::Relaxed);
-        part.cache_bytes += frame.len() + entry.topic.as_str().len() + CACHE_ENTRY_OVERHEAD;
-        part.cache.push_back(Cached {
+        // The topic's recoveries in flight keep what they will replay after
+        // their range (a map lookup only while some are in flight).
+        if !self.recoveries.is_empty() {
+            if let Some(rs) = self.recoveries.get_mut(&entry.topic) {
+                for r in rs {
+                    r.keep(&frame, &mut self.tail_bytes);
+                }
+            }
+        }
+        let cached = Cached {
             id,
             topic: entry.topic,
             frame,
-        });
+        };
+        part.cache_bytes += cached.size();
+        part.cache.push_back(cached);
         while part.cache_bytes > self.cache_budget {
             let Some(old) = part.cache.pop_front() else {
                 break;
             };
-            part.cache_bytes -= old.frame.len() + old.topic.as_str().len() + CACHE_ENTRY_OVERHEAD;
+            part.cache_bytes -= old.size();
             part.floor = old.id;
         }
-    }
-
-    /// Answers one `sub`, or defers it when `since` is past what this
-    /// reader delivered but within what the stream holds.
-    fn answer(&mut self, conn: Option<&mut Conn>, req: SubscribeRequest) -> Result<(), RedisError> {
-        let p = self.local(&req.topic);
-        let (replay, recovered) = match &req.since {
-            None => (Vec::new(), None),
-            Some(Since { epoch, .. }) if epoch.as_deref() != Some(&*self.parts[p].epoch) => {
-                (Vec::new(), Some(false))
-            }
-            Some(Since { id, .. }) if *id > self.parts[p].last => {
-                let reaches = match conn {
-                    Some(c) => self.stream_reaches(c, p, *id)?,
-                    None => false,
-                };
-                if reaches {
-                    debug!(topic = %req.topic, since = %id, "sub waits for the reader to reach since");
-                    self.deferred.push((req, Instant::now() + DEFER_LIMIT));
-                    return Ok(());
-                }
-                (Vec::new(), Some(false))
-            }
-            Some(Since { id, .. }) if *id >= self.parts[p].floor => {
-                self.metrics
-                    .recoveries_cached
-                    .fetch_add(1, Ordering::Relaxed);
-                (self.replay_cached(p, *id, &req.topic), Some(true))
-            }
-            Some(Since { id, .. }) => match conn {
-                Some(c) => {
-                    self.metrics
-                        .recoveries_redis
-                        .fetch_add(1, Ordering::Relaxed);
-                    match self.replay_redis(c, p, *id, &req.topic)? {
-                        Some(frames) => (frames, Some(true)),
-                        None => (Vec::new(), Some(false)),
-                    }
-                }
-                None => (Vec::new(), Some(false)),
-            },
-        };
-        self.bus.send_to(
-            req.reply.shard,
-            ShardMsg::Subscribed {
-                reply: req.reply,
-                topic: req.topic,
-                replay,
-                recovered,
-                epoch: self.parts[p].epoch.clone(),
-            },
-        );
-        Ok(())
-    }
-
-    /// The index in `parts` of `topic`'s partition, which this reader
-    /// reads (the broker routes each `sub` to its partition's reader).
-    fn local(&self, topic: &TopicName) -> usize {
-        (partition(topic.as_str(), self.settings.partitions) - self.base) as usize
-    }
-
-    fn retry_deferred(&mut self, mut conn: Option<&mut Conn>) -> Result<(), RedisError> {
-        if self.deferred.is_empty() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        for (req, deadline) in std::mem::take(&mut self.deferred) {
-            let p = self.local(&req.topic);
-            let reached = req
-                .since
-                .as_ref()
-                .is_some_and(|s| s.id <= self.parts[p].last);
-            if reached {
-                self.answer(conn.as_deref_mut(), req)?;
-            } else if now >= deadline || conn.is_none() {
-                let epoch = self.parts[p].epoch.clone();
-                self.bus.send_to(
-                    req.reply.shard,
-                    ShardMsg::Subscribed {
-                        reply: req.reply,
-                        topic: req.topic,
-                        replay: Vec::new(),
-                        recovered: Some(false),
-                        epoch,
-                    },
-                );
-            } else {
-                self.deferred.push((req, deadline));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the partition's newest entry is at or past `id`.
-    fn stream_reaches(&self, conn: &mut Conn, p: usize, id: MsgId) -> Result<bool, RedisError> {
-        let v: Value = ::redis::cmd("XREVRANGE")
-            .arg(&self.parts[p].key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query(conn)?;
-        let newest = range_entries(v)
-            .and_then(|e| e.into_iter().next())
-            .and_then(|(id, _)| parse_id(id));
-        Ok(newest.is_some_and(|n| n >= id))
-    }
-
-    fn replay_cached(&self, p: usize, since: MsgId, topic: &TopicName) -> Vec<Bytes> {
-        let cache = &self.parts[p].cache;
-        let start = cache.partition_point(|c| c.id <= since);
-        cache
-            .range(start..)
-            .filter(|c| c.topic == *topic)
-            .map(|c| c.frame.clone())
-            .collect()
-    }
-
-    /// The topic's frames in `(since, last]` read from Redis, or `None` when
-    /// some of that range is no longer retained.
-    fn replay_redis(
-        &self,
-        conn: &mut Conn,
-        p: usize,
-        since: MsgId,
-        topic: &TopicName,
-    ) -> Result<Option<Vec<Bytes>>, RedisError> {
-        let part = &self.parts[p];
-        let end = part.last.to_string();
-        let mut start = since;
-        let mut frames = Vec::new();
-        loop {
-            let v: Value = ::redis::cmd("XRANGE")
-                .arg(&part.key)
-                .arg(format!("({start}"))
-                .arg(&end)
-                .arg("COUNT")
-                .arg(RANGE_PAGE)
-                .query(conn)?;
-            let Some(entries) = range_entries(v) else {
-                return Ok(None);
-            };
-            let n = entries.len();
-            for (id, fields) in entries {
-                let Some(id) = parse_id(id) else { continue };
-                start = id;
-                match decode_entry(fields, self.base + p as u32, self.settings.partitions) {
-                    Ok(e) if e.topic == *topic => {
-                        frames.push(encode_msg(&e.topic, id, e.event.as_deref(), &e.data));
-                    }
-                    _ => {}
-                }
-            }
-            if n < RANGE_PAGE {
-                break;
-            }
-        }
-        // Checked after reading: trimming only moves forward, so if nothing
-        // after `since` is gone now, nothing was gone while we read.
-        let info = match ::redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(&part.key)
-            .query::<Value>(conn)
-        {
-            Ok(v) => Retained::from_xinfo(v),
-            // The stream no longer exists.
-            Err(e) if e.code() == Some("ERR") => None,
-            Err(e) => return Err(e),
-        };
-        Ok(info.filter(|r| r.covers(since)).map(|_| frames))
     }
 }
 
