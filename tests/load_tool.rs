@@ -1,0 +1,199 @@
+//! `ringcast load` against a real server: each scenario runs small and
+//! bounded, and its JSON line must add up (every expected message received,
+//! counts matching the server's own metrics), so the figures in
+//! benches/RESULTS.md come from a tool that is itself tested.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::TestServer;
+
+/// Runs `ringcast load ARGS` and returns its JSON lines.
+fn load(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .arg("load")
+        .args(args)
+        .args(["--timeout", "60s"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "load {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn fanout_delivers_every_message_to_every_subscriber_across_worker_processes() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let before = server.metric("ringcast_messages_delivered_total");
+    let r = &load(&[
+        "fanout",
+        "--target",
+        &target,
+        "--connections",
+        "60",
+        "--procs",
+        "3",
+        "--source-ips",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+    ])[0];
+    let published = r["published"].as_u64().unwrap();
+    assert!(published >= 150, "{r}");
+    assert_eq!(r["expected"].as_u64().unwrap(), published * 60, "{r}");
+    assert_eq!(r["received"], r["expected"], "{r}");
+    assert!(r["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(
+        server.metric("ringcast_messages_delivered_total") - before,
+        (published * 60) as f64
+    );
+}
+
+#[test]
+fn topics_spreads_subscribers_and_publishers_over_topics() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "topics",
+        "--target",
+        &target,
+        "--connections",
+        "50",
+        "--topics",
+        "7",
+        "--publishers",
+        "3",
+        "--rate",
+        "350",
+        "--duration",
+        "1s",
+    ])[0];
+    assert_eq!(r["topics"], 7, "{r}");
+    let published = r["published"].as_u64().unwrap();
+    // Subscribers per topic: 8,7,7,7,7,7,7; each message reaches its topic's.
+    let expected = r["expected"].as_u64().unwrap();
+    assert!(
+        expected >= published * 7 && expected <= published * 8,
+        "{r}"
+    );
+    assert_eq!(r["received"], r["expected"], "{r}");
+    assert_eq!(server.metric("ringcast_subscriptions_active"), 0.0);
+}
+
+#[test]
+fn ramp_reports_each_step_and_the_highest_sustained_one() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "ramp",
+        "--target",
+        &target,
+        "--connections",
+        "20",
+        "--rate",
+        "100",
+        "--step",
+        "2",
+        "--max-rate",
+        "400",
+        "--duration",
+        "1s",
+        "--settle",
+        "3s",
+        "--p99-bound",
+        "5000",
+    ])[0];
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3, "{r}");
+    for (s, rate) in steps.iter().zip([100.0, 200.0, 400.0]) {
+        assert_eq!(s["rate"].as_f64().unwrap(), rate, "{s}");
+        assert_eq!(s["received"], s["expected"], "{s}");
+        assert_eq!(s["verdict"], "sustained", "{s}");
+    }
+    assert_eq!(r["max_sustained_rate"].as_f64().unwrap(), 400.0, "{r}");
+}
+
+#[test]
+fn a_step_that_loses_messages_is_not_sustained() {
+    // An 8 KiB message cannot fit a 4 KiB outbound bound: every subscriber
+    // is closed with 4009 at the first one. The tool must see the closes
+    // and call the step fallen behind, never sustained.
+    let server = TestServer::start(&["--outbound-queue", "4KiB"]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "ramp",
+        "--target",
+        &target,
+        "--connections",
+        "10",
+        "--rate",
+        "50",
+        "--size",
+        "8192",
+        "--max-rate",
+        "50",
+        "--duration",
+        "1s",
+        "--settle",
+        "1s",
+    ])[0];
+    let step = &r["steps"][0];
+    assert_ne!(step["verdict"], "sustained", "{r}");
+    assert_eq!(step["received"], 0, "{r}");
+    assert!(r["max_sustained_rate"].is_null(), "{r}");
+}
+
+#[test]
+fn idle_and_connect_count_what_they_hold() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let pid = server.child.id().to_string();
+    let r = &load(&[
+        "idle",
+        "--target",
+        &target,
+        "--connections",
+        "300",
+        "--server-pid",
+        &pid,
+        "--duration",
+        "0s",
+    ])[0];
+    assert_eq!(r["connections"], 300, "{r}");
+    assert!(r["rss_after"].as_u64().unwrap() > 0, "{r}");
+    let r = &load(&[
+        "connect",
+        "--target",
+        &target,
+        "--connections",
+        "200",
+        "--rounds",
+        "3",
+        "--procs",
+        "2",
+    ])[0];
+    assert_eq!(r["connect_all_s"].as_array().unwrap().len(), 3, "{r}");
+    assert!(r["handshakes_per_s_median"].as_f64().unwrap() > 0.0, "{r}");
+    server.wait_for(
+        "every connection released",
+        std::time::Duration::from_secs(10),
+        |s| s.metric("ringcast_registry_connections") == 0.0,
+    );
+    assert_eq!(
+        server.metric("ringcast_connections_accepted_total"),
+        300.0 + 600.0
+    );
+}
