@@ -17,7 +17,7 @@ fn load(args: &[&str]) -> Vec<serde_json::Value> {
         .args(["--timeout", "60s"])
         .stdin(Stdio::null())
         .output()
-        .unwrap();
+        .expect("run ringcast load");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -27,7 +27,7 @@ fn load(args: &[&str]) -> Vec<serde_json::Value> {
     stdout
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).expect("a JSON result line"))
         .collect()
 }
 
