@@ -86,10 +86,24 @@ pub struct ServeArgs {
     /// Burst of the inbound rate limit, in frames [default: 200].
     #[arg(long, env = "RINGCAST_INBOUND_BURST")]
     pub inbound_burst: Option<u32>,
-    /// Open connections per node; past it 503 [default: 1000000].
+    /// Inbound bytes per second per connection (message payloads, pings
+    /// included), 0 = unlimited; past it error 4008, for 5 s: close 4008
+    /// [default: 64KiB].
+    #[arg(long, env = "RINGCAST_INBOUND_BYTES_RATE")]
+    pub inbound_bytes_rate: Option<ByteSize>,
+    /// Burst of the inbound bytes limit; at least --max-message-size
+    /// [default: 256KiB].
+    #[arg(long, env = "RINGCAST_INBOUND_BYTES_BURST")]
+    pub inbound_bytes_burst: Option<ByteSize>,
+    /// Connections per node, counted from accept (unfinished upgrades
+    /// too); past it 503 [default: 1000000].
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Open connections per client address; past it 429 [default: 10000].
+    /// Connections per shard, counted from accept; past it 503 [default: 250000].
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_SHARD")]
+    pub max_connections_per_shard: Option<usize>,
+    /// Connections per client address, counted from accept (unfinished
+    /// upgrades too); past it 429 [default: 10000].
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
     /// Upgrades per second per client address, 0 = unlimited; past it 429
@@ -182,7 +196,10 @@ impl ServeArgs {
             max_subscriptions: self.max_subscriptions,
             inbound_rate: self.inbound_rate,
             inbound_burst: self.inbound_burst,
+            inbound_bytes_rate: self.inbound_bytes_rate,
+            inbound_bytes_burst: self.inbound_bytes_burst,
             max_connections: self.max_connections,
+            max_connections_per_shard: self.max_connections_per_shard,
             max_connections_per_ip: self.max_connections_per_ip,
             max_handshakes_per_ip: self.max_handshakes_per_ip,
             outbound_queue: self.outbound_queue,
