@@ -124,6 +124,23 @@ fn shorten(reason: String) -> String {
 /// JavaScript clients lose precision past 2^53.
 pub const MAX_REQUEST_ID: u64 = (1 << 53) - 1;
 
+/// The `id` of a request, read without parsing the rest of it (ignored
+/// fields are skipped, not built): for answering a request that is refused
+/// before it is parsed (over the inbound rate). `None` when the text is not
+/// a JSON object or its `id` is missing, not a number, or too large.
+pub fn request_id(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<u64>,
+    }
+    // serde would also read a struct from an array (`[7]`).
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let id = serde_json::from_str::<IdOnly>(text).ok()?.id?;
+    (id <= MAX_REQUEST_ID).then_some(id)
+}
+
 impl<'a> ClientOp<'a> {
     /// Parses one text frame. On error, the `id` is recovered when possible.
     pub fn parse(text: &'a str) -> Result<(Option<u64>, ClientOp<'a>), OpError> {
@@ -579,5 +596,19 @@ mod tests {
         );
         assert_eq!(payload(&encode_drain(5))["reconnect_in_ms"], 5);
         assert_eq!(payload(&encode_welcome("c-1-2", "n", 25))["heartbeat"], 25);
+    }
+
+    #[test]
+    fn request_ids_are_read_without_the_rest() {
+        assert_eq!(request_id(r#"{"op":"ping","id":7}"#), Some(7));
+        assert_eq!(
+            request_id(r#"{"id":7,"data":{"deep":[1,2,{"x":null}]}}"#),
+            Some(7)
+        );
+        assert_eq!(request_id(r#"{"op":"nope"}"#), None);
+        assert_eq!(request_id(r#"{"id":"7"}"#), None);
+        assert_eq!(request_id(r#"{"id":9007199254740992}"#), None);
+        assert_eq!(request_id("not json"), None);
+        assert_eq!(request_id("[1]"), None);
     }
 }
