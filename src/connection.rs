@@ -29,7 +29,8 @@ use crate::bus::{ConnId, ReplyTo};
 use crate::config::Config;
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
 use crate::protocol::{
-    code, encode_error, encode_ok, encode_pong, encode_welcome, request_id, ClientOp, OkExtra,
+    code, encode_error, encode_ok, encode_pong, encode_topic_error, encode_welcome, request_id,
+    ClientOp, OkExtra,
 };
 use crate::shard::Shard;
 use crate::sys;
@@ -605,11 +606,10 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     };
     match op {
         ClientOp::Sub { topic, since } => {
-            let ns = shard.namespaces.of(topic.as_str());
-            let refusal = if ns.is_none() {
+            let refusal = if shard.namespaces.of(topic.as_str()).is_none() {
                 let reason = format!("unknown namespace {:?}", topic.namespace());
                 Some((code::UNKNOWN_NAMESPACE, reason))
-            } else if !(ns.is_some_and(|n| n.anonymous) || identity.may_subscribe(topic.as_str())) {
+            } else if !allows(shard, &identity, &topic) {
                 Some((
                     code::FORBIDDEN_TOPIC,
                     format!("topic {topic} not allowed by token"),
@@ -816,10 +816,50 @@ fn refresh_auth(
             );
         }
         Ok(fresh) => {
+            end_forbidden(shard, conn, &fresh);
             *conn.identity.borrow_mut() = Some(Rc::new(fresh));
             shard.queue(conn, encode_ok(id, None, OkExtra::default()));
         }
         Err(e) => shard.queue(conn, encode_error(id, 4001, e.reason())),
+    }
+}
+
+/// Whether `identity` may hold a subscription to `topic`: its namespace
+/// exists and admits anonymous subscribers, or the token's `subs` allow it.
+fn allows(shard: &Shard, identity: &Identity, topic: &TopicName) -> bool {
+    shard
+        .namespaces
+        .of(topic.as_str())
+        .is_some_and(|ns| ns.anonymous || identity.may_subscribe(topic.as_str()))
+}
+
+/// Whether the connection's current identity may hold a subscription to
+/// `topic` (checked again when the broker answers a `sub`, since a token
+/// refresh may have narrowed `subs` meanwhile).
+pub(crate) fn may_subscribe(shard: &Shard, conn: &Conn, topic: &TopicName) -> bool {
+    conn.identity
+        .borrow()
+        .as_deref()
+        .is_some_and(|id| allows(shard, id, topic))
+}
+
+/// A refreshed token may allow fewer topics: every subscription it does
+/// not allow ends now (topic index and `subs`), each told to the client
+/// with one `error` 4403 frame carrying the topic and no `id`. Pending
+/// `sub`s are checked when the broker answers them ([`may_subscribe`]).
+fn end_forbidden(shard: &Rc<Shard>, conn: &Rc<Conn>, fresh: &Identity) {
+    let ended: Vec<TopicName> = conn
+        .subs
+        .borrow()
+        .iter()
+        .filter(|t| !allows(shard, fresh, t))
+        .cloned()
+        .collect();
+    for topic in ended {
+        shard.unsubscribe(conn, &topic);
+        let reason = "subscription ended: topic not allowed by the refreshed token";
+        let frame = encode_topic_error(None, code::FORBIDDEN_TOPIC, &topic, reason);
+        shard.queue(conn, frame);
     }
 }
 

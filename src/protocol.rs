@@ -401,6 +401,21 @@ pub fn encode_error(id: Option<u64>, code: u16, reason: &str) -> Bytes {
     text_frame(&s)
 }
 
+/// `{"op":"error"[,"id":..],"code":..,"topic":..,"reason":..}`: an error
+/// about one topic. Without `id` it is not a reply but news: a refreshed
+/// token ended a subscription (an extension of PROTOCOL.md section 2).
+pub fn encode_topic_error(id: Option<u64>, code: u16, topic: &TopicName, reason: &str) -> Bytes {
+    let mut s = String::from("{\"op\":\"error\"");
+    push_id(&mut s, id);
+    s.push_str(&format!(",\"code\":{code},\"topic\":\""));
+    // A topic name needs no escaping by construction.
+    s.push_str(topic.as_str());
+    s.push_str("\",\"reason\":");
+    push_json_str(&mut s, reason);
+    s.push('}');
+    text_frame(&s)
+}
+
 /// `{"op":"pong"[,"id":..]}`.
 pub fn encode_pong(id: Option<u64>) -> Bytes {
     let mut s = String::from("{\"op\":\"pong\"");
@@ -596,6 +611,13 @@ mod tests {
         );
         assert_eq!(payload(&encode_drain(5))["reconnect_in_ms"], 5);
         assert_eq!(payload(&encode_welcome("c-1-2", "n", 25))["heartbeat"], 25);
+        let ended = payload(&encode_topic_error(None, 4403, &t, "gone"));
+        assert_eq!(
+            ended,
+            serde_json::json!({"op":"error","code":4403,"topic":"news","reason":"gone"})
+        );
+        let refused = payload(&encode_topic_error(Some(3), 4403, &t, "no"));
+        assert_eq!(refused["id"], 3);
     }
 
     #[test]

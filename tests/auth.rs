@@ -367,3 +367,120 @@ fn rs256_public_keys_and_jwks_verify_and_refuse_hs_rs_confusion() {
     assert!(refused(&url_with(&s, &good)).contains("names no key"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+const ENDED: &str = "subscription ended: topic not allowed by the refreshed token";
+
+#[test]
+fn a_refresh_with_narrower_subs_ends_the_subscriptions_it_no_longer_allows() {
+    let s = server(&[]);
+    let mut c =
+        Client::connect(&url_with(&s, &token("u1", 60, &["news", "sport.#"], &[]))).unwrap();
+    for t in ["news", "sport.football", "sport.tennis"] {
+        c.subscribe(t, None).unwrap();
+    }
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 3.0);
+    let (ok, before) = c
+        .request(json!({"op": "auth", "token": token("u1", 60, &["news"], &[])}))
+        .unwrap();
+    assert_eq!(ok["op"], "ok");
+    // One frame per ended subscription, before the refresh's `ok`.
+    let mut ended: Vec<serde_json::Value> = before
+        .into_iter()
+        .map(|e| match e {
+            Event::Frame(v) => v,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    ended.sort_by_key(|v| v["topic"].as_str().unwrap().to_string());
+    assert_eq!(
+        ended,
+        [
+            json!({"op": "error", "code": 4403, "topic": "sport.football", "reason": ENDED}),
+            json!({"op": "error", "code": 4403, "topic": "sport.tennis", "reason": ENDED}),
+        ]
+    );
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 1.0);
+    // Nothing of the ended topics arrives any more; the allowed one does.
+    let mut publisher = Client::connect(&url_with(&s, &token("p", 60, &[], &["#"]))).unwrap();
+    publisher.publish("sport.football", &json!(1)).unwrap();
+    publisher.publish("sport.tennis", &json!(2)).unwrap();
+    publisher.publish("news", &json!(3)).unwrap();
+    let mut got = Vec::new();
+    while let Ok(e) = c.recv(Duration::from_millis(500)) {
+        got.push(e);
+    }
+    assert_eq!(
+        got,
+        [Event::Msg {
+            topic: "news".into(),
+            id: match &got[0] {
+                Event::Msg { id, .. } => id.clone(),
+                other => panic!("{other:?}"),
+            },
+            data: json!(3)
+        }]
+    );
+    // Subscribing again is refused like any topic outside the token.
+    match c.subscribe("sport.football", None) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, 4403),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_sub_in_flight_during_a_narrowing_refresh_is_refused_and_never_delivered() {
+    let s = server(&[]);
+    let request = raw::UPGRADE.replace(
+        "GET /ws ",
+        &format!(
+            "GET /ws?token={} ",
+            token("u1", 60, &["news", "sport.#"], &[])
+        ),
+    );
+    let mut c = raw::connect(s.addr, request.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    raw::read_op(&mut c, "welcome");
+    // The sub and the refresh in one write: the refresh is handled before
+    // the broker answers the sub (or, if the reads split, just after).
+    let mut batch = raw::frame(true, 1, br#"{"op":"sub","id":1,"topic":"sport.live"}"#);
+    let auth = json!({"op": "auth", "id": 2, "token": token("u1", 60, &["news"], &[])});
+    batch.extend(raw::frame(true, 1, auth.to_string().as_bytes()));
+    c.write_all(&batch).unwrap();
+    let (mut sub_reply, mut auth_ok, mut ended) = (None, false, false);
+    while sub_reply.is_none() || !auth_ok || (sub_reply == Some("ok".to_string()) && !ended) {
+        let (op, p) = raw::read_frame(&mut c).expect("replies");
+        if op != 1 {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        match (v["op"].as_str().unwrap(), v["id"].as_u64()) {
+            ("error", Some(1)) => {
+                assert_eq!(v["code"], 4403);
+                assert_eq!(v["topic"], "sport.live");
+                sub_reply = Some("error".into());
+            }
+            ("ok", Some(1)) => sub_reply = Some("ok".into()),
+            ("ok", Some(2)) => auth_ok = true,
+            ("error", None) => {
+                assert_eq!(
+                    v,
+                    json!({"op": "error", "code": 4403, "topic": "sport.live", "reason": ENDED})
+                );
+                ended = true;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    let mut publisher = Client::connect(&url_with(&s, &token("p", 60, &[], &["#"]))).unwrap();
+    publisher.publish("sport.live", &json!("goal")).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Some((op, p)) = raw::read_frame(&mut c) {
+        assert!(
+            op != 1,
+            "delivered after the refresh: {}",
+            String::from_utf8_lossy(&p)
+        );
+    }
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 0.0);
+}

@@ -24,7 +24,7 @@ use crate::bus::{ConnId, Inbox, ShardMsg};
 use crate::config::Config;
 use crate::connection::{self, Conn, Phase};
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
-use crate::protocol::{encode_drain, encode_error, encode_ok, OkExtra};
+use crate::protocol::{code, encode_drain, encode_error, encode_ok, encode_topic_error, OkExtra};
 use crate::topic::TopicName;
 use crate::ws::frame::{encode_frame, OpCode};
 use crate::ws::handshake::HandshakeError;
@@ -500,6 +500,14 @@ impl Shard {
                     return;
                 };
                 let wanted = take(&mut conn.pending.borrow_mut(), &topic);
+                if wanted && !connection::may_subscribe(self, &conn, &topic) {
+                    // A refreshed token narrowed `subs` while the broker
+                    // answered: the `sub` ends refused, nothing replayed.
+                    let reason = "topic not allowed by the refreshed token";
+                    let frame =
+                        encode_topic_error(reply.req, code::FORBIDDEN_TOPIC, &topic, reason);
+                    return self.queue(&conn, frame);
+                }
                 for frame in replay {
                     self.queue_msg(&conn, frame);
                 }
