@@ -271,9 +271,16 @@ pub struct SubscribeArgs {
 /// `ringcast token`.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// The HS256 secret the server verifies with.
+    /// The HS256 secret the server verifies with (at least 32 characters,
+    /// as `serve` requires).
     #[arg(long, env = "RINGCAST_AUTH_HMAC_SECRET", hide_env_values = true)]
     pub secret: String,
+    /// The `iss` claim, for servers started with --auth-issuer [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_ISSUER")]
+    pub issuer: Option<String>,
+    /// The `aud` claim, for servers started with --auth-audience [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_AUDIENCE")]
+    pub audience: Option<String>,
     /// The user id (`sub` claim).
     #[arg(long)]
     pub sub: String,
@@ -308,41 +315,51 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
         Command::Subscribe(args) => subscribe(&args).map_err(Failure::Runtime),
-        Command::Token(args) => {
-            let claims = crate::auth::Claims {
-                sub: args.sub.clone(),
-                exp: crate::auth::now_secs() + args.ttl.0.as_secs(),
-                subs: args
-                    .subs
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect(),
-                pubs: args
-                    .pubs
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect(),
-            };
-            for p in claims.subs.iter().chain(&claims.pubs) {
-                if crate::auth::Pattern::parse(p).is_none() {
-                    return Err(Failure::Usage(anyhow::anyhow!(
-                        "invalid topic pattern {p:?}"
-                    )));
-                }
-            }
-            println!(
-                "{}",
-                crate::auth::mint_hmac(args.secret.as_bytes(), &claims)
-            );
-            Ok(())
-        }
+        Command::Token(args) => token(&args).map_err(Failure::Usage),
         Command::Load(args) => {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)
         }
     }
+}
+
+/// Shortest HS256 secret `ringcast token` signs with: what `serve` accepts
+/// as `auth_hmac_secret`.
+const MIN_SECRET_LEN: usize = 32;
+
+fn token(args: &TokenArgs) -> anyhow::Result<()> {
+    if args.secret.len() < MIN_SECRET_LEN {
+        anyhow::bail!(
+            "--secret: must be at least {MIN_SECRET_LEN} characters (it is {}), as serve \
+             requires of --auth-hmac-secret",
+            args.secret.len()
+        );
+    }
+    let patterns = |list: &[String]| -> Vec<String> {
+        list.iter().filter(|s| !s.is_empty()).cloned().collect()
+    };
+    let claims = crate::auth::Claims {
+        sub: args.sub.clone(),
+        exp: crate::auth::now_secs().saturating_add(args.ttl.0.as_secs()),
+        subs: patterns(&args.subs),
+        pubs: patterns(&args.pubs),
+    };
+    for (flag, list) in [("--subs", &claims.subs), ("--pubs", &claims.pubs)] {
+        if let Some(p) = list
+            .iter()
+            .find(|p| crate::auth::Pattern::parse(p).is_none())
+        {
+            anyhow::bail!("{flag}: invalid topic pattern {p:?}");
+        }
+    }
+    let token = crate::auth::mint_hmac_for(
+        args.secret.as_bytes(),
+        &claims,
+        args.issuer.as_deref(),
+        args.audience.as_deref(),
+    );
+    println!("{token}");
+    Ok(())
 }
 
 fn publish(args: &PublishArgs) -> anyhow::Result<()> {
