@@ -306,27 +306,36 @@ impl Verifier {
         Ok(Verifier { keys })
     }
 
-    fn key_for(&self, token: &str) -> Result<&VerifyingKey, AuthError> {
+    fn key_for(&self, header: &Header) -> Result<&VerifyingKey, AuthError> {
         if let [only] = self.keys.as_slice() {
             if only.kid.is_none() {
                 return Ok(only);
             }
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Invalid("malformed token"))?;
         let kid = header
             .kid
+            .as_deref()
             .ok_or(AuthError::Invalid("token names no key (kid)"))?;
         self.keys
             .iter()
-            .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+            .find(|k| k.kid.as_deref() == Some(kid))
             .ok_or(AuthError::Invalid("token names an unknown key (kid)"))
     }
 
     /// Checks a token and returns who it is for and what it allows.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        let vk = self.key_for(token)?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
+        // RFC 7515 section 4.1.11: extensions listed in `crit` must be
+        // understood, and ringcast understands none (jsonwebtoken parses
+        // the header but does not check it).
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid(
+                "token has critical header extensions (crit)",
+            ));
+        }
+        let vk = self.key_for(&header)?;
         let data =
             jsonwebtoken::decode::<Claims>(token, &vk.key, &vk.validation).map_err(|e| match e
                 .kind()
