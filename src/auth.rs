@@ -194,12 +194,17 @@ impl std::fmt::Debug for Verifier {
 }
 
 /// Checks for tokens of one algorithm: signature, `exp` and `nbf` with no
-/// leeway, `sub` and `exp` required, `iss`/`aud` when configured.
+/// leeway, `sub` and `exp` required, `iss`/`aud` required and checked when
+/// configured (jsonwebtoken checks them only when present otherwise, so a
+/// token without them would pass).
 fn validation(alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Validation {
     let mut v = Validation::new(alg);
     v.leeway = 0;
     v.validate_nbf = true;
-    v.set_required_spec_claims(&["exp", "sub"]);
+    let mut required = vec!["exp", "sub"];
+    required.extend(issuer.map(|_| "iss"));
+    required.extend(audience.map(|_| "aud"));
+    v.set_required_spec_claims(&required);
     match issuer {
         Some(i) => v.set_issuer(&[i]),
         None => v.iss = None,
@@ -301,26 +306,36 @@ impl Verifier {
         Ok(Verifier { keys })
     }
 
-    fn key_for(&self, token: &str) -> Result<&VerifyingKey, AuthError> {
+    fn key_for(&self, header: &Header) -> Result<&VerifyingKey, AuthError> {
         if let [only] = self.keys.as_slice() {
             if only.kid.is_none() {
                 return Ok(only);
             }
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Invalid("malformed token"))?;
         let kid = header
             .kid
+            .as_deref()
             .ok_or(AuthError::Invalid("token names no key (kid)"))?;
         self.keys
             .iter()
-            .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+            .find(|k| k.kid.as_deref() == Some(kid))
             .ok_or(AuthError::Invalid("token names an unknown key (kid)"))
     }
 
+    /// Checks a token and returns who it is for and what it allows.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
-        let vk = self.key_for(token)?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token"))?;
+        // RFC 7515 section 4.1.11: extensions listed in `crit` must be
+        // understood, and ringcast understands none (jsonwebtoken parses
+        // the header but does not check it).
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid(
+                "token has critical header extensions (crit)",
+            ));
+        }
+        let vk = self.key_for(&header)?;
         let data =
             jsonwebtoken::decode::<Claims>(token, &vk.key, &vk.validation).map_err(|e| match e
                 .kind()
@@ -333,9 +348,11 @@ impl Verifier {
                 K::InvalidAlgorithm | K::InvalidAlgorithmName => {
                     AuthError::Invalid("token algorithm not accepted")
                 }
-                K::MissingRequiredClaim(_) => {
-                    AuthError::Invalid("token lacks a required claim (sub, exp)")
-                }
+                K::MissingRequiredClaim(c) => AuthError::Invalid(match c.as_str() {
+                    "iss" => "token lacks the required iss claim",
+                    "aud" => "token lacks the required aud claim",
+                    _ => "token lacks a required claim (sub, exp)",
+                }),
                 _ => AuthError::Invalid("malformed token"),
             })?;
         let c = data.claims;
@@ -360,6 +377,37 @@ pub fn mint_hmac(secret: &[u8], claims: &Claims) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap_or_default()
+}
+
+/// Mints an HS256 token that also carries `iss` and `aud` when given, for
+/// servers that require them (`--auth-issuer`, `--auth-audience`).
+pub fn mint_hmac_for(
+    secret: &[u8],
+    claims: &Claims,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> String {
+    #[derive(Serialize)]
+    struct WithRegistered<'a> {
+        #[serde(flatten)]
+        claims: &'a Claims,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iss: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        aud: Option<&'a str>,
+    }
+    let full = WithRegistered {
+        claims,
+        iss: issuer,
+        aud: audience,
+    };
+    // As in `mint_hmac`: these claims always serialize.
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &full,
         &EncodingKey::from_secret(secret),
     )
     .unwrap_or_default()
@@ -491,6 +539,20 @@ mod tests {
         };
         let v = Verifier::hmac(b"k", Some("me"), Some("app"));
         assert!(v.verify(&tok("me", "app")).is_ok());
+        let minted = |iss, aud| mint_hmac_for(b"k", &claims(exp), iss, aud);
+        assert!(v.verify(&minted(Some("me"), Some("app"))).is_ok());
+        assert_eq!(
+            v.verify(&minted(None, Some("app"))).unwrap_err(),
+            AuthError::Invalid("token lacks the required iss claim"),
+            "a missing iss is refused"
+        );
+        assert_eq!(
+            v.verify(&minted(Some("me"), None)).unwrap_err(),
+            AuthError::Invalid("token lacks the required aud claim")
+        );
+        assert!(Verifier::hmac(b"k", None, None)
+            .verify(&minted(None, None))
+            .is_ok());
         assert_eq!(
             v.verify(&tok("you", "app")).unwrap_err(),
             AuthError::Claim("iss")

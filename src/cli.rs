@@ -86,10 +86,24 @@ pub struct ServeArgs {
     /// Burst of the inbound rate limit, in frames [default: 200].
     #[arg(long, env = "RINGCAST_INBOUND_BURST")]
     pub inbound_burst: Option<u32>,
-    /// Open connections per node; past it 503 [default: 1000000].
+    /// Inbound bytes per second per connection (message payloads, pings
+    /// included), 0 = unlimited; past it error 4008, for 5 s: close 4008
+    /// [default: 64KiB].
+    #[arg(long, env = "RINGCAST_INBOUND_BYTES_RATE")]
+    pub inbound_bytes_rate: Option<ByteSize>,
+    /// Burst of the inbound bytes limit; at least --max-message-size
+    /// [default: 256KiB].
+    #[arg(long, env = "RINGCAST_INBOUND_BYTES_BURST")]
+    pub inbound_bytes_burst: Option<ByteSize>,
+    /// Connections per node, counted from accept (unfinished upgrades
+    /// too); past it 503 [default: 1000000].
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Open connections per client address; past it 429 [default: 10000].
+    /// Connections per shard, counted from accept; past it 503 [default: 250000].
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_SHARD")]
+    pub max_connections_per_shard: Option<usize>,
+    /// Connections per client address, counted from accept (unfinished
+    /// upgrades too); past it 429 [default: 10000].
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
     /// Upgrades per second per client address, 0 = unlimited; past it 429
@@ -184,7 +198,10 @@ impl ServeArgs {
             max_subscriptions: self.max_subscriptions,
             inbound_rate: self.inbound_rate,
             inbound_burst: self.inbound_burst,
+            inbound_bytes_rate: self.inbound_bytes_rate,
+            inbound_bytes_burst: self.inbound_bytes_burst,
             max_connections: self.max_connections,
+            max_connections_per_shard: self.max_connections_per_shard,
             max_connections_per_ip: self.max_connections_per_ip,
             max_handshakes_per_ip: self.max_handshakes_per_ip,
             outbound_queue: self.outbound_queue,
@@ -256,9 +273,16 @@ pub struct SubscribeArgs {
 /// `ringcast token`.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// The HS256 secret the server verifies with.
+    /// The HS256 secret the server verifies with (at least 32 characters,
+    /// as `serve` requires).
     #[arg(long, env = "RINGCAST_AUTH_HMAC_SECRET", hide_env_values = true)]
     pub secret: String,
+    /// The `iss` claim, for servers started with --auth-issuer [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_ISSUER")]
+    pub issuer: Option<String>,
+    /// The `aud` claim, for servers started with --auth-audience [default: none].
+    #[arg(long, env = "RINGCAST_AUTH_AUDIENCE")]
+    pub audience: Option<String>,
     /// The user id (`sub` claim).
     #[arg(long)]
     pub sub: String,
@@ -293,41 +317,51 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
         Command::Subscribe(args) => subscribe(&args).map_err(Failure::Runtime),
-        Command::Token(args) => {
-            let claims = crate::auth::Claims {
-                sub: args.sub.clone(),
-                exp: crate::auth::now_secs() + args.ttl.0.as_secs(),
-                subs: args
-                    .subs
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect(),
-                pubs: args
-                    .pubs
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect(),
-            };
-            for p in claims.subs.iter().chain(&claims.pubs) {
-                if crate::auth::Pattern::parse(p).is_none() {
-                    return Err(Failure::Usage(anyhow::anyhow!(
-                        "invalid topic pattern {p:?}"
-                    )));
-                }
-            }
-            println!(
-                "{}",
-                crate::auth::mint_hmac(args.secret.as_bytes(), &claims)
-            );
-            Ok(())
-        }
+        Command::Token(args) => token(&args).map_err(Failure::Usage),
         Command::Load(args) => {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)
         }
     }
+}
+
+/// Shortest HS256 secret `ringcast token` signs with: what `serve` accepts
+/// as `auth_hmac_secret`.
+const MIN_SECRET_LEN: usize = 32;
+
+fn token(args: &TokenArgs) -> anyhow::Result<()> {
+    if args.secret.len() < MIN_SECRET_LEN {
+        anyhow::bail!(
+            "--secret: must be at least {MIN_SECRET_LEN} characters (it is {}), as serve \
+             requires of --auth-hmac-secret",
+            args.secret.len()
+        );
+    }
+    let patterns = |list: &[String]| -> Vec<String> {
+        list.iter().filter(|s| !s.is_empty()).cloned().collect()
+    };
+    let claims = crate::auth::Claims {
+        sub: args.sub.clone(),
+        exp: crate::auth::now_secs().saturating_add(args.ttl.0.as_secs()),
+        subs: patterns(&args.subs),
+        pubs: patterns(&args.pubs),
+    };
+    for (flag, list) in [("--subs", &claims.subs), ("--pubs", &claims.pubs)] {
+        if let Some(p) = list
+            .iter()
+            .find(|p| crate::auth::Pattern::parse(p).is_none())
+        {
+            anyhow::bail!("{flag}: invalid topic pattern {p:?}");
+        }
+    }
+    let token = crate::auth::mint_hmac_for(
+        args.secret.as_bytes(),
+        &claims,
+        args.issuer.as_deref(),
+        args.audience.as_deref(),
+    );
+    println!("{token}");
+    Ok(())
 }
 
 fn publish(args: &PublishArgs) -> anyhow::Result<()> {

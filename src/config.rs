@@ -156,12 +156,38 @@ pub struct Config {
     pub inbound_rate: u32,
     /// Size of the inbound token bucket (frames). Default 200.
     pub inbound_burst: u32,
-    /// Open connections per node; past it upgrades get 503. Default 1000000.
+    /// Inbound bytes per second one connection may send (message payloads,
+    /// pings included), refilling a second token bucket of
+    /// `inbound_bytes_burst`; past it the same policy as `inbound_rate`
+    /// (error 4008, close 4008 after 5 s over it). The frame rate alone lets
+    /// a client push `inbound_rate` x `max_message_size` (6.4 MB/s with the
+    /// defaults) of JSON to parse and publish; this bounds that, while
+    /// ordinary traffic (subscriptions, pings, small publishes) never comes
+    /// near it. Raise it for clients that publish large documents; 0 =
+    /// unlimited (trusted publishers, benchmarks). Default 64 KiB/s.
+    pub inbound_bytes_rate: usize,
+    /// Size of the inbound bytes bucket. It must hold at least one
+    /// `max_message_size` message, or such a message could never pass.
+    /// Default 256 KiB (four default-size messages at once).
+    pub inbound_bytes_burst: usize,
+    /// Connections per node, counted from the moment they are accepted (a
+    /// socket still sending its upgrade request counts); past it a new
+    /// connection gets 503 at once. Default 1000000.
     pub max_connections: usize,
-    /// Open connections per client address; past it upgrades get 429.
-    /// Counted per shard (each shard admits its share), so the limit is
-    /// approximate. Behind a proxy every client has the proxy's address:
-    /// raise it there. Default 10000.
+    /// Connections per shard (one thread, one core), counted like
+    /// `max_connections`; past it 503. SO_REUSEPORT spreads connections
+    /// over the shards by address hash and never rebalances, so this keeps
+    /// one core from holding far more than its share: every connection of
+    /// a shard is visited by its once-a-second sweep and its clients share
+    /// that one core. Clients refused here reconnect and usually land on
+    /// another shard. Default 250000.
+    pub max_connections_per_shard: usize,
+    /// Connections per client address, counted from the moment they are
+    /// accepted, so sockets that never finish their upgrade request count
+    /// too (they would otherwise be bounded only by `handshake_timeout`);
+    /// past it a new connection gets 429 at once. Counted per shard (each
+    /// shard admits its share), so the limit is approximate. Behind a proxy
+    /// every client has the proxy's address: raise it there. Default 10000.
     pub max_connections_per_ip: usize,
     /// Upgrades per second per client address (each shard admits its
     /// share, with a burst of one second's worth); past it 429. 0 =
@@ -247,7 +273,10 @@ impl Default for Config {
             max_subscriptions: 1024,
             inbound_rate: 100,
             inbound_burst: 200,
+            inbound_bytes_rate: 64 << 10,
+            inbound_bytes_burst: 256 << 10,
             max_connections: 1_000_000,
+            max_connections_per_shard: 250_000,
             max_connections_per_ip: 10_000,
             max_handshakes_per_ip: 100,
             outbound_queue: 1 << 20,
@@ -316,8 +345,14 @@ pub struct Layer {
     pub inbound_rate: Option<u32>,
     /// See [`Config::inbound_burst`].
     pub inbound_burst: Option<u32>,
+    /// See [`Config::inbound_bytes_rate`].
+    pub inbound_bytes_rate: Option<ByteSize>,
+    /// See [`Config::inbound_bytes_burst`].
+    pub inbound_bytes_burst: Option<ByteSize>,
     /// See [`Config::max_connections`].
     pub max_connections: Option<usize>,
+    /// See [`Config::max_connections_per_shard`].
+    pub max_connections_per_shard: Option<usize>,
     /// See [`Config::max_connections_per_ip`].
     pub max_connections_per_ip: Option<usize>,
     /// See [`Config::max_handshakes_per_ip`].
@@ -415,7 +450,10 @@ impl Layer {
             max_subscriptions,
             inbound_rate,
             inbound_burst,
+            inbound_bytes_rate,
+            inbound_bytes_burst,
             max_connections,
+            max_connections_per_shard,
             max_connections_per_ip,
             max_handshakes_per_ip,
             outbound_queue,
@@ -494,7 +532,12 @@ impl Config {
             max_subscriptions: l.max_subscriptions.unwrap_or(d.max_subscriptions),
             inbound_rate: l.inbound_rate.unwrap_or(d.inbound_rate),
             inbound_burst: l.inbound_burst.unwrap_or(d.inbound_burst),
+            inbound_bytes_rate: size(l.inbound_bytes_rate, d.inbound_bytes_rate),
+            inbound_bytes_burst: size(l.inbound_bytes_burst, d.inbound_bytes_burst),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_shard: l
+                .max_connections_per_shard
+                .unwrap_or(d.max_connections_per_shard),
             max_connections_per_ip: l.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
             max_handshakes_per_ip: l.max_handshakes_per_ip.unwrap_or(d.max_handshakes_per_ip),
             outbound_queue: size(l.outbound_queue, d.outbound_queue),
@@ -574,6 +617,10 @@ impl Config {
             "max_connections: must be at least 1",
         );
         need(
+            self.max_connections_per_shard >= 1,
+            "max_connections_per_shard: must be at least 1",
+        );
+        need(
             self.max_connections_per_ip >= 1,
             "max_connections_per_ip: must be at least 1",
         );
@@ -624,6 +671,13 @@ impl Config {
             !self.auth_timeout.is_zero(),
             "auth_timeout: must be more than 0",
         );
+        if self.inbound_bytes_rate > 0 && self.inbound_bytes_burst < self.max_message_size {
+            errs.push(format!(
+                "inbound_bytes_burst: must be at least max_message_size ({} bytes) when \
+                 inbound_bytes_rate is set, or a message of that size could never pass",
+                self.max_message_size
+            ));
+        }
         if let Some(url) = &self.redis {
             if let Err(e) = crate::broker::redis::check_url(url) {
                 errs.push(format!(
@@ -735,6 +789,42 @@ mod tests {
             assert!(text.contains(name), "{name} missing in {text}");
         }
         assert_eq!(err.0.len(), 4);
+    }
+
+    #[test]
+    fn inbound_bytes_and_per_shard_limits_default_parse_and_validate() {
+        let c = Config::from_layer(anon()).unwrap();
+        assert_eq!(
+            (c.inbound_bytes_rate, c.inbound_bytes_burst),
+            (64 << 10, 256 << 10)
+        );
+        assert_eq!(c.max_connections_per_shard, 250_000);
+        assert!(c.inbound_bytes_burst >= c.max_message_size);
+        let file = Layer::from_toml(
+            "inbound_bytes_rate = \"1MiB\"\ninbound_bytes_burst = \"2MiB\"\n\
+             max_connections_per_shard = 7",
+        )
+        .unwrap();
+        let c = Config::from_layer(file.over(anon())).unwrap();
+        assert_eq!(
+            (c.inbound_bytes_rate, c.inbound_bytes_burst),
+            (1 << 20, 2 << 20)
+        );
+        assert_eq!(c.max_connections_per_shard, 7);
+        // A burst that cannot hold one largest message is refused, naming both.
+        let small = Layer::from_toml("inbound_bytes_burst = \"1KiB\"").unwrap();
+        let err = Config::from_layer(small.over(anon())).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with("inbound_bytes_burst:") && err.0[0].contains("max_message_size"),
+            "{err}"
+        );
+        // ... unless the bytes limit is off.
+        let off = Layer::from_toml("inbound_bytes_rate = 0\ninbound_bytes_burst = 0").unwrap();
+        assert!(Config::from_layer(off.over(anon())).is_ok());
+        let zero = Layer::from_toml("max_connections_per_shard = 0").unwrap();
+        let err = Config::from_layer(zero.over(anon())).unwrap_err();
+        assert_eq!(err.0, ["max_connections_per_shard: must be at least 1"]);
     }
 
     #[test]

@@ -29,7 +29,8 @@ use crate::bus::{ConnId, ReplyTo};
 use crate::config::Config;
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
 use crate::protocol::{
-    code, encode_error, encode_ok, encode_pong, encode_welcome, ClientOp, OkExtra,
+    code, encode_error, encode_ok, encode_pong, encode_topic_error, encode_welcome, request_id,
+    ClientOp, OkExtra,
 };
 use crate::shard::Shard;
 use crate::sys;
@@ -101,6 +102,8 @@ pub(crate) struct Conn {
     after_flush: Cell<AfterFlush>,
     /// The upgrade succeeded at some point (counted in connections_active).
     opened: Cell<bool>,
+    /// Counted toward the connection caps since accept ([`Shard::admit`]).
+    counted: Cell<bool>,
     inbuf: RefCell<BytesMut>,
     decoder: RefCell<Decoder>,
     /// Topics subscribed (a short list: linear search beats a set's memory).
@@ -111,8 +114,10 @@ pub(crate) struct Conn {
     pub(crate) identity: RefCell<Option<Rc<Identity>>>,
     /// The client's address, for the per-address connection cap.
     pub(crate) peer: IpAddr,
-    /// Inbound rate limit: tokens left, and when they were last refilled (ms).
+    /// Inbound rate limits: frames and bytes left in the two buckets, and
+    /// when both were last refilled (ms).
     tokens: Cell<f32>,
+    byte_tokens: Cell<f32>,
     refilled: Cell<u64>,
     /// When the client's current run of refused frames began (ms; 0 = none),
     /// and when its last frame was refused: a run ends after a quiet second.
@@ -140,6 +145,7 @@ impl Conn {
             write_blocked: Cell::new(false),
             after_flush: Cell::new(AfterFlush::Nothing),
             opened: Cell::new(false),
+            counted: Cell::new(false),
             inbuf: RefCell::new(BytesMut::new()),
             decoder: RefCell::new(Decoder::new(config.max_message_size)),
             subs: RefCell::new(Vec::new()),
@@ -147,6 +153,7 @@ impl Conn {
             identity: RefCell::new(None),
             peer,
             tokens: Cell::new(config.inbound_burst as f32),
+            byte_tokens: Cell::new(config.inbound_bytes_burst as f32),
             refilled: Cell::new(now),
             over_since: Cell::new(0),
             last_refused: Cell::new(0),
@@ -371,7 +378,9 @@ pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
     shard.remove(conn);
     if conn.was_open() {
         shard.metrics.connections_active.fetch_sub(1, Relaxed);
-        shard.closed(conn.peer);
+    }
+    if conn.counted.replace(false) {
+        shard.release(conn.peer);
     }
     let mut out = conn.out.borrow_mut();
     shard
@@ -379,6 +388,16 @@ pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
         .dropped_n(Drop::ConnectionClosed, out.frames.len() as u64);
     *out = OutQueue::default();
     debug!(conn = conn.id.0, "connection closed");
+}
+
+/// Counts a just-accepted connection toward the connection caps, or refuses
+/// it at once with 429/503 (before its request is read: a socket that never
+/// sends one would otherwise escape every cap until `handshake_timeout`).
+pub(crate) fn admit(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    match shard.admit(conn.peer) {
+        Ok(()) => conn.counted.set(true),
+        Err(e) => refuse(shard, conn, &e),
+    }
 }
 
 /// Parses the upgrade request once it is complete, and answers it.
@@ -402,9 +421,11 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
 }
 
-/// The checks after parsing, in PROTOCOL.md order: path, origin,
-/// subprotocol, then the token. Returns the subprotocol to echo and the
-/// identity, when the client is authenticated already.
+/// The checks after parsing, in PROTOCOL.md order: path (404), origin
+/// (403), the upgrade budget of the address (429), draining (503),
+/// subprotocol, then the token (401). The connection caps were applied at
+/// accept ([`admit`]). Returns the subprotocol to echo and the identity,
+/// when the client is authenticated already.
 type Accepted = (Option<&'static str>, Option<Rc<Identity>>);
 
 fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted, HandshakeError> {
@@ -423,17 +444,14 @@ fn accept(shard: &Shard, req: &UpgradeRequest, peer: IpAddr) -> Result<Accepted,
             });
         }
     }
+    if !shard.handshake_allowed(peer) {
+        return Err(HandshakeError::TooManyConnections {
+            reason: "max_handshakes_per_ip: too many upgrades per second from this address",
+        });
+    }
     if shard.draining() {
         return Err(HandshakeError::Unavailable {
             reason: "server is draining",
-        });
-    }
-    if !shard.admits(peer) || !shard.handshake_allowed(peer) {
-        return Err(HandshakeError::TooManyConnections);
-    }
-    if shard.node_full() {
-        return Err(HandshakeError::Unavailable {
-            reason: "server is full",
         });
     }
     if cfg.echo {
@@ -481,7 +499,6 @@ fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.last_ping.set(shard.now_ms());
     conn.refilled.set(shard.now_ms());
     shard.metrics.connections_active.fetch_add(1, Relaxed);
-    shard.opened(conn.peer);
     if conn.identity.borrow().is_none() && shard.namespaces.any_anonymous() {
         // Some namespace admits clients without a token: serve it now; an
         // `auth` frame may still come later.
@@ -532,6 +549,20 @@ fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 
 fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
     let closing = conn.phase() != Phase::Open;
+    // Every data message, ping and pong is charged before any work is done
+    // for it: unparsable text, unknown ops and binary frames are answered,
+    // and pings are owed a pong, so none may bypass the limits.
+    if !closing {
+        let len = match &msg {
+            Message::Text(b) | Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(_) => 0,
+        };
+        if !matches!(msg, Message::Close(_)) {
+            if let Err(over) = charge(shard, conn, len) {
+                return over_rate(shard, conn, &msg, over);
+            }
+        }
+    }
     match msg {
         Message::Ping(p) if !closing => shard.queue(conn, encode_frame(OpCode::Pong, &p)),
         Message::Ping(_) | Message::Pong(_) => {}
@@ -588,22 +619,6 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         Ok(parsed) => parsed,
         Err(e) => return shard.queue(conn, encode_error(e.id, e.code, &e.reason)),
     };
-    let now = shard.now_ms();
-    if now.saturating_sub(conn.last_refused.get()) >= 1000 {
-        conn.over_since.set(0);
-    }
-    if !within_rate(shard, conn) {
-        if conn.over_since.get() == 0 {
-            conn.over_since.set(now.max(1));
-        }
-        conn.last_refused.set(now);
-        if now.saturating_sub(conn.over_since.get()) >= RATE_GRACE_MS {
-            let reason = "rate limited: over the inbound rate for 5 s";
-            return shard.close(conn, 4008, reason, Disconnect::RateLimited);
-        }
-        let reason = format!("rate limited: over {} frames/s", shard.config.inbound_rate);
-        return shard.queue(conn, encode_error(id, code::RATE_LIMITED, &reason));
-    }
     let identity = conn.identity.borrow().clone();
     let Some(identity) = identity else {
         return first_auth(shard, conn, op);
@@ -615,11 +630,10 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     };
     match op {
         ClientOp::Sub { topic, since } => {
-            let ns = shard.namespaces.of(topic.as_str());
-            let refusal = if ns.is_none() {
+            let refusal = if shard.namespaces.of(topic.as_str()).is_none() {
                 let reason = format!("unknown namespace {:?}", topic.namespace());
                 Some((code::UNKNOWN_NAMESPACE, reason))
-            } else if !(ns.is_some_and(|n| n.anonymous) || identity.may_subscribe(topic.as_str())) {
+            } else if !allows(shard, &identity, &topic) {
                 Some((
                     code::FORBIDDEN_TOPIC,
                     format!("topic {topic} not allowed by token"),
@@ -708,25 +722,84 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
 
 /// How long a client may stay over its inbound rate before it is closed.
 const RATE_GRACE_MS: u64 = 5_000;
+/// A run of refused messages ends after this long without one.
+const RATE_QUIET_MS: u64 = 1_000;
 
-/// Takes one token from the connection's bucket, refilled at
-/// `inbound_rate` per second up to `inbound_burst`; false when empty.
-fn within_rate(shard: &Shard, conn: &Conn) -> bool {
-    let rate = shard.config.inbound_rate;
-    if rate == 0 || shard.config.echo {
-        return true;
+/// Which inbound bucket is empty.
+#[derive(Debug, Clone, Copy)]
+enum Over {
+    /// `inbound_rate` (frames/s).
+    Frames,
+    /// `inbound_bytes_rate` (bytes/s).
+    Bytes,
+}
+
+/// Charges one inbound message of `len` payload bytes: one token from the
+/// frame bucket (`inbound_rate`/s up to `inbound_burst`) and `len` from
+/// the bytes bucket (`inbound_bytes_rate`/s up to `inbound_bytes_burst`).
+/// Nothing is taken when either is short; a limit of 0 is off.
+fn charge(shard: &Shard, conn: &Conn, len: usize) -> Result<(), Over> {
+    let cfg = &shard.config;
+    if cfg.echo || (cfg.inbound_rate == 0 && cfg.inbound_bytes_rate == 0) {
+        return Ok(());
     }
     let now = shard.now_ms();
-    let elapsed = now.saturating_sub(conn.refilled.get()) as f32 / 1000.0;
-    let tokens = (conn.tokens.get() + elapsed * rate as f32).min(shard.config.inbound_burst as f32);
-    conn.refilled.set(now);
-    if tokens >= 1.0 {
-        conn.tokens.set(tokens - 1.0);
-        true
+    let elapsed = now.saturating_sub(conn.refilled.replace(now)) as f32 / 1000.0;
+    let frames =
+        (conn.tokens.get() + elapsed * cfg.inbound_rate as f32).min(cfg.inbound_burst as f32);
+    let bytes = (conn.byte_tokens.get() + elapsed * cfg.inbound_bytes_rate as f32)
+        .min(cfg.inbound_bytes_burst as f32);
+    let cost = len as f32;
+    let result = if cfg.inbound_rate > 0 && frames < 1.0 {
+        Err(Over::Frames)
+    } else if cfg.inbound_bytes_rate > 0 && bytes < cost {
+        Err(Over::Bytes)
     } else {
-        conn.tokens.set(tokens);
-        false
+        Ok(())
+    };
+    let (frames, bytes) = match result {
+        Ok(()) => (frames - 1.0, bytes - cost),
+        Err(_) => (frames, bytes),
+    };
+    conn.tokens.set(frames);
+    conn.byte_tokens.set(bytes);
+    result
+}
+
+/// A message over an inbound limit: error 4008 (with the request's `id`
+/// when it has one; a pong gets no answer), or close 4008 once the client
+/// has been over a limit for [`RATE_GRACE_MS`].
+fn over_rate(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: &Message, over: Over) {
+    let now = shard.now_ms();
+    if conn.over_since.get() == 0 || now.saturating_sub(conn.last_refused.get()) >= RATE_QUIET_MS {
+        conn.over_since.set(now.max(1));
     }
+    conn.last_refused.set(now);
+    let cfg = &shard.config;
+    if now.saturating_sub(conn.over_since.get()) >= RATE_GRACE_MS {
+        let reason = match over {
+            Over::Frames => "rate limited: over inbound_rate for 5 s",
+            Over::Bytes => "rate limited: over inbound_bytes_rate for 5 s",
+        };
+        return shard.close(conn, 4008, reason, Disconnect::RateLimited);
+    }
+    let id = match msg {
+        Message::Pong(_) => return,
+        // Only the id is read: the request itself is not served.
+        Message::Text(t) => std::str::from_utf8(t).ok().and_then(request_id),
+        _ => None,
+    };
+    let reason = match over {
+        Over::Frames => format!(
+            "rate limited: over inbound_rate {} frames/s (burst {})",
+            cfg.inbound_rate, cfg.inbound_burst
+        ),
+        Over::Bytes => format!(
+            "rate limited: over inbound_bytes_rate {} bytes/s (burst {})",
+            cfg.inbound_bytes_rate, cfg.inbound_bytes_burst
+        ),
+    };
+    shard.queue(conn, encode_error(id, code::RATE_LIMITED, &reason));
 }
 
 /// The first frame of a client that came without `?token=`: it must be
@@ -767,10 +840,50 @@ fn refresh_auth(
             );
         }
         Ok(fresh) => {
+            end_forbidden(shard, conn, &fresh);
             *conn.identity.borrow_mut() = Some(Rc::new(fresh));
             shard.queue(conn, encode_ok(id, None, OkExtra::default()));
         }
         Err(e) => shard.queue(conn, encode_error(id, 4001, e.reason())),
+    }
+}
+
+/// Whether `identity` may hold a subscription to `topic`: its namespace
+/// exists and admits anonymous subscribers, or the token's `subs` allow it.
+fn allows(shard: &Shard, identity: &Identity, topic: &TopicName) -> bool {
+    shard
+        .namespaces
+        .of(topic.as_str())
+        .is_some_and(|ns| ns.anonymous || identity.may_subscribe(topic.as_str()))
+}
+
+/// Whether the connection's current identity may hold a subscription to
+/// `topic` (checked again when the broker answers a `sub`, since a token
+/// refresh may have narrowed `subs` meanwhile).
+pub(crate) fn may_subscribe(shard: &Shard, conn: &Conn, topic: &TopicName) -> bool {
+    conn.identity
+        .borrow()
+        .as_deref()
+        .is_some_and(|id| allows(shard, id, topic))
+}
+
+/// A refreshed token may allow fewer topics: every subscription it does
+/// not allow ends now (topic index and `subs`), each told to the client
+/// with one `error` 4403 frame carrying the topic and no `id`. Pending
+/// `sub`s are checked when the broker answers them ([`may_subscribe`]).
+fn end_forbidden(shard: &Rc<Shard>, conn: &Rc<Conn>, fresh: &Identity) {
+    let ended: Vec<TopicName> = conn
+        .subs
+        .borrow()
+        .iter()
+        .filter(|t| !allows(shard, fresh, t))
+        .cloned()
+        .collect();
+    for topic in ended {
+        shard.unsubscribe(conn, &topic);
+        let reason = "subscription ended: topic not allowed by the refreshed token";
+        let frame = encode_topic_error(None, code::FORBIDDEN_TOPIC, &topic, reason);
+        shard.queue(conn, frame);
     }
 }
 

@@ -124,6 +124,23 @@ fn shorten(reason: String) -> String {
 /// JavaScript clients lose precision past 2^53.
 pub const MAX_REQUEST_ID: u64 = (1 << 53) - 1;
 
+/// The `id` of a request, read without parsing the rest of it (ignored
+/// fields are skipped, not built): for answering a request that is refused
+/// before it is parsed (over the inbound rate). `None` when the text is not
+/// a JSON object or its `id` is missing, not a number, or too large.
+pub fn request_id(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<u64>,
+    }
+    // serde would also read a struct from an array (`[7]`).
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let id = serde_json::from_str::<IdOnly>(text).ok()?.id?;
+    (id <= MAX_REQUEST_ID).then_some(id)
+}
+
 impl<'a> ClientOp<'a> {
     /// Parses one text frame. On error, the `id` is recovered when possible.
     pub fn parse(text: &'a str) -> Result<(Option<u64>, ClientOp<'a>), OpError> {
@@ -384,6 +401,21 @@ pub fn encode_error(id: Option<u64>, code: u16, reason: &str) -> Bytes {
     text_frame(&s)
 }
 
+/// `{"op":"error"[,"id":..],"code":..,"topic":..,"reason":..}`: an error
+/// about one topic. Without `id` it is not a reply but news: a refreshed
+/// token ended a subscription (an extension of PROTOCOL.md section 2).
+pub fn encode_topic_error(id: Option<u64>, code: u16, topic: &TopicName, reason: &str) -> Bytes {
+    let mut s = String::from("{\"op\":\"error\"");
+    push_id(&mut s, id);
+    s.push_str(&format!(",\"code\":{code},\"topic\":\""));
+    // A topic name needs no escaping by construction.
+    s.push_str(topic.as_str());
+    s.push_str("\",\"reason\":");
+    push_json_str(&mut s, reason);
+    s.push('}');
+    text_frame(&s)
+}
+
 /// `{"op":"pong"[,"id":..]}`.
 pub fn encode_pong(id: Option<u64>) -> Bytes {
     let mut s = String::from("{\"op\":\"pong\"");
@@ -579,5 +611,26 @@ mod tests {
         );
         assert_eq!(payload(&encode_drain(5))["reconnect_in_ms"], 5);
         assert_eq!(payload(&encode_welcome("c-1-2", "n", 25))["heartbeat"], 25);
+        let ended = payload(&encode_topic_error(None, 4403, &t, "gone"));
+        assert_eq!(
+            ended,
+            serde_json::json!({"op":"error","code":4403,"topic":"news","reason":"gone"})
+        );
+        let refused = payload(&encode_topic_error(Some(3), 4403, &t, "no"));
+        assert_eq!(refused["id"], 3);
+    }
+
+    #[test]
+    fn request_ids_are_read_without_the_rest() {
+        assert_eq!(request_id(r#"{"op":"ping","id":7}"#), Some(7));
+        assert_eq!(
+            request_id(r#"{"id":7,"data":{"deep":[1,2,{"x":null}]}}"#),
+            Some(7)
+        );
+        assert_eq!(request_id(r#"{"op":"nope"}"#), None);
+        assert_eq!(request_id(r#"{"id":"7"}"#), None);
+        assert_eq!(request_id(r#"{"id":9007199254740992}"#), None);
+        assert_eq!(request_id("not json"), None);
+        assert_eq!(request_id("[1]"), None);
     }
 }

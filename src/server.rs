@@ -101,9 +101,10 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         // Printed, never logged: it is only as secret as this terminal.
         println!("ringcast dev-token {token}");
         println!(
-            "  (no --auth-hmac-secret or --auth-public-key given: this token is signed with an \
-             ephemeral secret made at start, valid 24 h, for user \"dev\" and every topic; connect \
-             with ws://{local}/ws?token=TOKEN. Configure a real key for production.)"
+            "  (no --auth-hmac-secret, --auth-public-key or --auth-jwks given: this token is \
+             signed with an ephemeral secret made at start, valid 24 h, for user \"dev\" and \
+             every topic; connect with ws://{local}/ws?token=TOKEN. Configure a real key for \
+             production.)"
         );
     }
     let _ = std::io::stdout().flush();
@@ -169,7 +170,8 @@ fn verifier(config: &Config) -> anyhow::Result<(Option<Arc<Verifier>>, Option<St
         subs: vec!["#".into()],
         pubs: vec!["#".into()],
     };
-    let token = crate::auth::mint_hmac(secret.as_bytes(), &claims);
+    // With --auth-issuer / --auth-audience the token must carry them too.
+    let token = crate::auth::mint_hmac_for(secret.as_bytes(), &claims, iss, aud);
     warn!("no auth key configured: using an ephemeral secret; see the development token on stdout");
     Ok((
         Some(Arc::new(Verifier::hmac(secret.as_bytes(), iss, aud))),

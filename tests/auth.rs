@@ -234,8 +234,9 @@ fn an_expiring_token_closes_the_connection_with_4001() {
     );
 }
 
-#[test]
-fn with_no_key_the_server_prints_a_working_development_token() {
+/// A `ringcast serve` with no key: (process, ws URL, development token,
+/// the hint line printed under it).
+fn keyless_server(extra: &[&str]) -> (std::process::Child, String, String, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
         .args([
@@ -247,6 +248,7 @@ fn with_no_key_the_server_prints_a_working_development_token() {
             "--shards",
             "1",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -254,6 +256,7 @@ fn with_no_key_the_server_prints_a_working_development_token() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = lines.next().unwrap().unwrap();
     let dev = lines.next().unwrap().unwrap();
+    let hint = lines.next().unwrap().unwrap();
     let addr = ready
         .split_whitespace()
         .find_map(|w| w.strip_prefix("ws="))
@@ -263,7 +266,15 @@ fn with_no_key_the_server_prints_a_working_development_token() {
         .strip_prefix("ringcast dev-token ")
         .expect(&dev)
         .to_string();
-    let url = format!("ws://{addr}/ws");
+    (child, format!("ws://{addr}/ws"), token, hint)
+}
+
+#[test]
+fn with_no_key_the_server_prints_a_working_development_token() {
+    let (mut child, url, token, hint) = keyless_server(&[]);
+    for flag in ["--auth-hmac-secret", "--auth-public-key", "--auth-jwks"] {
+        assert!(hint.contains(flag), "{hint}");
+    }
     let denied = match Client::connect(&format!("{url}?token=wrong")) {
         Err(ClientError::Refused(why)) => why,
         other => panic!("{other:?}"),
@@ -271,6 +282,20 @@ fn with_no_key_the_server_prints_a_working_development_token() {
     assert!(denied.contains("401"));
     let mut c = Client::connect(&format!("{url}?token={token}")).unwrap();
     c.subscribe("anything:at.all", None).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn the_development_token_carries_the_required_issuer_and_audience() {
+    let (mut child, url, token, _) = keyless_server(&[
+        "--auth-issuer",
+        "https://id.example",
+        "--auth-audience",
+        "app",
+    ]);
+    let mut c = Client::connect(&format!("{url}?token={token}")).unwrap();
+    c.subscribe("news", None).unwrap();
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -366,4 +391,382 @@ fn rs256_public_keys_and_jwks_verify_and_refuse_hs_rs_confusion() {
     assert!(refused(&url_with(&s, &unknown_kid)).contains("unknown key"));
     assert!(refused(&url_with(&s, &good)).contains("names no key"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An EC P-256 key pair made with openssl: (private PEM, public PEM path).
+fn ec_keys(dir: &std::path::Path, name: &str) -> (Vec<u8>, std::path::PathBuf) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            private.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (std::fs::read(&private).unwrap(), public)
+}
+
+fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ringcast-{what}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn es256_public_keys_verify_and_refuse_other_keys_and_algorithms() {
+    use ringcast::auth::{mint_with_pem, Algorithm};
+    let dir = temp_dir("ec");
+    let (private, public) = ec_keys(&dir, "key");
+    let (other, _) = ec_keys(&dir, "other");
+    let s = TestServer::start(&[
+        "--auth-public-key",
+        public.to_str().unwrap(),
+        "--auth-algorithm",
+        "ES256",
+    ]);
+    let good = mint_with_pem(&private, Algorithm::ES256, None, &claims("u1")).unwrap();
+    let mut c = Client::connect(&url_with(&s, &good)).unwrap();
+    c.subscribe("news", None).unwrap();
+    // The same claims signed by another EC key: a bad signature.
+    let forged = mint_with_pem(&other, Algorithm::ES256, None, &claims("u1")).unwrap();
+    assert!(refused(&url_with(&s, &forged)).contains("signature"));
+    // HS256 keyed with the public key's bytes: the wrong algorithm.
+    let confused = mint_hmac(&std::fs::read(&public).unwrap(), &claims("u1"));
+    assert!(refused(&url_with(&s, &confused)).contains("algorithm"));
+    // The auth frame path checks the same way.
+    let mut raw_c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut raw_c).starts_with("HTTP/1.1 101"));
+    let auth = json!({"op": "auth", "token": forged}).to_string();
+    raw_c
+        .write_all(&raw::frame(true, 1, auth.as_bytes()))
+        .unwrap();
+    assert_eq!(raw::read_close_code(&mut raw_c), Some(4001));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An HS256 token with arbitrary claims, signed with [`SECRET`].
+fn token_with(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_token_not_valid_yet_is_refused_in_the_query_and_in_the_auth_frame() {
+    let s = server(&[]);
+    let future = token_with(
+        json!({"sub": "u1", "exp": now_secs() + 7200, "nbf": now_secs() + 3600, "subs": ["#"]}),
+    );
+    let why = refused(&url_with(&s, &future));
+    assert!(
+        why.contains("401") && why.contains("not valid yet"),
+        "{why}"
+    );
+    let mut c = raw::connect(s.addr, raw::UPGRADE.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    let auth = json!({"op": "auth", "token": future}).to_string();
+    c.write_all(&raw::frame(true, 1, auth.as_bytes())).unwrap();
+    assert_eq!(raw::read_close_code(&mut c), Some(4001));
+    // `nbf` in the past is fine.
+    let past = token_with(
+        json!({"sub": "u1", "exp": now_secs() + 60, "nbf": now_secs() - 10, "subs": ["#"]}),
+    );
+    Client::connect(&url_with(&s, &past)).unwrap();
+}
+
+#[test]
+fn issuer_and_audience_are_required_and_checked_by_the_server() {
+    use ringcast::auth::mint_hmac_for;
+    let s = server(&[
+        "--auth-issuer",
+        "https://id.example",
+        "--auth-audience",
+        "app",
+    ]);
+    let mint = |iss, aud| mint_hmac_for(SECRET.as_bytes(), &claims("u1"), iss, aud);
+    let mut c = Client::connect(&url_with(
+        &s,
+        &mint(Some("https://id.example"), Some("app")),
+    ))
+    .unwrap();
+    c.subscribe("news", None).unwrap();
+    let cases = [
+        (
+            mint(Some("https://evil.example"), Some("app")),
+            "issuer does not match",
+        ),
+        (
+            mint(Some("https://id.example"), Some("web")),
+            "audience does not match",
+        ),
+        (mint(None, Some("app")), "lacks the required iss claim"),
+        (
+            mint(Some("https://id.example"), None),
+            "lacks the required aud claim",
+        ),
+        (
+            mint_hmac(SECRET.as_bytes(), &claims("u1")),
+            "lacks the required",
+        ),
+    ];
+    for (token, reason) in cases {
+        let why = refused(&url_with(&s, &token));
+        assert!(
+            why.contains("401") && why.contains(reason),
+            "{reason}: {why}"
+        );
+    }
+    // A refresh is checked the same way: a token without them is refused.
+    match c.request(json!({"op": "auth", "token": mint(None, None)})) {
+        Err(ClientError::Server { code, reason }) => {
+            assert_eq!(code, 4001);
+            // Either missing claim may be named first.
+            assert!(reason.contains("lacks the required"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Runs `ringcast token ARGS` with no RINGCAST_* settings from the environment.
+fn ringcast_token(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .arg("token")
+        .args(args)
+        .env_remove("RINGCAST_AUTH_HMAC_SECRET")
+        .env_remove("RINGCAST_AUTH_ISSUER")
+        .env_remove("RINGCAST_AUTH_AUDIENCE")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_token_command_mints_tokens_whose_subs_and_pubs_the_server_honours() {
+    let out = ringcast_token(&[
+        "--secret",
+        SECRET,
+        "--sub",
+        "u9",
+        "--subs",
+        "news,user.u9.#",
+        "--pubs",
+        "chat:*",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = ringcast::auth::Verifier::hmac(SECRET.as_bytes(), None, None)
+        .verify(&token)
+        .unwrap();
+    assert_eq!(&*id.user, "u9");
+    assert!((3590..=3600).contains(&(id.expires_at - now_secs())));
+    let s = server(&[]);
+    let mut c = Client::connect(&url_with(&s, &token)).unwrap();
+    let code = |r: Result<String, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    c.subscribe("news", None).unwrap();
+    c.subscribe("user.u9.inbox", None).unwrap();
+    assert_eq!(
+        code(c.subscribe("user.u8.inbox", None).map(|_| String::new())),
+        4403
+    );
+    assert_eq!(
+        code(c.subscribe("chat:1", None).map(|_| String::new())),
+        4403
+    );
+    c.publish("chat:1", &json!("hi")).unwrap();
+    assert_eq!(code(c.publish("news", &json!("no"))), 4403);
+    // With --issuer / --audience, for servers that require them.
+    let out = ringcast_token(&[
+        "--secret",
+        SECRET,
+        "--sub",
+        "u9",
+        "--subs",
+        "news",
+        "--issuer",
+        "https://id.example",
+        "--audience",
+        "app",
+    ]);
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let strict = server(&[
+        "--auth-issuer",
+        "https://id.example",
+        "--auth-audience",
+        "app",
+    ]);
+    Client::connect(&url_with(&strict, &token))
+        .unwrap()
+        .subscribe("news", None)
+        .unwrap();
+    // A secret serve would refuse, or a bad pattern: usage errors (exit 2).
+    let out = ringcast_token(&["--secret", "too-short-0123456789", "--sub", "u9"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--secret: must be at least 32 characters"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = ringcast_token(&["--secret", SECRET, "--sub", "u9", "--subs", "a..b"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--subs: invalid topic pattern \"a..b\""),
+        "{stderr}"
+    );
+}
+
+const ENDED: &str = "subscription ended: topic not allowed by the refreshed token";
+
+#[test]
+fn a_refresh_with_narrower_subs_ends_the_subscriptions_it_no_longer_allows() {
+    let s = server(&[]);
+    let mut c =
+        Client::connect(&url_with(&s, &token("u1", 60, &["news", "sport.#"], &[]))).unwrap();
+    for t in ["news", "sport.football", "sport.tennis"] {
+        c.subscribe(t, None).unwrap();
+    }
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 3.0);
+    let (ok, before) = c
+        .request(json!({"op": "auth", "token": token("u1", 60, &["news"], &[])}))
+        .unwrap();
+    assert_eq!(ok["op"], "ok");
+    // One frame per ended subscription, before the refresh's `ok`.
+    let mut ended: Vec<serde_json::Value> = before
+        .into_iter()
+        .map(|e| match e {
+            Event::Frame(v) => v,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    ended.sort_by_key(|v| v["topic"].as_str().unwrap().to_string());
+    assert_eq!(
+        ended,
+        [
+            json!({"op": "error", "code": 4403, "topic": "sport.football", "reason": ENDED}),
+            json!({"op": "error", "code": 4403, "topic": "sport.tennis", "reason": ENDED}),
+        ]
+    );
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 1.0);
+    // Nothing of the ended topics arrives any more; the allowed one does.
+    let mut publisher = Client::connect(&url_with(&s, &token("p", 60, &[], &["#"]))).unwrap();
+    publisher.publish("sport.football", &json!(1)).unwrap();
+    publisher.publish("sport.tennis", &json!(2)).unwrap();
+    publisher.publish("news", &json!(3)).unwrap();
+    let mut got = Vec::new();
+    while let Ok(e) = c.recv(Duration::from_millis(500)) {
+        got.push(e);
+    }
+    assert_eq!(
+        got,
+        [Event::Msg {
+            topic: "news".into(),
+            id: match &got[0] {
+                Event::Msg { id, .. } => id.clone(),
+                other => panic!("{other:?}"),
+            },
+            data: json!(3)
+        }]
+    );
+    // Subscribing again is refused like any topic outside the token.
+    match c.subscribe("sport.football", None) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, 4403),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_sub_in_flight_during_a_narrowing_refresh_is_refused_and_never_delivered() {
+    let s = server(&[]);
+    let request = raw::UPGRADE.replace(
+        "GET /ws ",
+        &format!(
+            "GET /ws?token={} ",
+            token("u1", 60, &["news", "sport.#"], &[])
+        ),
+    );
+    let mut c = raw::connect(s.addr, request.as_bytes());
+    assert!(raw::read_head(&mut c).starts_with("HTTP/1.1 101"));
+    raw::read_op(&mut c, "welcome");
+    // The sub and the refresh in one write: the refresh is handled before
+    // the broker answers the sub (or, if the reads split, just after).
+    let mut batch = raw::frame(true, 1, br#"{"op":"sub","id":1,"topic":"sport.live"}"#);
+    let auth = json!({"op": "auth", "id": 2, "token": token("u1", 60, &["news"], &[])});
+    batch.extend(raw::frame(true, 1, auth.to_string().as_bytes()));
+    c.write_all(&batch).unwrap();
+    let (mut sub_reply, mut auth_ok, mut ended) = (None, false, false);
+    while sub_reply.is_none() || !auth_ok || (sub_reply == Some("ok".to_string()) && !ended) {
+        let (op, p) = raw::read_frame(&mut c).expect("replies");
+        if op != 1 {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        match (v["op"].as_str().unwrap(), v["id"].as_u64()) {
+            ("error", Some(1)) => {
+                assert_eq!(v["code"], 4403);
+                assert_eq!(v["topic"], "sport.live");
+                sub_reply = Some("error".into());
+            }
+            ("ok", Some(1)) => sub_reply = Some("ok".into()),
+            ("ok", Some(2)) => auth_ok = true,
+            ("error", None) => {
+                assert_eq!(
+                    v,
+                    json!({"op": "error", "code": 4403, "topic": "sport.live", "reason": ENDED})
+                );
+                ended = true;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    let mut publisher = Client::connect(&url_with(&s, &token("p", 60, &[], &["#"]))).unwrap();
+    publisher.publish("sport.live", &json!("goal")).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Some((op, p)) = raw::read_frame(&mut c) {
+        assert!(
+            op != 1,
+            "delivered after the refresh: {}",
+            String::from_utf8_lossy(&p)
+        );
+    }
+    assert_eq!(s.metric("ringcast_subscriptions_active"), 0.0);
 }

@@ -4,13 +4,17 @@
 //! token (a flipped, dropped or inserted byte, a swapped segment) is
 //! refused; tokens signed with other secrets or algorithms are refused;
 //! patterns parse or are refused, and a parsed pattern matches exactly what
-//! a reference matcher written here says.
+//! a reference matcher written here says; arbitrary claims documents and
+//! headers (wrong types, missing or extra fields, `crit`) are classified as
+//! a reference says. The seed tokens in `tests/corpus/jwt/` (written by
+//! `tests/corpus/make_jwt.py`) are replayed with their expected class.
 #![allow(clippy::unwrap_used)]
 
 mod fuzz_support;
 
 use proptest::prelude::*;
-use ringcast::auth::{mint_hmac, now_secs, Claims, Pattern, Verifier};
+use ringcast::auth::{mint_hmac, now_secs, AuthError, Claims, Pattern, Verifier};
+use serde_json::{json, Value};
 
 const SECRET: &[u8] = b"fuzz-secret-0123456789abcdef012345";
 
@@ -104,6 +108,305 @@ proptest! {
         if let Some(p) = Pattern::parse(&text) {
             prop_assert!(!text.is_empty() && !text.contains("..") && !text.ends_with('.'));
             prop_assert_eq!(p.matches(&topic), reference_match(&text, &topic), "{} vs {}", text, topic);
+        }
+    }
+}
+
+/// The secret, issuer and audience the corpus tokens were made for.
+const CORPUS_SECRET: &[u8] = b"corpus-secret-0123456789abcdef0123";
+const CORPUS_ISS: &str = "https://id.example";
+const CORPUS_AUD: &str = "clients";
+
+/// The corpus class of a verification result.
+fn class_of(result: &Result<ringcast::auth::Identity, AuthError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(AuthError::Expired) => "expired",
+        Err(AuthError::NotYetValid) => "nbf",
+        Err(AuthError::Claim("iss")) => "iss",
+        Err(AuthError::Claim(_)) => "aud",
+        Err(AuthError::Pattern(_)) => "pattern",
+        Err(AuthError::Invalid(_)) => "invalid",
+    }
+}
+
+#[test]
+fn corpus_replays() {
+    let v = Verifier::hmac(CORPUS_SECRET, Some(CORPUS_ISS), Some(CORPUS_AUD));
+    for seed in fuzz_support::corpus("jwt") {
+        let name = &seed.name;
+        let token = std::str::from_utf8(&seed.bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = v.verify(token);
+        assert_eq!(class_of(&got), seed.class(), "{name}: {got:?}");
+        if let Err(e) = got {
+            assert!(fuzz_support::no_control(e.reason()), "{name}");
+        }
+    }
+}
+
+/// One claim of a generated token: what is put there.
+#[derive(Debug, Clone)]
+enum Field {
+    Absent,
+    Null,
+    /// A value of the wrong JSON type.
+    Wrong(Value),
+    Set(Value),
+}
+
+/// A generated claims document and header, with what each field holds.
+#[derive(Debug, Clone)]
+struct Case {
+    sub: Field,
+    exp: Field,
+    nbf: Field,
+    iss: Field,
+    aud: Field,
+    subs: Field,
+    pubs: Field,
+    crit: bool,
+    kid: Option<String>,
+    extra: Option<Value>,
+}
+
+/// A time well away from now, so a run never straddles it.
+fn past() -> impl Strategy<Value = u64> {
+    0..now_secs() - 3600
+}
+fn future() -> impl Strategy<Value = u64> {
+    prop_oneof![now_secs() + 3600..now_secs() + 100_000_000, Just(u64::MAX)]
+}
+
+fn wrong() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!([])),
+        Just(json!({"a": 1})),
+        Just(json!(true)),
+        Just(json!(-1)),
+        Just(json!(1.5)),
+        Just(json!("text")),
+    ]
+}
+
+fn time_field() -> impl Strategy<Value = Field> {
+    prop_oneof![
+        Just(Field::Absent),
+        Just(Field::Null),
+        past().prop_map(|t| Field::Set(json!(t))),
+        future().prop_map(|t| Field::Set(json!(t))),
+        // jsonwebtoken takes a float time; ringcast's claims want an integer.
+        future().prop_map(|t| Field::Set(json!(t.min(1 << 50) as f64 + 0.5))),
+        prop_oneof![Just(json!("soon")), Just(json!(-5)), Just(json!([1]))].prop_map(Field::Wrong),
+    ]
+}
+
+fn string_claim(good: &'static str) -> impl Strategy<Value = Field> {
+    prop_oneof![
+        Just(Field::Absent),
+        Just(Field::Null),
+        Just(Field::Set(json!(good))),
+        Just(Field::Set(json!([good, "other"]))),
+        "[a-z:/.]{0,12}".prop_map(|s| Field::Set(json!(s))),
+        Just(Field::Set(json!([]))),
+        prop_oneof![Just(json!(7)), Just(json!({"x": good})), Just(json!([1]))]
+            .prop_map(Field::Wrong),
+    ]
+}
+
+fn pattern() -> impl Strategy<Value = String> {
+    (proptest::collection::vec(segment(), 1..4), any::<bool>()).prop_map(|(segs, hash)| {
+        let mut p = segs.join(".");
+        if hash {
+            p.push_str(".#");
+        }
+        p
+    })
+}
+
+fn patterns_field() -> impl Strategy<Value = Field> {
+    prop_oneof![
+        Just(Field::Absent),
+        Just(Field::Null),
+        proptest::collection::vec(pattern(), 0..3).prop_map(|v| Field::Set(json!(v))),
+        proptest::collection::vec(
+            prop_oneof![pattern(), Just("a..b".to_string()), Just("#.a".to_string())],
+            1..3
+        )
+        .prop_map(|v| Field::Set(json!(v))),
+        prop_oneof![
+            Just(json!("news")),
+            Just(json!([1])),
+            Just(json!({"a": []}))
+        ]
+        .prop_map(Field::Wrong),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (
+            prop_oneof![
+                3 => ".{1,16}".prop_map(|s| Field::Set(json!(s))),
+                1 => Just(Field::Absent),
+                1 => Just(Field::Null),
+                1 => wrong().prop_filter("not a string", |v| !v.is_string()).prop_map(Field::Wrong),
+            ],
+            time_field(),
+            time_field(),
+            string_claim(CORPUS_ISS),
+            string_claim(CORPUS_AUD),
+        ),
+        (
+            patterns_field(),
+            patterns_field(),
+            proptest::bool::weighted(0.1),
+            proptest::option::of("[a-z]{0,8}"),
+            proptest::option::of(wrong()),
+        ),
+    )
+        .prop_map(
+            |((sub, exp, nbf, iss, aud), (subs, pubs, crit, kid, extra))| Case {
+                sub,
+                exp,
+                nbf,
+                iss,
+                aud,
+                subs,
+                pubs,
+                crit,
+                kid,
+                extra,
+            },
+        )
+}
+
+impl Case {
+    fn token(&self) -> String {
+        let mut claims = serde_json::Map::new();
+        for (name, f) in [
+            ("sub", &self.sub),
+            ("exp", &self.exp),
+            ("nbf", &self.nbf),
+            ("iss", &self.iss),
+            ("aud", &self.aud),
+            ("subs", &self.subs),
+            ("pubs", &self.pubs),
+        ] {
+            match f {
+                Field::Absent => {}
+                Field::Null => {
+                    claims.insert(name.into(), Value::Null);
+                }
+                Field::Wrong(v) | Field::Set(v) => {
+                    claims.insert(name.into(), v.clone());
+                }
+            }
+        }
+        if let Some(x) = &self.extra {
+            claims.insert("x".into(), x.clone());
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = self.kid.clone();
+        if self.crit {
+            header.crit = Some(vec!["exp".into()]);
+        }
+        jsonwebtoken::encode(
+            &header,
+            &Value::Object(claims),
+            &jsonwebtoken::EncodingKey::from_secret(CORPUS_SECRET),
+        )
+        .unwrap()
+    }
+
+    /// The class a verifier with issuer and audience configured must give:
+    /// the header; then jsonwebtoken's order: ringcast's claims type first
+    /// (string `sub`, integer `exp`, `subs`/`pubs` absent or lists of
+    /// strings), then its validation (`iss`/`aud` present, `nbf` a number,
+    /// exp, nbf, iss, aud); then the patterns.
+    fn expected(&self) -> &'static str {
+        let now = now_secs();
+        let strings = |f: &Field| match f {
+            Field::Set(Value::String(s)) => Some(vec![s.clone()]),
+            Field::Set(Value::Array(a)) if a.iter().all(Value::is_string) => Some(
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if self.crit {
+            return "invalid";
+        }
+        let Field::Set(Value::String(_)) = &self.sub else {
+            return "invalid";
+        };
+        let Some(exp) = (match &self.exp {
+            Field::Set(v) => v.as_u64(),
+            _ => None,
+        }) else {
+            return "invalid";
+        };
+        let mut patterns = Vec::new();
+        for f in [&self.subs, &self.pubs] {
+            match f {
+                Field::Absent => {}
+                Field::Set(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                    patterns.extend(a.iter().filter_map(Value::as_str));
+                }
+                _ => return "invalid",
+            }
+        }
+        let (Some(iss), Some(aud)) = (strings(&self.iss), strings(&self.aud)) else {
+            return "invalid";
+        };
+        // jsonwebtoken reads a float time, rounded.
+        let nbf = match &self.nbf {
+            Field::Absent => None,
+            Field::Set(v) if v.is_u64() || v.as_f64().is_some_and(|x| x >= 0.0) => {
+                v.as_f64().map(|x| x.round() as u64)
+            }
+            _ => return "invalid",
+        };
+        if exp < now {
+            return "expired";
+        }
+        if nbf.is_some_and(|n| n > now) {
+            return "nbf";
+        }
+        if !iss.iter().any(|i| i == CORPUS_ISS) {
+            return "iss";
+        }
+        if !aud.iter().any(|a| a == CORPUS_AUD) {
+            return "aud";
+        }
+        if patterns.iter().any(|p| Pattern::parse(p).is_none()) {
+            return "pattern";
+        }
+        "ok"
+    }
+}
+
+proptest! {
+    #![proptest_config(fuzz_support::config(1024))]
+
+    #[test]
+    fn claims_and_headers_are_classified_like_the_reference(c in case()) {
+        let v = Verifier::hmac(CORPUS_SECRET, Some(CORPUS_ISS), Some(CORPUS_AUD));
+        let got = v.verify(&c.token());
+        prop_assert_eq!(class_of(&got), c.expected(), "{:?} -> {:?}", c, got);
+        if let Ok(id) = got {
+            // What the token allows is exactly its patterns.
+            let allowed = |f: &Field, topic: &str| match f {
+                Field::Set(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(|p| reference_match(p, topic)),
+                _ => false,
+            };
+            for topic in ["a", "a.b", "b.c.a", "c:a"] {
+                prop_assert_eq!(id.may_subscribe(topic), allowed(&c.subs, topic));
+                prop_assert_eq!(id.may_publish(topic), allowed(&c.pubs, topic));
+            }
         }
     }
 }

@@ -44,6 +44,12 @@ use ::redis::{RedisError, Value};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tracing::{info, warn};
 
+/// Reply and entry decoding, public only for `tests/fuzz_redis.rs`.
+#[doc(hidden)]
+pub use entry::{
+    decode_entry, parse_id, range_entries, xread_streams, Entry, RawEntries, Retained,
+    MAX_EVENT_LEN,
+};
 pub use entry::{epoch_key, partition, stream_key};
 pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 

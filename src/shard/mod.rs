@@ -24,7 +24,7 @@ use crate::bus::{ConnId, Inbox, ShardMsg};
 use crate::config::Config;
 use crate::connection::{self, Conn, Phase};
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
-use crate::protocol::{encode_drain, encode_error, encode_ok, OkExtra};
+use crate::protocol::{code, encode_drain, encode_error, encode_ok, encode_topic_error, OkExtra};
 use crate::topic::TopicName;
 use crate::ws::frame::{encode_frame, OpCode};
 use crate::ws::handshake::HandshakeError;
@@ -55,7 +55,8 @@ pub struct ShardSetup {
     pub listener: std::net::TcpListener,
     /// Token verification; `None` when anonymous clients are allowed everything.
     pub auth: Option<Arc<crate::auth::Verifier>>,
-    /// Open connections of the whole node (every shard counts here).
+    /// Connections of the whole node, from accept to close (every shard
+    /// counts here).
     pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -73,9 +74,12 @@ pub(crate) struct Shard {
     pub(crate) guest: Rc<crate::auth::Identity>,
     /// Policy per namespace.
     pub(crate) namespaces: crate::namespace::Namespaces,
-    /// Open connections of the whole node.
+    /// Connections of the whole node, from accept to close.
     node_connections: Arc<std::sync::atomic::AtomicUsize>,
-    /// Open connections per client address, on this shard.
+    /// Connections of this shard, from accept to close (upgrade requests
+    /// still being sent included).
+    shard_connections: Cell<usize>,
+    /// Connections per client address on this shard, from accept to close.
     per_ip: RefCell<HashMap<std::net::IpAddr, u32>>,
     /// This shard's share of `max_connections_per_ip`.
     per_ip_limit: u32,
@@ -192,6 +196,7 @@ async fn run(setup: ShardSetup) {
         guest: Rc::new(crate::auth::Identity::guest()),
         namespaces,
         node_connections: setup.node_connections,
+        shard_connections: Cell::new(0),
         per_ip: RefCell::new(HashMap::new()),
         per_ip_limit,
         handshakes: RefCell::new(HashMap::new()),
@@ -275,8 +280,12 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                     continue;
                 }
                 debug!(conn = id.0, %peer, "accepted");
-                shard.conns.borrow_mut().insert(id, conn);
+                shard.conns.borrow_mut().insert(id, conn.clone());
                 shard.sync_gauges();
+                // Counted from now on, or refused at once: a socket that never
+                // sends its upgrade request must not escape the caps.
+                connection::admit(&shard, &conn);
+                shard.flush_dirty();
             }
             Err(_) if shard.draining.get() => break,
             Err(e) => {
@@ -401,16 +410,55 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Whether the node is at `max_connections`.
-    pub(crate) fn node_full(&self) -> bool {
-        self.node_connections
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= self.config.max_connections
+    /// Counts a just-accepted connection from `ip` toward the caps, or
+    /// names the first one it is over, in PROTOCOL.md order (429 before
+    /// 503): this shard's share of `max_connections_per_ip`, an upgrade
+    /// budget already spent (`max_handshakes_per_ip`, not taken here), then
+    /// `max_connections_per_shard` and `max_connections`. A connection
+    /// counted here is uncounted by [`Shard::release`].
+    pub(crate) fn admit(&self, ip: std::net::IpAddr) -> Result<(), HandshakeError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.per_ip.borrow().get(&ip).copied().unwrap_or(0) >= self.per_ip_limit {
+            return Err(HandshakeError::TooManyConnections {
+                reason: "max_connections_per_ip reached for this address",
+            });
+        }
+        if !self.handshake_budget_left(ip) {
+            return Err(HandshakeError::TooManyConnections {
+                reason: "max_handshakes_per_ip: too many upgrades per second from this address",
+            });
+        }
+        if self.shard_connections.get() >= self.config.max_connections_per_shard {
+            return Err(HandshakeError::Unavailable {
+                reason: "shard is full (max_connections_per_shard)",
+            });
+        }
+        // Taken first, then checked: shards admit concurrently.
+        if self.node_connections.fetch_add(1, Relaxed) >= self.config.max_connections {
+            self.node_connections.fetch_sub(1, Relaxed);
+            return Err(HandshakeError::Unavailable {
+                reason: "server is full (max_connections)",
+            });
+        }
+        self.shard_connections.set(self.shard_connections.get() + 1);
+        *self.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        Ok(())
     }
 
-    /// Whether one more connection from `ip` fits this shard's share.
-    pub(crate) fn admits(&self, ip: std::net::IpAddr) -> bool {
-        self.per_ip.borrow().get(&ip).copied().unwrap_or(0) < self.per_ip_limit
+    /// Whether `ip` has an upgrade left in its budget, without taking it.
+    fn handshake_budget_left(&self, ip: std::net::IpAddr) -> bool {
+        let per_sec = self.config.max_handshakes_per_ip;
+        if per_sec == 0 {
+            return true;
+        }
+        let rate = (per_sec as f32 / self.config.shards as f32).max(1.0);
+        let now = self.now_ms();
+        self.handshakes
+            .borrow()
+            .get(&ip)
+            .is_none_or(|(tokens, at)| {
+                *tokens + now.saturating_sub(*at) as f32 / 1000.0 * rate >= 1.0
+            })
     }
 
     /// Takes one upgrade from `ip`'s budget (`max_handshakes_per_ip`, this
@@ -443,17 +491,12 @@ impl Shard {
         });
     }
 
-    /// Counts an upgraded connection.
-    pub(crate) fn opened(&self, ip: std::net::IpAddr) {
-        self.node_connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *self.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
-    }
-
-    /// Uncounts a connection counted by [`Shard::opened`].
-    pub(crate) fn closed(&self, ip: std::net::IpAddr) {
+    /// Uncounts a connection counted by [`Shard::admit`].
+    pub(crate) fn release(&self, ip: std::net::IpAddr) {
         self.node_connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shard_connections
+            .set(self.shard_connections.get().saturating_sub(1));
         let mut per_ip = self.per_ip.borrow_mut();
         if let Some(n) = per_ip.get_mut(&ip) {
             *n -= 1;
@@ -492,6 +535,14 @@ impl Shard {
                     return;
                 };
                 let wanted = take(&mut conn.pending.borrow_mut(), &topic);
+                if wanted && !connection::may_subscribe(self, &conn, &topic) {
+                    // A refreshed token narrowed `subs` while the broker
+                    // answered: the `sub` ends refused, nothing replayed.
+                    let reason = "topic not allowed by the refreshed token";
+                    let frame =
+                        encode_topic_error(reply.req, code::FORBIDDEN_TOPIC, &topic, reason);
+                    return self.queue(&conn, frame);
+                }
                 for frame in replay {
                     self.queue_msg(&conn, frame);
                 }

@@ -147,9 +147,12 @@ pub enum HandshakeError {
         /// Why, e.g. "token expired".
         reason: &'static str,
     },
-    /// Too many connections from this address (429).
-    #[error("too many connections from this address")]
-    TooManyConnections,
+    /// Too many connections or upgrades from this address (429).
+    #[error("too many requests: {reason}")]
+    TooManyConnections {
+        /// Which limit, e.g. "max_connections_per_ip reached for this address".
+        reason: &'static str,
+    },
     /// The server is full or draining (503).
     #[error("service unavailable: {reason}")]
     Unavailable {
@@ -184,7 +187,7 @@ impl HandshakeError {
             E::NotFound { .. } => 404,
             E::OriginNotAllowed { .. } => 403,
             E::Unauthorized { .. } => 401,
-            E::TooManyConnections => 429,
+            E::TooManyConnections { .. } => 429,
             E::Unavailable { .. } => 503,
             E::Timeout => 408,
         }
@@ -768,7 +771,12 @@ mod tests {
                 },
                 401,
             ),
-            (HandshakeError::TooManyConnections, 429),
+            (
+                HandshakeError::TooManyConnections {
+                    reason: "max_connections_per_ip reached for this address",
+                },
+                429,
+            ),
             (
                 HandshakeError::Unavailable {
                     reason: "server is draining",

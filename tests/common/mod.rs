@@ -18,7 +18,8 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts with anonymous access, 2 shards, and `extra` flags.
+    /// Starts with anonymous access, 2 shards (unless `extra` sets
+    /// `--shards`), and `extra` flags.
     pub fn start(extra: &[&str]) -> TestServer {
         Self::start_with_env(extra, &[])
     }
@@ -45,10 +46,15 @@ impl TestServer {
         if !extra.iter().any(|a| a.starts_with("--auth")) {
             cmd.arg("--allow-anonymous");
         }
-        cmd.args(["--shards", "2"]);
+        if !extra.contains(&"--shards") {
+            cmd.args(["--shards", "2"]);
+        }
         // Tests pipeline requests; the rate limit has its own tests.
         if !extra.contains(&"--inbound-rate") {
             cmd.args(["--inbound-rate", "0"]);
+        }
+        if !extra.contains(&"--inbound-bytes-rate") {
+            cmd.args(["--inbound-bytes-rate", "0"]);
         }
         if !extra.contains(&"--max-handshakes-per-ip") {
             cmd.args(["--max-handshakes-per-ip", "0"]);

@@ -1,7 +1,9 @@
 //! Stream entries and replies, with no IO: the partition rule, key names,
 //! decoding and validating one entry, and taking apart `XREAD` / `XRANGE` /
 //! `XINFO STREAM` replies. Everything here is a pure function of its input
-//! so it is tested without a Redis server.
+//! so it is tested without a Redis server. The decoders are `pub` (hidden
+//! from the docs) only so `tests/fuzz_redis.rs` can feed them arbitrary
+//! `redis::Value` trees; they are not a stable API.
 
 use ::redis::Value;
 
@@ -10,7 +12,7 @@ use crate::metrics::Skip;
 use crate::topic::TopicName;
 
 /// Longest `event` name copied into a `msg` frame.
-pub(crate) const MAX_EVENT_LEN: usize = 64;
+pub const MAX_EVENT_LEN: usize = 64;
 
 /// The partition of `topic`: CRC-32/ISO-HDLC (zlib's crc32) mod `partitions`.
 /// Producers compute the same thing (PROTOCOL.md section 6).
@@ -30,10 +32,13 @@ pub fn epoch_key(prefix: &str, p: u32) -> String {
 
 /// One valid entry, ready to encode.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Entry {
-    pub(crate) topic: TopicName,
-    pub(crate) event: Option<String>,
-    pub(crate) data: String,
+pub struct Entry {
+    /// The `topic` field, a valid topic of the partition it was found in.
+    pub topic: TopicName,
+    /// The `event` field: 1 to [`MAX_EVENT_LEN`] bytes of UTF-8.
+    pub event: Option<String>,
+    /// The `data` field: one JSON document.
+    pub data: String,
 }
 
 fn bytes(v: Value) -> Option<Vec<u8>> {
@@ -54,35 +59,42 @@ fn items(v: Value) -> Option<Vec<Value>> {
 }
 
 /// Parses an entry id as Redis returns it.
-pub(crate) fn parse_id(v: Value) -> Option<MsgId> {
+pub fn parse_id(v: Value) -> Option<MsgId> {
     std::str::from_utf8(&bytes(v)?).ok()?.parse().ok()
 }
 
 /// Validates one entry's flat field list (`topic`, `data`, optional
-/// `event`; other fields are ignored) found in partition `p`.
-pub(crate) fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Skip> {
+/// `event`; other fields are ignored; of a repeated field the last counts)
+/// found in partition `p`. A field whose value is not a string (an array,
+/// say) is invalid, not missing.
+pub fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Skip> {
     let fields = items(fields).ok_or(Skip::Malformed)?;
     let (mut topic, mut data, mut event) = (None, None, None);
     let mut it = fields.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         match bytes(k).as_deref() {
-            Some(b"topic") => topic = bytes(v),
-            Some(b"data") => data = bytes(v),
-            Some(b"event") => event = bytes(v),
+            Some(b"topic") => topic = Some(bytes(v).ok_or(Skip::InvalidTopic)),
+            Some(b"data") => data = Some(bytes(v).ok_or(Skip::InvalidData)),
+            Some(b"event") => event = Some(bytes(v).ok_or(Skip::InvalidEvent)),
             _ => {}
         }
     }
+    // Precedence: missing topic, missing data, then each field in turn.
     let topic = topic.ok_or(Skip::MissingTopic)?;
     let data = data.ok_or(Skip::MissingData)?;
+    let topic = topic?;
     let topic = std::str::from_utf8(&topic).map_err(|_| Skip::InvalidTopic)?;
     let topic = TopicName::new(topic).map_err(|_| Skip::InvalidTopic)?;
     if partition(topic.as_str(), partitions) != p {
         return Err(Skip::WrongPartition);
     }
-    let data = String::from_utf8(data).map_err(|_| Skip::InvalidData)?;
-    // Validates the whole document without building it.
-    serde_json::from_str::<serde::de::IgnoredAny>(&data).map_err(|_| Skip::InvalidData)?;
-    let event = match event {
+    let data = String::from_utf8(data?).map_err(|_| Skip::InvalidData)?;
+    // The rules a client `pub` meets: one JSON document, not nested deeper
+    // than subscribers' parsers go, numbers in range (found by
+    // tests/fuzz_redis.rs: a 1000-deep document passed and reached
+    // subscribers that cannot read it, ringcast's own client among them).
+    crate::protocol::check_data(&data).map_err(|_| Skip::InvalidData)?;
+    let event = match event.transpose()? {
         None => None,
         Some(e) if e.is_empty() || e.len() > MAX_EVENT_LEN => return Err(Skip::InvalidEvent),
         Some(e) => Some(String::from_utf8(e).map_err(|_| Skip::InvalidEvent)?),
@@ -112,10 +124,10 @@ pub(crate) fn has_topic(fields: &Value, topic: &str) -> bool {
 }
 
 /// One stream's entries in a reply: (id, fields) pairs, ids unparsed.
-pub(crate) type RawEntries = Vec<(Value, Value)>;
+pub type RawEntries = Vec<(Value, Value)>;
 
 /// The entries of an `XRANGE` reply (or of one stream in `XREAD`).
-pub(crate) fn range_entries(v: Value) -> Option<RawEntries> {
+pub fn range_entries(v: Value) -> Option<RawEntries> {
     if matches!(v, Value::Nil) {
         return Some(Vec::new());
     }
@@ -130,7 +142,7 @@ pub(crate) fn range_entries(v: Value) -> Option<RawEntries> {
 
 /// The streams of an `XREAD` reply: (key, entries); nil (timeout or
 /// `CLIENT UNBLOCK`) is no stream.
-pub(crate) fn xread_streams(v: Value) -> Option<Vec<(Vec<u8>, RawEntries)>> {
+pub fn xread_streams(v: Value) -> Option<Vec<(Vec<u8>, RawEntries)>> {
     if matches!(v, Value::Nil) {
         return Some(Vec::new());
     }
@@ -156,20 +168,20 @@ pub(crate) fn xread_streams(v: Value) -> Option<Vec<(Vec<u8>, RawEntries)>> {
 
 /// What `XINFO STREAM` says about what a partition still holds.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Retained {
+pub struct Retained {
     /// The oldest entry still in the stream.
-    pub(crate) first: Option<MsgId>,
+    pub first: Option<MsgId>,
     /// Entries in the stream.
-    pub(crate) length: u64,
+    pub length: u64,
     /// Entries ever added (Redis 7+).
-    pub(crate) added: Option<u64>,
+    pub added: Option<u64>,
     /// The newest id removed by XDEL (Redis 7+; trimming leaves it alone).
-    pub(crate) max_deleted: Option<MsgId>,
+    pub max_deleted: Option<MsgId>,
 }
 
 impl Retained {
     /// Reads an `XINFO STREAM` reply.
-    pub(crate) fn from_xinfo(v: Value) -> Option<Retained> {
+    pub fn from_xinfo(v: Value) -> Option<Retained> {
         let mut r = Retained::default();
         let mut it = items(v)?.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -195,7 +207,7 @@ impl Retained {
     /// retained entry are known complete; XDEL shows in `max_deleted`.
     /// Without `entries-added` (Redis < 7) a trim cannot be told apart from
     /// an id older than the stream, and recovery is refused.
-    pub(crate) fn covers(&self, since: MsgId) -> bool {
+    pub fn covers(&self, since: MsgId) -> bool {
         if self.max_deleted.is_some_and(|d| since < d) {
             return false;
         }
@@ -255,7 +267,7 @@ mod tests {
     #[test]
     fn bad_entries_are_skipped_with_a_reason() {
         let p = partition("news", 16);
-        let cases: [(Value, Skip); 9] = [
+        let cases: [(Value, Skip); 14] = [
             (fields(&[("data", b"1")]), Skip::MissingTopic),
             (fields(&[("topic", b"news")]), Skip::MissingData),
             (
@@ -275,6 +287,17 @@ mod tests {
                 Skip::InvalidData,
             ),
             (
+                fields(&[
+                    ("topic", b"news"),
+                    ("data", &[b"[".repeat(127), b"]".repeat(127)].concat()),
+                ]),
+                Skip::InvalidData,
+            ),
+            (
+                fields(&[("topic", b"news"), ("data", b"1e400")]),
+                Skip::InvalidData,
+            ),
+            (
                 fields(&[("topic", b"news"), ("data", b"1"), ("event", b"")]),
                 Skip::InvalidEvent,
             ),
@@ -283,6 +306,37 @@ mod tests {
                 Skip::InvalidEvent,
             ),
             (Value::Int(3), Skip::Malformed),
+            // Found writing tests/fuzz_redis.rs: a field holding a
+            // non-string (an array, a double) was reported as missing.
+            (
+                Value::Array(vec![
+                    bulk("topic"),
+                    Value::Array(vec![]),
+                    bulk("data"),
+                    bulk("1"),
+                ]),
+                Skip::InvalidTopic,
+            ),
+            (
+                Value::Array(vec![
+                    bulk("topic"),
+                    bulk("news"),
+                    bulk("data"),
+                    Value::Double(1.0),
+                ]),
+                Skip::InvalidData,
+            ),
+            (
+                Value::Array(vec![
+                    bulk("topic"),
+                    bulk("news"),
+                    bulk("data"),
+                    bulk("1"),
+                    bulk("event"),
+                    Value::Nil,
+                ]),
+                Skip::InvalidEvent,
+            ),
         ];
         for (f, why) in cases {
             assert_eq!(decode_entry(f.clone(), p, 16), Err(why), "{f:?}");
