@@ -246,6 +246,9 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListe
         s.listen(LISTEN_BACKLOG)
             .with_context(|| format!("listen: cannot listen on {bound}"))?;
         s.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt
+        // here instead of one per connection.
+        s.set_nodelay(true)?;
         let l: TcpListener = s.into();
         bound = l.local_addr()?;
         out.push(l);
@@ -326,6 +329,17 @@ fn new_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<Socket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        // Shards never set TCP_NODELAY per connection; this is why they may not.
+        let listeners = bind_listeners("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        listeners[0].set_nonblocking(false).unwrap();
+        let (accepted, _) = listeners[0].accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 
     #[test]
     fn a_port_held_elsewhere_is_refused() {

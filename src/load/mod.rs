@@ -599,11 +599,10 @@ fn ramp(args: &LoadArgs) -> anyhow::Result<()> {
     let mut best: Option<(f64, f64)> = None;
     let mut steps = Vec::new();
     while rate <= args.max_rate as f64 {
+        let before = workers.received()?;
         let sent = pubs.run(&names, rate, args)?;
         let expected = expected(&sent, &subs);
-        let already = workers.received()?;
-        let target = already + expected;
-        let waited = workers.settle(target, args.settle.0)?;
+        let waited = workers.settle(before + expected, args.settle.0)?;
         let tally = workers.report()?;
         let pub_errors = pubs.new_errors();
         let secs = args.duration.0.as_secs_f64();

@@ -258,33 +258,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 if shard.draining.get() {
                     break;
                 }
-                shard
-                    .metrics
-                    .connections_accepted
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = stream.set_nodelay(true);
                 // The handshake deadline starts now, not at the last tick.
                 shard.tick();
-                let id = ConnId(shard.next_conn.get());
-                shard.next_conn.set(id.0 + 1);
-                let socket = crate::sys::into_owned_fd(stream);
-                let conn = Rc::new(Conn::new(
-                    id,
-                    socket,
-                    peer.ip(),
-                    shard.now_ms(),
-                    &shard.config,
-                ));
-                if let Err(e) = shard.epoll.add(conn.fd(), crate::sys::EPOLLIN, id.0) {
-                    warn!(error = %e, "cannot watch a new connection");
-                    continue;
-                }
-                debug!(conn = id.0, %peer, "accepted");
-                shard.conns.borrow_mut().insert(id, conn.clone());
-                shard.sync_gauges();
-                // Counted from now on, or refused at once: a socket that never
-                // sends its upgrade request must not escape the caps.
-                connection::admit(&shard, &conn);
+                shard.on_accept(crate::sys::into_owned_fd(stream), peer);
                 shard.flush_dirty();
             }
             Err(_) if shard.draining.get() => break,
@@ -381,6 +357,34 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
 }
 
 impl Shard {
+    /// Takes in an accepted socket: registry, readiness, connection caps.
+    /// TCP_NODELAY comes from the listener (Linux copies it to accepted
+    /// sockets).
+    fn on_accept(self: &Rc<Self>, socket: std::os::fd::OwnedFd, peer: std::net::SocketAddr) {
+        self.metrics
+            .connections_accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = ConnId(self.next_conn.get());
+        self.next_conn.set(id.0 + 1);
+        let conn = Rc::new(Conn::new(
+            id,
+            socket,
+            peer.ip(),
+            self.now_ms(),
+            &self.config,
+        ));
+        if let Err(e) = self.epoll.add(conn.fd(), crate::sys::EPOLLIN, id.0) {
+            warn!(error = %e, "cannot watch a new connection");
+            return;
+        }
+        debug!(conn = id.0, %peer, "accepted");
+        self.conns.borrow_mut().insert(id, conn.clone());
+        self.sync_gauges();
+        // Counted from now on, or refused at once: a socket that never
+        // sends its upgrade request must not escape the caps.
+        connection::admit(self, &conn);
+    }
+
     /// Acts on one connection's readiness.
     fn on_ready(self: &Rc<Self>, id: ConnId, events: u32) {
         let Some(conn) = self.conn(id) else { return };
