@@ -600,6 +600,16 @@ impl Config {
             self.max_message_size >= 125,
             "max_message_size: must be at least 125 bytes",
         );
+        // Connections keep these in 32-bit fields (an idle connection's
+        // state is kept small); no deployment needs more.
+        need(
+            self.max_message_size <= 1 << 30,
+            "max_message_size: must be at most 1GiB",
+        );
+        need(
+            self.outbound_queue <= 1 << 30,
+            "outbound_queue: must be at most 1GiB",
+        );
         need(
             self.max_publish_size >= 1,
             "max_publish_size: must be at least 1 byte",

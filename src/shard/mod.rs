@@ -94,6 +94,8 @@ pub(crate) struct Shard {
     /// The one read buffer every connection of this shard reads into.
     pub(crate) scratch: RefCell<Vec<u8>>,
     next_conn: Cell<u64>,
+    /// Sweeps done: which connections the next one pings.
+    sweeps: Cell<u64>,
     started: Instant,
     now_ms: Cell<u64>,
     draining: Cell<bool>,
@@ -205,6 +207,7 @@ async fn run(setup: ShardSetup) {
         dirty: RefCell::new(Vec::new()),
         scratch: RefCell::new(vec![0; SCRATCH_SIZE]),
         next_conn: Cell::new(0),
+        sweeps: Cell::new(0),
         started: Instant::now(),
         now_ms: Cell::new(0),
         draining: Cell::new(false),
@@ -538,7 +541,7 @@ impl Shard {
                 let Some(conn) = self.conn(reply.conn) else {
                     return;
                 };
-                let wanted = take(&mut conn.pending.borrow_mut(), &topic);
+                let wanted = conn.take_pending(&topic);
                 if wanted && !connection::may_subscribe(self, &conn, &topic) {
                     // A refreshed token narrowed `subs` while the broker
                     // answered: the `sub` ends refused, nothing replayed.
@@ -557,12 +560,11 @@ impl Shard {
                 };
                 self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
                 if wanted && conn.phase() == Phase::Open {
-                    conn.subs.borrow_mut().push(topic.clone());
-                    self.topics
-                        .borrow_mut()
-                        .entry(topic)
-                        .or_default()
-                        .push(conn);
+                    let mut topics = self.topics.borrow_mut();
+                    let list = topics.entry(topic.clone()).or_default();
+                    conn.add_live(topic, list.len() as u32);
+                    list.push(conn);
+                    drop(topics);
                     self.sync_gauges();
                     self.metrics
                         .subscriptions_active
@@ -673,48 +675,65 @@ impl Shard {
         self.queue_unbounded(conn, crate::ws::frame::encode_close(code, reason));
     }
 
+    /// The once-a-second pass over every connection: deadlines, token
+    /// expiry, silence, and pings. Pings need no per-connection timestamp:
+    /// a heartbeat spans `k` sweeps and a connection is pinged on the sweeps
+    /// where `(sweep + id) % k == 0`, so each one gets a ping every
+    /// heartbeat and each sweep pings only 1/k of the shard, not all at once.
     fn sweep(&self) {
         let now = self.now_ms();
         let hb = self.config.heartbeat.as_millis() as u64;
+        let slots = (hb / SWEEP_MS).max(1);
+        let round = self.sweeps.get();
+        self.sweeps.set(round.wrapping_add(1));
         let wall = crate::auth::now_secs();
-        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
-        for conn in conns {
-            match conn.phase() {
-                Phase::Handshake if now >= conn.deadline() => {
-                    // Like every handshake error: an HTTP answer, then close.
-                    connection::refuse(self, &conn, &HandshakeError::Timeout);
+        // Decide under one borrow of the registry, then act on the few that
+        // need it (acting may touch the registry).
+        let due: Vec<(Rc<Conn>, Due)> = self
+            .conns
+            .borrow()
+            .values()
+            .filter_map(|conn| {
+                let due = match conn.phase() {
+                    Phase::Handshake if now >= conn.deadline() => Due::HandshakeTimeout,
+                    Phase::Open => {
+                        let identity = conn.identity.borrow();
+                        match identity.as_ref() {
+                            None if now >= conn.deadline() => Due::AuthTimeout,
+                            Some(i) if i.expires_at <= wall => Due::TokenExpired,
+                            _ if now.saturating_sub(conn.last_rx()) >= hb.saturating_mul(2) => {
+                                Due::Silent
+                            }
+                            _ if (round.wrapping_add(conn.id.0)) % slots == 0 => Due::Ping,
+                            _ => return None,
+                        }
+                    }
+                    Phase::Closing if now >= conn.deadline() => Due::CloseTimeout,
+                    _ => return None,
+                };
+                Some((conn.clone(), due))
+            })
+            .collect();
+        for (conn, due) in due {
+            match due {
+                // Like every handshake error: an HTTP answer, then close.
+                Due::HandshakeTimeout => connection::refuse(self, &conn, &HandshakeError::Timeout),
+                Due::AuthTimeout => {
+                    self.close(&conn, 4001, "authentication timed out", Disconnect::Auth)
                 }
-                Phase::Open if conn.identity.borrow().is_none() && now >= conn.deadline() => {
-                    self.close(&conn, 4001, "authentication timed out", Disconnect::Auth);
-                }
-                Phase::Open
-                    if conn
-                        .identity
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|i| i.expires_at <= wall) =>
-                {
-                    self.close(&conn, 4001, "token expired", Disconnect::Auth);
-                }
-                Phase::Open if now.saturating_sub(conn.last_rx()) >= hb.saturating_mul(2) => {
+                Due::TokenExpired => self.close(&conn, 4001, "token expired", Disconnect::Auth),
+                Due::Silent => {
                     debug!(
                         conn = conn.id.0,
-                        silent_ms = now - conn.last_rx(),
+                        silent_ms = now.saturating_sub(conn.last_rx()),
                         "heartbeat timeout"
                     );
                     self.metrics.disconnect(Disconnect::Heartbeat);
                     conn.shut();
                 }
-                // Due within the next sweep counts as due, so a ping always
-                // goes out at least one sweep before the silence limit.
-                Phase::Open if now.saturating_sub(conn.last_ping()) + SWEEP_MS > hb => {
-                    conn.set_last_ping(now);
-                    if !self.config.echo {
-                        self.queue(&conn, self.ping.clone());
-                    }
-                }
-                Phase::Closing if now >= conn.deadline() => conn.shut(),
-                _ => {}
+                Due::Ping if !self.config.echo => self.queue(&conn, self.ping.clone()),
+                Due::Ping => {}
+                Due::CloseTimeout => conn.shut(),
             }
         }
     }
@@ -770,10 +789,10 @@ impl Shard {
     pub(crate) fn remove(&self, conn: &Rc<Conn>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.conns.borrow_mut().remove(&conn.id);
-        let subs = std::mem::take(&mut *conn.subs.borrow_mut());
+        let subs = conn.take_all();
         let mut topics = self.topics.borrow_mut();
-        for topic in &subs {
-            detach(&mut topics, topic, conn);
+        for sub in &subs {
+            detach(&mut topics, &sub.topic, sub.slot());
         }
         drop(topics);
         self.sync_gauges();
@@ -795,10 +814,10 @@ impl Shard {
 
     /// Unsubscribes one connection from one topic; false if it was not subscribed.
     pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
-        if !take(&mut conn.subs.borrow_mut(), topic) {
-            return take(&mut conn.pending.borrow_mut(), topic);
-        }
-        detach(&mut self.topics.borrow_mut(), topic, conn);
+        let Some(slot) = conn.take_live(topic) else {
+            return conn.take_pending(topic);
+        };
+        detach(&mut self.topics.borrow_mut(), topic, slot);
         self.sync_gauges();
         self.metrics
             .subscriptions_active
@@ -807,17 +826,33 @@ impl Shard {
     }
 }
 
-/// Removes `conn` from `topic`'s subscribers, and the topic once it has none.
-/// Linear in the topic's local subscribers; see issue #3 for an index.
-fn detach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, conn: &Rc<Conn>) {
-    if let Some(list) = topics.get_mut(topic) {
-        if let Some(i) = list.iter().position(|c| Rc::ptr_eq(c, conn)) {
-            list.swap_remove(i);
-        }
-        if list.is_empty() {
-            topics.remove(topic);
+/// Removes the subscriber at `slot` of `topic`'s list, and the topic once
+/// it has none. O(1): the last subscriber takes the slot and is told so.
+fn detach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, slot: u32) {
+    let Some(list) = topics.get_mut(topic) else {
+        return;
+    };
+    let slot = slot as usize;
+    if slot < list.len() {
+        list.swap_remove(slot);
+        if let Some(moved) = list.get(slot) {
+            moved.move_slot(topic, slot as u32);
         }
     }
+    if list.is_empty() {
+        topics.remove(topic);
+    }
+}
+
+/// What the sweep found due for a connection.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    HandshakeTimeout,
+    AuthTimeout,
+    TokenExpired,
+    Silent,
+    Ping,
+    CloseTimeout,
 }
 
 /// Lets every other ready task of this shard run once before continuing.
@@ -835,13 +870,52 @@ async fn yield_now() {
     .await
 }
 
-/// Removes `item` from a short list; whether it was there.
-fn take(list: &mut Vec<TopicName>, item: &TopicName) -> bool {
-    match list.iter().position(|t| t == item) {
-        Some(i) => {
-            list.swap_remove(i);
-            true
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64, config: &Config) -> Rc<Conn> {
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+        Rc::new(Conn::new(ConnId(id), fd, peer, 0, config))
+    }
+
+    fn attach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, c: &Rc<Conn>) {
+        let list = topics.entry(topic.clone()).or_default();
+        c.add_live(topic.clone(), list.len() as u32);
+        list.push(c.clone());
+    }
+
+    #[test]
+    fn detaching_in_any_order_keeps_every_slot_true() {
+        let config = Config::default();
+        let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
+        let conns: Vec<Rc<Conn>> = (0..50).map(|i| conn(i, &config)).collect();
+        let mut topics = HashMap::new();
+        for c in &conns {
+            attach(&mut topics, &a, c);
+            if c.id.0 % 3 == 0 {
+                attach(&mut topics, &b, c);
+            }
         }
-        None => false,
+        let mut order: Vec<usize> = (0..conns.len()).collect();
+        fastrand::Rng::with_seed(7).shuffle(&mut order);
+        for (n, &i) in order.iter().enumerate() {
+            for sub in conns[i].take_all() {
+                detach(&mut topics, &sub.topic, sub.slot());
+            }
+            let left: Vec<&Rc<Conn>> = order[n + 1..].iter().map(|&k| &conns[k]).collect();
+            let list = topics.get(&a).map_or(&[][..], |l| &l[..]);
+            assert_eq!(list.len(), left.len());
+            for (slot, c) in list.iter().enumerate() {
+                assert!(
+                    left.iter().any(|l| Rc::ptr_eq(l, c)),
+                    "a gone conn is still listed"
+                );
+                assert_eq!(c.take_live(&a), Some(slot as u32));
+                c.add_live(a.clone(), slot as u32);
+            }
+        }
+        assert!(topics.is_empty(), "{:?}", topics.keys().collect::<Vec<_>>());
     }
 }

@@ -186,7 +186,8 @@ impl ProtocolError {
 /// progress.
 #[derive(Debug)]
 pub struct Decoder {
-    max_message_size: usize,
+    /// 32 bits: every connection holds a decoder (at most 4 GiB, clamped).
+    max_message_size: u32,
     /// Server side: inbound frames must be masked; client side: must not be.
     expect_masked: bool,
     /// Boxed: fragmented messages are rare, and an idle connection's
@@ -219,7 +220,7 @@ impl Decoder {
     /// as soon as a frame header announces them.
     pub fn new(max_message_size: usize) -> Self {
         Self {
-            max_message_size,
+            max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
             expect_masked: true,
             partial: None,
         }
@@ -289,10 +290,10 @@ impl Decoder {
                 (_, None) => 0,
             };
             let total = (so_far as u64).saturating_add(header.len);
-            if total > self.max_message_size as u64 {
+            if total > u64::from(self.max_message_size) {
                 return Err(ProtocolError::MessageTooLarge {
                     len: total,
-                    max: self.max_message_size,
+                    max: self.max_message_size as usize,
                 });
             }
         }
@@ -869,8 +870,16 @@ mod tests {
                 max: MAX
             }
         );
-        // Even with the largest possible limit nothing is allocated: it waits.
+        // The limit is held in 32 bits: larger ones clamp, so a 2^63 frame
+        // is refused whatever the setting.
         let mut buf = BytesMut::from(&max_len[..]);
+        assert!(Decoder::new(usize::MAX).decode(&mut buf).is_err());
+        // Even with the largest limit nothing is allocated for a frame
+        // under it: it waits for the bytes.
+        let mut under = vec![0x82, 0xFF];
+        under.extend(u64::from(u32::MAX - 1).to_be_bytes());
+        under.extend(KEY);
+        let mut buf = BytesMut::from(&under[..]);
         assert_eq!(Decoder::new(usize::MAX).decode(&mut buf), Ok(None));
         assert_eq!(buf.len(), 14);
     }
