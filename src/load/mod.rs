@@ -36,20 +36,20 @@ macro_rules! out {
 }
 
 mod publish;
+mod tally;
 mod worker;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 use serde_json::Value;
 
 use crate::config::HumanDuration;
 use publish::{Publisher, Sent, Via};
+use tally::Tally;
 
 /// Connections per worker process when `--procs` is not given: under the
 /// ~20,000 fds a process may hold here, with room for the rest.
@@ -345,68 +345,6 @@ impl Workers {
     }
 }
 
-/// What the workers counted, merged.
-struct Tally {
-    received: u64,
-    latency_us: Histogram<u64>,
-    closes: BTreeMap<String, u64>,
-    errors: BTreeMap<String, u64>,
-    unstamped: u64,
-}
-
-impl Tally {
-    fn new() -> anyhow::Result<Tally> {
-        Ok(Tally {
-            received: 0,
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
-            closes: BTreeMap::new(),
-            errors: BTreeMap::new(),
-            unstamped: 0,
-        })
-    }
-
-    fn add(&mut self, v: &Value) -> anyhow::Result<()> {
-        self.received += v["received"].as_u64().unwrap_or(0);
-        self.unstamped += v["unstamped"].as_u64().unwrap_or(0);
-        for pair in v["latency_us"].as_array().into_iter().flatten() {
-            let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
-                bail!("a worker sent a malformed histogram entry {pair}");
-            };
-            self.latency_us.record_n(value.max(1), count)?;
-        }
-        for (map, key) in [(&mut self.closes, "closes"), (&mut self.errors, "errors")] {
-            for (code, n) in v[key].as_object().into_iter().flatten() {
-                *map.entry(code.clone()).or_default() += n.as_u64().unwrap_or(0);
-            }
-        }
-        Ok(())
-    }
-
-    /// Latency quantile in milliseconds.
-    fn ms(&self, q: f64) -> f64 {
-        self.latency_us.value_at_quantile(q) as f64 / 1000.0
-    }
-
-    fn max_ms(&self) -> f64 {
-        self.latency_us.max() as f64 / 1000.0
-    }
-
-    /// A note on anything that was not a plain delivery.
-    fn anomalies(&self) -> String {
-        let mut notes = Vec::new();
-        if !self.closes.is_empty() {
-            notes.push(format!("server closed subscribers: {:?}", self.closes));
-        }
-        if !self.errors.is_empty() {
-            notes.push(format!("error replies: {:?}", self.errors));
-        }
-        if self.unstamped > 0 {
-            notes.push(format!("{} unexpected frames", self.unstamped));
-        }
-        notes.join("; ")
-    }
-}
-
 /// The publishers of a run and the share of topics each one takes.
 struct Publishers {
     pubs: Vec<(Publisher, Vec<usize>)>,
@@ -488,24 +426,30 @@ fn expected(sent: &Sent, subs: &[u64]) -> u64 {
     sent.per_topic.iter().zip(subs).map(|(n, s)| n * s).sum()
 }
 
-/// Connects the subscribers; returns the workers and the time it took.
-fn start_subscribers(args: &LoadArgs) -> anyhow::Result<(Workers, f64)> {
+/// Starts the workers and waits until every connection is up (and
+/// subscribed, with `subscribe`); returns them, the seconds it took, and
+/// the connections opened.
+fn start_workers(args: &LoadArgs, subscribe: bool) -> anyhow::Result<(Workers, f64, u64)> {
     let start = crate::sys::monotonic_us();
-    let mut workers = Workers::spawn(args, true, false)?;
+    let mut workers = Workers::spawn(args, subscribe, false)?;
     let ready = workers.collect("ready")?;
     let end = ready
         .iter()
         .filter_map(|v| v["at_us"].as_u64())
         .max()
         .unwrap_or(start);
-    Ok((workers, end.saturating_sub(start) as f64 / 1e6))
+    let opened = ready
+        .iter()
+        .map(|v| v["connections"].as_u64().unwrap_or(0))
+        .sum();
+    Ok((workers, end.saturating_sub(start) as f64 / 1e6, opened))
 }
 
 /// `fanout` and `topics`: one publishing window, then the figures.
 fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
     let names = topic_names(args);
     let subs = subscribers_per_topic(args.connections, names.len());
-    let (mut workers, connect_s) = start_subscribers(args)?;
+    let (mut workers, connect_s, _) = start_workers(args, true)?;
     let mut pubs = Publishers::connect(args, names.len())?;
     let sent = pubs.run(&names, args.rate as f64, args)?;
     let expected = expected(&sent, &subs);
@@ -574,7 +518,7 @@ fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
 fn ramp(args: &LoadArgs) -> anyhow::Result<()> {
     let names = topic_names(args);
     let subs = subscribers_per_topic(args.connections, names.len());
-    let (mut workers, connect_s) = start_subscribers(args)?;
+    let (mut workers, connect_s, _) = start_workers(args, true)?;
     let mut pubs = Publishers::connect(args, names.len())?;
     out!(
         "ramp  subscribers={} topics={} size={}B step={:?} x{} p99 bound {} ms (connected in {connect_s:.3} s)",
@@ -670,19 +614,7 @@ fn idle(args: &LoadArgs) -> anyhow::Result<()> {
         .context("idle needs --server-pid to read the server's memory")?;
     let before = rss_bytes(pid).context("cannot read the server's /proc status")?;
     let (kmem_before, slab_before) = (tcp_mem_pages().unwrap_or(0), slab_bytes().unwrap_or(0));
-    let start = crate::sys::monotonic_us();
-    let mut workers = Workers::spawn(args, false, false)?;
-    let ready = workers.collect("ready")?;
-    let end = ready
-        .iter()
-        .filter_map(|v| v["at_us"].as_u64())
-        .max()
-        .unwrap_or(start);
-    let connect_s = end.saturating_sub(start) as f64 / 1e6;
-    let n: u64 = ready
-        .iter()
-        .map(|v| v["connections"].as_u64().unwrap_or(0))
-        .sum();
+    let (workers, connect_s, n) = start_workers(args, false)?;
     // Let the server settle (allocator, lazy structures), then measure.
     std::thread::sleep(Duration::from_secs(2));
     let after = rss_bytes(pid).context("cannot read the server's /proc status")?;
@@ -808,22 +740,5 @@ mod tests {
             per_topic: vec![5, 1, 0],
         };
         assert_eq!(expected(&sent, &[4, 3, 3]), 23);
-    }
-
-    #[test]
-    fn worker_tallies_merge() {
-        let mut t = Tally::new().unwrap();
-        let a = serde_json::json!({"received": 3, "latency_us": [[100, 2], [2000, 1]], "closes": {"4009": 1}, "errors": {}, "unstamped": 0});
-        let b = serde_json::json!({"received": 1, "latency_us": [[50, 1]], "closes": {"4009": 2}, "errors": {"4008": 1}, "unstamped": 2});
-        t.add(&a).unwrap();
-        t.add(&b).unwrap();
-        assert_eq!(t.received, 4);
-        assert_eq!(t.latency_us.len(), 4);
-        assert_eq!(t.closes["4009"], 3);
-        assert_eq!(t.errors["4008"], 1);
-        assert!(t.anomalies().contains("4009"));
-        assert!(t
-            .add(&serde_json::json!({"latency_us": [["x", 1]]}))
-            .is_err());
     }
 }

@@ -12,15 +12,13 @@
 //! `connect` scenario the worker instead prints one `round {json}` per round
 //! of connect-then-close and exits.
 
-use std::collections::BTreeMap;
 use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 
-use super::{source_addr, LoadArgs};
+use super::{source_addr, LoadArgs, Tally};
 use crate::sys;
 use crate::ws::frame::{encode_masked, OpCode};
 
@@ -62,47 +60,6 @@ struct Client {
     pending: Vec<u8>,
     /// The topic this client subscribes to, if any.
     topic: Option<usize>,
-}
-
-/// What the worker counted since the last report.
-struct Tally {
-    received: u64,
-    latency_us: Histogram<u64>,
-    /// Server close codes seen on open connections, by code.
-    closes: BTreeMap<u16, u64>,
-    /// Error replies the server sent, by code.
-    errors: BTreeMap<u64, u64>,
-    /// Frames with no latency stamp (other than replies and control).
-    unstamped: u64,
-}
-
-impl Tally {
-    fn new() -> anyhow::Result<Tally> {
-        Ok(Tally {
-            received: 0,
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
-            closes: BTreeMap::new(),
-            errors: BTreeMap::new(),
-            unstamped: 0,
-        })
-    }
-
-    fn to_json(&self, total: u64) -> String {
-        let hist: Vec<[u64; 2]> = self
-            .latency_us
-            .iter_recorded()
-            .map(|v| [v.value_iterated_to(), v.count_at_value()])
-            .collect();
-        serde_json::json!({
-            "received": self.received,
-            "received_total": total,
-            "latency_us": hist,
-            "closes": self.closes,
-            "errors": self.errors,
-            "unstamped": self.unstamped,
-        })
-        .to_string()
-    }
 }
 
 /// The worker: every connection, its epoll instance and its tallies.
@@ -408,7 +365,7 @@ impl<'a> Worker<'a> {
                 Ok(())
             }
             Outcome::Closed(code) => {
-                *self.tally.closes.entry(code).or_default() += 1;
+                *self.tally.closes.entry(code.to_string()).or_default() += 1;
                 self.on_eof(i)
             }
             Outcome::Fatal(why) => bail!("{why}"),
@@ -542,7 +499,10 @@ fn on_text(
                 tally.received += 1;
                 *total += 1;
             } else if has_op(payload, "error") {
-                *tally.errors.entry(error_code(payload)).or_default() += 1;
+                *tally
+                    .errors
+                    .entry(error_code(payload).to_string())
+                    .or_default() += 1;
             } else if !has_op(payload, "ok") && !has_op(payload, "pong") {
                 tally.unstamped += 1;
             }

@@ -1,0 +1,123 @@
+//! What the load tool counts: deliveries, their latency, and everything
+//! that was not a plain delivery (server closes, error replies, unexpected
+//! frames). A worker fills one and reports it as a JSON object; the parent
+//! merges the workers' objects into one.
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+use hdrhistogram::Histogram;
+use serde_json::Value;
+
+/// Deliveries and anomalies since the last report.
+pub(super) struct Tally {
+    pub(super) received: u64,
+    /// Publish-to-deliver latency, µs.
+    pub(super) latency_us: Histogram<u64>,
+    /// Server close codes seen on open connections, by code.
+    pub(super) closes: BTreeMap<String, u64>,
+    /// Error replies the server sent, by code.
+    pub(super) errors: BTreeMap<String, u64>,
+    /// Frames with no latency stamp (other than replies and control).
+    pub(super) unstamped: u64,
+}
+
+impl Tally {
+    pub(super) fn new() -> anyhow::Result<Tally> {
+        Ok(Tally {
+            received: 0,
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+            closes: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            unstamped: 0,
+        })
+    }
+
+    /// The worker's report line (`received_total` counts since the start).
+    pub(super) fn to_json(&self, received_total: u64) -> String {
+        let hist: Vec<[u64; 2]> = self
+            .latency_us
+            .iter_recorded()
+            .map(|v| [v.value_iterated_to(), v.count_at_value()])
+            .collect();
+        serde_json::json!({
+            "received": self.received,
+            "received_total": received_total,
+            "latency_us": hist,
+            "closes": self.closes,
+            "errors": self.errors,
+            "unstamped": self.unstamped,
+        })
+        .to_string()
+    }
+
+    /// Adds one worker's report.
+    pub(super) fn add(&mut self, v: &Value) -> anyhow::Result<()> {
+        self.received += v["received"].as_u64().unwrap_or(0);
+        self.unstamped += v["unstamped"].as_u64().unwrap_or(0);
+        for pair in v["latency_us"].as_array().into_iter().flatten() {
+            let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
+                bail!("a worker sent a malformed histogram entry {pair}");
+            };
+            self.latency_us.record_n(value.max(1), count)?;
+        }
+        for (map, key) in [(&mut self.closes, "closes"), (&mut self.errors, "errors")] {
+            for (code, n) in v[key].as_object().into_iter().flatten() {
+                *map.entry(code.clone()).or_default() += n.as_u64().unwrap_or(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Latency quantile in milliseconds.
+    pub(super) fn ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub(super) fn max_ms(&self) -> f64 {
+        self.latency_us.max() as f64 / 1000.0
+    }
+
+    /// A note on anything that was not a plain delivery.
+    pub(super) fn anomalies(&self) -> String {
+        let mut notes = Vec::new();
+        if !self.closes.is_empty() {
+            notes.push(format!("server closed subscribers: {:?}", self.closes));
+        }
+        if !self.errors.is_empty() {
+            notes.push(format!("error replies: {:?}", self.errors));
+        }
+        if self.unstamped > 0 {
+            notes.push(format!("{} unexpected frames", self.unstamped));
+        }
+        notes.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_reports_round_trip_and_merge() {
+        let mut w = Tally::new().unwrap();
+        w.received = 3;
+        for v in [100, 100, 2000] {
+            w.latency_us.record(v).unwrap();
+        }
+        *w.closes.entry("4009".into()).or_default() += 1;
+        let a: Value = serde_json::from_str(&w.to_json(3)).unwrap();
+        let b = serde_json::json!({"received": 1, "latency_us": [[50, 1]], "closes": {"4009": 2}, "errors": {"4008": 1}, "unstamped": 2});
+        let mut t = Tally::new().unwrap();
+        t.add(&a).unwrap();
+        t.add(&b).unwrap();
+        assert_eq!(t.received, 4);
+        assert_eq!(t.latency_us.len(), 4);
+        assert_eq!(t.closes["4009"], 3);
+        assert_eq!(t.errors["4008"], 1);
+        assert!(t.anomalies().contains("4009"));
+        assert!(t
+            .add(&serde_json::json!({"latency_us": [["x", 1]]}))
+            .is_err());
+    }
+}
