@@ -59,6 +59,16 @@ use crate::config::Config;
 use crate::metrics::BrokerMetrics;
 use crate::topic::TopicName;
 
+/// Test-only fault injection, in debug builds only (release builds do not
+/// read it): with `RINGCAST_DEBUG_READER_HOLD_KEY=KEY`, each reader, after
+/// the first read that delivered something, stops reading until the Redis
+/// key `KEY` exists (polling every 10 ms, for at most 30 s), as if its
+/// thread were descheduled. The tests write past the retention meanwhile
+/// and then `SET` the key, to force a gap deterministically. Never set it
+/// in production; a release build ignores it.
+#[cfg(debug_assertions)]
+pub const DEBUG_READER_HOLD_ENV: &str = "RINGCAST_DEBUG_READER_HOLD_KEY";
+
 /// Publishes that may wait for the publisher thread; past it a `pub` is
 /// answered with an error rather than queued without bound.
 const PUBLISH_QUEUE: usize = 65_536;
