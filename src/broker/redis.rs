@@ -28,7 +28,10 @@
 //!   has taken the queue.
 //!
 //! When Redis goes away the reader retries with backoff and resumes from
-//! the last id it processed; `ringcast_broker_up` is 0 meanwhile.
+//! the last id it processed; `ringcast_broker_up` is 0 meanwhile. When the
+//! reader falls behind by more than the retention, so entries are trimmed
+//! before it reads them, it notices (Redis 7+), counts the gap and makes
+//! the partition's subscribers recover (`reader/check.rs`).
 
 mod entry;
 mod link;

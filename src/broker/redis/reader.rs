@@ -20,6 +20,13 @@
 //! over its budget is dropped and made up from the cache, or by reading the
 //! rest of the range again. Identical recoveries in flight share one read.
 //! Answering `sub`s is in `reader/recover.rs`.
+//!
+//! `XREAD` resumes after the last id whatever `MAXLEN` trimmed meanwhile, so
+//! a reader that falls behind by more than the retention would skip entries
+//! silently. It counts instead (`reader/gap.rs`) and looks at the streams
+//! when it may have fallen behind (`reader/check.rs`); a gap is counted,
+//! logged, closes the partition's subscribers before anything read after
+//! it is delivered, and refuses recoveries that span it.
 
 mod check;
 mod gap;
@@ -234,7 +241,7 @@ impl Reader {
             checking: Vec::new(),
             verdicts: Vec::new(),
             #[cfg(debug_assertions)]
-            hold: debug_hold_key(),
+            hold: check::debug_hold_key(),
         };
         let mut conn = reader.connect()?;
         reader.start_position(&mut conn)?;
@@ -509,26 +516,6 @@ impl Reader {
         Ok(any)
     }
 
-    /// Test-only fault injection (debug builds): see
-    /// [`super::DEBUG_READER_HOLD_ENV`]. Stops reading, once, until the key
-    /// exists (at most [`DEBUG_HOLD_LIMIT`]).
-    #[cfg(debug_assertions)]
-    fn debug_hold(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
-        let Some(key) = self.hold.take() else {
-            return Ok(());
-        };
-        warn!(key = %key, "test-only fault injection: the reader holds until the key exists");
-        let deadline = Instant::now() + DEBUG_HOLD_LIMIT;
-        while Instant::now() < deadline {
-            let n: i64 = ::redis::cmd("EXISTS").arg(&key).query(conn)?;
-            if n > 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
     fn deliver(&mut self, p: usize, id: MsgId, fields: Value) {
         let partitions = self.settings.partitions;
         let global = self.base + p as u32;
@@ -570,22 +557,6 @@ impl Reader {
             part.floor = old.id;
         }
     }
-}
-
-/// The longest a reader holds for [`super::DEBUG_READER_HOLD_ENV`].
-#[cfg(debug_assertions)]
-const DEBUG_HOLD_LIMIT: Duration = Duration::from_secs(30);
-
-/// The hold key named by [`super::DEBUG_READER_HOLD_ENV`], if set.
-#[cfg(debug_assertions)]
-fn debug_hold_key() -> Option<String> {
-    let key = std::env::var(super::DEBUG_READER_HOLD_ENV).ok()?;
-    warn!(
-        env = super::DEBUG_READER_HOLD_ENV,
-        key = %key,
-        "test-only fault injection: each reader will hold after its first delivery"
-    );
-    Some(key)
 }
 
 /// 100 ms doubling up to 5 s, with up to 25 % jitter so nodes spread out.

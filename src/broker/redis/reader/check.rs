@@ -378,4 +378,40 @@ impl Reader {
         // only what is read after the gap is cached from now.
         part.floor = part.floor.max(part.cut);
     }
+
+    /// Test-only fault injection (debug builds): see
+    /// [`crate::broker::redis::DEBUG_READER_HOLD_ENV`]. Stops reading, once, until the key
+    /// exists (at most [`DEBUG_HOLD_LIMIT`]).
+    #[cfg(debug_assertions)]
+    pub(super) fn debug_hold(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
+        let Some(key) = self.hold.take() else {
+            return Ok(());
+        };
+        warn!(key = %key, "test-only fault injection: the reader holds until the key exists");
+        let deadline = Instant::now() + DEBUG_HOLD_LIMIT;
+        while Instant::now() < deadline {
+            let n: i64 = ::redis::cmd("EXISTS").arg(&key).query(conn)?;
+            if n > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+/// The longest a reader holds for [`crate::broker::redis::DEBUG_READER_HOLD_ENV`].
+#[cfg(debug_assertions)]
+const DEBUG_HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+/// The hold key named by [`crate::broker::redis::DEBUG_READER_HOLD_ENV`], if set.
+#[cfg(debug_assertions)]
+pub(super) fn debug_hold_key() -> Option<String> {
+    let key = std::env::var(crate::broker::redis::DEBUG_READER_HOLD_ENV).ok()?;
+    warn!(
+        env = crate::broker::redis::DEBUG_READER_HOLD_ENV,
+        key = %key,
+        "test-only fault injection: each reader will hold after its first delivery"
+    );
+    Some(key)
 }
