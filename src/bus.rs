@@ -74,6 +74,17 @@ pub enum ShardMsg {
         /// The topic's current epoch.
         epoch: Arc<str>,
     },
+    /// Partition `partition` of `partitions` (Redis broker) lost entries
+    /// before this node read them: close every subscriber of a topic in it
+    /// with 4009, so it recovers with `since` and learns (from
+    /// `recovered:false`) that it missed something. Sent before the
+    /// `Deliver`s of what was read after the gap.
+    PartitionGap {
+        /// The partition, as `broker::redis::partition` numbers it.
+        partition: u32,
+        /// The node's partition count.
+        partitions: u32,
+    },
     /// The answer to a `pub`.
     Published {
         /// Who asked.
@@ -222,6 +233,16 @@ impl Bus {
         match self.shards.get(shard) {
             Some(s) => s.send(msg),
             None => tracing::error!(shard, "reply for a shard that does not exist"),
+        }
+    }
+
+    /// Sends a [`ShardMsg::PartitionGap`] to every shard.
+    pub fn partition_gap(&self, partition: u32, partitions: u32) {
+        for shard in &self.shards {
+            shard.send(ShardMsg::PartitionGap {
+                partition,
+                partitions,
+            });
         }
     }
 

@@ -336,6 +336,11 @@ pub struct BrokerMetrics {
     pub recoveries_shed: AtomicU64,
     /// Pipelined round trips that carried client publishes (`XADD`s).
     pub publish_round_trips: AtomicU64,
+    /// Times a partition stream lost entries before the reader read them
+    /// (trimmed past it, or deleted): events, not entries.
+    pub gaps: AtomicU64,
+    /// `XINFO STREAM` reads the readers made to look for such gaps.
+    pub gap_checks: AtomicU64,
     skipped: [AtomicU64; 7],
 }
 
@@ -350,6 +355,8 @@ impl Default for BrokerMetrics {
             recovery_ranges: AtomicU64::new(0),
             recoveries_shed: AtomicU64::new(0),
             publish_round_trips: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            gap_checks: AtomicU64::new(0),
             skipped: Default::default(),
         }
     }
@@ -372,7 +379,7 @@ impl BrokerMetrics {
             "1 when the broker delivers, 0 while it reconnects.",
         );
         let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "ringcast_broker_entries_read_total",
                 "Stream entries read from Redis and delivered to the shards.",
@@ -407,6 +414,16 @@ impl BrokerMetrics {
                 "ringcast_broker_publish_round_trips_total",
                 "Pipelined round trips to Redis that carried client publishes.",
                 &self.publish_round_trips,
+            ),
+            (
+                "ringcast_broker_gaps_total",
+                "Times a partition stream lost entries before this node read them (events, not entries).",
+                &self.gaps,
+            ),
+            (
+                "ringcast_broker_gap_checks_total",
+                "XINFO STREAM reads made to look for entries lost before this node read them.",
+                &self.gap_checks,
             ),
         ];
         for (name, help, c) in counters {

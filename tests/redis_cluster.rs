@@ -478,3 +478,57 @@ fn a_partition_moved_to_another_master_mid_stream_loses_and_repeats_nothing() {
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_burst_trimmed_past_a_cluster_reader_closes_only_that_partition() {
+    let cluster = TestCluster::start();
+    // A small MAXLEN: every read of every partition's reader is looked at.
+    let server = TestServer::start(&["--redis", &cluster.url(), "--redis-maxlen", "10"]);
+    let (hit, other) = ("gap:hit", "gap:other");
+    assert_ne!(partition(hit, 16), partition(other, 16));
+    let mut a = Client::connect(&server.url()).unwrap();
+    let epoch = a.subscribe(hit, None).unwrap().epoch;
+    let mut b = Client::connect(&server.url()).unwrap();
+    b.subscribe(other, None).unwrap();
+    let seen = xadd(&cluster, hit, "0");
+    assert_eq!(recv_by_topic(&mut a, 1)[hit], std::slice::from_ref(&seen));
+    let first = xadd(&cluster, other, "0");
+    assert_eq!(recv_by_topic(&mut b, 1)[other], [first]);
+    // One MULTI on the owning master appends 300 and trims 200 before the
+    // partition's reader is woken.
+    let k = key(hit);
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for i in 0..300 {
+        pipe.cmd("XADD")
+            .arg(&k)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(10)
+            .arg("*")
+            .arg("topic")
+            .arg(hit)
+            .arg("data")
+            .arg(i)
+            .ignore();
+    }
+    let () = pipe.query(&mut cluster.node(cluster.owner(&k))).unwrap();
+    let next = xadd(&cluster, other, "1");
+    match a.recv(Duration::from_secs(10)) {
+        Ok(Event::Close(code, _)) | Err(ClientError::Closed(code, _)) => assert_eq!(code, 4009),
+        other => panic!("expected a 4009 close, got {other:?}"),
+    }
+    assert_eq!(recv_by_topic(&mut b, 1)[other], [next]);
+    assert_eq!(server.metric("ringcast_broker_gaps_total"), 1.0);
+    let mut r = Client::connect(&server.url()).unwrap();
+    let sub = r.subscribe(hit, Some((&seen, &epoch))).unwrap();
+    assert_eq!((sub.recovered, sub.replayed.len()), (Some(false), 0));
+    assert_quiet(&mut b);
+    // Looking at streams that do not exist yet (most partitions here) must
+    // not cost a reader its connection.
+    assert!(
+        !server.log().contains("connection failed"),
+        "{}",
+        server.log()
+    );
+}

@@ -148,11 +148,25 @@ fn recovery_is_refused_past_maxlen_with_a_wrong_epoch_or_past_the_stream() {
     let mut c = Client::connect(&server.url()).unwrap();
     let epoch = c.subscribe("h", None).unwrap().epoch;
     let mut p = Client::connect(&server.url()).unwrap();
-    // MAXLEN ~ trims whole stream nodes (100 entries): publish well past it.
-    let mids: Vec<String> = (0..400)
-        .map(|i| p.publish("h", &json!(i)).unwrap())
-        .collect();
-    recv_msgs(&mut c, 400);
+    // MAXLEN ~ trims whole stream nodes (100 entries): publish well past it,
+    // but never past the reader. In chunks of MAXLEN (`~` always keeps at
+    // least that many), each received before the next is written: 400 at
+    // once could outrun a descheduled reader, which then (rightly) drops
+    // the subscriber for the gap instead of delivering all 400.
+    let mut mids = Vec::new();
+    for chunk in (0..400).collect::<Vec<i32>>().chunks(10) {
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|i| p.publish("h", &json!(i)).unwrap())
+            .collect();
+        let got: Vec<String> = recv_msgs(&mut c, ids.len())
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(got, ids);
+        mids.extend(ids);
+    }
+    assert_eq!(server.metric("ringcast_broker_gaps_total"), 0.0);
     let mut r = Client::connect(&server.url()).unwrap();
     let sub = r.subscribe("h", Some((&mids[1], &epoch))).unwrap();
     assert_eq!((sub.recovered, sub.replayed.len()), (Some(false), 0));

@@ -28,7 +28,10 @@
 //!   has taken the queue.
 //!
 //! When Redis goes away the reader retries with backoff and resumes from
-//! the last id it processed; `ringcast_broker_up` is 0 meanwhile.
+//! the last id it processed; `ringcast_broker_up` is 0 meanwhile. When the
+//! reader falls behind by more than the retention, so entries are trimmed
+//! before it reads them, it notices (Redis 7+), counts the gap and makes
+//! the partition's subscribers recover (`reader/check.rs`).
 
 mod entry;
 mod link;
@@ -58,6 +61,16 @@ use crate::bus::{Bus, ReplyTo, ShardMsg};
 use crate::config::Config;
 use crate::metrics::BrokerMetrics;
 use crate::topic::TopicName;
+
+/// Test-only fault injection, in debug builds only (release builds do not
+/// read it): with `RINGCAST_DEBUG_READER_HOLD_KEY=KEY`, each reader, after
+/// the first read that delivered something, stops reading until the Redis
+/// key `KEY` exists (polling every 10 ms, for at most 30 s), as if its
+/// thread were descheduled. The tests write past the retention meanwhile
+/// and then `SET` the key, to force a gap deterministically. Never set it
+/// in production; a release build ignores it.
+#[cfg(debug_assertions)]
+pub const DEBUG_READER_HOLD_ENV: &str = "RINGCAST_DEBUG_READER_HOLD_KEY";
 
 /// Publishes that may wait for the publisher thread; past it a `pub` is
 /// answered with an error rather than queued without bound.

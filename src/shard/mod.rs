@@ -35,6 +35,8 @@ const INBOX_BATCH: usize = 256;
 pub const SCRATCH_SIZE: usize = 64 << 10;
 /// Interval of the per-shard sweep (heartbeats, handshake and close deadlines).
 const SWEEP_MS: u64 = 1000;
+/// The close reason of 4009 when the node (not the client) missed messages.
+const FELL_BEHIND: &str = "server fell behind: resubscribe with since";
 /// Grace after the drain window before the shard exits regardless.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -571,6 +573,10 @@ impl Shard {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
+            ShardMsg::PartitionGap {
+                partition,
+                partitions,
+            } => self.on_partition_gap(partition, partitions),
             ShardMsg::Published {
                 reply,
                 topic,
@@ -776,11 +782,34 @@ impl Shard {
         warn!("shard inbox overflowed; closing subscribers so they recover");
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
-            self.close(
-                conn,
-                4009,
-                "server fell behind: resubscribe with since",
-                Disconnect::Slow,
+            self.close(conn, 4009, FELL_BEHIND, Disconnect::Slow);
+        }
+    }
+
+    /// A Redis partition lost entries before the node read them: every
+    /// subscriber of a topic in it has a hole. Close them with 4009, like
+    /// a lagged shard; their `since` is from before the gap, so recovery
+    /// answers `recovered:false` (the reader refuses it) and they refetch.
+    /// A scan of this shard's topics, once per gap (rare), never per message.
+    fn on_partition_gap(&self, partition: u32, partitions: u32) {
+        let conns: Vec<Rc<Conn>> = self
+            .topics
+            .borrow()
+            .iter()
+            .filter(|(t, _)| crate::broker::redis::partition(t.as_str(), partitions) == partition)
+            .flat_map(|(_, subs)| subs.iter().cloned())
+            .collect();
+        let mut closed = 0usize;
+        // A connection with several topics in the partition is listed once
+        // per topic; `close` leaves one already closing alone.
+        for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
+            self.close(conn, 4009, FELL_BEHIND, Disconnect::Slow);
+            closed += 1;
+        }
+        if closed > 0 {
+            warn!(
+                partition,
+                closed, "partition lost entries before they were read; closing its subscribers so they recover"
             );
         }
     }

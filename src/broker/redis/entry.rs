@@ -63,6 +63,16 @@ pub fn parse_id(v: Value) -> Option<MsgId> {
     std::str::from_utf8(&bytes(v)?).ok()?.parse().ok()
 }
 
+/// [`parse_id`] without taking the value: the gap checks look at a batch's
+/// ids before it is delivered.
+pub(crate) fn peek_id(v: &Value) -> Option<MsgId> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Validates one entry's flat field list (`topic`, `data`, optional
 /// `event`; other fields are ignored; of a repeated field the last counts)
 /// found in partition `p`. A field whose value is not a string (an array,
@@ -166,6 +176,13 @@ pub fn xread_streams(v: Value) -> Option<Vec<(Vec<u8>, RawEntries)>> {
     Some(out)
 }
 
+/// The id of an `[id, fields]` entry, as in `XINFO STREAM`'s `first-entry`.
+fn entry_id(v: Value) -> Option<MsgId> {
+    items(v)
+        .and_then(|e| e.into_iter().next())
+        .and_then(parse_id)
+}
+
 /// What `XINFO STREAM` says about what a partition still holds.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Retained {
@@ -177,6 +194,11 @@ pub struct Retained {
     pub added: Option<u64>,
     /// The newest id removed by XDEL (Redis 7+; trimming leaves it alone).
     pub max_deleted: Option<MsgId>,
+    /// `last-generated-id`: the id of the newest entry ever added, even
+    /// if it was deleted since.
+    pub last_generated: Option<MsgId>,
+    /// The newest entry still in the stream.
+    pub last: Option<MsgId>,
 }
 
 impl Retained {
@@ -191,11 +213,9 @@ impl Retained {
                 Some(b"length") => r.length = int(v)?,
                 Some(b"entries-added") => r.added = int(v),
                 Some(b"max-deleted-entry-id") => r.max_deleted = parse_id(v),
-                Some(b"first-entry") => {
-                    r.first = items(v)
-                        .and_then(|e| e.into_iter().next())
-                        .and_then(parse_id)
-                }
+                Some(b"last-generated-id") => r.last_generated = parse_id(v),
+                Some(b"first-entry") => r.first = entry_id(v),
+                Some(b"last-entry") => r.last = entry_id(v),
                 _ => {}
             }
         }
@@ -387,7 +407,7 @@ mod tests {
             first: Some(id(10)),
             length: 5,
             added: Some(5),
-            max_deleted: None,
+            ..Retained::default()
         };
         assert!(never_trimmed.covers(id(1)));
         let trimmed = Retained {
@@ -410,7 +430,7 @@ mod tests {
             first: None,
             length: 0,
             added: Some(3),
-            max_deleted: None,
+            ..Retained::default()
         };
         assert!(!emptied.covers(id(1)));
         let info = Value::Array(vec![
@@ -422,6 +442,10 @@ mod tests {
             Value::Int(7),
             bulk("first-entry"),
             Value::Array(vec![bulk("10-0"), Value::Array(vec![])]),
+            bulk("last-generated-id"),
+            bulk("12-0"),
+            bulk("last-entry"),
+            Value::Array(vec![bulk("11-0"), Value::Array(vec![])]),
         ]);
         let r = Retained::from_xinfo(info).unwrap();
         assert_eq!(
@@ -431,6 +455,8 @@ mod tests {
                 length: 2,
                 added: Some(7),
                 max_deleted: Some(id(0)),
+                last_generated: Some(id(12)),
+                last: Some(id(11)),
             }
         );
     }

@@ -20,7 +20,16 @@
 //! over its budget is dropped and made up from the cache, or by reading the
 //! rest of the range again. Identical recoveries in flight share one read.
 //! Answering `sub`s is in `reader/recover.rs`.
+//!
+//! `XREAD` resumes after the last id whatever `MAXLEN` trimmed meanwhile, so
+//! a reader that falls behind by more than the retention would skip entries
+//! silently. It counts instead (`reader/gap.rs`) and looks at the streams
+//! when it may have fallen behind (`reader/check.rs`); a gap is counted,
+//! logged, closes the partition's subscribers before anything read after
+//! it is delivered, and refuses recoveries that span it.
 
+mod check;
+mod gap;
 mod recover;
 
 use std::collections::{HashMap, VecDeque};
@@ -33,7 +42,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{info, trace, warn};
 
-use super::entry::{decode_entry, epoch_key, parse_id, range_entries, stream_key, xread_streams};
+use super::entry::{decode_entry, epoch_key, parse_id, stream_key, xread_streams, Retained};
 use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
 use crate::broker::memory::mint_epoch;
@@ -52,7 +61,7 @@ pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// waker must unblock the connection that blocks now.
 const ID_RECHECK: Duration = Duration::from_millis(100);
 /// Entries per partition per `XREAD`.
-const READ_COUNT: usize = 1000;
+pub(crate) const READ_COUNT: usize = 1000;
 /// How long a `sub` whose `since` the reader has not reached yet waits.
 const DEFER_LIMIT: Duration = Duration::from_secs(2);
 /// Bookkeeping bytes counted per cached entry besides frame and topic.
@@ -74,6 +83,26 @@ struct Part {
     warming: Option<MsgId>,
     /// `sub`s below the floor waiting for the warm-up to finish.
     parked: Vec<SubscribeRequest>,
+    /// The ordinal of `last`: how many entries the stream had ever had up
+    /// to it, as this reader counted (from Redis's `entries-added` at boot,
+    /// one more per entry read); `None` while unknown. Gap checks compare
+    /// it with Redis's own numbering (`reader/gap.rs`).
+    count: Option<u64>,
+    /// Entries older than this were lost before this reader read them: a
+    /// recovery from an older `since` is refused.
+    cut: MsgId,
+    /// Whether the stream exists (it is only looked at then).
+    exists: bool,
+    /// The retention to assume, in entries: this node's `MAXLEN`, or what
+    /// the stream shows when someone trims it shorter.
+    retention: u64,
+    /// When it was last looked at.
+    checked: Instant,
+    /// The last read returned a full [`READ_COUNT`] of it.
+    full: bool,
+    /// What Redis said about it with the current read, and after it.
+    snap: Option<gap::Snapshot>,
+    after: Option<gap::Snapshot>,
 }
 
 /// One recent entry, encoded.
@@ -133,6 +162,19 @@ pub(crate) struct Reader {
     /// When the client id was last published.
     id_checked: Instant,
     cache_budget: usize,
+    /// Whether gaps can be detected (Redis 7+).
+    detect: bool,
+    /// When the previous `XREAD` was sent.
+    sent: Instant,
+    /// No read yet on this connection.
+    fresh: bool,
+    /// Partitions looked at with the current read (kept for its capacity).
+    checking: Vec<usize>,
+    /// Per-read scratch of the gap checks (kept for its capacity).
+    verdicts: Vec<check::Verdict>,
+    /// Test-only: see [`super::DEBUG_READER_HOLD_ENV`].
+    #[cfg(debug_assertions)]
+    hold: Option<String>,
 }
 
 impl Reader {
@@ -160,6 +202,14 @@ impl Reader {
                 cache_bytes: 0,
                 warming: None,
                 parked: Vec::new(),
+                count: None,
+                cut: MsgId::default(),
+                exists: false,
+                retention: settings.maxlen,
+                checked: Instant::now(),
+                full: false,
+                snap: None,
+                after: None,
             })
             .collect::<Vec<_>>();
         let key_index = parts
@@ -185,28 +235,71 @@ impl Reader {
             down,
             is_down: true,
             id_checked: Instant::now(),
+            detect: true,
+            sent: Instant::now(),
+            fresh: true,
+            checking: Vec::new(),
+            verdicts: Vec::new(),
+            #[cfg(debug_assertions)]
+            hold: check::debug_hold_key(),
         };
         let mut conn = reader.connect()?;
-        // `$` resolved to concrete ids once, so a reconnect resumes exactly.
+        reader.start_position(&mut conn)?;
+        Ok((reader, conn))
+    }
+
+    /// `$` resolved to concrete ids once, so a reconnect resumes exactly:
+    /// each stream's `last-generated-id`, whose number is `entries-added`
+    /// (the reader's count starts there). A missing stream starts at 0-0.
+    fn start_position(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let mut pipe = ::redis::pipe();
-        for p in &reader.parts {
-            pipe.cmd("XREVRANGE")
-                .arg(&p.key)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
+        pipe.ignore_errors();
+        for p in &self.parts {
+            pipe.cmd("XINFO").arg("STREAM").arg(&p.key);
         }
-        let newest: Vec<Value> = pipe.query(&mut conn)?;
-        for (part, v) in reader.parts.iter_mut().zip(newest) {
-            let id = range_entries(v)
-                .and_then(|e| e.into_iter().next())
-                .and_then(|(id, _)| parse_id(id))
-                .unwrap_or_default();
+        let infos: Vec<Value> = match pipe.query(conn) {
+            Ok(v) => v,
+            // On a cluster the one stream of this reader does not exist.
+            Err(e) if e.detail().is_some_and(|d| d.contains("no such key")) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut infos = infos.into_iter();
+        for p in 0..self.parts.len() {
+            let retained = match infos.next() {
+                None => None,
+                Some(Value::ServerError(e))
+                    if e.details().is_some_and(|d| d.contains("no such key")) =>
+                {
+                    None
+                }
+                Some(Value::ServerError(e)) => return Err(e.into()),
+                Some(v) => Some(Retained::from_xinfo(v).ok_or_else(|| {
+                    RedisError::from((
+                        ::redis::ErrorKind::UnexpectedReturnType,
+                        "unreadable XINFO STREAM reply",
+                    ))
+                })?),
+            };
+            let part = &mut self.parts[p];
+            let Some(r) = retained else {
+                part.count = Some(0);
+                continue;
+            };
+            let id = r.last_generated.unwrap_or_default();
             part.last = id;
             part.floor = id;
+            part.exists = true;
+            match gap::Snapshot::from_retained(&r) {
+                Some(s) => {
+                    part.count = Some(s.added);
+                    part.retention = s
+                        .retention()
+                        .map_or(part.retention, |n| n.min(part.retention));
+                }
+                None => self.unavailable(),
+            }
         }
-        Ok((reader, conn))
+        Ok(())
     }
 
     /// Opens the reader's connection, publishes its client id for the
@@ -252,6 +345,9 @@ impl Reader {
                     part.cache.clear();
                     part.cache_bytes = 0;
                     part.floor = part.last;
+                    // Another history: its numbering and its losses too.
+                    part.count = None;
+                    part.cut = MsgId::default();
                 }
                 part.epoch = Arc::from(epoch);
             }
@@ -316,6 +412,7 @@ impl Reader {
 
     /// Reads and delivers until an error. `Ok` only when the broker is gone.
     fn serve(&mut self, mut conn: Conn) -> Result<(), RedisError> {
+        self.fresh = true;
         loop {
             loop {
                 match self.links.subs.try_recv() {
@@ -342,15 +439,27 @@ impl Reader {
             for p in &self.parts {
                 cmd.arg(p.last.to_string());
             }
-            let reply: Value = cmd.query(&mut conn)?;
+            let started = Instant::now();
+            self.plan_checks(started);
+            let Some(reply) = self.read(&mut conn, &cmd)? else {
+                continue;
+            };
+            self.fresh = false;
             // A cluster connection follows MOVED to another node by itself:
             // after a timeout or an unblock, make sure the waker targets the
             // connection that blocks now.
             if conn.is_cluster() && matches!(reply, Value::Nil) {
                 self.publish_client_id(&mut conn)?;
             }
-            self.handle_batch(reply);
+            let delivered = self.handle_batch(&mut conn, reply)?;
+            self.sent = started;
             self.retry_deferred();
+            #[cfg(debug_assertions)]
+            if delivered {
+                self.debug_hold(&mut conn)?;
+            }
+            #[cfg(not(debug_assertions))]
+            let _ = delivered;
         }
     }
 
@@ -379,11 +488,17 @@ impl Reader {
         true
     }
 
-    fn handle_batch(&mut self, reply: Value) {
+    /// Delivers one `XREAD` reply, after looking for gaps in it (which may
+    /// take one more round trip). Returns whether it had any entry.
+    fn handle_batch(&mut self, conn: &mut Conn, reply: Value) -> Result<bool, RedisError> {
         let Some(streams) = xread_streams(reply) else {
             warn!("unexpected XREAD reply shape; ignored");
-            return;
+            return Ok(false);
         };
+        if self.detect {
+            self.look_for_gaps(conn, &streams)?;
+        }
+        let any = !streams.is_empty();
         for (key, entries) in streams {
             let Some(&p) = self.key_index.get(&key) else {
                 warn!(key = %String::from_utf8_lossy(&key), "XREAD returned an unknown stream");
@@ -398,6 +513,7 @@ impl Reader {
                 self.deliver(p, id, fields);
             }
         }
+        Ok(any)
     }
 
     fn deliver(&mut self, p: usize, id: MsgId, fields: Value) {

@@ -89,6 +89,11 @@ impl Reader {
             }
             Some(Since { id, .. }) => *id,
         };
+        if since < part.cut {
+            // Entries after `since` were lost before this reader read them
+            // (`check.rs`): no replay can be complete.
+            return self.reply(req, p, Vec::new(), Some(false));
+        }
         if since > part.last {
             // Past what this reader has read: it waits for the reader if
             // the stream has reached `since` (a worker asks Redis).
@@ -260,6 +265,9 @@ impl Reader {
         let replay = match frames {
             // Redis lost the history meanwhile: the range is of another epoch.
             _ if *part.epoch != *r.epoch => None,
+            // The stream lost entries after `since` meanwhile: the tail
+            // kept since has a hole.
+            _ if r.since < part.cut => None,
             None => None,
             Some(frames) if !r.overflowed => {
                 r.frames.extend(frames);
@@ -430,6 +438,11 @@ impl Reader {
                     // The page starts at the floor, which may be cached.
                     if part.cache.front().is_some_and(|f| c.id >= f.id) {
                         continue;
+                    }
+                    // Older than a gap: no recovery may use it.
+                    if c.id < part.cut {
+                        room = false;
+                        break;
                     }
                     if part.cache_bytes + c.size() > budget {
                         room = false;
