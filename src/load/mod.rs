@@ -19,10 +19,10 @@
 //! Shape: the subscribers live in worker processes (`--procs`, by default
 //! one per 16,000 connections, since a process here may hold only ~20,000
 //! fds), each driving its connections with one epoll loop and one read
-//! buffer ([`worker`]); connections bind round-robin to source addresses
+//! buffer (`worker.rs`); connections bind round-robin to source addresses
 //! 127.0.0.1 ..= 127.0.0.N (`--source-ips`) so one server port can take more
 //! than the ~28,000 ephemeral ports of one address. The parent publishes
-//! ([`publish`]), over WebSocket or, with `--redis`, by `XADD` as a producer
+//! (`publish.rs`), over WebSocket or, with `--redis`, by `XADD` as a producer
 //! does; payloads carry their CLOCK_MONOTONIC send time, one clock for every
 //! process on the machine, so latency needs no clock sync. Every run is
 //! bounded by `--timeout` and stops by itself; workers exit when the parent
