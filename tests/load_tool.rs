@@ -7,6 +7,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
+use common::redis::TestRedis;
 use common::TestServer;
 
 /// Runs `ringcast load ARGS` and returns its JSON lines.
@@ -59,6 +60,34 @@ fn fanout_delivers_every_message_to_every_subscriber_across_worker_processes() {
     assert_eq!(
         server.metric("ringcast_messages_delivered_total") - before,
         (published * 60) as f64
+    );
+}
+
+#[test]
+fn fanout_by_xadd_reaches_subscribers_through_redis() {
+    // The producer path of benches/redis_load.sh: the tool XADDs, the node reads.
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url()]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "fanout",
+        "--target",
+        &target,
+        "--connections",
+        "20",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--redis",
+        &redis.url(),
+    ])[0];
+    let published = r["published"].as_u64().unwrap();
+    assert!(published >= 150, "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), published * 20, "{r}");
+    assert_eq!(
+        server.metric("ringcast_broker_entries_read_total"),
+        published as f64
     );
 }
 

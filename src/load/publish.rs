@@ -29,9 +29,9 @@ pub(super) enum Via {
 
 /// One publishing connection, held open across the steps of a run.
 pub(super) struct Publisher {
-    via: Via,
     socket: Option<TcpStream>,
-    redis: Option<crate::broker::redis::Conn>,
+    /// The Redis connection and the settings its `XADD`s are built from.
+    redis: Option<(crate::broker::redis::Conn, crate::broker::redis::Settings)>,
     /// Error replies the server sent to this publisher (a reader thread counts).
     pub(super) errors: Arc<AtomicU64>,
 }
@@ -61,7 +61,6 @@ impl Publisher {
                     .name("load-pub-reader".into())
                     .spawn(move || drain_replies(reader, &counter))?;
                 Ok(Publisher {
-                    via: via.clone(),
                     socket: Some(socket),
                     redis: None,
                     errors,
@@ -70,10 +69,17 @@ impl Publisher {
             Via::Redis(url) => {
                 let conn = crate::broker::redis::connect(url, Some(Duration::from_secs(5)))
                     .with_context(|| format!("connecting to {url}"))?;
+                let d = crate::config::Config::default();
+                let settings = crate::broker::redis::Settings {
+                    url: url.clone(),
+                    partitions: d.redis_partitions,
+                    key_prefix: d.redis_key_prefix,
+                    maxlen: d.redis_maxlen,
+                    cache_size: 0,
+                };
                 Ok(Publisher {
-                    via: via.clone(),
                     socket: None,
-                    redis: Some(conn),
+                    redis: Some((conn, settings)),
                     errors,
                 })
             }
@@ -105,8 +111,8 @@ impl Publisher {
             while n < due {
                 let t = n as usize % topics.len();
                 let data = format!("{{\"t\":{},\"p\":\"{pad}\"}}", monotonic_us());
-                match &self.via {
-                    Via::WebSocket { .. } => {
+                match &self.redis {
+                    None => {
                         let body = format!(
                             "{{\"op\":\"pub\",\"topic\":\"{}\",\"data\":{data}}}",
                             topics[t]
@@ -119,7 +125,9 @@ impl Publisher {
                             mask,
                         ));
                     }
-                    Via::Redis(url) => cmds.push(xadd(url, &topics[t], &data)),
+                    Some((_, settings)) => cmds.push(crate::broker::redis::xadd_cmd(
+                        settings, &topics[t], None, &data,
+                    )),
                 }
                 sent.per_topic[t] += 1;
                 n += 1;
@@ -137,7 +145,7 @@ impl Publisher {
                 batch.clear();
             }
         }
-        if let Some(conn) = &mut self.redis {
+        if let Some((conn, _)) = &mut self.redis {
             if !cmds.is_empty() {
                 for v in conn
                     .pipeline_each(std::mem::take(cmds))
@@ -151,18 +159,6 @@ impl Publisher {
         }
         Ok(())
     }
-}
-
-fn xadd(url: &str, topic: &str, data: &str) -> ::redis::Cmd {
-    let d = crate::config::Config::default();
-    let settings = crate::broker::redis::Settings {
-        url: url.to_owned(),
-        partitions: d.redis_partitions,
-        key_prefix: d.redis_key_prefix,
-        maxlen: d.redis_maxlen,
-        cache_size: 0,
-    };
-    crate::broker::redis::xadd_cmd(&settings, topic, None, data)
 }
 
 /// Opens a blocking WebSocket connection and reads through `welcome`.
