@@ -595,20 +595,9 @@ pub(super) fn stamp(payload: &[u8]) -> Option<u64> {
 /// Whether a server frame's JSON says `"op":"<op>"` (key order may vary: the
 /// baseline server sorts its keys).
 pub(super) fn has_op(frame: &[u8], op: &str) -> bool {
-    let mut needle = [0u8; 32];
-    let text = format_op(op, &mut needle);
-    frame.windows(text.len()).any(|w| w == text)
-}
-
-fn format_op<'b>(op: &str, buf: &'b mut [u8; 32]) -> &'b [u8] {
-    let parts: [&[u8]; 3] = [b"\"op\":\"", op.as_bytes(), b"\""];
-    let mut n = 0;
-    for p in parts {
-        let take = p.len().min(buf.len() - n);
-        buf[n..n + take].copy_from_slice(&p[..take]);
-        n += take;
-    }
-    &buf[..n]
+    // Only replies and control messages get here, never a stamped `msg`.
+    let needle = format!("\"op\":\"{op}\"");
+    frame.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 /// The `code` of an error reply (0 when absent).
