@@ -11,7 +11,10 @@
 //! - `idle`: S idle connections: the server's RSS per connection (from
 //!   /proc, by `--server-pid`) and the kernel's socket and slab memory.
 //! - `connect`: S clients connected, then closed, `--rounds` times:
-//!   handshakes per second and the time to connect all S.
+//!   handshakes per second and the time to connect all S. Each round
+//!   connects from source addresses of its own (a fresh set of clients, no
+//!   4-tuple the server may still hold from the round before) after a
+//!   [`ROUND_PAUSE`] that lets the server finish the previous round's closes.
 //! - `ramp`: `fanout` (or `topics` with `--topics`) at rising rates,
 //!   `--step` times more each step, until deliveries fall behind or p99
 //!   passes `--p99-bound`: the maximum sustained deliveries per second.
@@ -186,6 +189,15 @@ fn watchdog(limit: Duration) {
 fn source_addr(i: usize, ips: u8) -> SocketAddr {
     let last = 1 + (i % usize::from(ips.max(1))) as u8;
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0)
+}
+
+/// The source address of connection `i` in `connect` round `round` (0 in
+/// every other scenario): round r uses the `ips` addresses after those of
+/// round r-1 (wrapping past 127.0.0.254), so a round never reuses a 4-tuple
+/// of the round before while the server may still be closing it.
+fn round_source(round: usize, i: usize, ips: u8) -> SocketAddr {
+    let ips = usize::from(ips.max(1));
+    source_addr(round * ips + i % ips, 254)
 }
 
 /// The topics of a run: `--topic` alone, or `PREFIX.0 .. PREFIX.T-1`.
@@ -642,12 +654,18 @@ fn idle(args: &LoadArgs) -> anyhow::Result<()> {
     workers.quit()
 }
 
+/// The pause between `connect` rounds.
+pub const ROUND_PAUSE: Duration = Duration::from_millis(500);
+
 /// `connect`: rounds of connect-all then close-all, all workers starting
 /// each round together.
 fn connect(args: &LoadArgs) -> anyhow::Result<()> {
     let mut workers = Workers::spawn(args, false, true)?;
     let mut spans = Vec::with_capacity(args.rounds);
-    for _ in 0..args.rounds {
+    for round in 0..args.rounds {
+        if round > 0 {
+            std::thread::sleep(ROUND_PAUSE);
+        }
         let rounds = workers.ask("next", "round")?;
         let start = rounds
             .iter()
@@ -730,6 +748,24 @@ mod tests {
         assert_eq!(source_addr(0, 3).ip().to_string(), "127.0.0.1");
         assert_eq!(source_addr(4, 3).ip().to_string(), "127.0.0.2");
         assert_eq!(source_addr(7, 0).ip().to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn connect_rounds_never_share_a_source_address_with_the_round_before() {
+        for ips in [1u8, 2, 3, 25] {
+            for round in 0..20usize {
+                let this: Vec<_> = (0..100).map(|i| round_source(round, i, ips)).collect();
+                let next: Vec<_> = (0..100).map(|i| round_source(round + 1, i, ips)).collect();
+                assert!(
+                    this.iter().all(|a| !next.contains(a)),
+                    "ips {ips} round {round}"
+                );
+                assert!(this.iter().all(|a| a.ip() != Ipv4Addr::new(127, 0, 0, 0)));
+                assert!(this.iter().all(|a| a.ip() != Ipv4Addr::new(127, 0, 0, 255)));
+            }
+        }
+        // Round 0 is what every other scenario uses.
+        assert_eq!(round_source(0, 4, 3), source_addr(4, 3));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::{source_addr, LoadArgs, Tally};
+use super::{LoadArgs, Tally};
 use crate::sys;
 use crate::ws::frame::{encode_masked, OpCode};
 
@@ -77,6 +77,9 @@ struct Worker<'a> {
     in_flight: usize,
     /// Next connection (local index) to start.
     next: usize,
+    /// `connect` rounds done: each round connects from its own source
+    /// addresses, so no round reuses a 4-tuple the server may still hold.
+    round: usize,
     /// Whether new clients subscribe after `welcome`.
     subscribe: bool,
     stdin_line: String,
@@ -105,6 +108,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<()> {
             writeln!(out, "round {line}")?;
             out.flush()?;
             w.close_all(round % 2 == 0);
+            w.round += 1;
         }
         return Ok(());
     }
@@ -162,6 +166,7 @@ impl<'a> Worker<'a> {
             open: 0,
             in_flight: 0,
             next: 0,
+            round: 0,
             subscribe: args.worker_subscribe,
             stdin_line: String::new(),
             stdin_eof: false,
@@ -198,7 +203,7 @@ impl<'a> Worker<'a> {
     /// Starts one non-blocking connect.
     fn start_one(&mut self) -> anyhow::Result<()> {
         let global = self.args.worker_first + self.next;
-        let source = source_addr(global, self.args.source_ips);
+        let source = super::round_source(self.round, global, self.args.source_ips);
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .context("creating a socket (is the open-file limit too low?)")?;
         sys::bind_address_no_port(sock.as_raw_fd())?;
