@@ -9,14 +9,23 @@
 //! shard as lagged; the shard then closes every connection with 4009 so the
 //! clients recover with `since`. Nothing is lost silently.
 //!
+//! Interest: with more than one shard, a `Deliver` goes only to the shards
+//! that announced a subscriber (live or pending) for its topic in the
+//! shared [`Interest`] map, so a notification for one user's topic wakes one
+//! shard, not all of them. A shard announces a topic before it asks the
+//! broker for the subscription and withdraws it after its last local
+//! subscriber left, so every message published after a subscription began
+//! reaches that shard.
+//!
 //! The drain signal does not travel through the channel: a full inbox must
 //! not lose it, or that shard would never drain and the process would hang.
 //! It is a flag beside the channel (like `lagged`), set by
 //! [`ShardSender::drain`] and checked by the shard loop on every wake-up.
 
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
@@ -205,26 +214,112 @@ pub fn inbox(metrics: Arc<ShardMetrics>) -> (ShardSender, Inbox) {
     (sender, inbox)
 }
 
+/// Which shards have a subscriber (live or pending) for which topic: one
+/// bit per shard. Written by the shards when a topic gains its first or
+/// loses its last local subscriber, read by the broker once per message.
+/// With one shard there is nothing to choose and nothing is tracked.
+#[derive(Debug, Default)]
+pub struct Interest {
+    shards: usize,
+    map: RwLock<HashMap<TopicName, Box<[u64]>>>,
+}
+
+impl Interest {
+    /// An empty map for a node of `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards,
+            map: RwLock::default(),
+        }
+    }
+
+    /// Whether deliveries are steered (more than one shard).
+    pub fn tracked(&self) -> bool {
+        self.shards > 1
+    }
+
+    /// Shard `shard` has a subscriber for `topic` from now on.
+    pub fn add(&self, topic: &TopicName, shard: usize) {
+        if !self.tracked() || shard >= self.shards {
+            return;
+        }
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let words = map
+            .entry(topic.clone())
+            .or_insert_with(|| vec![0; self.shards.div_ceil(64)].into_boxed_slice());
+        words[shard / 64] |= 1 << (shard % 64);
+    }
+
+    /// Shard `shard` has no subscriber for `topic` any more.
+    pub fn remove(&self, topic: &TopicName, shard: usize) {
+        if !self.tracked() || shard >= self.shards {
+            return;
+        }
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(words) = map.get_mut(topic) {
+            words[shard / 64] &= !(1 << (shard % 64));
+            if words.iter().all(|w| *w == 0) {
+                map.remove(topic);
+            }
+        }
+    }
+
+    /// Topics some shard has a subscriber for.
+    pub fn topics(&self) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
 /// Every shard's sender: the broker's view of the node.
 #[derive(Debug, Clone, Default)]
 pub struct Bus {
     shards: Vec<ShardSender>,
+    interest: Arc<Interest>,
 }
 
 impl Bus {
     /// A bus over these shards, indexed by shard number.
     pub fn new(shards: Vec<ShardSender>) -> Self {
-        Self { shards }
+        let interest = Arc::new(Interest::new(shards.len()));
+        Self { shards, interest }
     }
 
-    /// Sends a `Deliver` to every shard. The frame is shared, not copied.
+    /// The shards' announcements of which topics they serve.
+    pub fn interest(&self) -> Arc<Interest> {
+        self.interest.clone()
+    }
+
+    /// Sends a `Deliver` to every shard with a subscriber for `topic` (to
+    /// the only shard, with one). The frame is shared, not copied.
     pub fn deliver(&self, topic: &TopicName, id: MsgId, frame: &Bytes) {
-        for shard in &self.shards {
+        let send = |shard: &ShardSender| {
             shard.send(ShardMsg::Deliver {
                 topic: topic.clone(),
                 id,
                 frame: frame.clone(),
-            });
+            })
+        };
+        if !self.interest.tracked() {
+            return self.shards.iter().for_each(send);
+        }
+        let map = self
+            .interest
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(words) = map.get(topic) else { return };
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let shard = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(s) = self.shards.get(shard) {
+                    send(s);
+                }
+            }
         }
     }
 
@@ -302,6 +397,64 @@ mod tests {
         assert_eq!(inbox.take_drain(), Some(1800));
         assert_eq!(inbox.take_drain(), None, "taken once");
         assert!(inbox.take_lagged());
+    }
+
+    fn inboxes(n: usize) -> (Bus, Vec<Inbox>) {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| inbox(Arc::new(ShardMetrics::default())))
+            .unzip();
+        (Bus::new(tx), rx)
+    }
+
+    fn delivered(inbox: &Inbox) -> usize {
+        std::iter::from_fn(|| inbox.try_recv()).count()
+    }
+
+    #[test]
+    fn messages_go_only_to_shards_that_announced_the_topic() {
+        for shards in [2usize, 3, 64, 65, 130] {
+            let (bus, rx) = inboxes(shards);
+            let interest = bus.interest();
+            let a = TopicName::new("user.a").expect("a valid topic");
+            let b = TopicName::new("user.b").expect("a valid topic");
+            let last = shards - 1;
+            interest.add(&a, last);
+            interest.add(&a, last); // twice is once
+            interest.add(&b, 0);
+            interest.add(&b, last);
+            interest.add(&b, shards); // no such shard: ignored
+            bus.deliver(&a, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
+            bus.deliver(&b, MsgId { ms: 1, seq: 1 }, &Bytes::from_static(b"y"));
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[0] = 1;
+            want[last] = 2;
+            assert_eq!(got, want, "{shards} shards");
+            assert_eq!(interest.topics(), 2);
+            // Withdrawn: nothing more goes there, and empty entries are forgotten.
+            interest.remove(&a, last);
+            interest.remove(&b, last);
+            bus.deliver(&a, MsgId { ms: 2, seq: 0 }, &Bytes::from_static(b"x"));
+            bus.deliver(&b, MsgId { ms: 2, seq: 1 }, &Bytes::from_static(b"y"));
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[0] = 1;
+            assert_eq!(got, want, "{shards} shards, after removal");
+            assert_eq!(interest.topics(), 1);
+            interest.remove(&b, 0);
+            interest.remove(&b, 0); // twice is once
+            assert_eq!(interest.topics(), 0);
+        }
+    }
+
+    #[test]
+    fn one_shard_gets_everything_without_announcing() {
+        let (bus, rx) = inboxes(1);
+        let t = TopicName::new("t").expect("a valid topic");
+        bus.interest().add(&t, 0);
+        assert_eq!(bus.interest().topics(), 0, "nothing tracked with one shard");
+        bus.deliver(&t, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
+        assert_eq!(delivered(&rx[0]), 1);
     }
 
     #[test]

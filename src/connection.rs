@@ -79,6 +79,11 @@ impl Sub {
     pub(crate) fn slot(&self) -> u32 {
         self.slot
     }
+
+    /// Whether it is live (in the topic index), not pending.
+    pub(crate) fn is_live(&self) -> bool {
+        self.slot != PENDING
+    }
 }
 
 /// What happens to the socket once the outbound queue is written. The
@@ -293,12 +298,10 @@ impl Conn {
             .collect()
     }
 
-    /// Takes every subscription away (the connection is over); the live
-    /// ones, with their slots.
+    /// Takes every subscription away (the connection is over), live and
+    /// pending.
     pub(crate) fn take_all(&self) -> Vec<Sub> {
-        let mut all = std::mem::take(&mut *self.topics.borrow_mut());
-        all.retain(|s| s.slot != PENDING);
-        all
+        std::mem::take(&mut *self.topics.borrow_mut())
     }
 
     /// Shuts the socket: the task sees end of stream and cleans up.
@@ -765,6 +768,8 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             match refusal {
                 Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
                 None => {
+                    // Announced before the broker hears of it ([`crate::bus`]).
+                    shard.interest_up(&topic);
                     conn.add_pending(topic.clone());
                     shard.broker.subscribe(SubscribeRequest {
                         reply,

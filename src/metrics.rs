@@ -108,6 +108,9 @@ pub struct ShardMetrics {
     /// Topics in the shard's topic index (each has a local subscriber);
     /// written from the index's own size, like `registry_connections`.
     pub topic_index_entries: AtomicI64,
+    /// Topics this shard announced to the broker side (it has a live or
+    /// pending subscription for each); only tracked with more than one shard.
+    pub topics_announced: AtomicI64,
     /// `msg` frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
     /// Messages handed to the broker by clients on this shard.
@@ -177,7 +180,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Renders every shard's counters, summed, in the Prometheus text format.
 pub fn render(shards: &[&ShardMetrics]) -> String {
     let mut out = String::with_capacity(4096);
-    let gauges: [(&str, &str, GaugeOf); 4] = [
+    let gauges: [(&str, &str, GaugeOf); 5] = [
         (
             "ringcast_connections_active",
             "Open WebSocket connections.",
@@ -197,6 +200,11 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             "ringcast_topic_index_entries",
             "Topics in the shards' topic indexes (summed: a topic counts once per shard).",
             |m| &m.topic_index_entries,
+        ),
+        (
+            "ringcast_topics_announced",
+            "Topics the shards announced for delivery (a live or pending subscription each; summed over shards, 0 with one shard).",
+            |m| &m.topics_announced,
         ),
     ];
     for (name, help, f) in gauges {

@@ -76,6 +76,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             listener,
             auth: auth.clone(),
             node_connections: node_connections.clone(),
+            interest: bus.interest(),
         };
         let tx = exit_tx.clone();
         thread::Builder::new()

@@ -78,6 +78,7 @@ fn assert_no_topics(server: &TestServer) {
     server.wait_for("topic index empty", Duration::from_secs(5), |s| {
         let m = s.metrics();
         m.get("ringcast_topic_index_entries") == Some(&0.0)
+            && m.get("ringcast_topics_announced") == Some(&0.0)
             && m.get("ringcast_subscriptions_active") == Some(&0.0)
     });
 }

@@ -438,6 +438,7 @@ fn assert_registry_empty(server: &TestServer) {
             let get = |name: &str| m.get(name).copied();
             get("ringcast_registry_connections") == Some(0.0)
                 && get("ringcast_topic_index_entries") == Some(0.0)
+                && get("ringcast_topics_announced") == Some(0.0)
                 && get("ringcast_connections_active") == Some(0.0)
                 && get("ringcast_subscriptions_active") == Some(0.0)
         },

@@ -257,3 +257,94 @@ fn request_errors_are_replies_and_the_connection_stays_open() {
         "{ops:?}"
     );
 }
+
+/// A shard hears of a topic only while it has a subscriber for it: the
+/// only subscriber leaves (unsubscribes, or disconnects and comes back on
+/// whichever shard) and returns with `since`, over and over, while a
+/// publisher keeps going. Every return must recover exactly what it missed
+/// and then get everything live: a shard that announced the topic too late
+/// would lose messages published after the subscription began, a gap here.
+#[test]
+fn a_topics_only_subscriber_leaving_and_returning_misses_nothing() {
+    let server = TestServer::start(&["--history-size", "100000"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (url, stop) = (server.url(), stop.clone());
+        std::thread::spawn(move || {
+            let mut p = Client::connect(&url).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                p.publish("user.42", &json!({ "n": n })).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    // (id, n) of the last message seen; every next one must be n + 1.
+    let mut last: Option<(String, u64)> = None;
+    let mut seen = 0u64;
+    let mut take = |id: &str, data: &serde_json::Value, last: &mut Option<(String, u64)>| {
+        let n = data["n"].as_u64().unwrap();
+        if let Some((_, prev)) = last {
+            assert_eq!(n, *prev + 1, "gap or duplicate after message {prev}");
+        }
+        *last = Some((id.to_string(), n));
+        seen += 1;
+    };
+    let mut c = Client::connect(&server.url()).unwrap();
+    let mut epoch = c.subscribe("user.42", None).unwrap().epoch;
+    let mut shards = HashSet::new();
+    for round in 0..40 {
+        // A few live messages first.
+        for _ in 0..5 {
+            match c.recv(Duration::from_secs(10)).unwrap() {
+                Event::Msg { id, data, .. } => take(&id, &data, &mut last),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if round % 2 == 0 {
+            c.unsubscribe("user.42").unwrap();
+        } else {
+            c.close();
+            c = Client::connect(&server.url()).unwrap();
+        }
+        shards.insert(
+            c.welcome["conn"]
+                .as_str()
+                .unwrap()
+                .split('-')
+                .nth(1)
+                .unwrap()
+                .to_string(),
+        );
+        // Whatever was queued before the unsubscribe took effect.
+        while let Ok(Event::Msg { id, data, .. }) = c.recv(Duration::from_millis(20)) {
+            take(&id, &data, &mut last);
+        }
+        let (id, _) = last.clone().unwrap();
+        let sub = c.subscribe("user.42", Some((&id, &epoch))).unwrap();
+        assert_eq!(sub.recovered, Some(true), "round {round}");
+        epoch = sub.epoch;
+        for e in sub.replayed {
+            let Event::Msg { id, data, .. } = e else {
+                unreachable!()
+            };
+            take(&id, &data, &mut last);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published = publisher.join().unwrap();
+    assert!(
+        seen >= 200 && published >= seen,
+        "seen {seen} of {published}"
+    );
+    assert_eq!(
+        shards.len(),
+        2,
+        "the subscriber never moved shards: {shards:?}"
+    );
+    drop(c);
+    server.wait_for("no topic announced", Duration::from_secs(5), |s| {
+        s.metric("ringcast_topics_announced") == 0.0
+    });
+}

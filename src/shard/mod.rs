@@ -60,6 +60,8 @@ pub struct ShardSetup {
     /// Connections of the whole node, from accept to close (every shard
     /// counts here).
     pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Which shards serve which topics ([`crate::bus::Interest`]).
+    pub interest: Arc<crate::bus::Interest>,
 }
 
 /// Shard-local state, shared by the shard's tasks through `Rc`.
@@ -89,6 +91,11 @@ pub(crate) struct Shard {
     handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
+    /// Which topics each shard serves; this shard writes its own bit.
+    interest: Arc<crate::bus::Interest>,
+    /// Subscriptions (live and pending) per topic on this shard, for the
+    /// topics announced in `interest`.
+    announced: RefCell<HashMap<TopicName, u32>>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// Readiness of every connection of this shard.
@@ -206,6 +213,8 @@ async fn run(setup: ShardSetup) {
         handshakes: RefCell::new(HashMap::new()),
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
+        interest: setup.interest,
+        announced: RefCell::new(HashMap::new()),
         dirty: RefCell::new(Vec::new()),
         scratch: RefCell::new(vec![0; SCRATCH_SIZE]),
         next_conn: Cell::new(0),
@@ -545,6 +554,7 @@ impl Shard {
                 };
                 let wanted = conn.take_pending(&topic);
                 if wanted && !connection::may_subscribe(self, &conn, &topic) {
+                    self.interest_down(&topic);
                     // A refreshed token narrowed `subs` while the broker
                     // answered: the `sub` ends refused, nothing replayed.
                     let reason = "topic not allowed by the refreshed token";
@@ -571,6 +581,9 @@ impl Shard {
                     self.metrics
                         .subscriptions_active
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else if wanted {
+                    // Closing meanwhile: it never becomes live.
+                    self.interest_down(&topic);
                 }
             }
             ShardMsg::PartitionGap {
@@ -820,14 +833,49 @@ impl Shard {
         self.conns.borrow_mut().remove(&conn.id);
         let subs = conn.take_all();
         let mut topics = self.topics.borrow_mut();
-        for sub in &subs {
+        let mut live = 0;
+        for sub in subs.iter().filter(|s| s.is_live()) {
             detach(&mut topics, &sub.topic, sub.slot());
+            live += 1;
         }
         drop(topics);
+        for sub in &subs {
+            self.interest_down(&sub.topic);
+        }
         self.sync_gauges();
-        self.metrics
-            .subscriptions_active
-            .fetch_sub(subs.len() as i64, Relaxed);
+        self.metrics.subscriptions_active.fetch_sub(live, Relaxed);
+    }
+
+    /// A subscription to `topic` (pending or live) begins on this shard:
+    /// the first one announces the topic, so the broker sends its messages here.
+    pub(crate) fn interest_up(&self, topic: &TopicName) {
+        if !self.interest.tracked() {
+            return;
+        }
+        let mut announced = self.announced.borrow_mut();
+        let n = announced.entry(topic.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.interest.add(topic, self.id);
+            drop(announced);
+            self.sync_gauges();
+        }
+    }
+
+    /// A subscription to `topic` ended on this shard: after the last one the
+    /// broker stops sending the topic's messages here.
+    fn interest_down(&self, topic: &TopicName) {
+        let mut announced = self.announced.borrow_mut();
+        let Some(n) = announced.get_mut(topic) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            announced.remove(topic);
+            drop(announced);
+            self.interest.remove(topic, self.id);
+            self.sync_gauges();
+        }
     }
 
     /// Publishes the sizes of the registry and the topic index as gauges,
@@ -837,16 +885,23 @@ impl Shard {
         use std::sync::atomic::Ordering::Relaxed;
         let conns = self.conns.borrow().len() as i64;
         let topics = self.topics.borrow().len() as i64;
+        let announced = self.announced.borrow().len() as i64;
         self.metrics.registry_connections.store(conns, Relaxed);
         self.metrics.topic_index_entries.store(topics, Relaxed);
+        self.metrics.topics_announced.store(announced, Relaxed);
     }
 
     /// Unsubscribes one connection from one topic; false if it was not subscribed.
     pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
         let Some(slot) = conn.take_live(topic) else {
-            return conn.take_pending(topic);
+            let pending = conn.take_pending(topic);
+            if pending {
+                self.interest_down(topic);
+            }
+            return pending;
         };
         detach(&mut self.topics.borrow_mut(), topic, slot);
+        self.interest_down(topic);
         self.sync_gauges();
         self.metrics
             .subscriptions_active
@@ -930,7 +985,7 @@ mod tests {
         let mut order: Vec<usize> = (0..conns.len()).collect();
         fastrand::Rng::with_seed(7).shuffle(&mut order);
         for (n, &i) in order.iter().enumerate() {
-            for sub in conns[i].take_all() {
+            for sub in conns[i].take_all().iter().filter(|s| s.is_live()) {
                 detach(&mut topics, &sub.topic, sub.slot());
             }
             let left: Vec<&Rc<Conn>> = order[n + 1..].iter().map(|&k| &conns[k]).collect();
