@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Pin shard N to core N [default: false].
     #[arg(long, env = "RINGCAST_PIN_CORES", num_args = 0..=1, default_missing_value = "true")]
     pub pin_cores: Option<bool>,
+    /// Let the heap use transparent huge pages [default: false].
+    #[arg(long, env = "RINGCAST_HUGE_PAGES", num_args = 0..=1, default_missing_value = "true")]
+    pub huge_pages: Option<bool>,
     /// Node name sent in `welcome` [default: host name].
     #[arg(long, env = "RINGCAST_NODE_NAME")]
     pub node_name: Option<String>,
@@ -188,6 +191,7 @@ impl ServeArgs {
             admin_listen: self.admin_listen.clone(),
             shards: self.shards,
             pin_cores: self.pin_cores,
+            huge_pages: self.huge_pages,
             node_name: self.node_name.clone(),
             heartbeat: self.heartbeat,
             handshake_timeout: self.handshake_timeout,

@@ -28,6 +28,12 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// Runs a node until it is drained by SIGTERM/SIGINT. Prints one line to
 /// stdout when ready: `ringcast ready ws=ADDR admin=ADDR|off`.
 pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    if !config.huge_pages {
+        // Before the shards start their heaps; see Config::huge_pages.
+        if let Err(e) = crate::sys::disable_transparent_huge_pages() {
+            warn!(error = %e, "cannot turn transparent huge pages off");
+        }
+    }
     let listeners = bind_listeners(config.listen, config.shards)?;
     let local = listeners[0].local_addr()?;
     let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards).map(|_| Arc::default()).collect();

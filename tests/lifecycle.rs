@@ -444,3 +444,27 @@ fn assert_registry_empty(server: &TestServer) {
         },
     );
 }
+
+/// `THP_enabled` of a process, from /proc/PID/status (`None` on a kernel
+/// without transparent huge pages).
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.split_whitespace().nth(1)? == "1")
+}
+
+#[test]
+fn transparent_huge_pages_are_off_unless_asked_for() {
+    // This test process has them (the flag is inherited): the server turns
+    // them off itself.
+    let Some(true) = thp_enabled(std::process::id()) else {
+        eprintln!("skipped: this kernel or process has no transparent huge pages");
+        return;
+    };
+    let off = TestServer::start(&[]);
+    assert_eq!(thp_enabled(off.child.id()), Some(false));
+    let on = TestServer::start(&["--huge-pages"]);
+    assert_eq!(thp_enabled(on.child.id()), Some(true));
+    let env = TestServer::start_with_env(&[], &[("RINGCAST_HUGE_PAGES", "true")]);
+    assert_eq!(thp_enabled(env.child.id()), Some(true));
+}
