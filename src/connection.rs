@@ -768,9 +768,8 @@ fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             match refusal {
                 Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
                 None => {
-                    // Announced before the broker hears of it ([`crate::bus`]).
-                    shard.interest_up(&topic);
-                    conn.add_pending(topic.clone());
+                    // Indexed (and announced) before the broker hears of it.
+                    shard.add_pending(conn, &topic);
                     shard.broker.subscribe(SubscribeRequest {
                         reply,
                         topic,

@@ -105,11 +105,12 @@ pub struct ShardMetrics {
     /// open, closing. Written by the shard from the registry's own size,
     /// so a connection that is never forgotten shows here (a leak).
     pub registry_connections: AtomicI64,
-    /// Topics in the shard's topic index (each has a local subscriber);
-    /// written from the index's own size, like `registry_connections`.
+    /// Topics in the shard's topic index (each has a local subscriber, live
+    /// or waiting for the broker); written from the index's own size, like
+    /// `registry_connections`.
     pub topic_index_entries: AtomicI64,
-    /// Topics this shard announced to the broker side (it has a live or
-    /// pending subscription for each); only tracked with more than one shard.
+    /// Topics this shard announced to the broker side: its topic index,
+    /// when deliveries are steered (more than one shard), else 0.
     pub topics_announced: AtomicI64,
     /// `msg` frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,

@@ -90,12 +90,11 @@ pub(crate) struct Shard {
     /// Upgrade budget per client address: (tokens, last refill ms).
     handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
-    pub(crate) topics: RefCell<HashMap<TopicName, Vec<Rc<Conn>>>>,
-    /// Which topics each shard serves; this shard writes its own bit.
+    /// The topic index: every topic with a live or pending subscription here.
+    pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
+    /// Which topics each shard serves; this shard writes its own bit, for
+    /// exactly the topics in its index.
     interest: Arc<crate::bus::Interest>,
-    /// Subscriptions (live and pending) per topic on this shard, for the
-    /// topics announced in `interest`.
-    announced: RefCell<HashMap<TopicName, u32>>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// Readiness of every connection of this shard.
@@ -214,7 +213,6 @@ async fn run(setup: ShardSetup) {
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
         interest: setup.interest,
-        announced: RefCell::new(HashMap::new()),
         dirty: RefCell::new(Vec::new()),
         scratch: RefCell::new(vec![0; SCRATCH_SIZE]),
         next_conn: Cell::new(0),
@@ -554,7 +552,7 @@ impl Shard {
                 };
                 let wanted = conn.take_pending(&topic);
                 if wanted && !connection::may_subscribe(self, &conn, &topic) {
-                    self.interest_down(&topic);
+                    self.end_pending(&topic);
                     // A refreshed token narrowed `subs` while the broker
                     // answered: the `sub` ends refused, nothing replayed.
                     let reason = "topic not allowed by the refreshed token";
@@ -572,18 +570,19 @@ impl Shard {
                 };
                 self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
                 if wanted && conn.phase() == Phase::Open {
+                    // Pending becomes live: the entry (and the announcement) stays.
                     let mut topics = self.topics.borrow_mut();
-                    let list = topics.entry(topic.clone()).or_default();
-                    conn.add_live(topic, list.len() as u32);
-                    list.push(conn);
+                    let local = topics.entry(topic.clone()).or_default();
+                    local.pending = local.pending.saturating_sub(1);
+                    conn.add_live(topic, local.live.len() as u32);
+                    local.live.push(conn);
                     drop(topics);
-                    self.sync_gauges();
                     self.metrics
                         .subscriptions_active
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 } else if wanted {
                     // Closing meanwhile: it never becomes live.
-                    self.interest_down(&topic);
+                    self.end_pending(&topic);
                 }
             }
             ShardMsg::PartitionGap {
@@ -620,10 +619,10 @@ impl Shard {
     /// Queues one shared `msg` frame to every local subscriber of `topic`.
     fn deliver(&self, topic: &TopicName, frame: &Bytes) {
         let topics = self.topics.borrow();
-        let Some(subs) = topics.get(topic) else {
+        let Some(local) = topics.get(topic) else {
             return;
         };
-        for conn in subs {
+        for conn in &local.live {
             self.queue_msg(conn, frame.clone());
         }
     }
@@ -810,7 +809,7 @@ impl Shard {
             .borrow()
             .iter()
             .filter(|(t, _)| crate::broker::redis::partition(t.as_str(), partitions) == partition)
-            .flat_map(|(_, subs)| subs.iter().cloned())
+            .flat_map(|(_, local)| local.live.iter().cloned())
             .collect();
         let mut closed = 0usize;
         // A connection with several topics in the partition is listed once
@@ -834,48 +833,43 @@ impl Shard {
         let subs = conn.take_all();
         let mut topics = self.topics.borrow_mut();
         let mut live = 0;
-        for sub in subs.iter().filter(|s| s.is_live()) {
-            detach(&mut topics, &sub.topic, sub.slot());
-            live += 1;
+        for sub in &subs {
+            let gone = if sub.is_live() {
+                live += 1;
+                detach(&mut topics, &sub.topic, sub.slot())
+            } else {
+                release_pending(&mut topics, &sub.topic)
+            };
+            if gone {
+                self.interest.remove(&sub.topic, self.id);
+            }
         }
         drop(topics);
-        for sub in &subs {
-            self.interest_down(&sub.topic);
-        }
         self.sync_gauges();
         self.metrics.subscriptions_active.fetch_sub(live, Relaxed);
     }
 
-    /// A subscription to `topic` (pending or live) begins on this shard:
-    /// the first one announces the topic, so the broker sends its messages here.
-    pub(crate) fn interest_up(&self, topic: &TopicName) {
-        if !self.interest.tracked() {
-            return;
-        }
-        let mut announced = self.announced.borrow_mut();
-        let n = announced.entry(topic.clone()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
+    /// Records a `sub` about to go to the broker. A topic new to this
+    /// shard enters the index and is announced first ([`crate::bus`]), so
+    /// nothing published from the subscription's start misses this shard.
+    pub(crate) fn add_pending(&self, conn: &Conn, topic: &TopicName) {
+        let mut topics = self.topics.borrow_mut();
+        let local = topics.entry(topic.clone()).or_insert_with(|| {
             self.interest.add(topic, self.id);
-            drop(announced);
-            self.sync_gauges();
-        }
+            Local::default()
+        });
+        local.pending += 1;
+        drop(topics);
+        conn.add_pending(topic.clone());
+        self.sync_gauges();
     }
 
-    /// A subscription to `topic` ended on this shard: after the last one the
-    /// broker stops sending the topic's messages here.
-    fn interest_down(&self, topic: &TopicName) {
-        let mut announced = self.announced.borrow_mut();
-        let Some(n) = announced.get_mut(topic) else {
-            return;
-        };
-        *n -= 1;
-        if *n == 0 {
-            announced.remove(topic);
-            drop(announced);
+    /// A pending `sub` ended without becoming live.
+    fn end_pending(&self, topic: &TopicName) {
+        if release_pending(&mut self.topics.borrow_mut(), topic) {
             self.interest.remove(topic, self.id);
-            self.sync_gauges();
         }
+        self.sync_gauges();
     }
 
     /// Publishes the sizes of the registry and the topic index as gauges,
@@ -885,7 +879,7 @@ impl Shard {
         use std::sync::atomic::Ordering::Relaxed;
         let conns = self.conns.borrow().len() as i64;
         let topics = self.topics.borrow().len() as i64;
-        let announced = self.announced.borrow().len() as i64;
+        let announced = if self.interest.tracked() { topics } else { 0 };
         self.metrics.registry_connections.store(conns, Relaxed);
         self.metrics.topic_index_entries.store(topics, Relaxed);
         self.metrics.topics_announced.store(announced, Relaxed);
@@ -896,12 +890,13 @@ impl Shard {
         let Some(slot) = conn.take_live(topic) else {
             let pending = conn.take_pending(topic);
             if pending {
-                self.interest_down(topic);
+                self.end_pending(topic);
             }
             return pending;
         };
-        detach(&mut self.topics.borrow_mut(), topic, slot);
-        self.interest_down(topic);
+        if detach(&mut self.topics.borrow_mut(), topic, slot) {
+            self.interest.remove(topic, self.id);
+        }
         self.sync_gauges();
         self.metrics
             .subscriptions_active
@@ -910,22 +905,53 @@ impl Shard {
     }
 }
 
+/// One topic of a shard's index: the live subscribers (a connection's
+/// `Sub::slot` is its index in `live`) and the `sub`s for it still waiting
+/// on the broker. The entry lives while either is non-zero, and exactly
+/// that long the topic is announced in [`crate::bus::Interest`].
+#[derive(Debug, Default)]
+pub(crate) struct Local {
+    pub(crate) live: Vec<Rc<Conn>>,
+    pending: u32,
+}
+
+impl Local {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.pending == 0
+    }
+}
+
 /// Removes the subscriber at `slot` of `topic`'s list, and the topic once
-/// it has none. O(1): the last subscriber takes the slot and is told so.
-fn detach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, slot: u32) {
-    let Some(list) = topics.get_mut(topic) else {
-        return;
+/// it has none, live or pending; true when the topic left the index. O(1):
+/// the last subscriber takes the slot and is told so.
+fn detach(topics: &mut HashMap<TopicName, Local>, topic: &TopicName, slot: u32) -> bool {
+    let Some(local) = topics.get_mut(topic) else {
+        return false;
     };
     let slot = slot as usize;
-    if slot < list.len() {
-        list.swap_remove(slot);
-        if let Some(moved) = list.get(slot) {
+    if slot < local.live.len() {
+        local.live.swap_remove(slot);
+        if let Some(moved) = local.live.get(slot) {
             moved.move_slot(topic, slot as u32);
         }
     }
-    if list.is_empty() {
+    forget_if_empty(topics, topic)
+}
+
+/// Counts one pending `sub` of `topic` as over; true when the topic left the index.
+fn release_pending(topics: &mut HashMap<TopicName, Local>, topic: &TopicName) -> bool {
+    if let Some(local) = topics.get_mut(topic) {
+        local.pending = local.pending.saturating_sub(1);
+    }
+    forget_if_empty(topics, topic)
+}
+
+fn forget_if_empty(topics: &mut HashMap<TopicName, Local>, topic: &TopicName) -> bool {
+    let empty = topics.get(topic).is_some_and(Local::is_empty);
+    if empty {
         topics.remove(topic);
     }
+    empty
 }
 
 /// What the sweep found due for a connection.
@@ -964,10 +990,32 @@ mod tests {
         Rc::new(Conn::new(ConnId(id), fd, peer, 0, config))
     }
 
-    fn attach(topics: &mut HashMap<TopicName, Vec<Rc<Conn>>>, topic: &TopicName, c: &Rc<Conn>) {
-        let list = topics.entry(topic.clone()).or_default();
-        c.add_live(topic.clone(), list.len() as u32);
-        list.push(c.clone());
+    fn attach(topics: &mut HashMap<TopicName, Local>, topic: &TopicName, c: &Rc<Conn>) {
+        let local = topics.entry(topic.clone()).or_default();
+        c.add_live(topic.clone(), local.live.len() as u32);
+        local.live.push(c.clone());
+    }
+
+    #[test]
+    fn a_topic_stays_indexed_while_it_has_a_live_or_pending_subscription() {
+        let config = Config::default();
+        let t = TopicName::new("t").unwrap();
+        let c = conn(1, &config);
+        let mut topics: HashMap<TopicName, Local> = HashMap::new();
+        topics.entry(t.clone()).or_default().pending = 2;
+        attach(&mut topics, &t, &c);
+        assert!(
+            !release_pending(&mut topics, &t),
+            "one pending and one live left"
+        );
+        assert!(!detach(&mut topics, &t, 0), "one pending left");
+        assert!(topics.contains_key(&t));
+        assert!(release_pending(&mut topics, &t), "the last one");
+        assert!(topics.is_empty());
+        // Releasing what is not there changes nothing.
+        assert!(!release_pending(&mut topics, &t));
+        assert!(!detach(&mut topics, &t, 0));
+        assert!(topics.is_empty());
     }
 
     #[test]
@@ -989,7 +1037,7 @@ mod tests {
                 detach(&mut topics, &sub.topic, sub.slot());
             }
             let left: Vec<&Rc<Conn>> = order[n + 1..].iter().map(|&k| &conns[k]).collect();
-            let list = topics.get(&a).map_or(&[][..], |l| &l[..]);
+            let list = topics.get(&a).map_or(&[][..], |l| &l.live[..]);
             assert_eq!(list.len(), left.len());
             for (slot, c) in list.iter().enumerate() {
                 assert!(
