@@ -323,6 +323,27 @@ impl Bus {
         }
     }
 
+    /// Answers a `sub` to the shard that asked: replay `replay`, then `ok`
+    /// with `recovered` and `epoch`.
+    pub fn subscribed(
+        &self,
+        req: crate::broker::SubscribeRequest,
+        replay: Vec<Bytes>,
+        recovered: Option<bool>,
+        epoch: Arc<str>,
+    ) {
+        self.send_to(
+            req.reply.shard,
+            ShardMsg::Subscribed {
+                reply: req.reply,
+                topic: req.topic,
+                replay,
+                recovered,
+                epoch,
+            },
+        );
+    }
+
     /// Sends `msg` to one shard; an unknown shard number is ignored (counted).
     pub fn send_to(&self, shard: usize, msg: ShardMsg) {
         match self.shards.get(shard) {

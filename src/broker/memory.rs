@@ -229,16 +229,8 @@ impl Broker for MemoryBroker {
             }
             Some(_) => (Vec::new(), Some(false)),
         };
-        self.bus.send_to(
-            req.reply.shard,
-            ShardMsg::Subscribed {
-                reply: req.reply,
-                topic: req.topic,
-                replay,
-                recovered,
-                epoch: self.epoch.clone(),
-            },
-        );
+        self.bus
+            .subscribed(req, replay, recovered, self.epoch.clone());
     }
 }
 

@@ -391,16 +391,9 @@ impl Broker for RedisBroker {
                 // The reader is stuck; subscribing live-only beats hanging
                 // the client. Recovery is refused since it cannot be ordered.
                 warn!(topic = %req.topic, "subscribe queue full: answering without the reader");
-                self.bus.send_to(
-                    req.reply.shard,
-                    ShardMsg::Subscribed {
-                        reply: req.reply,
-                        topic: req.topic,
-                        replay: Vec::new(),
-                        recovered: req.since.map(|_| false),
-                        epoch: Arc::from(""),
-                    },
-                );
+                let recovered = req.since.as_ref().map(|_| false);
+                self.bus
+                    .subscribed(req, Vec::new(), recovered, Arc::from(""));
             }
         }
     }

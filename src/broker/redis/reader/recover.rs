@@ -15,7 +15,6 @@ use super::{Reader, DEFER_LIMIT};
 use crate::broker::redis::entry::partition;
 use crate::broker::redis::worker::{Done, Job, Task, WarmPage};
 use crate::broker::{MsgId, Since, SubscribeRequest};
-use crate::bus::ShardMsg;
 use crate::topic::TopicName;
 
 /// Distinct recoveries (and probes) one reader keeps in flight at most;
@@ -118,16 +117,8 @@ impl Reader {
 
     /// Sends the `Subscribed` answer for `req`.
     fn reply(&self, req: SubscribeRequest, p: usize, replay: Vec<Bytes>, recovered: Option<bool>) {
-        self.bus.send_to(
-            req.reply.shard,
-            ShardMsg::Subscribed {
-                reply: req.reply,
-                topic: req.topic,
-                replay,
-                recovered,
-                epoch: self.parts[p].epoch.clone(),
-            },
-        );
+        let epoch = self.parts[p].epoch.clone();
+        self.bus.subscribed(req, replay, recovered, epoch);
     }
 
     /// The index in `parts` of `topic`'s partition, which this reader
