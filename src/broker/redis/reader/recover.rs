@@ -55,6 +55,23 @@ pub(super) struct Recovery {
 }
 
 impl Recovery {
+    /// A recovery of `(since, upto]` in `epoch`, read by worker job `job`,
+    /// with nothing read or kept yet.
+    fn new(job: u64, since: MsgId, epoch: Arc<str>, upto: MsgId) -> Recovery {
+        Recovery {
+            job,
+            since,
+            epoch,
+            upto,
+            waiters: Vec::new(),
+            frames: Vec::new(),
+            tail: Vec::new(),
+            tail_bytes: 0,
+            overflowed: false,
+            attempts: 0,
+        }
+    }
+
     /// Keeps a frame delivered while the range is read, within the budget
     /// `total` shared by the reader's recoveries.
     pub(super) fn keep(&mut self, frame: &Bytes, total: &mut usize) {
@@ -195,18 +212,7 @@ impl Reader {
             .fetch_add(1, Ordering::Relaxed);
         self.metrics.recovery_ranges.fetch_add(1, Ordering::Relaxed);
         self.in_flight += 1;
-        let recovery = Recovery {
-            job: id,
-            since,
-            epoch: self.parts[p].epoch.clone(),
-            upto,
-            waiters: Vec::new(),
-            frames: Vec::new(),
-            tail: Vec::new(),
-            tail_bytes: 0,
-            overflowed: false,
-            attempts: 0,
-        };
+        let recovery = Recovery::new(id, since, self.parts[p].epoch.clone(), upto);
         let topic = req.topic.clone();
         let rs = self.recoveries.entry(topic).or_default();
         rs.push(recovery);
@@ -476,18 +482,7 @@ mod tests {
     use super::*;
 
     fn recovery() -> Recovery {
-        Recovery {
-            job: 1,
-            since: MsgId::default(),
-            epoch: Arc::from("e"),
-            upto: MsgId::default(),
-            waiters: Vec::new(),
-            frames: Vec::new(),
-            tail: Vec::new(),
-            tail_bytes: 0,
-            overflowed: false,
-            attempts: 0,
-        }
+        Recovery::new(1, MsgId::default(), Arc::from("e"), MsgId::default())
     }
 
     #[test]
