@@ -82,6 +82,19 @@ pub enum ShardMsg {
         recovered: Option<bool>,
         /// The topic's current epoch.
         epoch: Arc<str>,
+        /// The broker's position in the topic's id sequence when it
+        /// answered: every later `Deliver` of the topic has a greater id.
+        last: MsgId,
+    },
+    /// The broker could not take a `sub` (Redis unreachable, its queue
+    /// full): answer error 4503, the subscription is not made.
+    SubscribeFailed {
+        /// Who asked.
+        reply: ReplyTo,
+        /// The topic.
+        topic: TopicName,
+        /// Why, for the client.
+        reason: &'static str,
     },
     /// Partition `partition` of `partitions` (Redis broker) lost entries
     /// before this node read them: close every subscriber of a topic in it
@@ -100,7 +113,7 @@ pub enum ShardMsg {
         reply: ReplyTo,
         /// The topic.
         topic: TopicName,
-        /// The new message id, or why publishing failed.
+        /// The new message id, or why publishing failed (answered 4503).
         result: Result<MsgId, String>,
     },
 }
@@ -324,13 +337,13 @@ impl Bus {
     }
 
     /// Answers a `sub` to the shard that asked: replay `replay`, then `ok`
-    /// with `recovered` and `epoch`.
+    /// with `recovered`, `epoch` and `last`.
     pub fn subscribed(
         &self,
         req: crate::broker::SubscribeRequest,
         replay: Vec<Bytes>,
         recovered: Option<bool>,
-        epoch: Arc<str>,
+        (epoch, last): (Arc<str>, MsgId),
     ) {
         self.send_to(
             req.reply.shard,
@@ -340,6 +353,19 @@ impl Bus {
                 replay,
                 recovered,
                 epoch,
+                last,
+            },
+        );
+    }
+
+    /// Refuses a `sub` the broker could not take (error 4503).
+    pub fn subscribe_failed(&self, req: crate::broker::SubscribeRequest, reason: &'static str) {
+        self.send_to(
+            req.reply.shard,
+            ShardMsg::SubscribeFailed {
+                reply: req.reply,
+                topic: req.topic,
+                reason,
             },
         );
     }

@@ -670,6 +670,7 @@ impl Config {
             "redis_key_prefix: must be 1 to 64 printable ASCII characters without spaces or braces",
         );
         need(self.redis_maxlen >= 1, "redis_maxlen: must be at least 1");
+
         let keys = [
             self.auth_hmac_secret.is_some(),
             self.auth_public_key.is_some(),
@@ -691,6 +692,12 @@ impl Config {
             !self.auth_timeout.is_zero(),
             "auth_timeout: must be more than 0",
         );
+        // Namespaces carry policy (publish bans, anonymous rules, 4004):
+        // checked here with everything else, whichever the broker, so an
+        // invalid table stops the node instead of falling open.
+        if let Err(problems) = crate::namespace::Namespaces::from_config(&self.namespaces) {
+            errs.extend(problems);
+        }
         if self.inbound_bytes_rate > 0 && self.inbound_bytes_burst < self.max_message_size {
             errs.push(format!(
                 "inbound_bytes_burst: must be at least max_message_size ({} bytes) when \

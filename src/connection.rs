@@ -29,8 +29,8 @@ use crate::bus::{ConnId, ReplyTo};
 use crate::config::Config;
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
 use crate::protocol::{
-    code, encode_error, encode_ok, encode_pong, encode_topic_error, encode_welcome, request_id,
-    ClientOp, OkExtra,
+    close, code, encode_error, encode_ok, encode_pong, encode_topic_error, encode_welcome,
+    request_id, ClientOp, OkExtra,
 };
 use crate::shard::Shard;
 use crate::sys;
@@ -536,7 +536,7 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
     }
 }
 
-/// The checks after parsing, in PROTOCOL.md order: path (404), origin
+/// The checks after parsing, in docs/PROTOCOL.md order: path (404), origin
 /// (403), the upgrade budget of the address (429), draining (503),
 /// subprotocol, then the token (401). The connection caps were applied at
 /// accept ([`admit`]). Returns the subprotocol to echo and the identity,
@@ -689,7 +689,7 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
         }
         Message::Text(t) => match std::str::from_utf8(&t) {
             Ok(text) => on_op(shard, conn, text),
-            Err(_) => fail(shard, conn, 1007, "invalid UTF-8"),
+            Err(_) => fail(shard, conn, close::INVALID_DATA, "invalid UTF-8"),
         },
     }
 }
@@ -891,7 +891,7 @@ fn over_rate(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: &Message, over: Over) {
             Over::Frames => "rate limited: over inbound_rate for 5 s",
             Over::Bytes => "rate limited: over inbound_bytes_rate for 5 s",
         };
-        return shard.close(conn, 4008, reason, Disconnect::RateLimited);
+        return shard.close(conn, close::RATE_LIMITED, reason, Disconnect::RateLimited);
     }
     let id = match msg {
         Message::Pong(_) => return,
@@ -916,7 +916,12 @@ fn over_rate(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: &Message, over: Over) {
 /// `auth`; anything else closes with 4001.
 fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
     let ClientOp::Auth { token } = op else {
-        return shard.close(conn, 4001, "authenticate first", Disconnect::Auth);
+        return shard.close(
+            conn,
+            close::NOT_AUTHENTICATED,
+            "authenticate first",
+            Disconnect::Auth,
+        );
     };
     let Some(verifier) = &shard.auth else { return };
     match verifier.verify(&token) {
@@ -924,7 +929,7 @@ fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
             *conn.identity.borrow_mut() = Some(Rc::new(identity));
             welcome(shard, conn);
         }
-        Err(e) => shard.close(conn, 4001, e.reason(), Disconnect::Auth),
+        Err(e) => shard.close(conn, close::NOT_AUTHENTICATED, e.reason(), Disconnect::Auth),
     }
 }
 
@@ -944,7 +949,7 @@ fn refresh_auth(
         Ok(fresh) if fresh.user != current.user && !current.is_guest() => {
             shard.close(
                 conn,
-                4003,
+                close::FORBIDDEN,
                 "refreshed token is for another user",
                 Disconnect::Auth,
             );
@@ -954,7 +959,7 @@ fn refresh_auth(
             *conn.identity.borrow_mut() = Some(Rc::new(fresh));
             shard.queue(conn, encode_ok(id, None, OkExtra::default()));
         }
-        Err(e) => shard.queue(conn, encode_error(id, 4001, e.reason())),
+        Err(e) => shard.queue(conn, encode_error(id, code::AUTH_REFUSED, e.reason())),
     }
 }
 

@@ -18,14 +18,18 @@ pub enum Drop {
     ShardInboxFull,
     /// The shard had already exited.
     ShardGone,
+    /// A replay that would not fit the subscriber's outbound queue: none of
+    /// it is sent, the `sub` is answered `recovered:false`.
+    ReplayTooLarge,
 }
 
 impl Drop {
-    const ALL: [Drop; 4] = [
+    const ALL: [Drop; 5] = [
         Drop::SlowConsumer,
         Drop::ConnectionClosed,
         Drop::ShardInboxFull,
         Drop::ShardGone,
+        Drop::ReplayTooLarge,
     ];
 
     fn label(self) -> &'static str {
@@ -34,6 +38,7 @@ impl Drop {
             Drop::ConnectionClosed => "connection_closed",
             Drop::ShardInboxFull => "shard_inbox_full",
             Drop::ShardGone => "shard_gone",
+            Drop::ReplayTooLarge => "replay_too_large",
         }
     }
 }
@@ -120,7 +125,7 @@ pub struct ShardMetrics {
     pub socket_writes: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_sent: AtomicU64,
-    dropped: [AtomicU64; 4],
+    dropped: [AtomicU64; 5],
     disconnects: [AtomicU64; 9],
     handshake_failures: [AtomicU64; 9],
 }

@@ -1,4 +1,4 @@
-//! The `ringcast.v1` JSON protocol (PROTOCOL.md sections 2 and 3): client ops
+//! The `ringcast.v1` JSON protocol (docs/PROTOCOL.md sections 2 and 3): client ops
 //! parsed from text frames, and the server's frames encoded to bytes.
 //!
 //! Parsing is two steps so every error names what was wrong: serde reads the
@@ -18,10 +18,15 @@ use crate::broker::{MsgId, Since};
 use crate::topic::{TopicError, TopicName};
 use crate::ws::frame::{encode_text, write_header, OpCode};
 
-/// Error codes of `error` replies (PROTOCOL.md section 4).
+/// Error codes of `error` replies (docs/PROTOCOL.md section 4). Every code
+/// the server puts in an `error` frame is one of these; a test checks that
+/// each appears in the contract.
 pub mod code {
     /// Bad request: unparsable JSON, unknown op, missing field, binary frame.
     pub const BAD_REQUEST: u16 = 4000;
+    /// A refreshing `auth` was refused; the connection and its current
+    /// token stay until that token's `exp`.
+    pub const AUTH_REFUSED: u16 = 4001;
     /// Topic not allowed by token or namespace policy.
     pub const FORBIDDEN_TOPIC: u16 = 4403;
     /// The topic's namespace is not configured.
@@ -32,6 +37,57 @@ pub mod code {
     pub const TOO_MANY_SUBSCRIPTIONS: u16 = 4013;
     /// `data` of a `pub` larger than `max_publish_size`.
     pub const PUBLISH_TOO_LARGE: u16 = 4029;
+    /// The broker is unavailable (Redis unreachable, or its queue full):
+    /// the `pub` or `sub` was not done; retry later.
+    pub const UNAVAILABLE: u16 = 4503;
+
+    /// Every error code, for the contract test.
+    pub const ALL: [u16; 8] = [
+        BAD_REQUEST,
+        AUTH_REFUSED,
+        FORBIDDEN_TOPIC,
+        UNKNOWN_NAMESPACE,
+        RATE_LIMITED,
+        TOO_MANY_SUBSCRIPTIONS,
+        PUBLISH_TOO_LARGE,
+        UNAVAILABLE,
+    ];
+}
+
+/// Close codes the server sends (docs/PROTOCOL.md section 4), besides a
+/// client's own code echoed back when it closes first.
+pub mod close {
+    /// Normal closure (echoed to a client that closes without a code).
+    pub const NORMAL: u16 = 1000;
+    /// Server going away: the drain.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error (bad frame, unmasked client frame, bad opcode).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Invalid UTF-8 in a text frame or close reason.
+    pub const INVALID_DATA: u16 = 1007;
+    /// Message larger than `max_message_size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Not authenticated, or the token expired and was not refreshed.
+    pub const NOT_AUTHENTICATED: u16 = 4001;
+    /// Forbidden: a refreshing token for another user.
+    pub const FORBIDDEN: u16 = 4003;
+    /// Rate limited for too long.
+    pub const RATE_LIMITED: u16 = 4008;
+    /// Slow consumer, or the server fell behind: resubscribe with `since`.
+    pub const SLOW: u16 = 4009;
+
+    /// Every close code the server chooses, for the contract test.
+    pub const ALL: [u16; 9] = [
+        NORMAL,
+        GOING_AWAY,
+        PROTOCOL_ERROR,
+        INVALID_DATA,
+        TOO_BIG,
+        NOT_AUTHENTICATED,
+        FORBIDDEN,
+        RATE_LIMITED,
+        SLOW,
+    ];
 }
 
 /// A client request, validated.
@@ -358,6 +414,9 @@ pub fn encode_welcome(conn: &str, node: &str, heartbeat_secs: u64) -> Bytes {
 pub struct OkExtra<'a> {
     /// The topic's epoch (every `sub`).
     pub epoch: Option<&'a str>,
+    /// The position when the subscription became live (every `sub`):
+    /// resubscribing with `since` = `last` recovers what came after.
+    pub last: Option<MsgId>,
     /// Whether recovery succeeded (a `sub` with `since`).
     pub recovered: Option<bool>,
     /// The new message id (a `pub`).
@@ -376,6 +435,9 @@ pub fn encode_ok(id: Option<u64>, topic: Option<&TopicName>, extra: OkExtra<'_>)
     if let Some(e) = extra.epoch {
         s.push_str(",\"epoch\":");
         push_json_str(&mut s, e);
+    }
+    if let Some(l) = extra.last {
+        s.push_str(&format!(",\"last\":\"{l}\""));
     }
     if let Some(r) = extra.recovered {
         s.push_str(if r {
@@ -403,7 +465,7 @@ pub fn encode_error(id: Option<u64>, code: u16, reason: &str) -> Bytes {
 
 /// `{"op":"error"[,"id":..],"code":..,"topic":..,"reason":..}`: an error
 /// about one topic. Without `id` it is not a reply but news: a refreshed
-/// token ended a subscription (an extension of PROTOCOL.md section 2).
+/// token ended a subscription (an extension of docs/PROTOCOL.md section 2).
 pub fn encode_topic_error(id: Option<u64>, code: u16, topic: &TopicName, reason: &str) -> Bytes {
     let mut s = String::from("{\"op\":\"error\"");
     push_id(&mut s, id);
@@ -592,13 +654,14 @@ mod tests {
             Some(&t),
             OkExtra {
                 epoch: Some("ep"),
+                last: Some(MsgId { ms: 5, seq: 1 }),
                 recovered: Some(false),
                 mid: None,
             },
         ));
         assert_eq!(
             ok,
-            serde_json::json!({"op":"ok","id":7,"topic":"news","epoch":"ep","recovered":false})
+            serde_json::json!({"op":"ok","id":7,"topic":"news","epoch":"ep","last":"5-1","recovered":false})
         );
         let e = payload(&encode_error(None, 4000, "bad \"x\""));
         assert_eq!(

@@ -45,19 +45,24 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         ttl: config.history_ttl,
     };
     let broker_metrics = Arc::new(BrokerMetrics::default());
+    // Config::check validated them; a Config built another way is refused
+    // here, never replaced by the implicit namespace.
+    let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
+        .map_err(|e| anyhow::anyhow!("invalid namespaces: {}", e.join("; ")))?;
     let broker: Arc<dyn Broker> = match redis::Settings::from_config(&config) {
         Some(settings) => {
             warn_ignored_history(&config);
             Arc::new(
-                RedisBroker::start(settings, bus.clone(), broker_metrics.clone())
-                    .context("starting the Redis Streams broker")?,
+                RedisBroker::start(
+                    settings,
+                    config.outbound_queue,
+                    bus.clone(),
+                    broker_metrics.clone(),
+                )
+                .context("starting the Redis Streams broker")?,
             )
         }
-        None => {
-            let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
-                .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
-            Arc::new(MemoryBroker::new(bus.clone(), retention).with_namespaces(&namespaces))
-        }
+        None => Arc::new(MemoryBroker::new(bus.clone(), retention).with_namespaces(&namespaces)),
     };
     let admin = match config.admin_listen {
         Some(addr) => Some(
@@ -71,7 +76,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     let (auth, dev_token) = verifier(&config)?;
     let node_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (exit_tx, exit_rx) = mpsc::channel::<(usize, bool)>();
+    let (exit_tx, exit_rx) = mpsc::channel::<(usize, ShardExit)>();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let setup = ShardSetup {
             id,
@@ -83,15 +88,19 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             auth: auth.clone(),
             node_connections: node_connections.clone(),
             interest: bus.interest(),
+            namespaces: namespaces.clone(),
         };
         let tx = exit_tx.clone();
         thread::Builder::new()
             .name(format!("shard-{id}-supervisor"))
             .spawn(move || {
-                let ok = shard::spawn(setup)
-                    .map(|h| h.join().is_ok())
-                    .unwrap_or(false);
-                let _ = tx.send((id, ok));
+                let exit = match shard::spawn(setup).map(|h| h.join()) {
+                    Ok(Ok(Ok(()))) => ShardExit::Stopped,
+                    Ok(Ok(Err(failure))) => ShardExit::Failed(failure.to_string()),
+                    Ok(Err(_)) => ShardExit::Panicked,
+                    Err(e) => ShardExit::Failed(format!("cannot start the shard thread: {e}")),
+                };
+                let _ = tx.send((id, exit));
             })?;
     }
     drop(exit_tx);
@@ -115,8 +124,23 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         );
     }
     let _ = std::io::stdout().flush();
-    supervise(&exit_rx, config.shards, &draining)
+    supervise(&exit_rx, config.shards, &draining, &bus)
 }
+
+/// How a shard thread ended.
+#[derive(Debug)]
+enum ShardExit {
+    /// Its loop ended: after the drain, or (unexpected) without one.
+    Stopped,
+    /// It reported why it could not go on.
+    Failed(String),
+    /// It panicked.
+    Panicked,
+}
+
+/// How long the other shards get to close their clients (drain frame,
+/// close 1001) after one shard failed, before the process exits 1.
+const FAILURE_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Namespaces' `history_size` / `history_ttl` shape the embedded broker's
 /// per-topic history only; with Redis, history is the partition stream
@@ -186,21 +210,38 @@ fn verifier(config: &Config) -> anyhow::Result<(Option<Arc<Verifier>>, Option<St
     ))
 }
 
+/// Waits for the shards. Every shard ending after the drain is a clean
+/// stop; one that fails, panics or ends without a drain stops the node:
+/// logged, the other shards told to close their clients (a drain with no
+/// window, so clients reconnect elsewhere at once), then exit 1 once they
+/// did or after [`FAILURE_STOP_GRACE`].
 fn supervise(
-    exits: &mpsc::Receiver<(usize, bool)>,
+    exits: &mpsc::Receiver<(usize, ShardExit)>,
     shards: usize,
     draining: &std::sync::atomic::AtomicBool,
+    bus: &Bus,
 ) -> anyhow::Result<()> {
-    for _ in 0..shards {
-        let Ok((id, ok)) = exits.recv() else { break };
-        if !ok {
-            error!(shard = id, "shard panicked");
-            bail!("shard {id} panicked; stopping the node");
+    use std::sync::atomic::Ordering::AcqRel;
+    for stopped in 0..shards {
+        let Ok((id, exit)) = exits.recv() else { break };
+        let why = match exit {
+            ShardExit::Stopped if draining.load(std::sync::atomic::Ordering::Acquire) => continue,
+            ShardExit::Stopped => "exited unexpectedly".to_string(),
+            ShardExit::Failed(failure) => format!("failed: {failure}"),
+            ShardExit::Panicked => "panicked".to_string(),
+        };
+        error!(shard = id, "shard {why}; stopping the node");
+        if !draining.swap(true, AcqRel) {
+            bus.drain(0);
         }
-        if !draining.load(std::sync::atomic::Ordering::Acquire) {
-            error!(shard = id, "shard exited unexpectedly");
-            bail!("shard {id} exited unexpectedly");
+        let deadline = std::time::Instant::now() + FAILURE_STOP_GRACE;
+        for _ in stopped + 1..shards {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if exits.recv_timeout(left).is_err() {
+                break;
+            }
         }
+        bail!("shard {id} {why}; stopping the node");
     }
     info!("drained; bye");
     Ok(())

@@ -7,10 +7,10 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{raw, TestServer};
+use common::{raw, ringcast, serve_help, TestServer};
 use ringcast::client::{Client, Event, Reconnecting};
 use serde_json::json;
 
@@ -180,14 +180,53 @@ fn a_dead_shard_is_logged_and_the_process_exits_1() {
     }
 }
 
-fn ringcast(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
-    cmd.args(args).stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
+/// A shard that cannot go on (here the debug build's
+/// `RINGCAST_DEBUG_FAIL_SHARD`, standing for a failed `epoll_wait`) never
+/// exits the process itself: it reports to the supervisor, which logs it,
+/// tells the other shards to close their clients (drain, close 1001), and
+/// exits 1.
+#[cfg(debug_assertions)]
+#[test]
+fn a_failed_shard_is_reported_and_the_others_close_their_clients() {
+    for shard in ["0", "1"] {
+        let mut server = TestServer::start_with_env(&[], &[("RINGCAST_DEBUG_FAIL_SHARD", shard)]);
+        // Enough clients that some land on the shard that stays up.
+        let clients: Vec<Client> = (0..16)
+            .map(|_| Client::connect(&server.url()).unwrap())
+            .collect();
+        let status = server.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "shard {shard} failed: the process still runs\n{}",
+                server.log()
+            )
+        });
+        let log = server.log();
+        assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains(&format!("shard={shard}"))
+                && l.contains("shard failed: injected failure")),
+            "the supervisor names the failed shard and why:\n{log}"
+        );
+        let mut drained = 0;
+        for mut c in clients {
+            loop {
+                match c.recv(Duration::from_secs(2)) {
+                    Ok(Event::Frame(v)) if v["op"] == "drain" => drained += 1,
+                    Ok(Event::Close(code, _)) => {
+                        assert_eq!(code, 1001, "closed as going away");
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        assert!(
+            drained > 0,
+            "no client of the other shard was drained\n{log}"
+        );
     }
-    // Settings errors exit before binding; a started server is killed by the test.
-    cmd.output().unwrap()
 }
 
 #[test]
@@ -215,23 +254,7 @@ fn invalid_settings_exit_2_naming_the_setting() {
 /// the README.
 #[test]
 fn serve_help_documents_every_flag() {
-    let out = ringcast(&["serve", "--help"], &[]);
-    assert!(out.status.success(), "{out:?}");
-    let help = String::from_utf8(out.stdout).unwrap();
-    // Each option is a block: its flag line, then indented description lines.
-    let mut blocks: Vec<(String, String)> = Vec::new();
-    for line in help.lines() {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix("--") {
-            let flag = rest.split([' ', '\t']).next().unwrap().to_string();
-            blocks.push((flag, String::new()));
-        } else if trimmed.starts_with("-h, --help") {
-            blocks.push(("help".into(), String::new()));
-        } else if let Some((_, text)) = blocks.last_mut() {
-            text.push_str(trimmed);
-            text.push('\n');
-        }
-    }
+    let (help, blocks) = serve_help();
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let table: Vec<&str> = readme

@@ -1,4 +1,4 @@
-//! Namespace policy from the config file (PROTOCOL.md section 5): unknown
+//! Namespace policy from the config file (docs/PROTOCOL.md section 5): unknown
 //! namespaces (4004), publishing off (4403), anonymous subscribers, presence
 //! off, and per-namespace history for recovery.
 #![allow(clippy::unwrap_used)]
@@ -169,4 +169,86 @@ fn bad_namespace_tables_stop_the_server_naming_the_problem() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `serve` with `table` as its config file and `extra` flags; returns
+/// its exit code and standard error.
+fn serve_with(table: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let file = config_file(table);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["serve", "--allow-anonymous", "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "off", "--config", file.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap();
+    std::fs::remove_file(file).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
+}
+
+/// Each kind of invalid `[[namespaces]]` table, and the words that must
+/// name it in the error.
+const INVALID_TABLES: [(&str, &str); 5] = [
+    (
+        "[[namespaces]]\nname = \"chat\"\n[[namespaces]]\nname = \"chat\"\nallow_publish = false\n",
+        "\"chat\" is configured twice",
+    ),
+    ("[[namespaces]]\nname = \"a:b\"\n", "name \"a:b\""),
+    ("[[namespaces]]\nname = \"bad name\"\n", "name \"bad name\""),
+    (
+        "[[namespaces]]\nname = \"chat\"\nhistory_ttl = \"9000h\"\n",
+        "namespaces.chat: history_ttl must be at most 8760h",
+    ),
+    (
+        "[[namespaces]]\nname = \"chat\"\nhistory_size = 10000001\n",
+        "namespaces.chat: history_size must be at most 10000000",
+    ),
+];
+
+#[test]
+fn an_invalid_namespace_table_stops_the_embedded_node_with_exit_2() {
+    for (table, named) in INVALID_TABLES {
+        let (status, stderr) = serve_with(table, &[]);
+        assert_eq!(status, Some(2), "{table}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{table}: wanted {named:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_namespace_table_stops_a_redis_node_before_it_binds() {
+    // With --redis the namespaces were once replaced by the implicit one
+    // (every publish ban and anonymous rule gone): now the same check runs
+    // before the node touches Redis or binds a port.
+    let redis = common::redis::TestRedis::start();
+    let url = redis.url();
+    for (table, named) in INVALID_TABLES {
+        let (status, stderr) = serve_with(table, &["--redis", &url]);
+        assert_eq!(status, Some(2), "{table}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{table}: wanted {named:?} in {stderr}"
+        );
+    }
+    // Every problem at once, each named.
+    let both =
+        "[[namespaces]]\nname = \"x\"\n[[namespaces]]\nname = \"x\"\nhistory_size = 10000001\n";
+    let (status, stderr) = serve_with(both, &["--redis", &url]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(stderr.contains("\"x\" is configured twice"), "{stderr}");
+    assert!(stderr.contains("history_size must be at most"), "{stderr}");
+    // The same table, valid, starts a node on that Redis.
+    let server = TestServer::start(&[
+        "--redis",
+        &url,
+        "--config",
+        config_file("[[namespaces]]\nname = \"chat\"\nallow_publish = false\n")
+            .to_str()
+            .unwrap(),
+    ]);
+    let mut c = Client::connect(&server.url()).unwrap();
+    assert_eq!(code(c.publish("chat:1", &json!(1))), 4403);
+    assert_eq!(code(c.subscribe("billing:1", None)), 4004);
 }

@@ -41,8 +41,13 @@ pub struct MemoryBroker {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The newest id of any topic: the node's position, sent as `last` in
+    /// the `ok` of every `sub`.
     last: MsgId,
     topics: HashMap<TopicName, TopicLog>,
+    /// The newest id of every topic whose whole history expired and was
+    /// removed: a `since` at or past it lost nothing of such a topic.
+    swept_through: MsgId,
     publishes_since_sweep: u32,
 }
 
@@ -139,10 +144,35 @@ impl Inner {
     /// Drops expired history everywhere; `oldest_kept` gives each topic's
     /// cut-off (retention differs by namespace).
     fn sweep(&mut self, oldest_kept: impl Fn(&TopicName) -> u64) {
+        let mut swept = self.swept_through;
         self.topics.retain(|topic, log| {
             log.expire(oldest_kept(topic));
-            !log.entries.is_empty()
+            let keep = !log.entries.is_empty();
+            if !keep {
+                swept = swept.max(log.last);
+            }
+            keep
         });
+        self.swept_through = swept;
+    }
+
+    /// The replay of `topic` after the position `since` (at most the
+    /// node's `last`), or `None` when some of it is no longer retained.
+    fn replay_after(
+        &mut self,
+        topic: &TopicName,
+        since: MsgId,
+        oldest_kept: u64,
+    ) -> Option<Vec<Bytes>> {
+        match self.topics.get_mut(topic) {
+            Some(log) => {
+                log.expire(oldest_kept);
+                log.replay_after(since)
+            }
+            // Never published, or its whole history expired and was
+            // swept: complete (empty) only if `since` is past all of it.
+            None => (since >= self.swept_through).then(Vec::new),
+        }
     }
 }
 
@@ -163,9 +193,10 @@ impl TopicLog {
         }
     }
 
-    /// The frames after `since`, or `None` when they are not all retained.
+    /// The frames after the position `since`, or `None` when they are not
+    /// all retained.
     fn replay_after(&self, since: MsgId) -> Option<Vec<Bytes>> {
-        if since > self.last || self.trimmed_through.is_some_and(|t| since < t) {
+        if self.trimmed_through.is_some_and(|t| since < t) {
             return None;
         }
         let start = self.entries.partition_point(|e| e.id <= since);
@@ -215,14 +246,14 @@ impl Broker for MemoryBroker {
         let ttl = self.retention_for(&req.topic).ttl;
         let oldest_kept = now_ms().saturating_sub(ttl.as_millis() as u64);
         let mut inner = self.lock();
+        // Under the lock: every later `Deliver` of the topic has a greater id.
+        let position = inner.last;
         let (replay, recovered) = match &req.since {
             None => (Vec::new(), None),
+            // Ahead of every id this node gave: not from this history.
+            Some(Since { id, .. }) if *id > position => (Vec::new(), Some(false)),
             Some(Since { id, epoch }) if epoch.as_deref() == Some(&*self.epoch) => {
-                let replay = inner.topics.get_mut(&req.topic).and_then(|log| {
-                    log.expire(oldest_kept);
-                    log.replay_after(*id)
-                });
-                match replay {
+                match inner.replay_after(&req.topic, *id, oldest_kept) {
                     Some(r) => (r, Some(true)),
                     None => (Vec::new(), Some(false)),
                 }
@@ -230,7 +261,7 @@ impl Broker for MemoryBroker {
             Some(_) => (Vec::new(), Some(false)),
         };
         self.bus
-            .subscribed(req, replay, recovered, self.epoch.clone());
+            .subscribed(req, replay, recovered, (self.epoch.clone(), position));
     }
 }
 
@@ -392,6 +423,8 @@ mod tests {
             ),
             (0, Some(false))
         );
+        // A topic that never had anything lost nothing after any position
+        // this node gave.
         assert_eq!(
             subscribe(
                 &b,
@@ -402,8 +435,71 @@ mod tests {
                     epoch: e
                 })
             ),
-            (0, Some(false))
+            (0, Some(true))
         );
+    }
+
+    /// Subscribes without `since` and returns the `last` of the answer.
+    fn last_of(b: &MemoryBroker, rx: &Inbox, t: &str) -> MsgId {
+        b.subscribe(SubscribeRequest {
+            reply: reply(),
+            topic: topic(t),
+            since: None,
+        });
+        match rx.try_recv() {
+            Some(ShardMsg::Subscribed { last, .. }) => last,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn last_of_a_quiet_topic_recovers_what_came_after_it() {
+        let (b, rx) = broker(100, Duration::from_secs(600));
+        assert_eq!(
+            last_of(&b, &rx, "quiet"),
+            MsgId::default(),
+            "nothing yet: 0-0"
+        );
+        publish_n(&b, &rx, "other", 2);
+        let last = last_of(&b, &rx, "quiet");
+        assert!(last > MsgId::default());
+        publish_n(&b, &rx, "other", 3);
+        publish_n(&b, &rx, "quiet", 2);
+        publish_n(&b, &rx, "other", 1);
+        let since = |id| {
+            Some(Since {
+                id,
+                epoch: Some(b.epoch().to_string()),
+            })
+        };
+        assert_eq!(subscribe(&b, &rx, "quiet", since(last)), (2, Some(true)));
+        // The position moved on with every topic's publishes.
+        let now = last_of(&b, &rx, "quiet");
+        assert!(now > last);
+        assert_eq!(subscribe(&b, &rx, "quiet", since(now)), (0, Some(true)));
+        // Past the node's position: not from this history.
+        let ahead = MsgId {
+            ms: now.ms,
+            seq: now.seq + 1,
+        };
+        assert_eq!(subscribe(&b, &rx, "quiet", since(ahead)), (0, Some(false)));
+    }
+
+    #[test]
+    fn a_topic_whose_history_was_swept_recovers_only_from_after_it() {
+        let (b, rx) = broker(100, Duration::ZERO);
+        let ids = publish_n(&b, &rx, "gone", 2);
+        std::thread::sleep(Duration::from_millis(3));
+        b.lock().sweep(|_| now_ms());
+        assert!(b.lock().topics.is_empty(), "swept");
+        let since = |id| {
+            Some(Since {
+                id,
+                epoch: Some(b.epoch().to_string()),
+            })
+        };
+        assert_eq!(subscribe(&b, &rx, "gone", since(ids[0])), (0, Some(false)));
+        assert_eq!(subscribe(&b, &rx, "gone", since(ids[1])), (0, Some(true)));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The Redis Streams broker: Redis is the backbone between producers and
-//! every node (PROTOCOL.md section 6). Topics hash to partition streams
+//! every node (docs/PROTOCOL.md section 6). Topics hash to partition streams
 //! `{prefix}:stream:{P}`; every node reads every partition with plain
 //! `XREAD BLOCK` (not a consumer group: all nodes see all entries) and
 //! delivers to its own shards; a client `pub` is an `XADD`, so every node
@@ -249,9 +249,11 @@ impl ReaderHandle {
 impl RedisBroker {
     /// Connects (failing when Redis is unreachable, so a misconfigured node
     /// does not start), resolves the start position, and starts the
-    /// reader(s), publisher and waker threads.
+    /// reader(s), publisher and waker threads. `replay_limit` is the
+    /// subscribers' outbound queue bound: a recovery read stops past it.
     pub fn start(
         settings: Settings,
+        replay_limit: usize,
         bus: Bus,
         metrics: Arc<BrokerMetrics>,
     ) -> Result<RedisBroker, Error> {
@@ -309,6 +311,8 @@ impl RedisBroker {
                 url: settings.url.clone(),
                 source,
             })?;
+            let mut reader = reader;
+            reader.replay_limit = replay_limit;
             subs.push(sub_tx);
             let name = if len == n {
                 "redis-reader".to_string()
@@ -388,12 +392,12 @@ impl Broker for RedisBroker {
         match self.subs[g].try_send(req) {
             Ok(()) => self.wakes.wake(g),
             Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
-                // The reader is stuck; subscribing live-only beats hanging
-                // the client. Recovery is refused since it cannot be ordered.
-                warn!(topic = %req.topic, "subscribe queue full: answering without the reader");
-                let recovered = req.since.as_ref().map(|_| false);
+                // The reader is stuck: only it can order a subscription
+                // with its deliveries, so the `sub` is refused (4503) and
+                // the client retries, rather than subscribed out of order.
+                warn!(topic = %req.topic, "subscribe queue full: refusing the sub");
                 self.bus
-                    .subscribed(req, Vec::new(), recovered, Arc::from(""));
+                    .subscribe_failed(req, "broker unavailable: subscribe queue full, retry later");
             }
         }
     }

@@ -24,7 +24,9 @@ use crate::bus::{ConnId, Inbox, ShardMsg};
 use crate::config::Config;
 use crate::connection::{self, Conn, Phase};
 use crate::metrics::{Disconnect, Drop, ShardMetrics};
-use crate::protocol::{code, encode_drain, encode_error, encode_ok, encode_topic_error, OkExtra};
+use crate::protocol::{
+    close, code, encode_drain, encode_error, encode_ok, encode_topic_error, OkExtra,
+};
 use crate::topic::TopicName;
 use crate::ws::frame::{encode_frame, OpCode};
 use crate::ws::handshake::HandshakeError;
@@ -62,6 +64,8 @@ pub struct ShardSetup {
     pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Which shards serve which topics ([`crate::bus::Interest`]).
     pub interest: Arc<crate::bus::Interest>,
+    /// Policy per namespace, validated from `config.namespaces`.
+    pub namespaces: crate::namespace::Namespaces,
 }
 
 /// Shard-local state, shared by the shard's tasks through `Rc`.
@@ -110,6 +114,11 @@ pub(crate) struct Shard {
     listener_fd: Cell<RawFd>,
     /// Pre-encoded ping frame, shared by every connection.
     ping: Bytes,
+    /// Set by a task that cannot go on; the shard loop then ends and the
+    /// shard thread returns it to its supervisor.
+    failure: RefCell<Option<ShardFailure>>,
+    /// The shard loop, waiting for [`Shard::failed`].
+    failure_waker: RefCell<Option<std::task::Waker>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -120,14 +129,38 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-/// Starts a shard on its own thread; the thread ends after the drain.
-pub fn spawn(setup: ShardSetup) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Why a shard stopped before its drain: what its supervisor
+/// ([`crate::server`]) logs before it stops the node. A shard never exits
+/// the process itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {error}")]
+pub struct ShardFailure {
+    /// What the shard was doing.
+    pub what: &'static str,
+    /// The system's error.
+    pub error: String,
+}
+
+impl ShardFailure {
+    fn new(what: &'static str, error: impl std::fmt::Display) -> Self {
+        Self {
+            what,
+            error: error.to_string(),
+        }
+    }
+}
+
+/// Starts a shard on its own thread; the thread ends after the drain
+/// (`Ok`), or early with the failure that stopped it.
+pub fn spawn(
+    setup: ShardSetup,
+) -> std::io::Result<std::thread::JoinHandle<Result<(), ShardFailure>>> {
     std::thread::Builder::new()
         .name(format!("shard-{}", setup.id))
         .spawn(move || run_thread(setup))
 }
 
-fn run_thread(setup: ShardSetup) {
+fn run_thread(setup: ShardSetup) -> Result<(), ShardFailure> {
     let span = tracing::info_span!("shard", id = setup.id);
     let _guard = span.enter();
     if setup.config.pin_cores {
@@ -143,53 +176,27 @@ fn run_thread(setup: ShardSetup) {
         .with_entries(4096)
         .enable_timer()
         .build();
-    let mut rt = match built {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the runtime");
-            std::process::exit(1);
-        }
-    };
+    let mut rt = built.map_err(|e| ShardFailure::new("cannot build the runtime", e))?;
     info!(
         driver = if uring { "io_uring" } else { "epoll" },
         "shard up"
     );
-    rt.block_on(run(setup).instrument(span.clone()));
+    rt.block_on(run(setup).instrument(span.clone()))?;
     info!("shard stopped");
+    Ok(())
 }
 
-async fn run(setup: ShardSetup) {
+async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
     let listener_fd = setup.listener.as_raw_fd();
-    let listener = match monoio::net::TcpListener::from_std(setup.listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot register the listener");
-            std::process::exit(1);
-        }
-    };
-    let epoll = match crate::sys::Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot create the epoll instance");
-            std::process::exit(1);
-        }
-    };
+    let listener = monoio::net::TcpListener::from_std(setup.listener)
+        .map_err(|e| ShardFailure::new("cannot register the listener", e))?;
+    let epoll = crate::sys::Epoll::new()
+        .map_err(|e| ShardFailure::new("cannot create the epoll instance", e))?;
     let waiter = epoll
         .try_clone_fd()
         .map(crate::sys::pollable)
-        .and_then(monoio::net::TcpStream::from_std);
-    let waiter = match waiter {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot poll the epoll instance");
-            std::process::exit(1);
-        }
-    };
-    // Validated with the rest of the settings, so this cannot fail here.
-    let namespaces = crate::namespace::Namespaces::from_config(&setup.config.namespaces)
-        .unwrap_or_else(|_| {
-            crate::namespace::Namespaces::from_config(&[]).unwrap_or_else(|_| unreachable!())
-        });
+        .and_then(monoio::net::TcpStream::from_std)
+        .map_err(|e| ShardFailure::new("cannot poll the epoll instance", e))?;
     let per_ip_limit = setup
         .config
         .max_connections_per_ip
@@ -204,7 +211,7 @@ async fn run(setup: ShardSetup) {
         auth: setup.auth,
         anonymous: Rc::new(crate::auth::Identity::anonymous()),
         guest: Rc::new(crate::auth::Identity::guest()),
-        namespaces,
+        namespaces: setup.namespaces,
         node_connections: setup.node_connections,
         shard_connections: Cell::new(0),
         per_ip: RefCell::new(HashMap::new()),
@@ -222,13 +229,20 @@ async fn run(setup: ShardSetup) {
         draining: Cell::new(false),
         listener_fd: Cell::new(listener_fd),
         ping: encode_frame(OpCode::Ping, b""),
+        failure: RefCell::new(None),
+        failure_waker: RefCell::new(None),
     });
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweep_loop(shard.clone()));
     monoio::spawn(poll_loop(shard.clone(), waiter));
     #[cfg(debug_assertions)]
-    arm_debug_panic(shard.id);
+    {
+        arm_debug_panic(shard.id);
+        arm_debug_failure(&shard);
+    }
     shard_loop(&shard, &setup.inbox).await;
+    let failure = shard.failure.borrow_mut().take();
+    failure.map_or(Ok(()), Err)
 }
 
 /// Test-only fault injection, in debug builds only (release builds do not
@@ -243,6 +257,32 @@ pub const DEBUG_PANIC_SHARD_ENV: &str = "RINGCAST_DEBUG_PANIC_SHARD";
 /// How long after start-up the shard named by [`DEBUG_PANIC_SHARD_ENV`] panics.
 #[cfg(debug_assertions)]
 pub const DEBUG_PANIC_AFTER: Duration = Duration::from_millis(300);
+
+/// Test-only, debug builds only, like [`DEBUG_PANIC_SHARD_ENV`]: shard N
+/// reports a failure to its supervisor (as a failed `epoll_wait` would)
+/// [`DEBUG_PANIC_AFTER`] after it is up.
+#[cfg(debug_assertions)]
+pub const DEBUG_FAIL_SHARD_ENV: &str = "RINGCAST_DEBUG_FAIL_SHARD";
+
+#[cfg(debug_assertions)]
+fn arm_debug_failure(shard: &Rc<Shard>) {
+    let wanted = std::env::var(DEBUG_FAIL_SHARD_ENV).ok();
+    if wanted.and_then(|v| v.trim().parse::<usize>().ok()) != Some(shard.id) {
+        return;
+    }
+    warn!(
+        env = DEBUG_FAIL_SHARD_ENV,
+        "test-only fault injection: this shard will fail"
+    );
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        monoio::time::sleep(DEBUG_PANIC_AFTER).await;
+        shard.fail(ShardFailure::new(
+            "injected failure (test-only, debug builds)",
+            DEBUG_FAIL_SHARD_ENV,
+        ));
+    });
+}
 
 #[cfg(debug_assertions)]
 fn arm_debug_panic(id: usize) {
@@ -296,17 +336,13 @@ async fn poll_loop(shard: Rc<Shard>, waiter: monoio::net::TcpStream) {
     let mut events = vec![crate::sys::empty_event(); EVENTS_BATCH];
     loop {
         if let Err(e) = waiter.readable(false).await {
-            tracing::error!(error = %e, "polling connections failed");
-            std::process::exit(1);
+            return shard.fail(ShardFailure::new("polling connections failed", e));
         }
         shard.tick();
         loop {
             let n = match shard.epoll.wait(&mut events) {
                 Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(error = %e, "epoll_wait failed");
-                    std::process::exit(1);
-                }
+                Err(e) => return shard.fail(ShardFailure::new("epoll_wait failed", e)),
             };
             for ev in &events[..n] {
                 let (token, bits) = (ev.u64, ev.events);
@@ -344,7 +380,14 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
             }
             shard.tick();
         } else {
-            inbox.ready().await;
+            monoio::select! {
+                _ = inbox.ready() => {},
+                _ = shard.failed() => {},
+            }
+        }
+        if shard.failure.borrow().is_some() {
+            // The supervisor stops the node; nothing here is served any more.
+            break;
         }
         if inbox.take_lagged() {
             shard.on_lagged();
@@ -427,7 +470,7 @@ impl Shard {
     }
 
     /// Counts a just-accepted connection from `ip` toward the caps, or
-    /// names the first one it is over, in PROTOCOL.md order (429 before
+    /// names the first one it is over, in docs/PROTOCOL.md order (429 before
     /// 503): this shard's share of `max_connections_per_ip`, an upgrade
     /// budget already spent (`max_handshakes_per_ip`, not taken here), then
     /// `max_connections_per_shard` and `max_connections`. A connection
@@ -532,6 +575,29 @@ impl Shard {
         self.now_ms.set(self.started.elapsed().as_millis() as u64);
     }
 
+    /// Records why this shard cannot go on and wakes the shard loop, which
+    /// ends; the supervisor logs it and stops the node.
+    fn fail(&self, failure: ShardFailure) {
+        tracing::error!(error = %failure, "shard failed");
+        self.failure.borrow_mut().get_or_insert(failure);
+        if let Some(w) = self.failure_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`Shard::fail`] was called.
+    async fn failed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.failure.borrow().is_some() {
+                std::task::Poll::Ready(())
+            } else {
+                *self.failure_waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// The `conn` string sent in `welcome`.
     pub(crate) fn conn_name(&self, id: ConnId) -> String {
         format!("c-{}-{}", self.id, id.0)
@@ -546,44 +612,21 @@ impl Shard {
                 replay,
                 recovered,
                 epoch,
+                last,
+            } => self.on_subscribed(reply, topic, replay, recovered, (&epoch, last)),
+            ShardMsg::SubscribeFailed {
+                reply,
+                topic,
+                reason,
             } => {
                 let Some(conn) = self.conn(reply.conn) else {
                     return;
                 };
-                let wanted = conn.take_pending(&topic);
-                if wanted && !connection::may_subscribe(self, &conn, &topic) {
-                    self.end_pending(&topic);
-                    // A refreshed token narrowed `subs` while the broker
-                    // answered: the `sub` ends refused, nothing replayed.
-                    let reason = "topic not allowed by the refreshed token";
-                    let frame =
-                        encode_topic_error(reply.req, code::FORBIDDEN_TOPIC, &topic, reason);
-                    return self.queue(&conn, frame);
-                }
-                for frame in replay {
-                    self.queue_msg(&conn, frame);
-                }
-                let extra = OkExtra {
-                    epoch: Some(&epoch),
-                    recovered,
-                    mid: None,
-                };
-                self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
-                if wanted && conn.phase() == Phase::Open {
-                    // Pending becomes live: the entry (and the announcement) stays.
-                    let mut topics = self.topics.borrow_mut();
-                    let local = topics.entry(topic.clone()).or_default();
-                    local.pending = local.pending.saturating_sub(1);
-                    conn.add_live(topic, local.live.len() as u32);
-                    local.live.push(conn);
-                    drop(topics);
-                    self.metrics
-                        .subscriptions_active
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                } else if wanted {
-                    // Closing meanwhile: it never becomes live.
+                if conn.take_pending(&topic) {
                     self.end_pending(&topic);
                 }
+                let frame = encode_topic_error(reply.req, code::UNAVAILABLE, &topic, reason);
+                self.queue(&conn, frame);
             }
             ShardMsg::PartitionGap {
                 partition,
@@ -606,9 +649,82 @@ impl Shard {
                         self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
                     }
                     Ok(_) => {}
-                    Err(reason) => self.queue(&conn, encode_error(reply.req, 1011, &reason)),
+                    Err(reason) => {
+                        self.queue(&conn, encode_error(reply.req, code::UNAVAILABLE, &reason))
+                    }
                 }
             }
+        }
+    }
+
+    /// The broker's answer to a `sub`: the replay, the `ok`, then the
+    /// subscription goes live. A replay that would not fit the outbound
+    /// queue beside what is queued already is not sent at all: the `ok`
+    /// says `recovered:false` at once (the client refetches its state)
+    /// and the frames are counted as dropped, so a recovery never gets its
+    /// own connection closed with 4009 and never loops.
+    fn on_subscribed(
+        &self,
+        reply: crate::bus::ReplyTo,
+        topic: TopicName,
+        replay: Vec<Bytes>,
+        recovered: Option<bool>,
+        (epoch, last): (&str, crate::broker::MsgId),
+    ) {
+        let Some(conn) = self.conn(reply.conn) else {
+            return;
+        };
+        let wanted = conn.take_pending(&topic);
+        if wanted && !connection::may_subscribe(self, &conn, &topic) {
+            self.end_pending(&topic);
+            // A refreshed token narrowed `subs` while the broker
+            // answered: the `sub` ends refused, nothing replayed.
+            let reason = "topic not allowed by the refreshed token";
+            let frame = encode_topic_error(reply.req, code::FORBIDDEN_TOPIC, &topic, reason);
+            return self.queue(&conn, frame);
+        }
+        let ok = |recovered| {
+            let extra = OkExtra {
+                epoch: Some(epoch),
+                last: Some(last),
+                recovered,
+                mid: None,
+            };
+            encode_ok(reply.req, Some(&topic), extra)
+        };
+        let mut answer = ok(recovered);
+        let replay_bytes: usize = replay.iter().map(Bytes::len).sum();
+        if conn.queued_bytes() + replay_bytes + answer.len() > self.config.outbound_queue {
+            debug!(
+                conn = conn.id.0,
+                topic = %topic,
+                frames = replay.len(),
+                bytes = replay_bytes,
+                "replay over the outbound queue: answering recovered:false"
+            );
+            self.metrics
+                .dropped_n(Drop::ReplayTooLarge, replay.len() as u64);
+            answer = ok(Some(false));
+        } else {
+            for frame in replay {
+                self.queue_msg(&conn, frame);
+            }
+        }
+        self.queue(&conn, answer);
+        if wanted && conn.phase() == Phase::Open {
+            // Pending becomes live: the entry (and the announcement) stays.
+            let mut topics = self.topics.borrow_mut();
+            let local = topics.entry(topic.clone()).or_default();
+            local.pending = local.pending.saturating_sub(1);
+            conn.add_live(topic, local.live.len() as u32);
+            local.live.push(conn);
+            drop(topics);
+            self.metrics
+                .subscriptions_active
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if wanted {
+            // Closing meanwhile: it never becomes live.
+            self.end_pending(&topic);
         }
     }
 
@@ -650,7 +766,7 @@ impl Shard {
                 let discarded = conn.discard_unsent();
                 self.metrics.dropped_n(Drop::ConnectionClosed, discarded);
                 let reason = "slow consumer: outbound queue over its bound";
-                self.close(conn, 4009, reason, Disconnect::Slow);
+                self.close(conn, close::SLOW, reason, Disconnect::Slow);
             }
             return false;
         }
@@ -736,10 +852,18 @@ impl Shard {
             match due {
                 // Like every handshake error: an HTTP answer, then close.
                 Due::HandshakeTimeout => connection::refuse(self, &conn, &HandshakeError::Timeout),
-                Due::AuthTimeout => {
-                    self.close(&conn, 4001, "authentication timed out", Disconnect::Auth)
-                }
-                Due::TokenExpired => self.close(&conn, 4001, "token expired", Disconnect::Auth),
+                Due::AuthTimeout => self.close(
+                    &conn,
+                    close::NOT_AUTHENTICATED,
+                    "authentication timed out",
+                    Disconnect::Auth,
+                ),
+                Due::TokenExpired => self.close(
+                    &conn,
+                    close::NOT_AUTHENTICATED,
+                    "token expired",
+                    Disconnect::Auth,
+                ),
                 Due::Silent => {
                     debug!(
                         conn = conn.id.0,
@@ -774,7 +898,12 @@ impl Shard {
                     if !self.config.echo {
                         self.queue(&conn, encode_drain(delay));
                     }
-                    self.close(&conn, 1001, "server going away", Disconnect::Drain);
+                    self.close(
+                        &conn,
+                        close::GOING_AWAY,
+                        "server going away",
+                        Disconnect::Drain,
+                    );
                 }
                 // Mid-upgrade: an HTTP answer too, like every refusal.
                 Phase::Handshake => {
@@ -794,7 +923,7 @@ impl Shard {
         warn!("shard inbox overflowed; closing subscribers so they recover");
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
-            self.close(conn, 4009, FELL_BEHIND, Disconnect::Slow);
+            self.close(conn, close::SLOW, FELL_BEHIND, Disconnect::Slow);
         }
     }
 
@@ -815,7 +944,7 @@ impl Shard {
         // A connection with several topics in the partition is listed once
         // per topic; `close` leaves one already closing alone.
         for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
-            self.close(conn, 4009, FELL_BEHIND, Disconnect::Slow);
+            self.close(conn, close::SLOW, FELL_BEHIND, Disconnect::Slow);
             closed += 1;
         }
         if closed > 0 {

@@ -162,6 +162,9 @@ pub(crate) struct Reader {
     /// When the client id was last published.
     id_checked: Instant,
     cache_budget: usize,
+    /// Replay bytes past which a recovery read stops (the outbound queue
+    /// bound: no subscriber could take more).
+    pub(crate) replay_limit: usize,
     /// Whether gaps can be detected (Redis 7+).
     detect: bool,
     /// When the previous `XREAD` was sent.
@@ -219,6 +222,7 @@ impl Reader {
             .collect();
         let mut reader = Reader {
             cache_budget: settings.cache_size / settings.partitions.max(1) as usize,
+            replay_limit: usize::MAX,
             settings,
             bus,
             base,

@@ -50,6 +50,9 @@ pub(crate) enum Job {
         from: MsgId,
         /// Inclusive upper bound: the last id the reader had processed.
         upto: MsgId,
+        /// Bytes of frames past which reading stops: the subscriber's
+        /// outbound queue could not take the replay (see `range`).
+        limit: usize,
     },
     /// The newest id of a stream (`XREVRANGE key + - COUNT 1`), for a
     /// `since` ahead of what the reader has read.
@@ -163,8 +166,9 @@ fn execute(conn: &mut Conn, partitions: u32, job: Job) -> Done {
             topic,
             from,
             upto,
+            limit,
         } => {
-            let result = range(conn, &key, (p, partitions), &topic, from, upto);
+            let result = range(conn, &key, (p, partitions), &topic, (from, upto), limit);
             if let Err(e) = &result {
                 warn!(stream = %key, error = %e, "recovery read failed");
             }
@@ -217,17 +221,24 @@ impl Done {
 
 /// `topic`'s frames in `(from, upto]` of `key`, or `None` when some of that
 /// range is no longer retained. `part` is (partition, partitions).
+///
+/// Reading stops once the frames exceed `limit` bytes: the subscriber's
+/// outbound queue, which such a replay cannot fit, so its shard answers
+/// `recovered:false` (and counts the frames as dropped) whatever follows.
+/// A recovery too large for the client never pages through a whole
+/// partition into memory.
 fn range(
     conn: &mut Conn,
     key: &str,
     part: (u32, u32),
     topic: &TopicName,
-    from: MsgId,
-    upto: MsgId,
+    (from, upto): (MsgId, MsgId),
+    limit: usize,
 ) -> Result<Option<Vec<Bytes>>, RedisError> {
     let end = upto.to_string();
     let mut start = from;
     let mut frames = Vec::new();
+    let mut bytes = 0usize;
     let mut read = 0usize;
     loop {
         let v: Value = ::redis::cmd("XRANGE")
@@ -252,10 +263,16 @@ fn range(
             }
             match decode_entry(fields, part.0, part.1) {
                 Ok(e) if e.topic == *topic => {
-                    frames.push(encode_msg(&e.topic, id, e.event.as_deref(), &e.data));
+                    let frame = encode_msg(&e.topic, id, e.event.as_deref(), &e.data);
+                    bytes += frame.len();
+                    frames.push(frame);
                 }
                 _ => {}
             }
+        }
+        if bytes > limit {
+            debug!(stream = %key, read, bytes, limit, "recovery range over the replay limit");
+            return Ok(Some(frames));
         }
         if n < RANGE_PAGE {
             break;

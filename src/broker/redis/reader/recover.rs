@@ -132,10 +132,14 @@ impl Reader {
         self.recover(p, since, req);
     }
 
-    /// Sends the `Subscribed` answer for `req`.
+    /// Sends the `Subscribed` answer for `req`, with the partition's
+    /// epoch and this reader's position in it: every later `Deliver` of
+    /// the partition has a greater id, and every node reads the same
+    /// stream, so that `last` recovers on any node.
     fn reply(&self, req: SubscribeRequest, p: usize, replay: Vec<Bytes>, recovered: Option<bool>) {
-        let epoch = self.parts[p].epoch.clone();
-        self.bus.subscribed(req, replay, recovered, epoch);
+        let part = &self.parts[p];
+        self.bus
+            .subscribed(req, replay, recovered, (part.epoch.clone(), part.last));
     }
 
     /// The index in `parts` of `topic`'s partition, which this reader
@@ -203,6 +207,7 @@ impl Reader {
             topic: req.topic.clone(),
             from: since,
             upto,
+            limit: self.replay_limit,
         };
         if self.in_flight >= MAX_IN_FLIGHT || !self.dispatch(job) {
             return self.shed(req, p);
@@ -303,6 +308,7 @@ impl Reader {
             topic: topic.clone(),
             from: r.upto,
             upto,
+            limit: self.replay_limit,
         };
         if !self.dispatch(job) {
             self.metrics
