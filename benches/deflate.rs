@@ -1,7 +1,7 @@
 //! permessage-deflate (RFC 7692) of one 1 KiB `msg` frame payload, the way
 //! the server will do it once compression lands: raw deflate, a sync flush,
 //! the trailing `00 00 ff ff` stripped. With `server_no_context_takeover`
-//! (PROTOCOL.md section 1) every message starts from an empty window, so
+//! (docs/PROTOCOL.md section 1) every message starts from an empty window, so
 //! one compressor per shard can be reset and reused; the baseline builds a
 //! new compressor per message, as a per-connection or per-call design
 //! would. Levels 1 and 6 show the speed/size trade-off; the inflate bench

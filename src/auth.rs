@@ -1,4 +1,4 @@
-//! Authentication and topic authorization (PROTOCOL.md sections 1 and 5).
+//! Authentication and topic authorization (docs/PROTOCOL.md sections 1 and 5).
 //!
 //! A token is a JWT: `sub` (the user, required), `exp` (required), `subs`
 //! and `pubs` (topic patterns the token may subscribe / publish to; absent

@@ -1,4 +1,4 @@
-//! Namespaces: policy per topic family (PROTOCOL.md section 5). A topic's
+//! Namespaces: policy per topic family (docs/PROTOCOL.md section 5). A topic's
 //! namespace is the part before its first `:` (`chat:42` is in `chat`;
 //! `news` is in the default namespace, named `""`). Namespaces come from the
 //! config file as `[[namespaces]]` tables; with none configured, every

@@ -57,7 +57,7 @@ pub mod code {
 /// Close codes the server sends (docs/PROTOCOL.md section 4), besides a
 /// client's own code echoed back when it closes first.
 pub mod close {
-    /// Normal closure (echoed to a client that closes without a code).
+    /// Normal closure (the echo of a client's own 1000).
     pub const NORMAL: u16 = 1000;
     /// Server going away: the drain.
     pub const GOING_AWAY: u16 = 1001;
@@ -464,8 +464,8 @@ pub fn encode_error(id: Option<u64>, code: u16, reason: &str) -> Bytes {
 }
 
 /// `{"op":"error"[,"id":..],"code":..,"topic":..,"reason":..}`: an error
-/// about one topic. Without `id` it is not a reply but news: a refreshed
-/// token ended a subscription (an extension of docs/PROTOCOL.md section 2).
+/// about one topic. Without `id` it is not a reply but news: the server
+/// ended that subscription (docs/PROTOCOL.md section 2).
 pub fn encode_topic_error(id: Option<u64>, code: u16, topic: &TopicName, reason: &str) -> Bytes {
     let mut s = String::from("{\"op\":\"error\"");
     push_id(&mut s, id);

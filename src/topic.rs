@@ -7,7 +7,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::sync::Arc;
 
-/// Longest topic name accepted, in bytes (PROTOCOL.md section 5).
+/// Longest topic name accepted, in bytes (docs/PROTOCOL.md section 5).
 pub const MAX_TOPIC_LEN: usize = 255;
 
 /// Why a string is not a valid topic name.

@@ -1,6 +1,6 @@
 //! Authentication and authorization through the real server: tokens before
 //! the upgrade and in the first frame, forged and expired tokens, refresh,
-//! expiry mid-connection, and topic patterns (PROTOCOL.md sections 1, 2, 5).
+//! expiry mid-connection, and topic patterns (docs/PROTOCOL.md sections 1, 2, 5).
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,6 @@
 //! Fuzzing what the Redis Streams broker reads from producers and Redis
 //! (`ringcast::broker::redis`): the partition of a topic is CRC-32/ISO-HDLC
-//! (zlib's crc32) mod the partition count, as PROTOCOL.md section 6 tells
+//! (zlib's crc32) mod the partition count, as docs/PROTOCOL.md section 6 tells
 //! producers to compute it, checked against a bitwise CRC written from the
 //! definition; keys have the documented shape. Reply and entry decoding
 //! (`xread_streams`, `range_entries`, `parse_id`, `decode_entry`,

@@ -485,7 +485,7 @@ fn the_shard_connection_cap_answers_503() {
 
 #[test]
 fn too_many_from_one_address_is_429_before_the_node_is_full_503() {
-    // PROTOCOL.md section 1 orders 429 before 503. One shard, one
+    // docs/PROTOCOL.md section 1 orders 429 before 503. One shard, one
     // connection, one upgrade per second.
     let server = TestServer::start(&[
         "--shards",

@@ -18,7 +18,7 @@ use thiserror::Error;
 /// (it lives on the stack, one slot per header).
 pub const MAX_HEADERS: usize = 64;
 
-/// The one subprotocol ringcast speaks (PROTOCOL.md §1).
+/// The one subprotocol ringcast speaks (docs/PROTOCOL.md §1).
 pub const PROTOCOL_V1: &str = "ringcast.v1";
 
 /// Longest slice, in bytes, of a client-supplied value quoted in an error, so
@@ -379,7 +379,7 @@ fn echo(value: &str) -> String {
     value.get(..end).unwrap_or(value).to_owned()
 }
 
-/// Picks the subprotocol to answer with (PROTOCOL.md §1): `ringcast.v1` when
+/// Picks the subprotocol to answer with (docs/PROTOCOL.md §1): `ringcast.v1` when
 /// offered, none when nothing was offered (the client is served v1 anyway),
 /// and [`HandshakeError::UnsupportedProtocol`] (400) when only unknown ones
 /// were. Tokens compare case-sensitively, as RFC 6455 §4.1 says.

@@ -349,5 +349,46 @@ pub mod raw {
     }
 }
 
+/// Runs `ringcast` with `args` and `env` (stdin closed, without the
+/// `RINGCAST_*` variables of the caller's shell) and waits for it to exit:
+/// for `--help` and settings errors, which exit before binding.
+pub fn ringcast(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+    cmd.args(args).stdin(Stdio::null());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("RINGCAST_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// `ringcast serve --help`: the whole text, and one `(flag, text)` per
+/// option in order, where `flag` is the long name without `--` (`help` for
+/// `-h, --help`) and `text` its indented description lines.
+pub fn serve_help() -> (String, Vec<(String, String)>) {
+    let out = ringcast(&["serve", "--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each option is a block: its flag line, then indented description lines.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("--") {
+            let flag = rest.split([' ', '\t']).next().unwrap().to_string();
+            blocks.push((flag, String::new()));
+        } else if trimmed.starts_with("-h, --help") {
+            blocks.push(("help".into(), String::new()));
+        } else if let Some((_, text)) = blocks.last_mut() {
+            text.push_str(trimmed);
+            text.push('\n');
+        }
+    }
+    (help, blocks)
+}
+
 pub mod external;
 pub mod redis;

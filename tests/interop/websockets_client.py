@@ -6,7 +6,7 @@ Usage: websockets_client.py ws://HOST:PORT/ws
 Uses the Python `websockets` package (asyncio API), which validates every
 frame and the closing handshake itself. Two clients subscribe to a fresh
 topic, a third publishes 100 messages; both subscribers must get all 100 in
-order, with strictly increasing ids and byte-identical frames (PROTOCOL.md
+order, with strictly increasing ids and byte-identical frames (docs/PROTOCOL.md
 section 3). Then app-level and WebSocket pings are answered and every
 client closes with 1000, answered by the server.
 

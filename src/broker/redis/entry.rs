@@ -15,7 +15,7 @@ use crate::topic::TopicName;
 pub const MAX_EVENT_LEN: usize = 64;
 
 /// The partition of `topic`: CRC-32/ISO-HDLC (zlib's crc32) mod `partitions`.
-/// Producers compute the same thing (PROTOCOL.md section 6).
+/// Producers compute the same thing (docs/PROTOCOL.md section 6).
 pub fn partition(topic: &str, partitions: u32) -> u32 {
     crc32fast::hash(topic.as_bytes()) % partitions.max(1)
 }
