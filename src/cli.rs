@@ -391,23 +391,53 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often `ringcast subscribe` wakes without a message, to report a
+/// recovery that brought nothing as soon as it happens.
+const SUBSCRIBE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Prints each message as a JSON line on stdout; on stderr, each topic that
+/// could not be recovered after a reconnect (`recovered:false`: what was
+/// published meanwhile is lost, refetch it) and each subscription the
+/// server refused or ended. Exits 1 when no subscription is left.
 fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
+    use crate::client::{ClientError, Event, Reconnecting};
     use std::io::Write as _;
-    let mut client = crate::client::Reconnecting::connect(&args.url).context("connecting")?;
+    let mut client = Reconnecting::connect(&args.url).context("connecting")?;
     for t in &args.topics {
         client
             .subscribe(t)
             .with_context(|| format!("subscribing to {t}"))?;
     }
     let mut seen = 0;
-    let forever = std::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
     while args.count.is_none_or(|n| seen < n) {
-        if let crate::client::Event::Msg { topic, id, data } = client.recv(forever)? {
-            let line = serde_json::json!({"topic": topic, "id": id, "data": data});
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{line}")?;
-            out.flush()?;
-            seen += 1;
+        let event = match client.recv(std::time::Instant::now() + SUBSCRIBE_REPORT_EVERY) {
+            Ok(event) => Some(event),
+            Err(ClientError::Timeout) => None,
+            Err(e) => return Err(e).context("receiving"),
+        };
+        // Recovered messages come as any other; only a failure is news.
+        client.recovered.clear();
+        for topic in client.unrecovered.drain(..) {
+            eprintln!(
+                "ringcast: {topic}: recovered:false after reconnecting; what was published \
+                 while disconnected is lost"
+            );
+        }
+        match event {
+            Some(Event::Msg { topic, id, data }) => {
+                let line = serde_json::json!({"topic": topic, "id": id, "data": data});
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                seen += 1;
+            }
+            Some(Event::Frame(v)) if v["op"] == "error" => {
+                eprintln!("ringcast: server error: {v}");
+                if client.topics().next().is_none() {
+                    anyhow::bail!("no subscription left: {v}");
+                }
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -1,9 +1,14 @@
 //! A blocking Rust client for `ringcast.v1`: connect, subscribe (with
 //! `since` recovery), publish, receive, close; and [`Reconnecting`], which
 //! reconnects with exponential backoff and full jitter and resubscribes
-//! every topic from the last id it saw. Used by the CLI and the tests.
+//! every topic from its position (the last id it saw, or the `last` of the
+//! `sub`'s `ok`). Used by the CLI, the tests and the load tool (which
+//! borrows [`new_key`] and [`check_accept`] for its own handshakes).
 //!
-//! [`Reconnecting`] follows PROTOCOL.md section 4: after a `drain` it
+//! Every connection sends a fresh random `Sec-WebSocket-Key` and checks the
+//! server's `Sec-WebSocket-Accept` against it (RFC 6455 §4.1).
+//!
+//! [`Reconnecting`] follows docs/PROTOCOL.md section 4: after a `drain` it
 //! reconnects when `reconnect_in_ms` has passed, not on its backoff; after
 //! a close with 1000 (normal) or 4003 (forbidden) it does not reconnect at
 //! all and reports the close as an error.
@@ -20,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use serde_json::{json, Value};
 
+use crate::broker::MsgId;
 use crate::ws::frame::{encode_masked, Decoder, Message, OpCode};
 
 /// Errors of the client.
@@ -34,6 +40,21 @@ pub enum ClientError {
     /// The server refused the upgrade.
     #[error("upgrade refused: {0}")]
     Refused(String),
+    /// The `101` answer's `Sec-WebSocket-Accept` is not the one derived
+    /// from the key sent (RFC 6455 §4.1): the server did not read this
+    /// request, or something in between rewrote the answer.
+    #[error(
+        "Sec-WebSocket-Accept {got:?} does not answer Sec-WebSocket-Key {key:?}: \
+         expected {expected:?}"
+    )]
+    BadAccept {
+        /// The `Sec-WebSocket-Key` sent.
+        key: String,
+        /// The accept value derived from it.
+        expected: String,
+        /// The value the server sent (empty when it sent none).
+        got: String,
+    },
     /// The server broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -79,6 +100,11 @@ pub enum Event {
 pub struct Subscribed {
     /// The topic's epoch.
     pub epoch: String,
+    /// The topic's position when the subscription became live (`MS-SEQ`,
+    /// `"0-0"` when it never had a message): resubscribing with `since` =
+    /// `last` recovers what came after. Empty when the server does not
+    /// send it (before protocol v1.1).
+    pub last: String,
     /// Present when `since` was sent.
     pub recovered: Option<bool>,
     /// Messages replayed before the `ok`.
@@ -129,7 +155,8 @@ impl Client {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let key = new_key();
+        let key = std::str::from_utf8(&key).expect("base64 is ASCII");
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
@@ -161,10 +188,7 @@ impl Client {
             let status = head.lines().next().unwrap_or_default();
             return Err(ClientError::Refused(format!("{status}: {}", body.trim())));
         }
-        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        if !head.contains(&accept) {
-            return Err(ClientError::Protocol("bad Sec-WebSocket-Accept".into()));
-        }
+        check_accept(head.as_bytes(), key.as_bytes())?;
         let mut c = Client {
             stream,
             inbuf,
@@ -238,6 +262,7 @@ impl Client {
         self.pending.extend(other);
         Ok(Subscribed {
             epoch: ok["epoch"].as_str().unwrap_or_default().to_string(),
+            last: ok["last"].as_str().unwrap_or_default().to_string(),
             recovered: ok["recovered"].as_bool(),
             replayed,
         })
@@ -321,6 +346,66 @@ impl Client {
     }
 }
 
+/// A fresh `Sec-WebSocket-Key` for one connection (RFC 6455 §4.1): a
+/// random 16-byte nonce, base64-encoded. Never a fixed key: the RFC asks
+/// for a new nonce per connection, and some servers and proxies refuse a
+/// key they have seen before (the RFC's sample key above all). No
+/// allocation: the load tool calls this for every one of its connections.
+pub fn new_key() -> [u8; 24] {
+    encode_nonce(fastrand::u128(..).to_ne_bytes())
+}
+
+/// Base64 (RFC 4648 §4, padded) of a 16-byte nonce: five 3-byte groups
+/// make 20 characters, the last byte 2 more, then `==`.
+fn encode_nonce(nonce: [u8; 16]) -> [u8; 24] {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = [b'='; 24];
+    for (group, bytes) in nonce.chunks(3).enumerate() {
+        let bits = bytes
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        // n bytes carry n + 1 characters; the rest stays `=`.
+        for i in 0..=bytes.len() {
+            out[group * 4 + i] = ALPHABET[(bits >> (18 - 6 * i)) as usize & 63];
+        }
+    }
+    out
+}
+
+/// Most response headers [`check_accept`] reads; a `101` has a handful.
+const MAX_RESPONSE_HEADERS: usize = 32;
+
+/// Checks that a `101` response `head` (status line through the blank
+/// line) carries the `Sec-WebSocket-Accept` derived from `key`, the
+/// `Sec-WebSocket-Key` sent (RFC 6455 §4.1, §4.2.2). The only allocation
+/// on success is the derived value.
+pub fn check_accept(head: &[u8], key: &[u8]) -> Result<()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(ClientError::Protocol("incomplete response head".into()))
+        }
+        Err(e) => return Err(ClientError::Protocol(format!("bad response head: {e}"))),
+    }
+    let got = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Accept"))
+        .map_or(&b""[..], |h| h.value.trim_ascii());
+    let expected = tungstenite::handshake::derive_accept_key(key);
+    if got == expected.as_bytes() {
+        return Ok(());
+    }
+    Err(ClientError::BadAccept {
+        key: String::from_utf8_lossy(key).into_owned(),
+        expected,
+        got: String::from_utf8_lossy(got).into_owned(),
+    })
+}
+
 fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
     let mut chunk = [0u8; 16384];
     let n = stream.read(&mut chunk)?;
@@ -334,35 +419,77 @@ fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
     Ok(())
 }
 
-/// Close codes after which the client must not reconnect (PROTOCOL.md
+/// Close codes after which the client must not reconnect (docs/PROTOCOL.md
 /// section 4): 1000 normal, 4003 forbidden (e.g. the token was revoked).
 pub const FINAL_CLOSE_CODES: [u16; 2] = [1000, 4003];
 
+/// Error codes of a refused `sub` that [`Reconnecting`] retries with
+/// backoff on the same connection (docs/PROTOCOL.md section 4): 4503
+/// broker unavailable, 4008 rate limited. Any other refusal is final for
+/// that topic.
+pub const RETRY_SUB_CODES: [u16; 2] = [4008, 4503];
+
 /// A client that survives disconnects: it reconnects with exponential
-/// backoff and full jitter, and resubscribes every topic with `since` set to
-/// the last id it delivered, so nothing is missed or repeated while the
-/// server still has the history. A `drain` sets when it reconnects; a
-/// close in [`FINAL_CLOSE_CODES`] ends it.
+/// backoff and full jitter, and resubscribes every topic with `since` set
+/// to its position, so nothing is missed or repeated while the server
+/// still has the history. A `drain` sets when it reconnects; a close in
+/// [`FINAL_CLOSE_CODES`] ends it.
+///
+/// A topic's position is the id of the last thing the client received
+/// about it: a `msg`, or the `last` of a `sub`'s `ok` (docs/PROTOCOL.md
+/// section 2), so a topic that was quiet while subscribed recovers what
+/// was published while the client was away. After `recovered:false` the
+/// position is the new `ok`'s `last`: the old one means nothing in the new
+/// history.
+///
+/// A `sub` refused with a code in [`RETRY_SUB_CODES`] is retried with
+/// backoff; refused with another code, or ended by the server (an `error`
+/// without `id` that carries `topic`), the topic is dropped, never
+/// resubscribed, and the `error` is returned by [`Reconnecting::recv`].
 #[derive(Debug)]
 pub struct Reconnecting {
     url: String,
     client: Option<Client>,
-    /// topic -> (last id, epoch)
-    positions: HashMap<String, (Option<String>, String)>,
+    positions: HashMap<String, Position>,
+    /// Topics whose `sub` was refused with a retryable code.
+    retries: Vec<Retry>,
     /// Backoff floor and ceiling.
     pub backoff: (Duration, Duration),
     attempt: u32,
     /// Reconnects made so far.
     pub reconnects: u32,
-    /// Topics whose last resubscription could not recover (`recovered:false`).
+    /// Topics whose resubscription could not recover (`recovered:false`),
+    /// one entry per resubscription.
     pub unrecovered: Vec<String>,
-    /// Topics whose resubscription recovered what was missed (`recovered:true`).
+    /// Topics whose resubscription recovered what was missed
+    /// (`recovered:true`), one entry per resubscription.
     pub recovered: Vec<String>,
-    /// When to reconnect, as the server's `drain` asked (instead of backoff).
+    /// When to try to reconnect next: the server's `drain` delay, or the
+    /// backoff after a lost connection or a failed attempt.
     reconnect_at: Option<Instant>,
     /// The final close (code, reason): no reconnecting after it.
     ended: Option<(u16, String)>,
+    /// Events received but not yet returned: replays, dropped topics.
     queue: VecDeque<Event>,
+}
+
+/// Where a subscribed topic is: what its next `sub` sends as `since`.
+#[derive(Debug, Clone, Default)]
+struct Position {
+    /// The last message id received, or the `last` of the newest `ok`;
+    /// `None` until the server has given one (it always does since v1.1).
+    id: Option<String>,
+    /// The topic's epoch, from the newest `ok`.
+    epoch: String,
+}
+
+/// A refused `sub` waiting for its next try.
+#[derive(Debug)]
+struct Retry {
+    topic: String,
+    at: Instant,
+    /// Tries made so far: sets the next backoff.
+    attempt: u32,
 }
 
 impl Reconnecting {
@@ -376,6 +503,7 @@ impl Reconnecting {
             url: url.to_string(),
             client,
             positions: HashMap::new(),
+            retries: Vec::new(),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             attempt: 0,
             reconnects: 0,
@@ -387,15 +515,43 @@ impl Reconnecting {
         }
     }
 
-    /// Subscribes and remembers the topic for resubscription.
+    /// Subscribes and remembers the topic for resubscription. A refusal
+    /// with a code in [`RETRY_SUB_CODES`] is not an error: the `sub` is
+    /// retried with backoff while [`Reconnecting::recv`] runs. Any other
+    /// refusal is returned, and the topic is not kept.
     pub fn subscribe(&mut self, topic: &str) -> Result<()> {
         let client = self
             .client
             .as_mut()
             .ok_or(ClientError::Closed(1006, "not connected".into()))?;
-        let sub = client.subscribe(topic, None)?;
-        self.positions.insert(topic.to_string(), (None, sub.epoch));
+        match client.subscribe(topic, None) {
+            Ok(sub) => self.settle(topic, sub),
+            Err(ClientError::Server { code, .. }) if RETRY_SUB_CODES.contains(&code) => {
+                self.positions
+                    .insert(topic.to_string(), Position::default());
+                self.retry_later(topic, 0);
+            }
+            Err(e) => {
+                if matches!(e, ClientError::Closed(..) | ClientError::Io(_)) {
+                    self.lost();
+                }
+                return Err(e);
+            }
+        }
         Ok(())
+    }
+
+    /// Topics subscribed (or waiting to be), in no particular order.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.positions.keys().map(String::as_str)
+    }
+
+    /// A topic's position: (the id its next `sub` sends as `since`, if
+    /// any; its epoch).
+    pub fn position(&self, topic: &str) -> Option<(Option<&str>, &str)> {
+        self.positions
+            .get(topic)
+            .map(|p| (p.id.as_deref(), p.epoch.as_str()))
     }
 
     /// The delay before reconnect attempt `attempt`: uniform in [0, min(cap, base * 2^attempt)).
@@ -405,33 +561,44 @@ impl Reconnecting {
         ceiling.mul_f64(fastrand::f64())
     }
 
-    /// The next message, reconnecting (and recovering) as needed, until
+    /// The next event, reconnecting (and recovering) as needed, until
     /// `deadline`. After a close with a code in [`FINAL_CLOSE_CODES`] it
     /// does not reconnect: that close is returned as
     /// [`ClientError::Closed`], now and on every later call.
     pub fn recv(&mut self, deadline: Instant) -> Result<Event> {
         loop {
             if let Some(e) = self.queue.pop_front() {
-                return Ok(self.track(e));
+                return Ok(e);
             }
             if let Some((code, reason)) = &self.ended {
                 return Err(ClientError::Closed(*code, reason.clone()));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(ClientError::Timeout);
             }
-            let Some(client) = self.client.as_mut() else {
+            if self.client.is_none() {
                 self.reconnect(deadline)?;
                 continue;
-            };
-            match client.recv(left) {
+            }
+            if self.retry_due(now) {
+                continue;
+            }
+            // Wake for the next retry, if it comes before the deadline.
+            let wake = self
+                .retries
+                .iter()
+                .map(|r| r.at)
+                .min()
+                .map_or(deadline, |at| at.min(deadline));
+            let client = self.client.as_mut().expect("connected: checked above");
+            match client.recv(wake.saturating_duration_since(now)) {
                 Ok(Event::Close(code, reason)) if FINAL_CLOSE_CODES.contains(&code) => {
                     self.client = None;
                     self.ended = Some((code, reason));
                 }
                 Ok(Event::Close(..)) | Err(ClientError::Closed(..)) | Err(ClientError::Io(_)) => {
-                    self.client = None;
+                    self.lost();
                 }
                 Ok(Event::Frame(v)) if v["op"] == "drain" => {
                     // The server spreads these delays so its clients do not
@@ -439,77 +606,177 @@ impl Reconnecting {
                     let ms = v["reconnect_in_ms"].as_u64().unwrap_or(0);
                     self.reconnect_at = Some(Instant::now() + Duration::from_millis(ms));
                 }
-                Ok(e) => return Ok(self.track(e)),
+                Ok(Event::Frame(v)) => {
+                    if let Some(topic) = ended_subscription(&v) {
+                        self.drop_topic(topic);
+                    }
+                    return Ok(Event::Frame(v));
+                }
+                Ok(Event::Msg { topic, id, data }) => {
+                    if let Some(pos) = self.positions.get_mut(&topic) {
+                        pos.id = Some(newer(pos.id.take(), &id));
+                    }
+                    return Ok(Event::Msg { topic, id, data });
+                }
+                // The wake for a retry, or the deadline: the loop tells.
+                Err(ClientError::Timeout) => {}
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn track(&mut self, e: Event) -> Event {
-        if let Event::Msg { topic, id, .. } = &e {
-            if let Some(pos) = self.positions.get_mut(topic) {
-                pos.0 = Some(id.clone());
-            }
+    /// The connection is gone: reconnect after the backoff (unless a
+    /// `drain` already set when). Every topic, those waiting for a retry
+    /// included, is resubscribed on the next connection.
+    fn lost(&mut self) {
+        self.client = None;
+        self.retries.clear();
+        if self.reconnect_at.is_none() {
+            self.reconnect_at = Some(Instant::now() + self.backoff_delay(self.attempt));
         }
-        e
     }
 
     fn reconnect(&mut self, deadline: Instant) -> Result<()> {
         loop {
-            match self.reconnect_at {
-                // Drained: the first attempt waits for the server's delay.
-                Some(at) => {
-                    std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
-                    if Instant::now() < at {
-                        // Timed out first; the next call goes on waiting.
-                        return Err(ClientError::Timeout);
-                    }
-                    self.reconnect_at = None;
+            if let Some(at) = self.reconnect_at {
+                std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
+                if Instant::now() < at {
+                    // The deadline came first; the next call goes on waiting.
+                    return Err(ClientError::Timeout);
                 }
-                None => {
-                    std::thread::sleep(self.backoff_delay(self.attempt));
+                self.reconnect_at = None;
+            }
+            match self.resume() {
+                Ok(client) => {
+                    self.attempt = 0;
+                    self.reconnects += 1;
+                    self.client = Some(client);
+                    return Ok(());
+                }
+                Err(_) => {
                     self.attempt += 1;
-                    if Instant::now() >= deadline {
-                        return Err(ClientError::Timeout);
-                    }
+                    self.reconnect_at = Some(Instant::now() + self.backoff_delay(self.attempt));
                 }
-            }
-            let Ok(mut client) = Client::connect(&self.url) else {
-                continue;
-            };
-            let topics: Vec<(String, Option<String>, String)> = self
-                .positions
-                .iter()
-                .map(|(t, (id, ep))| (t.clone(), id.clone(), ep.clone()))
-                .collect();
-            let mut ok = true;
-            for (topic, last, epoch) in topics {
-                let since = last.as_deref().map(|id| (id, epoch.as_str()));
-                match client.subscribe(&topic, since) {
-                    Ok(sub) => {
-                        match sub.recovered {
-                            Some(true) => self.recovered.push(topic.clone()),
-                            Some(false) => self.unrecovered.push(topic.clone()),
-                            None => {}
-                        }
-                        self.queue.extend(sub.replayed);
-                        if let Some(pos) = self.positions.get_mut(&topic) {
-                            pos.1 = sub.epoch;
-                        }
-                    }
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            if ok {
-                self.attempt = 0;
-                self.reconnects += 1;
-                self.client = Some(client);
-                return Ok(());
             }
         }
+    }
+
+    /// Connects and resubscribes every topic; an error only when the new
+    /// connection failed. What the `sub`s received is settled at once, so
+    /// a later attempt after a failure resubscribes from there.
+    fn resume(&mut self) -> Result<Client> {
+        self.retries.clear();
+        let mut client = Client::connect(&self.url)?;
+        let topics: Vec<String> = self.positions.keys().cloned().collect();
+        for topic in topics {
+            self.resubscribe(&mut client, &topic, 0)?;
+        }
+        Ok(client)
+    }
+
+    /// Runs the first retry that is due, if any; whether one was.
+    fn retry_due(&mut self, now: Instant) -> bool {
+        let Some(i) = self.retries.iter().position(|r| r.at <= now) else {
+            return false;
+        };
+        let retry = self.retries.swap_remove(i);
+        let mut client = self.client.take().expect("retries run connected");
+        match self.resubscribe(&mut client, &retry.topic, retry.attempt) {
+            Ok(()) => self.client = Some(client),
+            Err(_) => self.lost(),
+        }
+        true
+    }
+
+    /// Sends `topic`'s `sub` on `client` from its position and settles the
+    /// answer. A retryable refusal schedules try `attempt + 1`; another
+    /// refusal drops the topic. An error only when the connection failed.
+    fn resubscribe(&mut self, client: &mut Client, topic: &str, attempt: u32) -> Result<()> {
+        let since = self
+            .positions
+            .get(topic)
+            .and_then(|p| Some((p.id.as_deref()?, p.epoch.as_str())));
+        match client.subscribe(topic, since) {
+            Ok(sub) => self.settle(topic, sub),
+            Err(ClientError::Server { code, .. }) if RETRY_SUB_CODES.contains(&code) => {
+                self.retry_later(topic, attempt);
+            }
+            Err(ClientError::Server { code, reason }) => {
+                // Surfaced as the server says a subscription ended.
+                self.drop_topic(topic);
+                let ended = json!({"op": "error", "code": code, "topic": topic, "reason": reason});
+                self.queue.push_back(Event::Frame(ended));
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn retry_later(&mut self, topic: &str, attempt: u32) {
+        self.retries.push(Retry {
+            topic: topic.to_string(),
+            at: Instant::now() + self.backoff_delay(attempt),
+            attempt: attempt + 1,
+        });
+    }
+
+    fn drop_topic(&mut self, topic: &str) {
+        self.positions.remove(topic);
+        self.retries.retain(|r| r.topic != topic);
+    }
+
+    /// Takes in a `sub`'s answer: queues the replay and moves the topic's
+    /// position to the newest id received, in the order received (the
+    /// replay, then the `ok`'s `last`).
+    fn settle(&mut self, topic: &str, sub: Subscribed) {
+        let old = self.positions.remove(topic);
+        let mut id = match sub.recovered {
+            Some(true) => old.and_then(|p| p.id),
+            // `recovered:false`: the old position is not in this history.
+            Some(false) | None => None,
+        };
+        match sub.recovered {
+            Some(true) => self.recovered.push(topic.to_string()),
+            Some(false) => self.unrecovered.push(topic.to_string()),
+            None => {}
+        }
+        for e in &sub.replayed {
+            if let Event::Msg { id: m, .. } = e {
+                id = Some(newer(id, m));
+            }
+        }
+        if !sub.last.is_empty() {
+            id = Some(newer(id, &sub.last));
+        }
+        let position = Position {
+            id,
+            epoch: sub.epoch,
+        };
+        self.positions.insert(topic.to_string(), position);
+        self.queue.extend(sub.replayed);
+    }
+}
+
+/// The topic of an `error` without `id` that carries `topic`: the server
+/// ended that subscription (docs/PROTOCOL.md section 2).
+fn ended_subscription(v: &Value) -> Option<&str> {
+    if v["op"] != "error" || !v["id"].is_null() {
+        return None;
+    }
+    v["topic"].as_str()
+}
+
+/// A topic's position after receiving `received`: that id, unless both
+/// parse and it is older. Ids of one topic only grow, so an older one
+/// would be a server's mistake; following it would replay duplicates.
+fn newer(current: Option<String>, received: &str) -> String {
+    let older = |c: &str| match (c.parse::<MsgId>(), received.parse::<MsgId>()) {
+        (Ok(c), Ok(r)) => r < c,
+        _ => false,
+    };
+    match current {
+        Some(c) if older(&c) => c,
+        _ => received.to_string(),
     }
 }
 
@@ -558,5 +825,237 @@ mod tests {
             (0..200).any(|_| r.backoff_delay(4) >= Duration::from_millis(100)),
             "no exponential growth"
         );
+    }
+
+    /// Base64 decoding (RFC 4648 §4), written apart from the encoder.
+    fn decode_base64(s: &str) -> Option<Vec<u8>> {
+        let value = |c: u8| match c {
+            b'A'..=b'Z' => Some(c - b'A'),
+            b'a'..=b'z' => Some(c - b'a' + 26),
+            b'0'..=b'9' => Some(c - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        };
+        if !s.len().is_multiple_of(4) {
+            return None;
+        }
+        let body = s.trim_end_matches('=');
+        if s.len() - body.len() > 2 {
+            return None;
+        }
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = Vec::new();
+        for c in body.bytes() {
+            bits = bits << 6 | u32::from(value(c)?);
+            n += 6;
+            if n >= 8 {
+                n -= 8;
+                out.push((bits >> n) as u8);
+            }
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn keys_are_16_random_bytes_in_base64() {
+        // RFC 6455 §1.3: the sample nonce encodes to the sample key.
+        let sample = encode_nonce(*b"the sample nonce");
+        assert_eq!(&sample, b"dGhlIHNhbXBsZSBub25jZQ==");
+        for _ in 0..1000 {
+            let nonce = fastrand::u128(..).to_ne_bytes();
+            let key = encode_nonce(nonce);
+            let text = std::str::from_utf8(&key).unwrap();
+            assert_eq!(decode_base64(text).unwrap(), nonce, "{text}");
+        }
+        let keys: std::collections::HashSet<[u8; 24]> = (0..1000).map(|_| new_key()).collect();
+        assert_eq!(keys.len(), 1000);
+    }
+
+    /// A one-shot upgrade server: answers each of `accepts.len()`
+    /// connections with a 101 whose `Sec-WebSocket-Accept` is
+    /// `accepts[n](key)` (no header when `None`), then `welcome`; sends each
+    /// request head it read on the channel.
+    fn upgrade_server(
+        accepts: Vec<fn(&str) -> Option<String>>,
+    ) -> (String, std::sync::mpsc::Receiver<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for accept in accepts {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let key = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .unwrap_or_default()
+                    .to_string();
+                let mut answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                                  Connection: Upgrade\r\n"
+                    .to_string();
+                if let Some(a) = accept(&key) {
+                    answer.push_str(&format!("Sec-WebSocket-Accept: {a}\r\n"));
+                }
+                answer.push_str("\r\n");
+                let welcome = br#"{"op":"welcome","conn":"c-0-1","node":"t","heartbeat":25}"#;
+                let mut out = answer.into_bytes();
+                out.extend_from_slice(&[0x81, welcome.len() as u8]);
+                out.extend_from_slice(welcome);
+                s.write_all(&out).unwrap();
+                tx.send(head).unwrap();
+                // The client may still be reading: keep the socket until it goes.
+                std::thread::spawn(move || s.read(&mut byte));
+            }
+        });
+        (url, rx)
+    }
+
+    fn right(key: &str) -> Option<String> {
+        Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    }
+
+    fn sent_key(head: &str) -> String {
+        let keys: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .collect();
+        assert_eq!(keys.len(), 1, "{head}");
+        keys[0].to_string()
+    }
+
+    #[test]
+    fn every_connection_sends_a_fresh_key_and_checks_its_accept() {
+        let (url, heads) = upgrade_server(vec![right, right]);
+        let a = Client::connect(&url).unwrap();
+        let b = Client::connect(&url).unwrap();
+        assert_eq!(
+            (a.welcome["op"].as_str(), b.welcome["op"].as_str()),
+            (Some("welcome"), Some("welcome"))
+        );
+        let (ka, kb) = (
+            sent_key(&heads.recv().unwrap()),
+            sent_key(&heads.recv().unwrap()),
+        );
+        assert_ne!(ka, kb, "two connections sent the same key");
+        for key in [&ka, &kb] {
+            assert_ne!(key, "dGhlIHNhbXBsZSBub25jZQ==");
+            assert_eq!(key.len(), 24, "{key}");
+            assert_eq!(decode_base64(key).map(|n| n.len()), Some(16), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_or_missing_accept_is_refused_naming_both_values() {
+        // The RFC sample key's accept: right for no random key.
+        let sample = |_: &str| Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_string());
+        let (url, heads) = upgrade_server(vec![sample, |_| None]);
+        let err = Client::connect(&url).unwrap_err();
+        let key = sent_key(&heads.recv().unwrap());
+        let expected = right(&key).unwrap();
+        let text = err.to_string();
+        match err {
+            ClientError::BadAccept {
+                key: k,
+                expected: e,
+                got,
+            } => assert_eq!(
+                (k.as_str(), e.as_str(), got.as_str()),
+                (
+                    key.as_str(),
+                    expected.as_str(),
+                    "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            text.contains(&expected) && text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{text}"
+        );
+        match Client::connect(&url) {
+            Err(ClientError::BadAccept { got, .. }) => assert_eq!(got, ""),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_accept_header_is_found_in_any_case_and_spacing() {
+        let key = b"dGhlIHNhbXBsZSBub25jZQ==";
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nsec-websocket-accept:   \
+                     s3pPLMBiTxaQ9kYGzzhZRbK+xOo=  \r\n\r\n";
+        check_accept(head, key).unwrap();
+        assert!(matches!(
+            check_accept(b"HTTP/1.1 101 OK\r\n", key),
+            Err(ClientError::Protocol(_))
+        ));
+    }
+
+    fn msg(topic: &str, id: &str) -> Event {
+        Event::Msg {
+            topic: topic.into(),
+            id: id.into(),
+            data: Value::Null,
+        }
+    }
+
+    fn ok(last: &str, recovered: Option<bool>, replayed: Vec<Event>) -> Subscribed {
+        Subscribed {
+            epoch: "ep".into(),
+            last: last.into(),
+            recovered,
+            replayed,
+        }
+    }
+
+    #[test]
+    fn the_position_is_the_newest_id_received_msg_or_ok() {
+        let mut r = Reconnecting::new("", None);
+        // A quiet topic: the `ok`'s `last` is the position.
+        r.settle("t", ok("0-0", None, vec![]));
+        assert_eq!(r.position("t"), Some((Some("0-0"), "ep")));
+        // Recovered: the replay, then the `ok` (whose `last` may be past
+        // the topic's newest id: the broker's position).
+        r.settle(
+            "t",
+            ok("9-0", Some(true), vec![msg("t", "5-0"), msg("t", "7-0")]),
+        );
+        assert_eq!(r.position("t"), Some((Some("9-0"), "ep")));
+        assert_eq!(r.queue.len(), 2);
+        assert_eq!(r.recovered, ["t"]);
+        // A `last` older than what was replayed does not move it back.
+        r.settle("t", ok("8-0", Some(true), vec![msg("t", "10-0")]));
+        assert_eq!(r.position("t"), Some((Some("10-0"), "ep")));
+        // Recovered, nothing replayed, no `last` (a server before v1.1).
+        r.settle("t", ok("", Some(true), vec![]));
+        assert_eq!(r.position("t"), Some((Some("10-0"), "ep")));
+        // Not recovered: the new history's `last`, even if smaller.
+        r.settle("t", ok("3-0", Some(false), vec![]));
+        assert_eq!(r.position("t"), Some((Some("3-0"), "ep")));
+        assert_eq!(r.unrecovered, ["t"]);
+        // Without `last`, no position until a `msg`.
+        r.settle("u", ok("", None, vec![]));
+        assert_eq!(r.position("u"), Some((None, "ep")));
+        assert_eq!(newer(None, "1-0"), "1-0");
+        assert_eq!(newer(Some("2-0".into()), "1-5"), "2-0");
+        assert_eq!(newer(Some("2-0".into()), "2-1"), "2-1");
+        assert_eq!(newer(Some("x".into()), "1-0"), "1-0");
+    }
+
+    #[test]
+    fn only_an_error_without_id_carrying_a_topic_ends_a_subscription() {
+        let ended = json!({"op":"error","code":4403,"topic":"t","reason":"subscription ended"});
+        assert_eq!(ended_subscription(&ended), Some("t"));
+        let answer = json!({"op":"error","id":3,"code":4403,"topic":"t","reason":"no"});
+        assert_eq!(ended_subscription(&answer), None);
+        let other = json!({"op":"error","code":4000,"reason":"bad request"});
+        assert_eq!(ended_subscription(&other), None);
+        assert_eq!(ended_subscription(&json!({"op":"ok","topic":"t"})), None);
     }
 }

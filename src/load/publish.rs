@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::client::{check_accept, new_key};
 use crate::sys::monotonic_us;
 use crate::ws::frame::{encode_masked, OpCode};
 
@@ -168,10 +169,12 @@ fn ws_connect(target: SocketAddr, token: Option<&str>) -> anyhow::Result<TcpStre
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let path = token.map_or_else(|| "/ws".to_string(), |t| format!("/ws?token={t}"));
+    let key = new_key();
+    let key = std::str::from_utf8(&key).expect("base64 is ASCII");
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
          Sec-WebSocket-Protocol: ringcast.v1\r\n\r\n"
     )?;
     let mut got = Vec::new();
@@ -191,6 +194,7 @@ fn ws_connect(target: SocketAddr, token: Option<&str>) -> anyhow::Result<TcpStre
                     String::from_utf8_lossy(&got[..end])
                 );
             }
+            check_accept(&got[..end + 4], key.as_bytes()).context("publisher upgrade")?;
             if super::worker::has_op(&got[end..], "welcome") {
                 break;
             }

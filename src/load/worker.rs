@@ -13,12 +13,14 @@
 //! of connect-then-close and exits.
 
 use std::io::{self, Write as _};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
 use super::{LoadArgs, Tally};
+use crate::client::{check_accept, new_key};
 use crate::sys;
 use crate::ws::frame::{encode_masked, OpCode};
 
@@ -58,6 +60,9 @@ struct Client {
     state: State,
     /// Bytes of an incomplete frame (or response head) carried to the next read.
     pending: Vec<u8>,
+    /// This connection's `Sec-WebSocket-Key` (RFC 6455 §4.1: a fresh
+    /// nonce per connection), kept to check the server's accept.
+    key: [u8; 24],
     /// The topic this client subscribes to, if any.
     topic: Option<usize>,
 }
@@ -85,7 +90,10 @@ struct Worker<'a> {
     stdin_line: String,
     stdin_eof: bool,
     last_progress: Instant,
+    /// The upgrade request, built once; each connection writes its own key
+    /// at `key_at` before sending it.
     request: Vec<u8>,
+    key_at: usize,
 }
 
 /// Runs a worker process (`ringcast load worker ...`, started by the parent).
@@ -144,17 +152,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<()> {
 
 impl<'a> Worker<'a> {
     fn new(args: &'a LoadArgs) -> anyhow::Result<Worker<'a>> {
-        let path = match &args.token {
-            Some(t) => format!("/ws?token={t}"),
-            None => "/ws".to_string(),
-        };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: ringcast.v1\r\n\r\n",
-            args.target
-        )
-        .into_bytes();
+        let (request, key_at) = upgrade_request(args.target, args.token.as_deref());
         Ok(Worker {
             args,
             epoll: sys::Epoll::new().context("creating the epoll instance")?,
@@ -172,6 +170,7 @@ impl<'a> Worker<'a> {
             stdin_eof: false,
             last_progress: Instant::now(),
             request,
+            key_at,
         })
     }
 
@@ -229,6 +228,7 @@ impl<'a> Worker<'a> {
             fd,
             state: State::Connecting,
             pending: Vec::new(),
+            key: new_key(),
             topic,
         }));
         self.next += 1;
@@ -311,6 +311,7 @@ impl<'a> Worker<'a> {
         if let Some(e) = sock.take_error()? {
             bail!("connecting to {}: {e}", self.args.target);
         }
+        self.request[self.key_at..self.key_at + c.key.len()].copy_from_slice(&c.key);
         match sys::send(fd, &self.request) {
             Ok(n) if n == self.request.len() => {}
             Ok(_) => bail!("the upgrade request did not fit an empty socket"),
@@ -413,6 +414,26 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// The upgrade request every connection sends, and the offset of its
+/// `Sec-WebSocket-Key` value: built once, each connection writes its own
+/// key there before sending (no allocation per connection).
+fn upgrade_request(target: SocketAddr, token: Option<&str>) -> (Vec<u8>, usize) {
+    let path = match token {
+        Some(t) => format!("/ws?token={t}"),
+        None => "/ws".to_string(),
+    };
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ringcast.v1\r\n\
+         Sec-WebSocket-Key: "
+    );
+    let key_at = head.len();
+    let mut request = head.into_bytes();
+    request.extend_from_slice(&[b'='; 24]);
+    request.extend_from_slice(b"\r\n\r\n");
+    (request, key_at)
+}
+
 /// What processing a read led to.
 enum Outcome {
     Nothing,
@@ -450,6 +471,9 @@ fn process(
             );
         }
         at = end + 4;
+        if let Err(e) = check_accept(&data[..at], &c.key) {
+            return (data.len(), Outcome::Fatal(e.to_string()));
+        }
         c.state = State::Welcome;
     }
     loop {
@@ -649,5 +673,81 @@ mod tests {
         assert!(!has_op(br#"{"op":"ok"}"#, "error"));
         assert_eq!(error_code(br#"{"op":"error","code":4008}"#), 4008);
         assert_eq!(error_code(br#"{"op":"error"}"#), 0);
+    }
+
+    /// A connection in `Upgrading` with a fresh key; its fd is never
+    /// written while the response head is read.
+    fn upgrading() -> Client {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        Client {
+            fd,
+            state: State::Upgrading,
+            pending: Vec::new(),
+            key: new_key(),
+            topic: None,
+        }
+    }
+
+    fn answer(accept: &str) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        head.extend_from_slice(b"\x81\x10{\"op\":\"welcome\"}");
+        head
+    }
+
+    #[test]
+    fn the_upgrade_answer_must_carry_the_accept_of_this_connections_key() {
+        let (mut tally, mut total) = (Tally::new().unwrap(), 0);
+        let mut c = upgrading();
+        let good = tungstenite::handshake::derive_accept_key(&c.key);
+        let data = answer(&good);
+        let (used, outcome) = process(&mut c, &data, 0, &mut tally, &mut total, &[]);
+        assert_eq!(used, data.len());
+        assert!(
+            matches!(outcome, Outcome::Progress(State::Upgrading, State::Open)),
+            "{:?}",
+            c.state
+        );
+        // Another connection's accept (here: the RFC sample key's) is refused.
+        let mut c = upgrading();
+        let (_, outcome) = process(
+            &mut c,
+            &answer("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            0,
+            &mut tally,
+            &mut total,
+            &[],
+        );
+        let Outcome::Fatal(why) = outcome else {
+            panic!("a wrong accept was taken")
+        };
+        let expected = tungstenite::handshake::derive_accept_key(&c.key);
+        assert!(
+            why.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=") && why.contains(&expected),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn each_connection_sends_its_own_key_in_the_shared_request() {
+        let target = "127.0.0.1:8080".parse().unwrap();
+        let (mut request, key_at) = upgrade_request(target, Some("tok"));
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        for key in [a, b] {
+            request[key_at..key_at + key.len()].copy_from_slice(&key);
+            // The server's own parser reads it as this key, 16 bytes in base64.
+            let (req, used) = crate::ws::handshake::parse_request(&request, 8192)
+                .unwrap()
+                .unwrap();
+            assert_eq!(req.key.as_bytes(), key);
+            assert_eq!(
+                (used, req.query.as_deref()),
+                (request.len(), Some("token=tok"))
+            );
+        }
     }
 }
