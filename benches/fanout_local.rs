@@ -19,7 +19,7 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringcast::broker::MsgId;
+use ringcast::id::MsgId;
 use ringcast::protocol::encode_msg;
 use ringcast::topic::TopicName;
 

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringcast::broker::MsgId;
+use ringcast::id::MsgId;
 use ringcast::protocol::encode_msg;
 use ringcast::topic::TopicName;
 use ringcast::ws::frame::encode_text;

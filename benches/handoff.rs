@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ringcast::broker::MsgId;
+use ringcast::id::MsgId;
 use ringcast::bus::{self, ShardMsg, SHARD_INBOX_CAPACITY};
 use ringcast::metrics::ShardMetrics;
 use ringcast::protocol::encode_msg;

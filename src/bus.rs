@@ -32,29 +32,14 @@ use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::broker::MsgId;
-use crate::metrics::{Drop, ShardMetrics};
+use crate::id::{MsgId, ReplyTo, ShardId};
+use crate::metrics::{ShardMetrics, Undelivered};
 use crate::topic::TopicName;
 
 /// Messages a shard's inbox can hold before it counts as lagged. At 100-byte
 /// messages that is a few MiB per shard; a shard that falls this far behind
 /// is better off making its clients recover than growing without bound.
 pub const SHARD_INBOX_CAPACITY: usize = 65_536;
-
-/// A connection's identity within its shard, never reused while the process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId(pub u64);
-
-/// Where a broker sends its answer to one request.
-#[derive(Debug, Clone, Copy)]
-pub struct ReplyTo {
-    /// The shard owning the connection.
-    pub shard: usize,
-    /// The connection.
-    pub conn: ConnId,
-    /// The request's `id`, copied into the reply.
-    pub req: Option<u64>,
-}
 
 /// What travels between threads to a shard.
 #[derive(Debug)]
@@ -138,11 +123,11 @@ impl ShardSender {
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.metrics.dropped(Drop::ShardInboxFull);
+                self.metrics.dropped(Undelivered::ShardInboxFull);
                 self.lagged.store(true, Ordering::Release);
             }
             // The shard has exited (shutdown): nobody is left to deliver to.
-            Err(TrySendError::Disconnected(_)) => self.metrics.dropped(Drop::ShardGone),
+            Err(TrySendError::Disconnected(_)) => self.metrics.dropped(Undelivered::ShardGone),
         }
         self.waker.wake();
     }
@@ -252,7 +237,8 @@ impl Interest {
     }
 
     /// Shard `shard` has a subscriber for `topic` from now on.
-    pub fn add(&self, topic: &TopicName, shard: usize) {
+    pub fn add(&self, topic: &TopicName, shard: ShardId) {
+        let shard = shard.index();
         if !self.tracked() || shard >= self.shards {
             return;
         }
@@ -264,7 +250,8 @@ impl Interest {
     }
 
     /// Shard `shard` has no subscriber for `topic` any more.
-    pub fn remove(&self, topic: &TopicName, shard: usize) {
+    pub fn remove(&self, topic: &TopicName, shard: ShardId) {
+        let shard = shard.index();
         if !self.tracked() || shard >= self.shards {
             return;
         }
@@ -340,16 +327,16 @@ impl Bus {
     /// with `recovered`, `epoch` and `last`.
     pub fn subscribed(
         &self,
-        req: crate::broker::SubscribeRequest,
+        (reply, topic): (ReplyTo, TopicName),
         replay: Vec<Bytes>,
         recovered: Option<bool>,
         (epoch, last): (Arc<str>, MsgId),
     ) {
         self.send_to(
-            req.reply.shard,
+            reply.shard,
             ShardMsg::Subscribed {
-                reply: req.reply,
-                topic: req.topic,
+                reply,
+                topic,
                 replay,
                 recovered,
                 epoch,
@@ -359,22 +346,22 @@ impl Bus {
     }
 
     /// Refuses a `sub` the broker could not take (error 4503).
-    pub fn subscribe_failed(&self, req: crate::broker::SubscribeRequest, reason: &'static str) {
+    pub fn subscribe_failed(&self, reply: ReplyTo, topic: TopicName, reason: &'static str) {
         self.send_to(
-            req.reply.shard,
+            reply.shard,
             ShardMsg::SubscribeFailed {
-                reply: req.reply,
-                topic: req.topic,
+                reply,
+                topic,
                 reason,
             },
         );
     }
 
     /// Sends `msg` to one shard; an unknown shard number is ignored (counted).
-    pub fn send_to(&self, shard: usize, msg: ShardMsg) {
-        match self.shards.get(shard) {
+    pub fn send_to(&self, shard: ShardId, msg: ShardMsg) {
+        match self.shards.get(shard.index()) {
             Some(s) => s.send(msg),
-            None => tracing::error!(shard, "reply for a shard that does not exist"),
+            None => tracing::error!(%shard, "reply for a shard that does not exist"),
         }
     }
 
@@ -438,9 +425,9 @@ mod tests {
         }
         // Full: the next message is dropped and counted, the drain is not.
         tx.send(deliver(&topic));
-        assert_eq!(metrics.dropped_count(Drop::ShardInboxFull), 1);
+        assert_eq!(metrics.dropped_count(Undelivered::ShardInboxFull), 1);
         bus.drain(1800);
-        assert_eq!(metrics.dropped_count(Drop::ShardInboxFull), 1);
+        assert_eq!(metrics.dropped_count(Undelivered::ShardInboxFull), 1);
         assert_eq!(inbox.take_drain(), Some(1800));
         assert_eq!(inbox.take_drain(), None, "taken once");
         assert!(inbox.take_lagged());
@@ -465,11 +452,11 @@ mod tests {
             let a = TopicName::new("user.a").expect("a valid topic");
             let b = TopicName::new("user.b").expect("a valid topic");
             let last = shards - 1;
-            interest.add(&a, last);
-            interest.add(&a, last); // twice is once
-            interest.add(&b, 0);
-            interest.add(&b, last);
-            interest.add(&b, shards); // no such shard: ignored
+            interest.add(&a, ShardId(last as u16));
+            interest.add(&a, ShardId(last as u16)); // twice is once
+            interest.add(&b, ShardId(0));
+            interest.add(&b, ShardId(last as u16));
+            interest.add(&b, ShardId(shards as u16)); // no such shard: ignored
             bus.deliver(&a, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
             bus.deliver(&b, MsgId { ms: 1, seq: 1 }, &Bytes::from_static(b"y"));
             let got: Vec<usize> = rx.iter().map(delivered).collect();
@@ -479,8 +466,8 @@ mod tests {
             assert_eq!(got, want, "{shards} shards");
             assert_eq!(interest.topics(), 2);
             // Withdrawn: nothing more goes there, and empty entries are forgotten.
-            interest.remove(&a, last);
-            interest.remove(&b, last);
+            interest.remove(&a, ShardId(last as u16));
+            interest.remove(&b, ShardId(last as u16));
             bus.deliver(&a, MsgId { ms: 2, seq: 0 }, &Bytes::from_static(b"x"));
             bus.deliver(&b, MsgId { ms: 2, seq: 1 }, &Bytes::from_static(b"y"));
             let got: Vec<usize> = rx.iter().map(delivered).collect();
@@ -488,8 +475,8 @@ mod tests {
             want[0] = 1;
             assert_eq!(got, want, "{shards} shards, after removal");
             assert_eq!(interest.topics(), 1);
-            interest.remove(&b, 0);
-            interest.remove(&b, 0); // twice is once
+            interest.remove(&b, ShardId(0));
+            interest.remove(&b, ShardId(0)); // twice is once
             assert_eq!(interest.topics(), 0);
         }
     }
@@ -498,7 +485,7 @@ mod tests {
     fn one_shard_gets_everything_without_announcing() {
         let (bus, rx) = inboxes(1);
         let t = TopicName::new("t").expect("a valid topic");
-        bus.interest().add(&t, 0);
+        bus.interest().add(&t, ShardId(0));
         assert_eq!(bus.interest().topics(), 0, "nothing tracked with one shard");
         bus.deliver(&t, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
         assert_eq!(delivered(&rx[0]), 1);

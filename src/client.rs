@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use serde_json::{json, Value};
 
-use crate::broker::MsgId;
+use crate::id::MsgId;
 use crate::ws::frame::{encode_masked, Decoder, Message, OpCode};
 
 /// Errors of the client.

@@ -5,14 +5,16 @@
 //!
 //! Architecture map, in the order a message travels:
 //!
+//! - [`id`]: the shared words: message ids, recovery positions, epochs,
+//!   shard and connection numbers, where an answer goes.
 //! - [`config`] / [`cli`]: settings from defaults < TOML file < environment < flags,
 //!   validated once; the server only ever sees a valid [`config::Config`].
 //! - [`server`]: binds the listeners, starts the shards, the admin endpoint and
 //!   the signal watcher, and runs the graceful drain.
 //! - [`shard`]: one thread, one monoio runtime, one SO_REUSEPORT listener. A
-//!   shard owns its connections and its topic index; nothing else touches them.
-//! - [`connection`]: one WebSocket connection: handshake, frame decoding,
-//!   client ops, the outbound queue and its vectored writes.
+//!   shard owns its connections (handshake, frame decoding, client ops, the
+//!   outbound queue and its vectored writes) and its topic index; nothing
+//!   else touches them.
 //! - [`ws`]: RFC 6455 with no IO: upgrade parsing and the frame codec.
 //! - [`protocol`]: the `ringcast.v1` JSON ops and server frames.
 //! - [`topic`]: topic names and their validation; [`namespace`]: policy per topic family.
@@ -26,7 +28,7 @@
 //! - [`load`]: the load generator behind `ringcast load`.
 //!
 //! Dependencies point one way: `ws` knows nothing of topics, `topic` nothing
-//! of sockets; `connection` and `shard` glue them.
+//! of sockets; `shard` glues them, and drives each connection one way.
 
 pub mod admin;
 pub mod auth;
@@ -35,7 +37,7 @@ pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod connection;
+pub mod id;
 pub mod load;
 pub mod metrics;
 pub mod namespace;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Why a message was not delivered. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum Undelivered {
     /// The subscriber's outbound queue was over its bound (it is closed 4009).
     SlowConsumer,
     /// Frames still queued when a connection closed.
@@ -23,22 +23,22 @@ pub enum Drop {
     ReplayTooLarge,
 }
 
-impl Drop {
-    const ALL: [Drop; 5] = [
-        Drop::SlowConsumer,
-        Drop::ConnectionClosed,
-        Drop::ShardInboxFull,
-        Drop::ShardGone,
-        Drop::ReplayTooLarge,
+impl Undelivered {
+    const ALL: [Undelivered; 5] = [
+        Undelivered::SlowConsumer,
+        Undelivered::ConnectionClosed,
+        Undelivered::ShardInboxFull,
+        Undelivered::ShardGone,
+        Undelivered::ReplayTooLarge,
     ];
 
     fn label(self) -> &'static str {
         match self {
-            Drop::SlowConsumer => "slow_consumer",
-            Drop::ConnectionClosed => "connection_closed",
-            Drop::ShardInboxFull => "shard_inbox_full",
-            Drop::ShardGone => "shard_gone",
-            Drop::ReplayTooLarge => "replay_too_large",
+            Undelivered::SlowConsumer => "slow_consumer",
+            Undelivered::ConnectionClosed => "connection_closed",
+            Undelivered::ShardInboxFull => "shard_inbox_full",
+            Undelivered::ShardGone => "shard_gone",
+            Undelivered::ReplayTooLarge => "replay_too_large",
         }
     }
 }
@@ -136,13 +136,13 @@ fn inc(c: &AtomicU64) {
 
 impl ShardMetrics {
     /// Counts one undelivered message.
-    pub fn dropped(&self, why: Drop) {
+    pub fn dropped(&self, why: Undelivered) {
         self.dropped_n(why, 1);
     }
 
     /// Counts `n` undelivered messages.
-    pub fn dropped_n(&self, why: Drop, n: u64) {
-        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+    pub fn dropped_n(&self, why: Undelivered, n: u64) {
+        let i = Undelivered::ALL.iter().position(|d| *d == why).unwrap_or(0);
         self.dropped[i].fetch_add(n, Ordering::Relaxed);
     }
 
@@ -160,8 +160,8 @@ impl ShardMetrics {
     }
 
     /// Reads one drop counter (tests, stats).
-    pub fn dropped_count(&self, why: Drop) -> u64 {
-        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+    pub fn dropped_count(&self, why: Undelivered) -> u64 {
+        let i = Undelivered::ALL.iter().position(|d| *d == why).unwrap_or(0);
         self.dropped[i].load(Ordering::Relaxed)
     }
 }
@@ -255,7 +255,7 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         "counter",
         "Messages not delivered, by reason.",
     );
-    for (i, d) in Drop::ALL.iter().enumerate() {
+    for (i, d) in Undelivered::ALL.iter().enumerate() {
         let v = sum_u(shards, |m| &m.dropped[i]);
         let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
     }
@@ -471,8 +471,8 @@ mod tests {
         a.registry_connections.store(4, Ordering::Relaxed);
         b.registry_connections.store(1, Ordering::Relaxed);
         b.topic_index_entries.store(7, Ordering::Relaxed);
-        a.dropped(Drop::SlowConsumer);
-        b.dropped_n(Drop::SlowConsumer, 4);
+        a.dropped(Undelivered::SlowConsumer);
+        b.dropped_n(Undelivered::SlowConsumer, 4);
         b.handshake_failed(404);
         let text = render(&[&a, &b]);
         assert!(text.contains("ringcast_connections_active 5\n"), "{text}");

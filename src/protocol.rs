@@ -14,7 +14,7 @@ use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{MsgId, Since};
+use crate::id::{MsgId, Since};
 use crate::topic::{TopicError, TopicName};
 use crate::ws::frame::{encode_text, write_header, OpCode};
 
@@ -88,6 +88,90 @@ pub mod close {
         RATE_LIMITED,
         SLOW,
     ];
+}
+
+/// Why the server closes a connection: the one table from a reason to the
+/// close code and text the client sees and the metric label it is counted
+/// under. Call sites name the reason, never a code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Close {
+    /// The outbound queue went over `--outbound-queue`.
+    SlowConsumer,
+    /// The node missed messages (an overflowed shard inbox, a Redis
+    /// partition gap): the client must recover with `since`.
+    FellBehind,
+    /// No `auth` frame within `--auth-timeout`.
+    AuthTimeout,
+    /// The token reached its `exp` without a refresh.
+    TokenExpired,
+    /// Another op came before `auth`.
+    AuthenticateFirst,
+    /// The first `auth` frame carried a token that was refused.
+    TokenRefused(&'static str),
+    /// A refreshing token is for another user.
+    AnotherUser,
+    /// Over `--inbound-rate` for the grace period.
+    FramesRateLimited,
+    /// Over `--inbound-bytes-rate` for the grace period.
+    BytesRateLimited,
+    /// The graceful drain.
+    GoingAway,
+    /// Text that is not UTF-8.
+    InvalidUtf8,
+    /// An RFC 6455 violation: the decoder's close code and its description.
+    Protocol(u16, String),
+}
+
+impl Close {
+    /// The close code (section 4 of docs/PROTOCOL.md).
+    pub fn code(&self) -> u16 {
+        match self {
+            Close::SlowConsumer | Close::FellBehind => close::SLOW,
+            Close::AuthTimeout
+            | Close::TokenExpired
+            | Close::AuthenticateFirst
+            | Close::TokenRefused(_) => close::NOT_AUTHENTICATED,
+            Close::AnotherUser => close::FORBIDDEN,
+            Close::FramesRateLimited | Close::BytesRateLimited => close::RATE_LIMITED,
+            Close::GoingAway => close::GOING_AWAY,
+            Close::InvalidUtf8 => close::INVALID_DATA,
+            Close::Protocol(code, _) => *code,
+        }
+    }
+
+    /// The close frame's reason text (at most 123 bytes).
+    pub fn text(&self) -> &str {
+        match self {
+            Close::SlowConsumer => "slow consumer: outbound queue over its bound",
+            Close::FellBehind => "server fell behind: resubscribe with since",
+            Close::AuthTimeout => "authentication timed out",
+            Close::TokenExpired => "token expired",
+            Close::AuthenticateFirst => "authenticate first",
+            Close::TokenRefused(why) => why,
+            Close::AnotherUser => "refreshed token is for another user",
+            Close::FramesRateLimited => "rate limited: over inbound_rate for 5 s",
+            Close::BytesRateLimited => "rate limited: over inbound_bytes_rate for 5 s",
+            Close::GoingAway => "server going away",
+            Close::InvalidUtf8 => "invalid UTF-8",
+            Close::Protocol(_, text) => text,
+        }
+    }
+
+    /// The `reason` label of `ringcast_client_disconnects_total`.
+    pub fn metric(&self) -> crate::metrics::Disconnect {
+        use crate::metrics::Disconnect;
+        match self {
+            Close::SlowConsumer | Close::FellBehind => Disconnect::Slow,
+            Close::AuthTimeout
+            | Close::TokenExpired
+            | Close::AuthenticateFirst
+            | Close::TokenRefused(_)
+            | Close::AnotherUser => Disconnect::Auth,
+            Close::FramesRateLimited | Close::BytesRateLimited => Disconnect::RateLimited,
+            Close::GoingAway => Disconnect::Drain,
+            Close::InvalidUtf8 | Close::Protocol(..) => Disconnect::Protocol,
+        }
+    }
 }
 
 /// A client request, validated.

@@ -49,7 +49,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     // here, never replaced by the implicit namespace.
     let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
         .map_err(|e| anyhow::anyhow!("invalid namespaces: {}", e.join("; ")))?;
-    let broker: Arc<dyn Broker> = match redis::Settings::from_config(&config) {
+    let broker: Arc<dyn Broker> = match redis_settings(&config) {
         Some(settings) => {
             warn_ignored_history(&config);
             Arc::new(
@@ -79,7 +79,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let (exit_tx, exit_rx) = mpsc::channel::<(usize, ShardExit)>();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let setup = ShardSetup {
-            id,
+            id: crate::id::ShardId(id as u16),
             config: config.clone(),
             broker: broker.clone(),
             metrics: metrics[id].clone(),
@@ -141,6 +141,17 @@ enum ShardExit {
 /// How long the other shards get to close their clients (drain frame,
 /// close 1001) after one shard failed, before the process exits 1.
 const FAILURE_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The Redis broker's settings, or `None` for the embedded broker.
+fn redis_settings(config: &Config) -> Option<redis::Settings> {
+    Some(redis::Settings {
+        url: config.redis.clone()?,
+        partitions: config.redis_partitions,
+        key_prefix: config.redis_key_prefix.clone(),
+        maxlen: config.redis_maxlen,
+        cache_size: config.redis_cache_size,
+    })
+}
 
 /// Namespaces' `history_size` / `history_ttl` shape the embedded broker's
 /// per-topic history only; with Redis, history is the partition stream

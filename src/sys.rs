@@ -254,7 +254,7 @@ impl Epoll {
     }
 
     /// A second fd for the same epoll instance, for the runtime to poll
-    /// (see [`pollable`]).
+    /// (see [`EpollWaiter`]).
     pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
         self.fd.try_clone()
     }
@@ -316,12 +316,34 @@ impl Epoll {
     }
 }
 
-/// Wraps an fd the runtime should poll for readability (an epoll fd) in
-/// the type whose `readable()` the runtime offers. monoio has no generic
-/// pollable-fd type; its TcpStream only polls and closes the fd here, and
-/// both are valid on any pollable fd.
-pub fn pollable(fd: std::os::fd::OwnedFd) -> std::net::TcpStream {
-    std::net::TcpStream::from(fd)
+/// Waits, through the shard's runtime, until an [`Epoll`] has ready events.
+///
+/// monoio 0.2.4 has no public type for "any pollable fd" (an `AsyncFd` is
+/// proposed upstream, not released): every readiness wait it offers
+/// belongs to a socket type, and each does the same for any fd, a one-shot
+/// `IORING_OP_POLL_ADD` on io_uring, a registration and a zero-timeout
+/// `poll(2)` on the epoll driver. This type is the one place that relies on
+/// it, wrapping a second fd of the epoll instance as a `UnixStream`, which
+/// holds nothing but the fd (a `TcpStream` would also set socket options on
+/// it). monoio is pinned to that version in Cargo.toml, so an upgrade that
+/// changes this is a deliberate step, and a test waits on both drivers.
+/// Create and drop it on the shard's thread, inside its runtime.
+#[derive(Debug)]
+pub struct EpollWaiter(monoio::net::UnixStream);
+
+impl EpollWaiter {
+    /// A waiter for `epoll`'s readiness.
+    pub fn new(epoll: &Epoll) -> io::Result<Self> {
+        let fd = epoll.try_clone_fd()?;
+        monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).map(Self)
+    }
+
+    /// Resolves once the epoll instance has events to harvest with
+    /// [`Epoll::wait`]. (`readable(false)`: the runtime checks readiness
+    /// again and clears it when stale, so the loop never spins.)
+    pub async fn ready(&self) -> io::Result<()> {
+        self.0.readable(false).await
+    }
 }
 
 /// Takes an accepted stream away from the runtime: from here on the shard
@@ -331,4 +353,84 @@ pub fn into_owned_fd(stream: monoio::net::TcpStream) -> std::os::fd::OwnedFd {
     // SAFETY: `into_raw_fd` gave up the runtime's ownership (and, on the
     // epoll driver, its registration), so this is the fd's only owner.
     unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd takes no pointers; a negative result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn signal(fd: &OwnedFd) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer.
+        let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        assert_eq!(n, 8);
+    }
+
+    /// Three rounds: the waiter does not wake before the registered fd is
+    /// ready, wakes once it is, and `Epoll::wait` then finds the event.
+    async fn wakes_only_when_ready() {
+        let epoll = Epoll::new().unwrap();
+        let event = std::rc::Rc::new(eventfd());
+        epoll.add(event.as_raw_fd(), EPOLLIN, 42).unwrap();
+        let waiter = EpollWaiter::new(&epoll).unwrap();
+        let mut events = vec![empty_event(); 4];
+        for round in 0..3 {
+            let early = monoio::time::timeout(Duration::from_millis(50), waiter.ready()).await;
+            assert!(early.is_err(), "round {round}: woke with nothing ready");
+            let writer = event.clone();
+            monoio::spawn(async move {
+                monoio::time::sleep(Duration::from_millis(20)).await;
+                signal(&writer);
+            });
+            let started = Instant::now();
+            monoio::time::timeout(Duration::from_secs(5), waiter.ready())
+                .await
+                .expect("the waiter never woke")
+                .unwrap();
+            assert!(
+                started.elapsed() >= Duration::from_millis(15),
+                "round {round}"
+            );
+            let n = epoll.wait(&mut events).unwrap();
+            assert_eq!((n, events[0].u64), (1, 42), "round {round}");
+            // Consume the count so the next round starts quiet.
+            let mut buf = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live local buffer.
+            let read = unsafe { libc::read(event.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+            assert_eq!(read, 8);
+        }
+    }
+
+    #[test]
+    fn the_epoll_waiter_wakes_on_the_io_uring_driver() {
+        if !monoio::utils::detect_uring() {
+            eprintln!("no io_uring here: the epoll driver test covers this host");
+            return;
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(wakes_only_when_ready());
+    }
+
+    #[test]
+    fn the_epoll_waiter_wakes_on_the_epoll_driver() {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(wakes_only_when_ready());
+    }
 }

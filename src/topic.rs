@@ -38,7 +38,19 @@ pub enum TopicError {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicName(Arc<str>);
 
+/// The partition of `topic`: CRC-32/ISO-HDLC (zlib's crc32) mod
+/// `partitions`. Producers compute the same thing (docs/PROTOCOL.md
+/// section 6); the Redis broker keeps each partition in its own stream.
+pub fn partition(topic: &str, partitions: u32) -> u32 {
+    crc32fast::hash(topic.as_bytes()) % partitions.max(1)
+}
+
 impl TopicName {
+    /// This topic's partition of `partitions` ([`partition`]).
+    pub fn partition(&self, partitions: u32) -> u32 {
+        partition(self.as_str(), partitions)
+    }
+
     /// Validates `name` and wraps it.
     pub fn new(name: &str) -> Result<Self, TopicError> {
         validate(name)?;

@@ -366,7 +366,7 @@ fn a_connection_cut_while_the_server_runs_is_recovered_without_gap_or_duplicate(
     take_msgs(&mut client, 5, &mut got);
     let data: Vec<i64> = got.iter().map(|(_, d)| *d).collect();
     assert_eq!(data, (0..15).collect::<Vec<i64>>(), "no gap, no duplicate");
-    let ids: Vec<ringcast::broker::MsgId> = got.iter().map(|(id, _)| id.parse().unwrap()).collect();
+    let ids: Vec<ringcast::id::MsgId> = got.iter().map(|(id, _)| id.parse().unwrap()).collect();
     assert!(
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids strictly increase: {got:?}"

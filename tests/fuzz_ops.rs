@@ -1,6 +1,6 @@
 //! Fuzzing the `ringcast.v1` client ops, `ringcast::protocol::ClientOp::parse`,
 //! and the names and ids inside them (`ringcast::topic::TopicName`,
-//! `ringcast::broker::MsgId`): arbitrary text, arbitrary JSON values, requests
+//! `ringcast::id::MsgId`): arbitrary text, arbitrary JSON values, requests
 //! with every field of every type, and deep nesting never panic; every error
 //! is a 4000 with a short one-line reason; every `pub` accepted carries data
 //! that any subscriber's JSON parser reads, also inside the `msg` frame; valid
@@ -13,7 +13,7 @@ mod fuzz_support;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use ringcast::broker::MsgId;
+use ringcast::id::MsgId;
 use ringcast::protocol::{encode_msg, ClientOp, OpError, MAX_DATA_DEPTH, MAX_REQUEST_ID};
 use ringcast::topic::{TopicError, TopicName, MAX_TOPIC_LEN};
 use serde_json::{Map, Value};

@@ -21,7 +21,7 @@ use ringcast::broker::redis::{
     decode_entry, epoch_key, parse_id, partition, range_entries, stream_key, xread_streams,
     Retained, MAX_EVENT_LEN,
 };
-use ringcast::broker::MsgId;
+use ringcast::id::MsgId;
 use ringcast::metrics::Skip;
 
 /// CRC-32/ISO-HDLC, one bit at a time: reflected polynomial 0xEDB88320,

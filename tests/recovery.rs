@@ -58,7 +58,7 @@ fn quiet_topic_recovers_from_last(
     let mut first = Client::connect(&first_on.url()).unwrap();
     let sub = first.subscribe("quiet", None).unwrap();
     assert!(
-        sub.last.parse::<ringcast::broker::MsgId>().is_ok(),
+        sub.last.parse::<ringcast::id::MsgId>().is_ok(),
         "{sub:?}"
     );
     first.close();
@@ -88,8 +88,8 @@ fn quiet_topic_recovers_from_last(
         .collect();
     assert_eq!(replayed, published, "exactly what was published meanwhile");
     assert!(
-        again.last.parse::<ringcast::broker::MsgId>().unwrap()
-            >= published[2].parse::<ringcast::broker::MsgId>().unwrap(),
+        again.last.parse::<ringcast::id::MsgId>().unwrap()
+            >= published[2].parse::<ringcast::id::MsgId>().unwrap(),
         "{again:?}"
     );
     let live = publisher.publish("quiet", &json!("live")).unwrap();

@@ -234,7 +234,7 @@ fn a_burst_of_concurrent_publishes_shares_pipelined_round_trips() {
         .collect();
     for b in bursts {
         let (topic, mids) = b.join().unwrap();
-        let parsed: Vec<ringcast::broker::MsgId> =
+        let parsed: Vec<ringcast::id::MsgId> =
             mids.iter().map(|m| m.parse().unwrap()).collect();
         assert!(
             parsed.windows(2).all(|w| w[0] < w[1]),

@@ -14,8 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::broker::{Broker, MsgId, Since, SubscribeRequest};
-use crate::bus::{Bus, ReplyTo, ShardMsg};
+use crate::broker::{Broker, SubscribeRequest};
+use crate::bus::{Bus, ShardMsg};
+use crate::id::ReplyTo;
+use crate::id::{mint_epoch, MsgId, Since};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
 
@@ -73,14 +75,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A fresh random epoch: 12 lowercase alphanumerics.
-pub fn mint_epoch() -> Arc<str> {
-    let s: String = (0..12)
-        .map(|_| fastrand::alphanumeric().to_ascii_lowercase())
-        .collect();
-    Arc::from(s)
 }
 
 impl MemoryBroker {
@@ -260,8 +254,12 @@ impl Broker for MemoryBroker {
             }
             Some(_) => (Vec::new(), Some(false)),
         };
-        self.bus
-            .subscribed(req, replay, recovered, (self.epoch.clone(), position));
+        self.bus.subscribed(
+            (req.reply, req.topic),
+            replay,
+            recovered,
+            (self.epoch.clone(), position),
+        );
     }
 }
 
@@ -270,7 +268,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::bus::{inbox, ConnId, Inbox};
+    use crate::bus::{inbox, Inbox};
+    use crate::id::ConnId;
     use crate::metrics::ShardMetrics;
 
     fn broker(size: usize, ttl: Duration) -> (MemoryBroker, Inbox) {
@@ -283,7 +282,7 @@ mod tests {
 
     fn reply() -> ReplyTo {
         ReplyTo {
-            shard: 0,
+            shard: crate::id::ShardId(0),
             conn: ConnId(1),
             req: Some(1),
         }

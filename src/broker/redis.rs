@@ -56,9 +56,10 @@ pub use entry::{
 pub use entry::{epoch_key, partition, stream_key};
 pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 
-use crate::broker::{Broker, MsgId, SubscribeRequest};
-use crate::bus::{Bus, ReplyTo, ShardMsg};
-use crate::config::Config;
+use crate::broker::{Broker, SubscribeRequest};
+use crate::bus::{Bus, ShardMsg};
+use crate::id::MsgId;
+use crate::id::ReplyTo;
 use crate::metrics::BrokerMetrics;
 use crate::topic::TopicName;
 
@@ -104,19 +105,6 @@ pub struct Settings {
     pub maxlen: u64,
     /// Recent-entry cache budget in bytes, over all partitions.
     pub cache_size: usize,
-}
-
-impl Settings {
-    /// The Redis settings of `config`, or `None` for the embedded broker.
-    pub fn from_config(config: &Config) -> Option<Settings> {
-        Some(Settings {
-            url: config.redis.clone()?,
-            partitions: config.redis_partitions,
-            key_prefix: config.redis_key_prefix.clone(),
-            maxlen: config.redis_maxlen,
-            cache_size: config.redis_cache_size,
-        })
-    }
 }
 
 /// Why the Redis broker could not start or publish.
@@ -396,8 +384,11 @@ impl Broker for RedisBroker {
                 // with its deliveries, so the `sub` is refused (4503) and
                 // the client retries, rather than subscribed out of order.
                 warn!(topic = %req.topic, "subscribe queue full: refusing the sub");
-                self.bus
-                    .subscribe_failed(req, "broker unavailable: subscribe queue full, retry later");
+                self.bus.subscribe_failed(
+                    req.reply,
+                    req.topic,
+                    "broker unavailable: subscribe queue full, retry later",
+                );
             }
         }
     }

@@ -6,19 +6,16 @@
 //! `redis::Value` trees; they are not a stable API.
 
 use ::redis::Value;
+use bytes::Bytes;
 
-use crate::broker::MsgId;
+use crate::id::MsgId;
 use crate::metrics::Skip;
 use crate::topic::TopicName;
 
 /// Longest `event` name copied into a `msg` frame.
 pub const MAX_EVENT_LEN: usize = 64;
 
-/// The partition of `topic`: CRC-32/ISO-HDLC (zlib's crc32) mod `partitions`.
-/// Producers compute the same thing (docs/PROTOCOL.md section 6).
-pub fn partition(topic: &str, partitions: u32) -> u32 {
-    crc32fast::hash(topic.as_bytes()) % partitions.max(1)
-}
+pub use crate::topic::partition;
 
 /// `{prefix}:stream:{P}`: the braces are a Redis Cluster hash tag.
 pub fn stream_key(prefix: &str, p: u32) -> String {
@@ -236,6 +233,23 @@ impl Retained {
             Some(first) => since >= first || !trimmed,
             None => !trimmed,
         }
+    }
+}
+
+/// Bookkeeping bytes counted per cached entry besides frame and topic.
+const CACHE_ENTRY_OVERHEAD: usize = 48;
+
+/// One recent entry, encoded.
+#[derive(Debug)]
+pub(crate) struct Cached {
+    pub(crate) id: MsgId,
+    pub(crate) topic: TopicName,
+    pub(crate) frame: Bytes,
+}
+
+impl Cached {
+    pub(crate) fn size(&self) -> usize {
+        self.frame.len() + self.topic.as_str().len() + CACHE_ENTRY_OVERHEAD
     }
 }
 

@@ -38,16 +38,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::{RedisError, Value};
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{info, trace, warn};
 
-use super::entry::{decode_entry, epoch_key, parse_id, stream_key, xread_streams, Retained};
+use super::entry::{
+    decode_entry, epoch_key, parse_id, stream_key, xread_streams, Cached, Retained,
+};
 use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
-use crate::broker::memory::mint_epoch;
-use crate::broker::{MsgId, SubscribeRequest};
+use crate::broker::SubscribeRequest;
 use crate::bus::Bus;
+use crate::id::mint_epoch;
+use crate::id::MsgId;
 use crate::metrics::{BrokerMetrics, Skip};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
@@ -64,8 +66,6 @@ const ID_RECHECK: Duration = Duration::from_millis(100);
 pub(crate) const READ_COUNT: usize = 1000;
 /// How long a `sub` whose `since` the reader has not reached yet waits.
 const DEFER_LIMIT: Duration = Duration::from_secs(2);
-/// Bookkeeping bytes counted per cached entry besides frame and topic.
-const CACHE_ENTRY_OVERHEAD: usize = 48;
 
 /// One partition as the reader sees it.
 #[derive(Debug)]
@@ -103,20 +103,6 @@ struct Part {
     /// What Redis said about it with the current read, and after it.
     snap: Option<gap::Snapshot>,
     after: Option<gap::Snapshot>,
-}
-
-/// One recent entry, encoded.
-#[derive(Debug)]
-pub(crate) struct Cached {
-    pub(crate) id: MsgId,
-    pub(crate) topic: TopicName,
-    pub(crate) frame: Bytes,
-}
-
-impl Cached {
-    fn size(&self) -> usize {
-        self.frame.len() + self.topic.as_str().len() + CACHE_ENTRY_OVERHEAD
-    }
 }
 
 /// A reader's channels: `sub`s in, tasks out to the recovery workers, and

@@ -18,10 +18,9 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{debug, warn};
 
-use super::entry::{decode_entry, has_topic, parse_id, range_entries, Retained};
-use super::reader::Cached;
+use super::entry::{decode_entry, has_topic, parse_id, range_entries, Cached, Retained};
 use super::{connect, Conn, Wakes};
-use crate::broker::MsgId;
+use crate::id::MsgId;
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
 

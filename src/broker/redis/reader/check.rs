@@ -63,7 +63,7 @@ use super::gap::{self, Gap, Judgement, Snapshot};
 use super::{Reader, READ_COUNT};
 use crate::broker::redis::entry::{peek_id, RawEntries, Retained};
 use crate::broker::redis::Conn;
-use crate::broker::MsgId;
+use crate::id::MsgId;
 
 /// Set once some reader found gap detection unavailable (Redis < 7.0), so
 /// the warning is logged once per process, not once per reader.

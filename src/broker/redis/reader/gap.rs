@@ -30,7 +30,7 @@
 use std::time::Duration;
 
 use crate::broker::redis::entry::Retained;
-use crate::broker::MsgId;
+use crate::id::MsgId;
 
 /// A partition stream as `XINFO STREAM` reports it (Redis 7+).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -14,7 +14,8 @@ use tracing::{debug, info, warn};
 use super::{Reader, DEFER_LIMIT};
 use crate::broker::redis::entry::partition;
 use crate::broker::redis::worker::{Done, Job, Task, WarmPage};
-use crate::broker::{MsgId, Since, SubscribeRequest};
+use crate::broker::SubscribeRequest;
+use crate::id::{MsgId, Since};
 use crate::topic::TopicName;
 
 /// Distinct recoveries (and probes) one reader keeps in flight at most;
@@ -138,8 +139,12 @@ impl Reader {
     /// stream, so that `last` recovers on any node.
     fn reply(&self, req: SubscribeRequest, p: usize, replay: Vec<Bytes>, recovered: Option<bool>) {
         let part = &self.parts[p];
-        self.bus
-            .subscribed(req, replay, recovered, (part.epoch.clone(), part.last));
+        self.bus.subscribed(
+            (req.reply, req.topic),
+            replay,
+            recovered,
+            (part.epoch.clone(), part.last),
+        );
     }
 
     /// The index in `parts` of `topic`'s partition, which this reader

@@ -1,0 +1,412 @@
+//! One connection's record on its shard: where it is in its life, its
+//! subscriptions, its outbound queue and how that queue is written. The
+//! shard drives it (`super::input`, `super::upgrade`, `super::ops`); this
+//! file never names the shard.
+//!
+//! A connection owns no task and, while idle, no buffer: it is an entry in
+//! the shard's registry and a registration in the shard's epoll instance.
+//! Frames are queued as shared `Bytes` and written with one vectored
+//! `sendmsg` per flush; only when the socket is full does the connection
+//! also wait for EPOLLOUT.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{Bytes, BytesMut};
+use tracing::trace;
+
+use crate::auth::Identity;
+use crate::config::Config;
+use crate::id::ConnId;
+use crate::metrics::ShardMetrics;
+use crate::sys;
+use crate::topic::TopicName;
+use crate::ws::frame::Decoder;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for the upgrade request.
+    Handshake,
+    /// Upgraded: frames flow.
+    Open,
+    /// A close frame is queued or sent; waiting for the peer or the deadline.
+    Closing,
+    /// The socket is shut; the shard is about to forget the connection.
+    Closed,
+}
+
+/// The outbound queue: shared frames waiting for the socket. The counts
+/// are 32-bit (`outbound_queue` is at most 1 GiB; a frame is far smaller).
+#[derive(Debug, Default)]
+pub(super) struct OutQueue {
+    pub(super) frames: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    pub(super) offset: u32,
+    /// Unwritten bytes in the queue.
+    pub(super) bytes: u32,
+}
+
+/// `Sub::slot` of a subscription asked of the broker and not yet answered.
+pub(super) const PENDING: u32 = u32::MAX;
+
+/// One topic of a connection: live, at `slot` in the shard's subscriber
+/// list of the topic (so leaving it is O(1), not a search through what may
+/// be every connection of the shard), or [`PENDING`].
+#[derive(Debug)]
+pub(crate) struct Sub {
+    pub(crate) topic: TopicName,
+    slot: u32,
+}
+
+impl Sub {
+    /// Where it is in the topic's subscriber list (live subscriptions).
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Whether it is live (in the topic index), not pending.
+    pub(crate) fn is_live(&self) -> bool {
+        self.slot != PENDING
+    }
+}
+
+/// What happens to the socket once the outbound queue is written. The
+/// variants are ordered: a connection only ever moves to a later one
+/// ([`AfterFlush::then`]), so failing a connection whose HTTP refusal or
+/// close handshake is under way never keeps its socket open longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum AfterFlush {
+    /// Keep it open.
+    Nothing,
+    /// Send FIN (we failed the connection); keep reading until the peer closes.
+    Fin,
+    /// Shut both ways (HTTP error sent, or close handshake complete).
+    Shut,
+}
+
+impl AfterFlush {
+    /// The stronger of the two: never a downgrade.
+    pub(super) fn then(self, next: AfterFlush) -> AfterFlush {
+        self.max(next)
+    }
+}
+
+/// One connection's state, owned by its shard.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    /// The socket; closed when the last `Rc<Conn>` goes.
+    pub(super) socket: OwnedFd,
+    pub(super) phase: Cell<Phase>,
+    /// Handshake or close deadline, shard milliseconds.
+    pub(super) deadline: Cell<u64>,
+    pub(super) last_rx: Cell<u64>,
+    pub(super) out: RefCell<OutQueue>,
+    /// Queued since the last flush (already on the shard's dirty list).
+    pub(super) dirty: Cell<bool>,
+    /// The socket is full: registered for EPOLLOUT until it drains.
+    pub(super) write_blocked: Cell<bool>,
+    /// What to do to the socket once the queue is written.
+    pub(super) after_flush: Cell<AfterFlush>,
+    /// The upgrade succeeded at some point (counted in connections_active).
+    pub(super) opened: Cell<bool>,
+    /// Counted toward the connection caps since accept ([`Shard::admit`]).
+    pub(super) counted: Cell<bool>,
+    /// Bytes of an incomplete frame (or upgrade request) carried to the
+    /// next read; `None` between messages, so an idle connection holds one
+    /// word here, not a buffer.
+    pub(super) inbuf: RefCell<Option<Box<BytesMut>>>,
+    pub(super) decoder: RefCell<Decoder>,
+    /// Topics subscribed or pending (a short list: linear search beats a
+    /// set's memory).
+    pub(super) topics: RefCell<Vec<Sub>>,
+    /// Who the client is; `None` until its `auth` frame is accepted.
+    pub(crate) identity: RefCell<Option<Rc<Identity>>>,
+    /// The client's address, for the per-address connection cap.
+    pub(crate) peer: IpAddr,
+    /// Inbound rate limits: frames and bytes left in the two buckets, and
+    /// when both were last refilled (ms).
+    pub(super) tokens: Cell<f32>,
+    pub(super) byte_tokens: Cell<f32>,
+    pub(super) refilled: Cell<u64>,
+    /// When the client's current run of refused frames began (0 = none),
+    /// and when its last frame was refused: a run ends after a quiet
+    /// second. In [`centis`] (wrapping: only spans of seconds are compared).
+    pub(super) over_since: Cell<u32>,
+    pub(super) last_refused: Cell<u32>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        id: ConnId,
+        socket: OwnedFd,
+        peer: IpAddr,
+        now: u64,
+        config: &Config,
+    ) -> Self {
+        Self {
+            id,
+            socket,
+            phase: Cell::new(Phase::Handshake),
+            deadline: Cell::new(now.saturating_add(config.handshake_timeout.as_millis() as u64)),
+            last_rx: Cell::new(now),
+            out: RefCell::new(OutQueue::default()),
+            dirty: Cell::new(false),
+            write_blocked: Cell::new(false),
+            after_flush: Cell::new(AfterFlush::Nothing),
+            opened: Cell::new(false),
+            counted: Cell::new(false),
+            inbuf: RefCell::new(None),
+            decoder: RefCell::new(Decoder::new(config.max_message_size)),
+            topics: RefCell::new(Vec::new()),
+            identity: RefCell::new(None),
+            peer,
+            tokens: Cell::new(config.inbound_burst as f32),
+            byte_tokens: Cell::new(config.inbound_bytes_burst as f32),
+            refilled: Cell::new(now),
+            over_since: Cell::new(0),
+            last_refused: Cell::new(0),
+        }
+    }
+
+    /// Whether the upgrade succeeded.
+    pub(crate) fn was_open(&self) -> bool {
+        self.opened.get()
+    }
+
+    /// The socket's fd.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+    pub(crate) fn deadline(&self) -> u64 {
+        self.deadline.get()
+    }
+    pub(crate) fn last_rx(&self) -> u64 {
+        self.last_rx.get()
+    }
+    pub(crate) fn set_closing(&self, deadline: u64) {
+        self.phase.set(Phase::Closing);
+        self.deadline.set(deadline);
+    }
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes as usize
+    }
+
+    /// Whether `topic` is subscribed (live in the topic index).
+    pub(crate) fn is_subscribed(&self, topic: &TopicName) -> bool {
+        self.topics
+            .borrow()
+            .iter()
+            .any(|s| s.slot != PENDING && s.topic == *topic)
+    }
+
+    /// Whether a `sub` of `topic` waits for the broker.
+    pub(crate) fn is_pending(&self, topic: &TopicName) -> bool {
+        self.topics
+            .borrow()
+            .iter()
+            .any(|s| s.slot == PENDING && s.topic == *topic)
+    }
+
+    /// Subscriptions, live and pending.
+    pub(crate) fn topic_count(&self) -> usize {
+        self.topics.borrow().len()
+    }
+
+    /// Records a `sub` sent to the broker.
+    pub(crate) fn add_pending(&self, topic: TopicName) {
+        self.topics.borrow_mut().push(Sub {
+            topic,
+            slot: PENDING,
+        });
+    }
+
+    /// Forgets a pending `sub`; whether there was one.
+    pub(crate) fn take_pending(&self, topic: &TopicName) -> bool {
+        self.take_where(topic, |slot| slot == PENDING).is_some()
+    }
+
+    /// Forgets a live subscription; its slot in the topic index if there was one.
+    pub(crate) fn take_live(&self, topic: &TopicName) -> Option<u32> {
+        self.take_where(topic, |slot| slot != PENDING)
+    }
+
+    fn take_where(&self, topic: &TopicName, want: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut topics = self.topics.borrow_mut();
+        let i = topics
+            .iter()
+            .position(|s| want(s.slot) && s.topic == *topic)?;
+        Some(topics.swap_remove(i).slot)
+    }
+
+    /// Records a live subscription at `slot` of the topic's subscriber list.
+    pub(crate) fn add_live(&self, topic: TopicName, slot: u32) {
+        self.topics.borrow_mut().push(Sub { topic, slot });
+    }
+
+    /// The subscription to `topic` moved to `slot` (another one left the list).
+    pub(crate) fn move_slot(&self, topic: &TopicName, slot: u32) {
+        if let Some(s) = self
+            .topics
+            .borrow_mut()
+            .iter_mut()
+            .find(|s| s.slot != PENDING && s.topic == *topic)
+        {
+            s.slot = slot;
+        }
+    }
+
+    /// The live subscriptions' topics.
+    pub(crate) fn live_topics(&self) -> Vec<TopicName> {
+        self.topics
+            .borrow()
+            .iter()
+            .filter(|s| s.slot != PENDING)
+            .map(|s| s.topic.clone())
+            .collect()
+    }
+
+    /// Takes every subscription away (the connection is over), live and
+    /// pending.
+    pub(crate) fn take_all(&self) -> Vec<Sub> {
+        std::mem::take(&mut *self.topics.borrow_mut())
+    }
+
+    /// Shuts the socket: the task sees end of stream and cleans up.
+    pub(crate) fn shut(&self) {
+        if self.phase.replace(Phase::Closed) != Phase::Closed {
+            sys::shutdown(self.fd());
+        }
+    }
+
+    /// Called when the queue has been written out completely.
+    pub(super) fn flushed(&self) {
+        // An idle connection keeps no queue storage either.
+        let mut out = self.out.borrow_mut();
+        if out.frames.capacity() > 0 {
+            out.frames = VecDeque::new();
+        }
+        drop(out);
+        match self.after_flush.get() {
+            AfterFlush::Nothing => {}
+            AfterFlush::Fin => sys::shutdown_write(self.fd()),
+            AfterFlush::Shut => self.shut(),
+        }
+    }
+
+    /// Appends a frame; true when the connection just became dirty.
+    pub(crate) fn push(&self, frame: Bytes) -> bool {
+        if self.phase.get() == Phase::Closed {
+            return false;
+        }
+        let mut out = self.out.borrow_mut();
+        out.bytes = out
+            .bytes
+            .saturating_add(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        out.frames.push_back(frame);
+        !self.dirty.replace(true)
+    }
+
+    /// Drops every frame not yet started (a slow consumer about to be
+    /// closed); a half-written front frame stays so the stream stays valid.
+    /// Returns how many were dropped.
+    pub(crate) fn discard_unsent(&self) -> u64 {
+        let mut out = self.out.borrow_mut();
+        let keep = usize::from(out.offset > 0);
+        let dropped = out.frames.len().saturating_sub(keep);
+        out.frames.truncate(keep);
+        let left = out
+            .frames
+            .front()
+            .map_or(0, |f| f.len() - out.offset as usize);
+        out.bytes = left as u32;
+        dropped as u64
+    }
+}
+
+/// How one write attempt ended.
+pub(super) enum Flushed {
+    /// Everything queued was written.
+    Done,
+    /// The socket is full; wait until it is writable.
+    Blocked,
+    /// The socket failed; the connection is over.
+    Failed,
+}
+
+/// Writes what the queue holds, as few `sendmsg` calls as the socket allows.
+pub(super) fn write_queue(metrics: &ShardMetrics, conn: &Conn) -> Flushed {
+    let mut out = conn.out.borrow_mut();
+    while !out.frames.is_empty() {
+        match sys::send_frames(conn.fd(), out.frames.iter(), out.offset as usize) {
+            Ok(n) => {
+                metrics.socket_writes.fetch_add(1, Relaxed);
+                metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+                out.consume(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                trace!(error = %e, "write failed");
+                return Flushed::Failed;
+            }
+        }
+    }
+    Flushed::Done
+}
+
+impl OutQueue {
+    /// Forgets `n` written bytes from the front.
+    pub(super) fn consume(&mut self, mut n: usize) {
+        // The kernel wrote at most what was queued, which fits 32 bits.
+        self.bytes = self.bytes.saturating_sub(n as u32);
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let left = front.len() - self.offset as usize;
+            if n < left {
+                self.offset += n as u32;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.frames.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection is this struct in an `Rc` plus a registry entry:
+    /// keep it small (issue #3 targets under 400 B per idle connection).
+    /// With the `Rc`'s two counts it must fit the allocator's 256-byte class.
+    #[test]
+    fn connection_state_stays_small() {
+        let size = std::mem::size_of::<Conn>();
+        assert!(size + 16 <= 256, "Conn grew to {size} bytes");
+    }
+
+    #[test]
+    fn after_flush_never_downgrades() {
+        use AfterFlush::{Fin, Nothing, Shut};
+        // fail() after an HTTP refusal or a completed close handshake.
+        assert_eq!(Shut.then(Fin), Shut);
+        assert_eq!(Shut.then(Nothing), Shut);
+        assert_eq!(Fin.then(Nothing), Fin);
+        assert_eq!(Nothing.then(Fin), Fin);
+        assert_eq!(Fin.then(Shut), Shut);
+    }
+}

@@ -1,0 +1,201 @@
+//! What other threads send a shard ([`crate::bus::ShardMsg`]): messages to
+//! deliver, answers to `sub` and `pub`, and news that subscribers must
+//! recover (an overflowed inbox, a Redis partition gap).
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::conn::{Conn, Phase};
+use super::Shard;
+use crate::bus::ShardMsg;
+use crate::metrics::Undelivered;
+use crate::protocol::{code, encode_error, encode_ok, encode_topic_error, Close, OkExtra};
+use crate::topic::TopicName;
+
+impl Shard {
+    pub(super) fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Deliver { topic, frame, .. } => self.deliver(&topic, &frame),
+            ShardMsg::Subscribed {
+                reply,
+                topic,
+                replay,
+                recovered,
+                epoch,
+                last,
+            } => self.on_subscribed(reply, topic, replay, recovered, (&epoch, last)),
+            ShardMsg::SubscribeFailed {
+                reply,
+                topic,
+                reason,
+            } => {
+                let Some(conn) = self.conn(reply.conn) else {
+                    return;
+                };
+                if conn.take_pending(&topic) {
+                    self.end_pending(&topic);
+                }
+                let frame = encode_topic_error(reply.req, code::UNAVAILABLE, &topic, reason);
+                self.queue(&conn, frame);
+            }
+            ShardMsg::PartitionGap {
+                partition,
+                partitions,
+            } => self.on_partition_gap(partition, partitions),
+            ShardMsg::Published {
+                reply,
+                topic,
+                result,
+            } => {
+                let Some(conn) = self.conn(reply.conn) else {
+                    return;
+                };
+                match result {
+                    Ok(mid) if reply.req.is_some() => {
+                        let extra = OkExtra {
+                            mid: Some(mid),
+                            ..OkExtra::default()
+                        };
+                        self.queue(&conn, encode_ok(reply.req, Some(&topic), extra));
+                    }
+                    Ok(_) => {}
+                    Err(reason) => {
+                        self.queue(&conn, encode_error(reply.req, code::UNAVAILABLE, &reason))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The broker's answer to a `sub`: the replay, the `ok`, then the
+    /// subscription goes live. A replay that would not fit the outbound
+    /// queue beside what is queued already is not sent at all: the `ok`
+    /// says `recovered:false` at once (the client refetches its state)
+    /// and the frames are counted as dropped, so a recovery never gets its
+    /// own connection closed with 4009 and never loops.
+    pub(super) fn on_subscribed(
+        &self,
+        reply: crate::id::ReplyTo,
+        topic: TopicName,
+        replay: Vec<Bytes>,
+        recovered: Option<bool>,
+        (epoch, last): (&str, crate::id::MsgId),
+    ) {
+        let Some(conn) = self.conn(reply.conn) else {
+            return;
+        };
+        let wanted = conn.take_pending(&topic);
+        if wanted && !super::ops::may_subscribe(self, &conn, &topic) {
+            self.end_pending(&topic);
+            // A refreshed token narrowed `subs` while the broker
+            // answered: the `sub` ends refused, nothing replayed.
+            let reason = "topic not allowed by the refreshed token";
+            let frame = encode_topic_error(reply.req, code::FORBIDDEN_TOPIC, &topic, reason);
+            return self.queue(&conn, frame);
+        }
+        let ok = |recovered| {
+            let extra = OkExtra {
+                epoch: Some(epoch),
+                last: Some(last),
+                recovered,
+                mid: None,
+            };
+            encode_ok(reply.req, Some(&topic), extra)
+        };
+        let mut answer = ok(recovered);
+        let replay_bytes: usize = replay.iter().map(Bytes::len).sum();
+        if conn.queued_bytes() + replay_bytes + answer.len() > self.config.outbound_queue {
+            debug!(
+                conn = conn.id.0,
+                topic = %topic,
+                frames = replay.len(),
+                bytes = replay_bytes,
+                "replay over the outbound queue: answering recovered:false"
+            );
+            self.metrics
+                .dropped_n(Undelivered::ReplayTooLarge, replay.len() as u64);
+            answer = ok(Some(false));
+        } else {
+            for frame in replay {
+                self.queue_msg(&conn, frame);
+            }
+        }
+        self.queue(&conn, answer);
+        if wanted && conn.phase() == Phase::Open {
+            // Pending becomes live: the entry (and the announcement) stays.
+            let mut topics = self.topics.borrow_mut();
+            let local = topics.entry(topic.clone()).or_default();
+            local.pending = local.pending.saturating_sub(1);
+            conn.add_live(topic, local.live.len() as u32);
+            local.live.push(conn);
+            drop(topics);
+            self.metrics
+                .subscriptions_active
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if wanted {
+            // Closing meanwhile: it never becomes live.
+            self.end_pending(&topic);
+        }
+    }
+
+    /// Queues one shared `msg` frame to every local subscriber of `topic`.
+    /// Subscribers past their queue bound are closed after the topic index
+    /// is released: closing never runs under its borrow.
+    pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) {
+        let mut slow = Vec::new();
+        {
+            let topics = self.topics.borrow();
+            let Some(local) = topics.get(topic) else {
+                return;
+            };
+            for conn in &local.live {
+                if !self.queue_msg_or_defer(conn, frame) {
+                    slow.push(conn.clone());
+                }
+            }
+        }
+        for conn in &slow {
+            self.overflow(conn);
+        }
+    }
+
+    /// The inbox overflowed: some message never reached this shard, so every
+    /// subscriber here may have a gap. Close them with 4009 so they recover.
+    pub(super) fn on_lagged(&self) {
+        warn!("shard inbox overflowed; closing subscribers so they recover");
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
+            self.close(conn, Close::FellBehind);
+        }
+    }
+
+    /// A Redis partition lost entries before the node read them: every
+    /// subscriber of a topic in it has a hole. Close them with 4009, like
+    /// a lagged shard; their `since` is from before the gap, so recovery
+    /// answers `recovered:false` (the reader refuses it) and they refetch.
+    /// A scan of this shard's topics, once per gap (rare), never per message.
+    pub(super) fn on_partition_gap(&self, partition: u32, partitions: u32) {
+        let conns: Vec<Rc<Conn>> = self
+            .topics
+            .borrow()
+            .iter()
+            .filter(|(t, _)| t.partition(partitions) == partition)
+            .flat_map(|(_, local)| local.live.iter().cloned())
+            .collect();
+        let mut closed = 0usize;
+        // A connection with several topics in the partition is listed once
+        // per topic; `close` leaves one already closing alone.
+        for conn in conns.iter().filter(|c| c.phase() == Phase::Open) {
+            self.close(conn, Close::FellBehind);
+            closed += 1;
+        }
+        if closed > 0 {
+            warn!(
+                partition,
+                closed, "partition lost entries before they were read; closing its subscribers so they recover"
+            );
+        }
+    }
+}

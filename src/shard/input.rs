@@ -1,0 +1,170 @@
+//! What a readable socket brings: one read into the shard's scratch
+//! buffer, then the upgrade request or WebSocket frames, each decoded and
+//! answered; and the end of a connection. Nothing here panics on input.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::BytesMut;
+use tracing::debug;
+
+use super::conn::{AfterFlush, Conn, OutQueue, Phase};
+use super::Shard;
+use crate::metrics::{Disconnect, Undelivered};
+use crate::protocol::{code, encode_error, Close};
+use crate::sys;
+use crate::ws::frame::{encode_close, encode_frame, Message, OpCode};
+
+/// The socket is readable (or hung up): read once, then act on what came.
+/// Returns false when the connection is over and must be [`finish`]ed.
+pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
+    let mut buf = {
+        let mut scratch = shard.scratch.borrow_mut();
+        match sys::recv(conn.fd(), &mut scratch) {
+            Ok(0) => return false,
+            Ok(n) => {
+                let held = conn.inbuf.borrow_mut().take();
+                let mut buf = held.map_or_else(BytesMut::new, |b| *b);
+                buf.extend_from_slice(&scratch[..n]);
+                buf
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return true
+            }
+            Err(_) => return false,
+        }
+    };
+    conn.last_rx.set(shard.now_ms());
+    if conn.phase() == Phase::Handshake {
+        super::upgrade::handshake(shard, conn, &mut buf);
+    }
+    if conn.was_open() {
+        if matches!(conn.phase(), Phase::Open | Phase::Closing) {
+            process_input(shard, conn, &mut buf);
+        }
+    } else if conn.phase() != Phase::Handshake {
+        // Refused: the HTTP answer is queued and the socket is shut once it
+        // is written. What the client sends meanwhile is not WebSocket.
+        buf.clear();
+    }
+    // Only an incomplete frame is kept; an idle connection holds no buffer.
+    if !buf.is_empty() {
+        *conn.inbuf.borrow_mut() = Some(Box::new(buf));
+    }
+    true
+}
+
+/// The connection is over: the shard forgets it and counts what was lost.
+pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
+    match conn.phase() {
+        Phase::Open => shard.metrics.disconnect(Disconnect::Client),
+        Phase::Handshake => shard.metrics.disconnect(Disconnect::Handshake),
+        // Closing or Closed: the reason was counted when that started.
+        Phase::Closing | Phase::Closed => {}
+    }
+    conn.shut();
+    shard.remove(conn);
+    if conn.was_open() {
+        shard.metrics.connections_active.fetch_sub(1, Relaxed);
+    }
+    if conn.counted.replace(false) {
+        shard.release(conn.peer);
+    }
+    let mut out = conn.out.borrow_mut();
+    shard
+        .metrics
+        .dropped_n(Undelivered::ConnectionClosed, out.frames.len() as u64);
+    *out = OutQueue::default();
+    debug!(conn = conn.id.0, "connection closed");
+}
+
+/// Decodes and handles every complete message in `buf`.
+pub(super) fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+    loop {
+        if conn.phase() == Phase::Closed {
+            return;
+        }
+        let decoded = conn.decoder.borrow_mut().decode(buf);
+        match decoded {
+            Ok(None) => return,
+            Ok(Some(msg)) => on_message(shard, conn, msg),
+            Err(e) => {
+                debug!(error = %e, "protocol error");
+                buf.clear();
+                fail(shard, conn, Close::Protocol(e.close_code(), e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
+    let closing = conn.phase() != Phase::Open;
+    // Every data message, ping and pong is charged before any work is done
+    // for it: unparsable text, unknown ops and binary frames are answered,
+    // and pings are owed a pong, so none may bypass the limits.
+    if !closing {
+        let len = match &msg {
+            Message::Text(b) | Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(_) => 0,
+        };
+        if !matches!(msg, Message::Close(_)) {
+            if let Err(over) = super::rate::charge(shard, conn, len) {
+                return super::rate::over_rate(shard, conn, &msg, over);
+            }
+        }
+    }
+    match msg {
+        Message::Ping(p) if !closing => shard.queue(conn, encode_frame(OpCode::Pong, &p)),
+        Message::Ping(_) | Message::Pong(_) => {}
+        Message::Close(c) => on_close(shard, conn, c),
+        _ if closing => {} // after our close frame, data is read and ignored
+        Message::Text(t) if shard.config.echo => shard.queue(conn, encode_frame(OpCode::Text, &t)),
+        Message::Binary(b) if shard.config.echo => {
+            shard.queue(conn, encode_frame(OpCode::Binary, &b))
+        }
+        Message::Binary(_) => {
+            let reason = "binary frames are not supported: ringcast.v1 is JSON text";
+            shard.queue(conn, encode_error(None, code::BAD_REQUEST, reason));
+        }
+        Message::Text(t) => match std::str::from_utf8(&t) {
+            Ok(text) => super::ops::on_op(shard, conn, text),
+            Err(_) => fail(shard, conn, Close::InvalidUtf8),
+        },
+    }
+}
+
+/// Fails the connection (RFC 6455 section 7.1.7): the close frame, then our
+/// FIN right behind it. Reading goes on (and is discarded) until the peer
+/// closes or the close timeout, so its unread data never turns into a reset
+/// that could destroy the close frame before the peer reads it.
+pub(super) fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, why: Close) {
+    shard.close(conn, why);
+    // Already shutting both ways (the close handshake completed): keep that.
+    conn.after_flush
+        .set(conn.after_flush.get().then(AfterFlush::Fin));
+}
+
+pub(super) fn on_close(shard: &Rc<Shard>, conn: &Rc<Conn>, close: Option<(u16, String)>) {
+    if conn.phase() == Phase::Closing {
+        // The peer answered our close: the handshake is complete.
+        conn.after_flush.set(AfterFlush::Shut);
+        if conn.queued_bytes() == 0 {
+            conn.shut();
+        }
+        return;
+    }
+    // Echo the peer's code (RFC 6455 section 5.5.1), then shut once written.
+    shard.metrics.disconnect(Disconnect::Client);
+    conn.phase.set(Phase::Closing);
+    conn.after_flush.set(AfterFlush::Shut);
+    let frame = match close {
+        Some((code, _)) => encode_close(code, ""),
+        None => encode_frame(OpCode::Close, b""),
+    };
+    shard.queue_unbounded(conn, frame);
+}

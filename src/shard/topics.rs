@@ -1,0 +1,213 @@
+//! The shard's topic index: every topic with a live or pending local
+//! subscription, its subscribers, and its announcement to the broker side
+//! ([`crate::bus::Interest`]), which lives exactly as long as the entry.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::conn::Conn;
+use super::Shard;
+use crate::topic::TopicName;
+
+impl Shard {
+    /// Records a `sub` about to go to the broker. A topic new to this
+    /// shard enters the index and is announced first ([`crate::bus`]), so
+    /// nothing published from the subscription's start misses this shard.
+    pub(crate) fn add_pending(&self, conn: &Conn, topic: &TopicName) {
+        let mut topics = self.topics.borrow_mut();
+        let local = topics.entry(topic.clone()).or_insert_with(|| {
+            self.interest.add(topic, self.id);
+            Local::default()
+        });
+        local.pending += 1;
+        drop(topics);
+        conn.add_pending(topic.clone());
+        self.sync_gauges();
+    }
+
+    /// A pending `sub` ended without becoming live.
+    pub(super) fn end_pending(&self, topic: &TopicName) {
+        if release_pending(&mut self.topics.borrow_mut(), topic) {
+            self.interest.remove(topic, self.id);
+        }
+        self.sync_gauges();
+    }
+
+    /// Unsubscribes one connection from one topic; false if it was not subscribed.
+    pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
+        let Some(slot) = conn.take_live(topic) else {
+            let pending = conn.take_pending(topic);
+            if pending {
+                self.end_pending(topic);
+            }
+            return pending;
+        };
+        if detach(&mut self.topics.borrow_mut(), topic, slot) {
+            self.interest.remove(topic, self.id);
+        }
+        self.sync_gauges();
+        self.metrics
+            .subscriptions_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Forgets a finished connection: registry, topic index, counters.
+    pub(crate) fn remove(&self, conn: &Rc<Conn>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.conns.borrow_mut().remove(&conn.id);
+        let subs = conn.take_all();
+        let mut topics = self.topics.borrow_mut();
+        let mut live = 0;
+        for sub in &subs {
+            let gone = if sub.is_live() {
+                live += 1;
+                detach(&mut topics, &sub.topic, sub.slot())
+            } else {
+                release_pending(&mut topics, &sub.topic)
+            };
+            if gone {
+                self.interest.remove(&sub.topic, self.id);
+            }
+        }
+        drop(topics);
+        self.sync_gauges();
+        self.metrics.subscriptions_active.fetch_sub(live, Relaxed);
+    }
+
+    /// Publishes the sizes of the registry and the topic index as gauges,
+    /// after every change to either: what `/metrics` shows is the maps
+    /// themselves, not a count kept beside them that could drift.
+    pub(super) fn sync_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let conns = self.conns.borrow().len() as i64;
+        let topics = self.topics.borrow().len() as i64;
+        let announced = if self.interest.tracked() { topics } else { 0 };
+        self.metrics.registry_connections.store(conns, Relaxed);
+        self.metrics.topic_index_entries.store(topics, Relaxed);
+        self.metrics.topics_announced.store(announced, Relaxed);
+    }
+}
+
+/// One topic of a shard's index: the live subscribers (a connection's
+/// `Sub::slot` is its index in `live`) and the `sub`s for it still waiting
+/// on the broker. The entry lives while either is non-zero, and exactly
+/// that long the topic is announced in [`crate::bus::Interest`].
+#[derive(Debug, Default)]
+pub(crate) struct Local {
+    pub(super) live: Vec<Rc<Conn>>,
+    pub(super) pending: u32,
+}
+
+impl Local {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.pending == 0
+    }
+}
+
+/// Removes the subscriber at `slot` of `topic`'s list, and the topic once
+/// it has none, live or pending; true when the topic left the index. O(1):
+/// the last subscriber takes the slot and is told so.
+pub(super) fn detach(topics: &mut HashMap<TopicName, Local>, topic: &TopicName, slot: u32) -> bool {
+    let Some(local) = topics.get_mut(topic) else {
+        return false;
+    };
+    let slot = slot as usize;
+    if slot < local.live.len() {
+        local.live.swap_remove(slot);
+        if let Some(moved) = local.live.get(slot) {
+            moved.move_slot(topic, slot as u32);
+        }
+    }
+    forget_if_empty(topics, topic)
+}
+
+/// Counts one pending `sub` of `topic` as over; true when the topic left the index.
+pub(super) fn release_pending(topics: &mut HashMap<TopicName, Local>, topic: &TopicName) -> bool {
+    if let Some(local) = topics.get_mut(topic) {
+        local.pending = local.pending.saturating_sub(1);
+    }
+    forget_if_empty(topics, topic)
+}
+
+pub(super) fn forget_if_empty(topics: &mut HashMap<TopicName, Local>, topic: &TopicName) -> bool {
+    let empty = topics.get(topic).is_some_and(Local::is_empty);
+    if empty {
+        topics.remove(topic);
+    }
+    empty
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::id::ConnId;
+
+    fn conn(id: u64, config: &Config) -> Rc<Conn> {
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+        Rc::new(Conn::new(ConnId(id), fd, peer, 0, config))
+    }
+
+    fn attach(topics: &mut HashMap<TopicName, Local>, topic: &TopicName, c: &Rc<Conn>) {
+        let local = topics.entry(topic.clone()).or_default();
+        c.add_live(topic.clone(), local.live.len() as u32);
+        local.live.push(c.clone());
+    }
+
+    #[test]
+    fn a_topic_stays_indexed_while_it_has_a_live_or_pending_subscription() {
+        let config = Config::default();
+        let t = TopicName::new("t").unwrap();
+        let c = conn(1, &config);
+        let mut topics: HashMap<TopicName, Local> = HashMap::new();
+        topics.entry(t.clone()).or_default().pending = 2;
+        attach(&mut topics, &t, &c);
+        assert!(
+            !release_pending(&mut topics, &t),
+            "one pending and one live left"
+        );
+        assert!(!detach(&mut topics, &t, 0), "one pending left");
+        assert!(topics.contains_key(&t));
+        assert!(release_pending(&mut topics, &t), "the last one");
+        assert!(topics.is_empty());
+        // Releasing what is not there changes nothing.
+        assert!(!release_pending(&mut topics, &t));
+        assert!(!detach(&mut topics, &t, 0));
+        assert!(topics.is_empty());
+    }
+
+    #[test]
+    fn detaching_in_any_order_keeps_every_slot_true() {
+        let config = Config::default();
+        let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
+        let conns: Vec<Rc<Conn>> = (0..50).map(|i| conn(i, &config)).collect();
+        let mut topics = HashMap::new();
+        for c in &conns {
+            attach(&mut topics, &a, c);
+            if c.id.0 % 3 == 0 {
+                attach(&mut topics, &b, c);
+            }
+        }
+        let mut order: Vec<usize> = (0..conns.len()).collect();
+        fastrand::Rng::with_seed(7).shuffle(&mut order);
+        for (n, &i) in order.iter().enumerate() {
+            for sub in conns[i].take_all().iter().filter(|s| s.is_live()) {
+                detach(&mut topics, &sub.topic, sub.slot());
+            }
+            let left: Vec<&Rc<Conn>> = order[n + 1..].iter().map(|&k| &conns[k]).collect();
+            let list = topics.get(&a).map_or(&[][..], |l| &l.live[..]);
+            assert_eq!(list.len(), left.len());
+            for (slot, c) in list.iter().enumerate() {
+                assert!(
+                    left.iter().any(|l| Rc::ptr_eq(l, c)),
+                    "a gone conn is still listed"
+                );
+                assert_eq!(c.take_live(&a), Some(slot as u32));
+                c.add_live(a.clone(), slot as u32);
+            }
+        }
+        assert!(topics.is_empty(), "{:?}", topics.keys().collect::<Vec<_>>());
+    }
+}
