@@ -10,12 +10,12 @@
 //! clients recover with `since`. Nothing is lost silently.
 //!
 //! Interest: with more than one shard, a `Deliver` goes only to the shards
-//! that announced a subscriber (live or pending) for its topic in the
-//! shared [`Interest`] map, so a notification for one user's topic wakes one
-//! shard, not all of them. A shard announces a topic before it asks the
-//! broker for the subscription and withdraws it after its last local
-//! subscriber left, so every message published after a subscription began
-//! reaches that shard.
+//! that announced a subscriber (live or pending) for its topic, so a
+//! notification for one user's topic wakes one shard, not all of them. The
+//! announcement is part of the shard's `sub` (and the withdrawal a message
+//! of its own, after its last local subscriber left), and the broker thread
+//! keeps the [`Interest`] map as it takes them, in order with everything
+//! else: nothing is shared or locked between shards and brokers.
 //!
 //! The drain signal does not travel through the channel: a full inbox must
 //! not lose it, or that shard would never drain and the process would hang.
@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
@@ -213,13 +213,17 @@ pub fn inbox(metrics: Arc<ShardMetrics>) -> (ShardSender, Inbox) {
 }
 
 /// Which shards have a subscriber (live or pending) for which topic: one
-/// bit per shard. Written by the shards when a topic gains its first or
-/// loses its last local subscriber, read by the broker once per message.
-/// With one shard there is nothing to choose and nothing is tracked.
+/// bit per shard. Owned by the broker thread that delivers the topic (the
+/// embedded broker, or the Redis reader of the topic's partition), which
+/// changes it only as it takes the shards' messages: a `sub` that
+/// announces the topic, a withdrawal after the shard's last local
+/// subscriber left. Both travel in the same FIFO as every other `sub`, so
+/// no lock is needed and every message published after a subscription's
+/// position reaches its shard. With one shard nothing is tracked.
 #[derive(Debug, Default)]
 pub struct Interest {
     shards: usize,
-    map: RwLock<HashMap<TopicName, Box<[u64]>>>,
+    map: HashMap<TopicName, Box<[u64]>>,
 }
 
 impl Interest {
@@ -227,7 +231,7 @@ impl Interest {
     pub fn new(shards: usize) -> Self {
         Self {
             shards,
-            map: RwLock::default(),
+            map: HashMap::new(),
         }
     }
 
@@ -237,39 +241,35 @@ impl Interest {
     }
 
     /// Shard `shard` has a subscriber for `topic` from now on.
-    pub fn add(&self, topic: &TopicName, shard: ShardId) {
+    pub fn add(&mut self, topic: &TopicName, shard: ShardId) {
         let shard = shard.index();
         if !self.tracked() || shard >= self.shards {
             return;
         }
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        let words = map
+        let words = self
+            .map
             .entry(topic.clone())
             .or_insert_with(|| vec![0; self.shards.div_ceil(64)].into_boxed_slice());
         words[shard / 64] |= 1 << (shard % 64);
     }
 
     /// Shard `shard` has no subscriber for `topic` any more.
-    pub fn remove(&self, topic: &TopicName, shard: ShardId) {
+    pub fn remove(&mut self, topic: &TopicName, shard: ShardId) {
         let shard = shard.index();
         if !self.tracked() || shard >= self.shards {
             return;
         }
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(words) = map.get_mut(topic) {
+        if let Some(words) = self.map.get_mut(topic) {
             words[shard / 64] &= !(1 << (shard % 64));
             if words.iter().all(|w| *w == 0) {
-                map.remove(topic);
+                self.map.remove(topic);
             }
         }
     }
 
     /// Topics some shard has a subscriber for.
     pub fn topics(&self) -> usize {
-        self.map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.map.len()
     }
 }
 
@@ -277,24 +277,23 @@ impl Interest {
 #[derive(Debug, Clone, Default)]
 pub struct Bus {
     shards: Vec<ShardSender>,
-    interest: Arc<Interest>,
 }
 
 impl Bus {
     /// A bus over these shards, indexed by shard number.
     pub fn new(shards: Vec<ShardSender>) -> Self {
-        let interest = Arc::new(Interest::new(shards.len()));
-        Self { shards, interest }
+        Self { shards }
     }
 
-    /// The shards' announcements of which topics they serve.
-    pub fn interest(&self) -> Arc<Interest> {
-        self.interest.clone()
+    /// An empty [`Interest`] map for this bus's shards, for a broker thread.
+    pub fn interest(&self) -> Interest {
+        Interest::new(self.shards.len())
     }
 
-    /// Sends a `Deliver` to every shard with a subscriber for `topic` (to
-    /// the only shard, with one). The frame is shared, not copied.
-    pub fn deliver(&self, topic: &TopicName, id: MsgId, frame: &Bytes) {
+    /// Sends a `Deliver` to every shard `interest` has a subscriber for
+    /// `topic` on (to the only shard, with one). The frame is shared, not
+    /// copied.
+    pub fn deliver(&self, topic: &TopicName, id: MsgId, frame: &Bytes, interest: &Interest) {
         let send = |shard: &ShardSender| {
             shard.send(ShardMsg::Deliver {
                 topic: topic.clone(),
@@ -302,15 +301,12 @@ impl Bus {
                 frame: frame.clone(),
             })
         };
-        if !self.interest.tracked() {
+        if !interest.tracked() {
             return self.shards.iter().for_each(send);
         }
-        let map = self
-            .interest
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(words) = map.get(topic) else { return };
+        let Some(words) = interest.map.get(topic) else {
+            return;
+        };
         for (w, &word) in words.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -448,7 +444,7 @@ mod tests {
     fn messages_go_only_to_shards_that_announced_the_topic() {
         for shards in [2usize, 3, 64, 65, 130] {
             let (bus, rx) = inboxes(shards);
-            let interest = bus.interest();
+            let mut interest = bus.interest();
             let a = TopicName::new("user.a").expect("a valid topic");
             let b = TopicName::new("user.b").expect("a valid topic");
             let last = shards - 1;
@@ -457,8 +453,18 @@ mod tests {
             interest.add(&b, ShardId(0));
             interest.add(&b, ShardId(last as u16));
             interest.add(&b, ShardId(shards as u16)); // no such shard: ignored
-            bus.deliver(&a, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
-            bus.deliver(&b, MsgId { ms: 1, seq: 1 }, &Bytes::from_static(b"y"));
+            bus.deliver(
+                &a,
+                MsgId { ms: 1, seq: 0 },
+                &Bytes::from_static(b"x"),
+                &interest,
+            );
+            bus.deliver(
+                &b,
+                MsgId { ms: 1, seq: 1 },
+                &Bytes::from_static(b"y"),
+                &interest,
+            );
             let got: Vec<usize> = rx.iter().map(delivered).collect();
             let mut want = vec![0; shards];
             want[0] = 1;
@@ -468,8 +474,18 @@ mod tests {
             // Withdrawn: nothing more goes there, and empty entries are forgotten.
             interest.remove(&a, ShardId(last as u16));
             interest.remove(&b, ShardId(last as u16));
-            bus.deliver(&a, MsgId { ms: 2, seq: 0 }, &Bytes::from_static(b"x"));
-            bus.deliver(&b, MsgId { ms: 2, seq: 1 }, &Bytes::from_static(b"y"));
+            bus.deliver(
+                &a,
+                MsgId { ms: 2, seq: 0 },
+                &Bytes::from_static(b"x"),
+                &interest,
+            );
+            bus.deliver(
+                &b,
+                MsgId { ms: 2, seq: 1 },
+                &Bytes::from_static(b"y"),
+                &interest,
+            );
             let got: Vec<usize> = rx.iter().map(delivered).collect();
             let mut want = vec![0; shards];
             want[0] = 1;
@@ -485,9 +501,15 @@ mod tests {
     fn one_shard_gets_everything_without_announcing() {
         let (bus, rx) = inboxes(1);
         let t = TopicName::new("t").expect("a valid topic");
-        bus.interest().add(&t, ShardId(0));
-        assert_eq!(bus.interest().topics(), 0, "nothing tracked with one shard");
-        bus.deliver(&t, MsgId { ms: 1, seq: 0 }, &Bytes::from_static(b"x"));
+        let mut interest = bus.interest();
+        interest.add(&t, ShardId(0));
+        assert_eq!(interest.topics(), 0, "nothing tracked with one shard");
+        bus.deliver(
+            &t,
+            MsgId { ms: 1, seq: 0 },
+            &Bytes::from_static(b"x"),
+            &interest,
+        );
         assert_eq!(delivered(&rx[0]), 1);
     }
 

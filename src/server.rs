@@ -62,7 +62,10 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
                 .context("starting the Redis Streams broker")?,
             )
         }
-        None => Arc::new(MemoryBroker::new(bus.clone(), retention).with_namespaces(&namespaces)),
+        None => Arc::new(
+            MemoryBroker::start(bus.clone(), retention, &namespaces)
+                .context("starting the embedded broker")?,
+        ),
     };
     let admin = match config.admin_listen {
         Some(addr) => Some(
@@ -87,7 +90,6 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             listener,
             auth: auth.clone(),
             node_connections: node_connections.clone(),
-            interest: bus.interest(),
             namespaces: namespaces.clone(),
         };
         let tx = exit_tx.clone();

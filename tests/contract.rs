@@ -120,9 +120,10 @@ const CODE_CALLS: &[(&str, usize)] = &[
     ("encode_error", 1),
     ("encode_topic_error", 1),
     ("encode_close", 0),
-    // `Shard::close(conn, code, reason, why)`, as `shard.close`, `self.close`.
+    // `Shard::close(conn, why)`, as `shard.close`, `self.close`: `why` is a
+    // `protocol::Close`, whose `code()` is the one table of close codes.
     (".close", 1),
-    // connection.rs: `fail(shard, conn, code, reason)`.
+    // shard/input.rs: `fail(shard, conn, why)`, the same.
     ("fail", 2),
 ];
 

@@ -2,22 +2,26 @@
 //! `MS-SEQ` format, keeps a bounded history per topic (by count and by age)
 //! for recovery, and hands each message to every shard.
 //!
-//! One mutex orders everything: a publish assigns its id, appends to the
-//! history and sends `Deliver` to every shard inside the lock, and a
-//! subscribe reads the history and sends `Subscribed` inside the same lock.
-//! Inboxes are FIFO, so the ordering contract of [`crate::broker`] holds.
-//! The lock is taken once per publish or subscribe, never per subscriber.
+//! It runs on a thread of its own (`broker`), like the Redis reader: the
+//! shards hand it requests through one bounded queue and never wait, lock
+//! or encode for it. The thread takes them in order, so a publish assigns
+//! its id, appends to the history and sends `Deliver` before it looks at
+//! the next request, and a subscribe reads the history and sends
+//! `Subscribed` in between: inboxes are FIFO, so the ordering contract of
+//! [`crate::broker`] holds. Which shards get a topic ([`Interest`]) is kept
+//! by the same thread, from the same queue. A full queue refuses the
+//! request (4503) rather than blocking a shard.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::broker::{Broker, SubscribeRequest};
-use crate::bus::{Bus, ShardMsg};
-use crate::id::ReplyTo;
-use crate::id::{mint_epoch, MsgId, Since};
+use crate::bus::{Bus, Interest, ShardMsg};
+use crate::id::{mint_epoch, MsgId, ReplyTo, ShardId, Since};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
 
@@ -30,15 +34,41 @@ pub struct Retention {
     pub ttl: Duration,
 }
 
-/// The embedded broker.
+/// Requests that may wait for the broker thread; past it a `pub` or `sub`
+/// is answered 4503 rather than queued without bound.
+const QUEUE: usize = 65_536;
+
+/// The embedded broker, as the shards see it: a queue to its thread.
 #[derive(Debug)]
 pub struct MemoryBroker {
+    bus: Bus,
+    epoch: Arc<str>,
+    tx: Sender<Request>,
+}
+
+/// What the shards ask of the broker thread.
+#[derive(Debug)]
+enum Request {
+    Publish {
+        reply: Option<ReplyTo>,
+        topic: TopicName,
+        data: Box<str>,
+    },
+    Subscribe(SubscribeRequest),
+    Withdraw(TopicName, ShardId),
+}
+
+/// The broker thread's state: every topic's history, the id sequence, and
+/// which shards each topic goes to.
+#[derive(Debug)]
+struct Log {
     bus: Bus,
     epoch: Arc<str>,
     retention: Retention,
     /// Per-namespace overrides of `retention`.
     by_namespace: HashMap<String, Retention>,
-    inner: Mutex<Inner>,
+    interest: Interest,
+    inner: Inner,
 }
 
 #[derive(Debug, Default)]
@@ -78,27 +108,63 @@ fn now_ms() -> u64 {
 }
 
 impl MemoryBroker {
-    /// A broker delivering to the shards of `bus`, with a new epoch.
-    pub fn new(bus: Bus, retention: Retention) -> Self {
+    /// Starts the broker thread, delivering to the shards of `bus` with a
+    /// new epoch, `retention` per topic and the namespaces' overrides of it.
+    pub fn start(
+        bus: Bus,
+        retention: Retention,
+        namespaces: &crate::namespace::Namespaces,
+    ) -> std::io::Result<Self> {
+        let log = Log::new(bus.clone(), retention, namespaces);
+        let epoch = log.epoch.clone();
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        std::thread::Builder::new()
+            .name("broker".into())
+            .spawn(move || log.run(&rx))?;
+        Ok(Self { bus, epoch, tx })
+    }
+
+    /// This run's epoch (the embedded broker mints one per start).
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
+    }
+}
+
+impl Log {
+    fn new(bus: Bus, retention: Retention, namespaces: &crate::namespace::Namespaces) -> Self {
+        let by_namespace = namespaces
+            .iter()
+            .map(|ns| {
+                let r = Retention {
+                    size: ns.history_size.unwrap_or(retention.size),
+                    ttl: ns.history_ttl.unwrap_or(retention.ttl),
+                };
+                (ns.name.clone(), r)
+            })
+            .collect();
         Self {
+            interest: bus.interest(),
             bus,
             epoch: mint_epoch(),
             retention,
-            by_namespace: HashMap::new(),
-            inner: Mutex::new(Inner::default()),
+            by_namespace,
+            inner: Inner::default(),
         }
     }
 
-    /// Applies the namespaces' `history_size` / `history_ttl` overrides.
-    pub fn with_namespaces(mut self, namespaces: &crate::namespace::Namespaces) -> Self {
-        for ns in namespaces.iter() {
-            let r = Retention {
-                size: ns.history_size.unwrap_or(self.retention.size),
-                ttl: ns.history_ttl.unwrap_or(self.retention.ttl),
-            };
-            self.by_namespace.insert(ns.name.clone(), r);
+    /// Takes requests until every sender is gone (the node stops).
+    fn run(mut self, rx: &Receiver<Request>) {
+        for req in rx {
+            self.handle(req);
         }
-        self
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Publish { reply, topic, data } => self.publish(reply, topic, &data),
+            Request::Subscribe(req) => self.subscribe(req),
+            Request::Withdraw(topic, shard) => self.interest.remove(&topic, shard),
+        }
     }
 
     fn retention_for(&self, topic: &TopicName) -> Retention {
@@ -106,17 +172,6 @@ impl MemoryBroker {
             .get(topic.namespace())
             .copied()
             .unwrap_or(self.retention)
-    }
-
-    /// This run's epoch (the embedded broker mints one per start).
-    pub fn epoch(&self) -> &Arc<str> {
-        &self.epoch
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the history half
-        // written in a way later calls rely on, so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -203,15 +258,14 @@ impl TopicLog {
     }
 }
 
-impl Broker for MemoryBroker {
-    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+impl Log {
+    fn publish(&mut self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
         let now = now_ms();
         let retention = self.retention_for(&topic);
         let oldest_kept = now.saturating_sub(retention.ttl.as_millis() as u64);
-        let mut inner = self.lock();
-        let id = inner.next_id(now);
+        let id = self.inner.next_id(now);
         let frame = encode_msg(&topic, id, None, data);
-        self.bus.deliver(&topic, id, &frame);
+        self.bus.deliver(&topic, id, &frame, &self.interest);
         if let Some(reply) = reply {
             self.bus.send_to(
                 reply.shard,
@@ -222,6 +276,7 @@ impl Broker for MemoryBroker {
                 },
             );
         }
+        let inner = &mut self.inner;
         let log = inner.topics.entry(topic).or_default();
         log.last = id;
         log.entries.push_back(Entry { id, frame });
@@ -232,15 +287,22 @@ impl Broker for MemoryBroker {
         inner.publishes_since_sweep += 1;
         if inner.publishes_since_sweep >= SWEEP_EVERY {
             inner.publishes_since_sweep = 0;
-            inner.sweep(|t| now.saturating_sub(self.retention_for(t).ttl.as_millis() as u64));
+            let (retention, by_namespace) = (self.retention, &self.by_namespace);
+            inner.sweep(|t| {
+                let ttl = by_namespace.get(t.namespace()).unwrap_or(&retention).ttl;
+                now.saturating_sub(ttl.as_millis() as u64)
+            });
         }
     }
 
-    fn subscribe(&self, req: SubscribeRequest) {
+    fn subscribe(&mut self, req: SubscribeRequest) {
         let ttl = self.retention_for(&req.topic).ttl;
         let oldest_kept = now_ms().saturating_sub(ttl.as_millis() as u64);
-        let mut inner = self.lock();
-        // Under the lock: every later `Deliver` of the topic has a greater id.
+        if req.announce {
+            self.interest.add(&req.topic, req.reply.shard);
+        }
+        let inner = &mut self.inner;
+        // Taken in order: every later `Deliver` of the topic has a greater id.
         let position = inner.last;
         let (replay, recovered) = match &req.since {
             None => (Vec::new(), None),
@@ -263,6 +325,50 @@ impl Broker for MemoryBroker {
     }
 }
 
+impl Broker for MemoryBroker {
+    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+        let req = Request::Publish {
+            reply,
+            topic,
+            data: data.into(),
+        };
+        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) = self.tx.try_send(req) {
+            if let Request::Publish {
+                reply: Some(reply),
+                topic,
+                ..
+            } = r
+            {
+                let why = "broker unavailable: the embedded broker's queue is full, retry later";
+                self.bus.send_to(
+                    reply.shard,
+                    ShardMsg::Published {
+                        reply,
+                        topic,
+                        result: Err(why.to_string()),
+                    },
+                );
+            }
+        }
+    }
+
+    fn subscribe(&self, req: SubscribeRequest) {
+        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
+            self.tx.try_send(Request::Subscribe(req))
+        {
+            if let Request::Subscribe(req) = r {
+                let why = "broker unavailable: the embedded broker's queue is full, retry later";
+                self.bus.subscribe_failed(req.reply, req.topic, why);
+            }
+        }
+    }
+
+    fn withdraw(&self, topic: TopicName, shard: ShardId) {
+        // Dropped when full: see `Broker::withdraw`.
+        let _ = self.tx.try_send(Request::Withdraw(topic, shard));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -272,10 +378,12 @@ mod tests {
     use crate::id::ConnId;
     use crate::metrics::ShardMetrics;
 
-    fn broker(size: usize, ttl: Duration) -> (MemoryBroker, Inbox) {
+    /// The broker thread's state, driven directly (no thread).
+    fn broker(size: usize, ttl: Duration) -> (Log, Inbox) {
         let (tx, rx) = inbox(Arc::new(ShardMetrics::default()));
+        let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
         (
-            MemoryBroker::new(Bus::new(vec![tx]), Retention { size, ttl }),
+            Log::new(Bus::new(vec![tx]), Retention { size, ttl }, &none),
             rx,
         )
     }
@@ -293,7 +401,7 @@ mod tests {
     }
 
     /// Publishes n messages and returns their ids, draining the inbox.
-    fn publish_n(b: &MemoryBroker, rx: &Inbox, t: &str, n: usize) -> Vec<MsgId> {
+    fn publish_n(b: &mut Log, rx: &Inbox, t: &str, n: usize) -> Vec<MsgId> {
         let mut ids = Vec::new();
         for i in 0..n {
             b.publish(None, topic(t), &format!("{{\"n\":{i}}}"));
@@ -305,16 +413,12 @@ mod tests {
         ids
     }
 
-    fn subscribe(
-        b: &MemoryBroker,
-        rx: &Inbox,
-        t: &str,
-        since: Option<Since>,
-    ) -> (usize, Option<bool>) {
+    fn subscribe(b: &mut Log, rx: &Inbox, t: &str, since: Option<Since>) -> (usize, Option<bool>) {
         b.subscribe(SubscribeRequest {
             reply: reply(),
             topic: topic(t),
             since,
+            announce: false,
         });
         match rx.try_recv() {
             Some(ShardMsg::Subscribed {
@@ -336,29 +440,35 @@ mod tests {
 
     #[test]
     fn recovery_replays_exactly_what_was_missed() {
-        let (b, rx) = broker(100, Duration::from_secs(600));
-        let ids = publish_n(&b, &rx, "news", 5);
-        let epoch = Some(b.epoch().to_string());
+        let (mut b, rx) = broker(100, Duration::from_secs(600));
+        let ids = publish_n(&mut b, &rx, "news", 5);
+        let epoch = Some(b.epoch.to_string());
         let since = |id| {
             Some(Since {
                 id,
                 epoch: epoch.clone(),
             })
         };
-        assert_eq!(subscribe(&b, &rx, "news", since(ids[1])), (3, Some(true)));
-        assert_eq!(subscribe(&b, &rx, "news", since(ids[4])), (0, Some(true)));
-        assert_eq!(subscribe(&b, &rx, "news", None), (0, None));
+        assert_eq!(
+            subscribe(&mut b, &rx, "news", since(ids[1])),
+            (3, Some(true))
+        );
+        assert_eq!(
+            subscribe(&mut b, &rx, "news", since(ids[4])),
+            (0, Some(true))
+        );
+        assert_eq!(subscribe(&mut b, &rx, "news", None), (0, None));
     }
 
     #[test]
     fn recovery_fails_whole_when_not_everything_is_kept() {
-        let (b, rx) = broker(3, Duration::from_secs(600));
-        let ids = publish_n(&b, &rx, "news", 6);
-        let e = Some(b.epoch().to_string());
+        let (mut b, rx) = broker(3, Duration::from_secs(600));
+        let ids = publish_n(&mut b, &rx, "news", 6);
+        let e = Some(b.epoch.to_string());
         // ids[0..3] were trimmed; since ids[2] needs ids[3..] which are kept.
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -370,7 +480,7 @@ mod tests {
         );
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -383,7 +493,7 @@ mod tests {
         // Wrong or missing epoch.
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -395,7 +505,7 @@ mod tests {
         );
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -412,7 +522,7 @@ mod tests {
         };
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -426,7 +536,7 @@ mod tests {
         // this node gave.
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "empty",
                 Some(Since {
@@ -439,11 +549,12 @@ mod tests {
     }
 
     /// Subscribes without `since` and returns the `last` of the answer.
-    fn last_of(b: &MemoryBroker, rx: &Inbox, t: &str) -> MsgId {
+    fn last_of(b: &mut Log, rx: &Inbox, t: &str) -> MsgId {
         b.subscribe(SubscribeRequest {
             reply: reply(),
             topic: topic(t),
             since: None,
+            announce: false,
         });
         match rx.try_recv() {
             Some(ShardMsg::Subscribed { last, .. }) => last,
@@ -453,63 +564,77 @@ mod tests {
 
     #[test]
     fn last_of_a_quiet_topic_recovers_what_came_after_it() {
-        let (b, rx) = broker(100, Duration::from_secs(600));
+        let (mut b, rx) = broker(100, Duration::from_secs(600));
         assert_eq!(
-            last_of(&b, &rx, "quiet"),
+            last_of(&mut b, &rx, "quiet"),
             MsgId::default(),
             "nothing yet: 0-0"
         );
-        publish_n(&b, &rx, "other", 2);
-        let last = last_of(&b, &rx, "quiet");
+        publish_n(&mut b, &rx, "other", 2);
+        let last = last_of(&mut b, &rx, "quiet");
         assert!(last > MsgId::default());
-        publish_n(&b, &rx, "other", 3);
-        publish_n(&b, &rx, "quiet", 2);
-        publish_n(&b, &rx, "other", 1);
+        publish_n(&mut b, &rx, "other", 3);
+        publish_n(&mut b, &rx, "quiet", 2);
+        publish_n(&mut b, &rx, "other", 1);
+        let epoch = b.epoch.to_string();
         let since = |id| {
             Some(Since {
                 id,
-                epoch: Some(b.epoch().to_string()),
+                epoch: Some(epoch.clone()),
             })
         };
-        assert_eq!(subscribe(&b, &rx, "quiet", since(last)), (2, Some(true)));
+        assert_eq!(
+            subscribe(&mut b, &rx, "quiet", since(last)),
+            (2, Some(true))
+        );
         // The position moved on with every topic's publishes.
-        let now = last_of(&b, &rx, "quiet");
+        let now = last_of(&mut b, &rx, "quiet");
         assert!(now > last);
-        assert_eq!(subscribe(&b, &rx, "quiet", since(now)), (0, Some(true)));
+        assert_eq!(subscribe(&mut b, &rx, "quiet", since(now)), (0, Some(true)));
         // Past the node's position: not from this history.
         let ahead = MsgId {
             ms: now.ms,
             seq: now.seq + 1,
         };
-        assert_eq!(subscribe(&b, &rx, "quiet", since(ahead)), (0, Some(false)));
+        assert_eq!(
+            subscribe(&mut b, &rx, "quiet", since(ahead)),
+            (0, Some(false))
+        );
     }
 
     #[test]
     fn a_topic_whose_history_was_swept_recovers_only_from_after_it() {
-        let (b, rx) = broker(100, Duration::ZERO);
-        let ids = publish_n(&b, &rx, "gone", 2);
+        let (mut b, rx) = broker(100, Duration::ZERO);
+        let ids = publish_n(&mut b, &rx, "gone", 2);
         std::thread::sleep(Duration::from_millis(3));
-        b.lock().sweep(|_| now_ms());
-        assert!(b.lock().topics.is_empty(), "swept");
+        b.inner.sweep(|_| now_ms());
+        assert!(b.inner.topics.is_empty(), "swept");
+        let epoch = b.epoch.to_string();
         let since = |id| {
             Some(Since {
                 id,
-                epoch: Some(b.epoch().to_string()),
+                epoch: Some(epoch.clone()),
             })
         };
-        assert_eq!(subscribe(&b, &rx, "gone", since(ids[0])), (0, Some(false)));
-        assert_eq!(subscribe(&b, &rx, "gone", since(ids[1])), (0, Some(true)));
+        assert_eq!(
+            subscribe(&mut b, &rx, "gone", since(ids[0])),
+            (0, Some(false))
+        );
+        assert_eq!(
+            subscribe(&mut b, &rx, "gone", since(ids[1])),
+            (0, Some(true))
+        );
     }
 
     #[test]
     fn expired_history_cannot_be_recovered() {
-        let (b, rx) = broker(100, Duration::ZERO);
-        let ids = publish_n(&b, &rx, "news", 2);
+        let (mut b, rx) = broker(100, Duration::ZERO);
+        let ids = publish_n(&mut b, &rx, "news", 2);
         std::thread::sleep(Duration::from_millis(3));
-        let e = Some(b.epoch().to_string());
+        let e = Some(b.epoch.to_string());
         assert_eq!(
             subscribe(
-                &b,
+                &mut b,
                 &rx,
                 "news",
                 Some(Since {
@@ -523,7 +648,7 @@ mod tests {
 
     #[test]
     fn publish_answers_the_publisher_with_the_id() {
-        let (b, rx) = broker(10, Duration::from_secs(60));
+        let (mut b, rx) = broker(10, Duration::from_secs(60));
         b.publish(Some(reply()), topic("a"), "1");
         let delivered = match rx.try_recv() {
             Some(ShardMsg::Deliver { id, frame, .. }) => {
@@ -536,5 +661,48 @@ mod tests {
             Some(ShardMsg::Published { result: Ok(id), .. }) => assert_eq!(id, delivered),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_topic_goes_only_to_the_shards_that_announced_it_until_they_withdraw() {
+        let (tx0, rx0) = inbox(Arc::new(ShardMetrics::default()));
+        let (tx1, rx1) = inbox(Arc::new(ShardMetrics::default()));
+        let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
+        let retention = Retention {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let mut b = Log::new(Bus::new(vec![tx0, tx1]), retention, &none);
+        let on_shard_1 = ReplyTo {
+            shard: ShardId(1),
+            conn: ConnId(7),
+            req: None,
+        };
+        let publish = |b: &mut Log| {
+            b.handle(Request::Publish {
+                reply: None,
+                topic: topic("t"),
+                data: "1".into(),
+            })
+        };
+        let count = |rx: &Inbox| std::iter::from_fn(|| rx.try_recv()).count();
+        publish(&mut b);
+        assert_eq!((count(&rx0), count(&rx1)), (0, 0), "nobody announced it");
+        b.handle(Request::Subscribe(SubscribeRequest {
+            reply: on_shard_1,
+            topic: topic("t"),
+            since: None,
+            announce: true,
+        }));
+        assert!(matches!(rx1.try_recv(), Some(ShardMsg::Subscribed { .. })));
+        publish(&mut b);
+        assert_eq!(
+            (count(&rx0), count(&rx1)),
+            (0, 1),
+            "only the announcing shard"
+        );
+        b.handle(Request::Withdraw(topic("t"), ShardId(1)));
+        publish(&mut b);
+        assert_eq!((count(&rx0), count(&rx1)), (0, 0), "withdrawn");
     }
 }

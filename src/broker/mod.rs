@@ -10,6 +10,14 @@
 //! the subscriber when it handles `Subscribed`, and the client sees replay,
 //! `ok`, live, with no gap and no duplicate.
 //!
+//! Brokers run on threads of their own and take the shards' requests
+//! through bounded queues: nothing a shard calls here takes a lock or
+//! waits. A request that does not fit its queue is refused (error 4503 for
+//! `pub` and `sub`). Which shards a topic's messages go to travels in the
+//! same queue as `sub`: a shard's first `sub` of a topic announces it
+//! ([`SubscribeRequest::announce`]), and [`Broker::withdraw`] takes it
+//! back after the shard's last local subscriber left.
+//!
 //! [`ShardMsg::Subscribed`]: crate::bus::ShardMsg::Subscribed
 
 pub mod memory;
@@ -17,7 +25,7 @@ pub mod redis;
 
 use std::fmt;
 
-use crate::id::{ReplyTo, Since};
+use crate::id::{ReplyTo, ShardId, Since};
 use crate::topic::TopicName;
 
 /// A subscription request: where to answer, and what the client last saw.
@@ -29,6 +37,9 @@ pub struct SubscribeRequest {
     pub topic: TopicName,
     /// `since` and `epoch` from the client, when it asks for recovery.
     pub since: Option<Since>,
+    /// The asking shard has no other subscription (live or pending) to the
+    /// topic: from this request on, deliver the topic to that shard too.
+    pub announce: bool,
 }
 
 /// Publishing and subscribing, implemented by the embedded broker
@@ -40,6 +51,12 @@ pub trait Broker: Send + Sync + fmt::Debug {
     fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str);
 
     /// Subscribes: answers with `ShardMsg::Subscribed` under the ordering
-    /// contract in the module docs.
+    /// contract in the module docs, or `ShardMsg::SubscribeFailed`.
     fn subscribe(&self, req: SubscribeRequest);
+
+    /// `shard` has no subscriber (live or pending) for `topic` any more:
+    /// stop delivering it there. Sent after the shard's `sub`s of the topic,
+    /// in the same order. Dropped when the broker's queue is full, which
+    /// costs only deliveries the shard ignores until the next withdrawal.
+    fn withdraw(&self, topic: TopicName, shard: ShardId);
 }

@@ -59,7 +59,7 @@ pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 use crate::broker::{Broker, SubscribeRequest};
 use crate::bus::{Bus, ShardMsg};
 use crate::id::MsgId;
-use crate::id::ReplyTo;
+use crate::id::{ReplyTo, ShardId};
 use crate::metrics::BrokerMetrics;
 use crate::topic::TopicName;
 
@@ -192,7 +192,7 @@ pub struct RedisBroker {
     publishes: Sender<PubReq>,
     /// One queue per reader: all partitions on one server, one partition
     /// per reader on a cluster.
-    subs: Vec<Sender<SubscribeRequest>>,
+    subs: Vec<Sender<reader::ReaderMsg>>,
     partitions: u32,
     wakes: Arc<Wakes>,
 }
@@ -224,7 +224,7 @@ struct ReaderHandle {
     key: String,
     /// The reader's queues, to see whether it has taken its work
     /// (receivers, so they keep nothing alive).
-    pending: Receiver<SubscribeRequest>,
+    pending: Receiver<reader::ReaderMsg>,
     done: Receiver<worker::Done>,
 }
 
@@ -373,13 +373,13 @@ impl Broker for RedisBroker {
     fn subscribe(&self, req: SubscribeRequest) {
         // The reader of the topic's partition answers, so the `sub` is
         // ordered with that partition's deliveries.
-        let g = match self.subs.len() {
-            1 => 0,
-            _ => partition(req.topic.as_str(), self.partitions) as usize,
-        };
-        match self.subs[g].try_send(req) {
+        let g = self.reader_of(&req.topic);
+        match self.subs[g].try_send(reader::ReaderMsg::Sub(req)) {
             Ok(()) => self.wakes.wake(g),
-            Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                let reader::ReaderMsg::Sub(req) = msg else {
+                    return;
+                };
                 // The reader is stuck: only it can order a subscription
                 // with its deliveries, so the `sub` is refused (4503) and
                 // the client retries, rather than subscribed out of order.
@@ -390,6 +390,23 @@ impl Broker for RedisBroker {
                     "broker unavailable: subscribe queue full, retry later",
                 );
             }
+        }
+    }
+
+    fn withdraw(&self, topic: TopicName, shard: ShardId) {
+        // Not urgent: the reader takes it before its next read. Dropped
+        // when full (see `Broker::withdraw`).
+        let g = self.reader_of(&topic);
+        let _ = self.subs[g].try_send(reader::ReaderMsg::Withdraw(topic, shard));
+    }
+}
+
+impl RedisBroker {
+    /// The reader of `topic`'s partition (the only one, on one server).
+    fn reader_of(&self, topic: &TopicName) -> usize {
+        match self.subs.len() {
+            1 => 0,
+            _ => topic.partition(self.partitions) as usize,
         }
     }
 }

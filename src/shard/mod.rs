@@ -79,8 +79,6 @@ pub struct ShardSetup {
     /// Connections of the whole node, from accept to close (every shard
     /// counts here).
     pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
-    /// Which shards serve which topics ([`crate::bus::Interest`]).
-    pub interest: Arc<crate::bus::Interest>,
     /// Policy per namespace, validated from `config.namespaces`.
     pub namespaces: crate::namespace::Namespaces,
 }
@@ -113,9 +111,6 @@ pub(crate) struct Shard {
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
-    /// Which topics each shard serves; this shard writes its own bit, for
-    /// exactly the topics in its index.
-    interest: Arc<crate::bus::Interest>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// Readiness of every connection of this shard.

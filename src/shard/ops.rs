@@ -57,12 +57,14 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             match refusal {
                 Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
                 None => {
-                    // Indexed (and announced) before the broker hears of it.
-                    shard.add_pending(conn, &topic);
+                    // Indexed before the broker hears of it; the first
+                    // `sub` of a topic here announces it.
+                    let announce = shard.add_pending(conn, &topic);
                     shard.broker.subscribe(SubscribeRequest {
                         reply,
                         topic,
                         since,
+                        announce,
                     });
                 }
             }

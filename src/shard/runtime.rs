@@ -110,7 +110,6 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         handshakes: RefCell::new(HashMap::new()),
         conns: RefCell::new(HashMap::new()),
         topics: RefCell::new(HashMap::new()),
-        interest: setup.interest,
         dirty: RefCell::new(Vec::new()),
         scratch: RefCell::new(vec![0; SCRATCH_SIZE]),
         next_conn: Cell::new(0),

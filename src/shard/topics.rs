@@ -1,6 +1,8 @@
 //! The shard's topic index: every topic with a live or pending local
-//! subscription, its subscribers, and its announcement to the broker side
-//! ([`crate::bus::Interest`]), which lives exactly as long as the entry.
+//! subscription, and its subscribers. The entry's life is the topic's
+//! announcement to the broker ([`crate::bus::Interest`]): the `sub` that
+//! creates it announces the topic, and the shard withdraws it
+//! ([`crate::broker::Broker::withdraw`]) when the entry goes.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -10,25 +12,32 @@ use super::Shard;
 use crate::topic::TopicName;
 
 impl Shard {
-    /// Records a `sub` about to go to the broker. A topic new to this
-    /// shard enters the index and is announced first ([`crate::bus`]), so
-    /// nothing published from the subscription's start misses this shard.
-    pub(crate) fn add_pending(&self, conn: &Conn, topic: &TopicName) {
+    /// Records a `sub` about to go to the broker. Returns whether the
+    /// topic is new to this shard: then the `sub` announces it, so the
+    /// broker delivers it here from the subscription's position on.
+    pub(crate) fn add_pending(&self, conn: &Conn, topic: &TopicName) -> bool {
         let mut topics = self.topics.borrow_mut();
+        let mut new = false;
         let local = topics.entry(topic.clone()).or_insert_with(|| {
-            self.interest.add(topic, self.id);
+            new = true;
             Local::default()
         });
         local.pending += 1;
         drop(topics);
         conn.add_pending(topic.clone());
         self.sync_gauges();
+        new
+    }
+
+    /// `topic` left the index: the broker stops delivering it here.
+    fn withdraw(&self, topic: &TopicName) {
+        self.broker.withdraw(topic.clone(), self.id);
     }
 
     /// A pending `sub` ended without becoming live.
     pub(super) fn end_pending(&self, topic: &TopicName) {
         if release_pending(&mut self.topics.borrow_mut(), topic) {
-            self.interest.remove(topic, self.id);
+            self.withdraw(topic);
         }
         self.sync_gauges();
     }
@@ -43,7 +52,7 @@ impl Shard {
             return pending;
         };
         if detach(&mut self.topics.borrow_mut(), topic, slot) {
-            self.interest.remove(topic, self.id);
+            self.withdraw(topic);
         }
         self.sync_gauges();
         self.metrics
@@ -59,18 +68,22 @@ impl Shard {
         let subs = conn.take_all();
         let mut topics = self.topics.borrow_mut();
         let mut live = 0;
+        let mut gone = Vec::new();
         for sub in &subs {
-            let gone = if sub.is_live() {
+            let left = if sub.is_live() {
                 live += 1;
                 detach(&mut topics, &sub.topic, sub.slot())
             } else {
                 release_pending(&mut topics, &sub.topic)
             };
-            if gone {
-                self.interest.remove(&sub.topic, self.id);
+            if left {
+                gone.push(&sub.topic);
             }
         }
         drop(topics);
+        for topic in gone {
+            self.withdraw(topic);
+        }
         self.sync_gauges();
         self.metrics.subscriptions_active.fetch_sub(live, Relaxed);
     }
@@ -82,7 +95,8 @@ impl Shard {
         use std::sync::atomic::Ordering::Relaxed;
         let conns = self.conns.borrow().len() as i64;
         let topics = self.topics.borrow().len() as i64;
-        let announced = if self.interest.tracked() { topics } else { 0 };
+        // With one shard every message goes to it: nothing is announced.
+        let announced = if self.config.shards > 1 { topics } else { 0 };
         self.metrics.registry_connections.store(conns, Relaxed);
         self.metrics.topic_index_entries.store(topics, Relaxed);
         self.metrics.topics_announced.store(announced, Relaxed);

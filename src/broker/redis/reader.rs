@@ -48,8 +48,10 @@ use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
 use crate::broker::SubscribeRequest;
 use crate::bus::Bus;
+use crate::bus::Interest;
 use crate::id::mint_epoch;
 use crate::id::MsgId;
+use crate::id::ShardId;
 use crate::metrics::{BrokerMetrics, Skip};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
@@ -105,13 +107,24 @@ struct Part {
     after: Option<gap::Snapshot>,
 }
 
+/// What a reader takes from the shards, in order: `sub`s of its topics,
+/// and withdrawals of a shard's interest in one.
+#[derive(Debug)]
+pub(crate) enum ReaderMsg {
+    /// A `sub`; with `announce`, the shard is added to the topic's
+    /// delivery set first.
+    Sub(SubscribeRequest),
+    /// The shard has no subscriber for the topic any more.
+    Withdraw(TopicName, ShardId),
+}
+
 /// A reader's channels: `sub`s in, tasks out to the recovery workers, and
 /// their answers back.
 #[derive(Debug)]
 pub(crate) struct Links {
     /// The reader's number (for the waker).
     pub(crate) index: usize,
-    pub(crate) subs: Receiver<SubscribeRequest>,
+    pub(crate) subs: Receiver<ReaderMsg>,
     pub(crate) tasks: Sender<Task>,
     pub(crate) done: (Sender<Done>, Receiver<Done>),
     /// Where the reader publishes its connection for the waker.
@@ -141,6 +154,9 @@ pub(crate) struct Reader {
     /// Numbers worker jobs.
     next_job: u64,
     metrics: Arc<BrokerMetrics>,
+    /// Which shards get which of this reader's topics (kept from the
+    /// shards' messages, in order with their `sub`s).
+    interest: Interest,
     /// Readers without a connection; `ringcast_broker_up` is 1 at zero.
     down: Arc<AtomicUsize>,
     /// Whether this reader counts itself in `down`.
@@ -210,6 +226,7 @@ impl Reader {
             cache_budget: settings.cache_size / settings.partitions.max(1) as usize,
             replay_limit: usize::MAX,
             settings,
+            interest: bus.interest(),
             bus,
             base,
             parts,
@@ -345,6 +362,19 @@ impl Reader {
         Ok(())
     }
 
+    /// Takes one message from the shards.
+    fn take(&mut self, msg: ReaderMsg) {
+        match msg {
+            ReaderMsg::Sub(req) => {
+                if req.announce {
+                    self.interest.add(&req.topic, req.reply.shard);
+                }
+                self.answer(req);
+            }
+            ReaderMsg::Withdraw(topic, shard) => self.interest.remove(&topic, shard),
+        }
+    }
+
     /// Runs until the broker is dropped: serve, and on failure retry with
     /// backoff, resuming from the last id processed.
     pub(crate) fn run(mut self, conn: Conn) {
@@ -406,7 +436,7 @@ impl Reader {
         loop {
             loop {
                 match self.links.subs.try_recv() {
-                    Ok(req) => self.answer(req),
+                    Ok(msg) => self.take(msg),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
@@ -462,8 +492,8 @@ impl Reader {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
-                recv(subs) -> req => match req {
-                    Ok(req) => self.answer(req),
+                recv(subs) -> msg => match msg {
+                    Ok(msg) => self.take(msg),
                     Err(_) => return false,
                 },
                 recv(done) -> d => {
@@ -521,7 +551,7 @@ impl Reader {
         };
         let frame = encode_msg(&entry.topic, id, entry.event.as_deref(), &entry.data);
         trace!(topic = %entry.topic, id = %id, "deliver");
-        self.bus.deliver(&entry.topic, id, &frame);
+        self.bus.deliver(&entry.topic, id, &frame, &self.interest);
         self.metrics.entries_read.fetch_add(1, Ordering::Relaxed);
         // The topic's recoveries in flight keep what they will replay after
         // their range (a map lookup only while some are in flight).
