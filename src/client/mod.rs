@@ -1,0 +1,380 @@
+//! A blocking Rust client for `ringcast.v1`: connect, subscribe (with
+//! `since` recovery), publish, receive, close; and [`Reconnecting`], which
+//! reconnects with exponential backoff and full jitter and resubscribes
+//! every topic from its position (the last id it saw, or the `last` of the
+//! `sub`'s `ok`). Used by the CLI, the tests and the load tool (which
+//! borrows [`new_key`] and [`check_accept`] for its own handshakes).
+//!
+//! Every connection sends a fresh random `Sec-WebSocket-Key` and checks the
+//! server's `Sec-WebSocket-Accept` against it (RFC 6455 §4.1).
+//!
+//! [`Reconnecting`] follows docs/PROTOCOL.md section 4: after a `drain` it
+//! reconnects when `reconnect_in_ms` has passed, not on its backoff; after
+//! a close with 1000 (normal) or 4003 (forbidden) it does not reconnect at
+//! all and reports the close as an error.
+//!
+//! It speaks plain `ws://` over a std `TcpStream` (TLS is terminated in
+//! front of ringcast); frames are decoded with the crate's own codec in
+//! client mode and sent masked as RFC 6455 requires.
+
+mod handshake;
+mod reconnecting;
+
+pub use handshake::{check_accept, new_key};
+pub use reconnecting::{Reconnecting, FINAL_CLOSE_CODES, RETRY_SUB_CODES};
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use serde_json::{json, Value};
+
+use crate::ws::frame::{encode_masked, Decoder, Message, OpCode};
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not `ws://host:port/path`.
+    #[error("bad url {0:?}: expected ws://host:port/path")]
+    Url(String),
+    /// A socket error.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// The server refused the upgrade.
+    #[error("upgrade refused: {0}")]
+    Refused(String),
+    /// The `101` answer's `Sec-WebSocket-Accept` is not the one derived
+    /// from the key sent (RFC 6455 §4.1): the server did not read this
+    /// request, or something in between rewrote the answer.
+    #[error(
+        "Sec-WebSocket-Accept {got:?} does not answer Sec-WebSocket-Key {key:?}: \
+         expected {expected:?}"
+    )]
+    BadAccept {
+        /// The `Sec-WebSocket-Key` sent.
+        key: String,
+        /// The accept value derived from it.
+        expected: String,
+        /// The value the server sent (empty when it sent none).
+        got: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The server answered a request with `error`.
+    #[error("server error {code}: {reason}")]
+    Server {
+        /// The error code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
+    /// The connection closed (close code, reason).
+    #[error("closed by server: {0} {1}")]
+    Closed(u16, String),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Client result.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Something the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A `msg` frame.
+    Msg {
+        /// Topic.
+        topic: String,
+        /// Message id.
+        id: String,
+        /// Payload.
+        data: Value,
+    },
+    /// Any other JSON frame (`ok`, `error`, `drain`, `pong`, ...).
+    Frame(Value),
+    /// A close frame: code and reason.
+    Close(u16, String),
+}
+
+/// The `ok` of a `sub`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscribed {
+    /// The topic's epoch.
+    pub epoch: String,
+    /// The topic's position when the subscription became live (`MS-SEQ`,
+    /// `"0-0"` when it never had a message): resubscribing with `since` =
+    /// `last` recovers what came after. Empty when the server does not
+    /// send it (before protocol v1.1).
+    pub last: String,
+    /// Present when `since` was sent.
+    pub recovered: Option<bool>,
+    /// Messages replayed before the `ok`.
+    pub replayed: Vec<Event>,
+}
+
+/// One connection to a ringcast server.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    inbuf: BytesMut,
+    decoder: Decoder,
+    pending: VecDeque<Event>,
+    next_id: u64,
+    /// The `welcome` frame.
+    pub welcome: Value,
+    /// How long a request waits for its answer.
+    pub timeout: Duration,
+}
+
+fn parse_url(url: &str) -> Result<(String, String)> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| ClientError::Url(url.into()))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if host.is_empty() {
+        return Err(ClientError::Url(url.into()));
+    }
+    Ok((host.to_string(), path.to_string()))
+}
+
+impl Client {
+    /// Connects, upgrades and reads `welcome`.
+    pub fn connect(url: &str) -> Result<Client> {
+        Self::connect_with(url, &[("Sec-WebSocket-Protocol", "ringcast.v1")])
+    }
+
+    /// Connects with extra request headers (tests: Origin, protocols).
+    pub fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Client> {
+        let (host, path) = parse_url(url)?;
+        let addr = host
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| ClientError::Url(url.into()))?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let key = new_key();
+        let key = std::str::from_utf8(&key).expect("base64 is ASCII");
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes())?;
+        let mut inbuf = BytesMut::with_capacity(4096);
+        let head_end = loop {
+            if let Some(i) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if inbuf.len() > 16384 {
+                return Err(ClientError::Protocol("response head too large".into()));
+            }
+            read_more(&mut stream, &mut inbuf)?;
+        };
+        let head = String::from_utf8_lossy(&inbuf[..head_end]).to_string();
+        let _ = inbuf.split_to(head_end);
+        if !head.starts_with("HTTP/1.1 101") {
+            let mut body = String::from_utf8_lossy(&inbuf).to_string();
+            // The body may still be arriving; read what is there.
+            let mut more = [0u8; 1024];
+            if let Ok(n) = stream.read(&mut more) {
+                body.push_str(&String::from_utf8_lossy(&more[..n]));
+            }
+            let status = head.lines().next().unwrap_or_default();
+            return Err(ClientError::Refused(format!("{status}: {}", body.trim())));
+        }
+        check_accept(head.as_bytes(), key.as_bytes())?;
+        let mut c = Client {
+            stream,
+            inbuf,
+            decoder: Decoder::new_client(64 << 20),
+            pending: VecDeque::new(),
+            next_id: 1,
+            welcome: Value::Null,
+            timeout: Duration::from_secs(5),
+        };
+        match c.next_frame(Instant::now() + c.timeout)? {
+            Event::Frame(v) if v["op"] == "welcome" => c.welcome = v,
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
+        }
+        Ok(c)
+    }
+
+    /// Sends one text frame as is.
+    pub fn send_text(&mut self, text: &str) -> Result<()> {
+        self.send_frame(OpCode::Text, text.as_bytes())
+    }
+
+    fn send_frame(&mut self, op: OpCode, payload: &[u8]) -> Result<()> {
+        let mask = fastrand::u32(..).to_be_bytes();
+        self.stream
+            .write_all(&encode_masked(op, true, payload, mask))?;
+        Ok(())
+    }
+
+    /// Sends a request with a fresh `id` and waits for the reply carrying
+    /// it; frames received meanwhile are kept for [`Client::recv`].
+    pub fn request(&mut self, mut req: Value) -> Result<(Value, Vec<Event>)> {
+        let id = self.next_id;
+        self.next_id += 1;
+        req["id"] = json!(id);
+        self.send_text(&req.to_string())?;
+        let deadline = Instant::now() + self.timeout;
+        let mut before = Vec::new();
+        loop {
+            match self.next_frame(deadline)? {
+                Event::Frame(v) if v["id"] == json!(id) => {
+                    if v["op"] == "error" {
+                        return Err(ClientError::Server {
+                            code: v["code"].as_u64().unwrap_or(0) as u16,
+                            reason: v["reason"].as_str().unwrap_or_default().into(),
+                        });
+                    }
+                    return Ok((v, before));
+                }
+                Event::Close(code, reason) => return Err(ClientError::Closed(code, reason)),
+                other => before.push(other),
+            }
+        }
+    }
+
+    /// Subscribes; with `since` = (last id, epoch), the missed messages come
+    /// back in `replayed`.
+    pub fn subscribe(&mut self, topic: &str, since: Option<(&str, &str)>) -> Result<Subscribed> {
+        let mut req = json!({"op": "sub", "topic": topic});
+        if let Some((id, epoch)) = since {
+            req["since"] = json!(id);
+            req["epoch"] = json!(epoch);
+        }
+        let (ok, before) = self.request(req)?;
+        let (replayed, other): (Vec<Event>, Vec<Event>) = before
+            .into_iter()
+            .partition(|e| matches!(e, Event::Msg { topic: t, .. } if t == topic));
+        self.pending.extend(other);
+        Ok(Subscribed {
+            epoch: ok["epoch"].as_str().unwrap_or_default().to_string(),
+            last: ok["last"].as_str().unwrap_or_default().to_string(),
+            recovered: ok["recovered"].as_bool(),
+            replayed,
+        })
+    }
+
+    /// Unsubscribes.
+    pub fn unsubscribe(&mut self, topic: &str) -> Result<()> {
+        let (_, before) = self.request(json!({"op": "unsub", "topic": topic}))?;
+        self.pending.extend(before);
+        Ok(())
+    }
+
+    /// Publishes and returns the new message id.
+    pub fn publish(&mut self, topic: &str, data: &Value) -> Result<String> {
+        let (ok, before) = self.request(json!({"op": "pub", "topic": topic, "data": data}))?;
+        self.pending.extend(before);
+        Ok(ok["mid"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// The next event, waiting up to `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Event> {
+        if let Some(e) = self.pending.pop_front() {
+            return Ok(e);
+        }
+        self.next_frame(Instant::now() + timeout)
+    }
+
+    /// Sends a close frame (1000) and waits briefly for the server's.
+    pub fn close(mut self) {
+        let _ = self.send_frame(OpCode::Close, &1000u16.to_be_bytes());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(e) = self.next_frame(deadline) {
+            if matches!(e, Event::Close(..)) {
+                break;
+            }
+        }
+    }
+
+    fn next_frame(&mut self, deadline: Instant) -> Result<Event> {
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(Message::Text(t))) => {
+                    let v: Value = serde_json::from_slice(&t)
+                        .map_err(|e| ClientError::Protocol(format!("frame is not JSON: {e}")))?;
+                    if v["op"] == "msg" {
+                        return Ok(Event::Msg {
+                            topic: v["topic"].as_str().unwrap_or_default().into(),
+                            id: v["id"].as_str().unwrap_or_default().into(),
+                            data: v["data"].clone(),
+                        });
+                    }
+                    return Ok(Event::Frame(v));
+                }
+                Ok(Some(Message::Ping(p))) => self.send_frame(OpCode::Pong, &p)?,
+                Ok(Some(Message::Close(c))) => {
+                    let (code, reason) = c.unwrap_or((1005, String::new()));
+                    return Ok(Event::Close(code, reason));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClientError::Timeout);
+                    }
+                    self.stream.set_read_timeout(Some(left))?;
+                    match read_more(&mut self.stream, &mut self.inbuf) {
+                        Err(ClientError::Io(e))
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            return Err(ClientError::Timeout)
+                        }
+                        other => other?,
+                    }
+                }
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
+    let mut chunk = [0u8; 16384];
+    let n = stream.read(&mut chunk)?;
+    if n == 0 {
+        return Err(ClientError::Closed(
+            1006,
+            "connection ended without a close frame".into(),
+        ));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        assert_eq!(
+            parse_url("ws://127.0.0.1:80/ws?x=1").unwrap(),
+            ("127.0.0.1:80".into(), "/ws?x=1".into())
+        );
+        assert!(parse_url("http://x/ws").is_err());
+        assert!(parse_url("ws:///ws").is_err());
+    }
+}

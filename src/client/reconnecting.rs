@@ -1,0 +1,473 @@
+//! [`Reconnecting`]: a client that reconnects with exponential backoff and
+//! full jitter and resubscribes every topic from its position (the last id
+//! it saw, or the `last` of the `sub`'s `ok`), following docs/PROTOCOL.md
+//! section 4's close codes.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{Client, ClientError, Event, Result, Subscribed};
+use crate::id::MsgId;
+
+/// Close codes after which the client must not reconnect (docs/PROTOCOL.md
+/// section 4): 1000 normal, 4003 forbidden (e.g. the token was revoked).
+pub const FINAL_CLOSE_CODES: [u16; 2] = [1000, 4003];
+
+/// Error codes of a refused `sub` that [`Reconnecting`] retries with
+/// backoff on the same connection (docs/PROTOCOL.md section 4): 4503
+/// broker unavailable, 4008 rate limited. Any other refusal is final for
+/// that topic.
+pub const RETRY_SUB_CODES: [u16; 2] = [4008, 4503];
+
+/// A client that survives disconnects: it reconnects with exponential
+/// backoff and full jitter, and resubscribes every topic with `since` set
+/// to its position, so nothing is missed or repeated while the server
+/// still has the history. A `drain` sets when it reconnects; a close in
+/// [`FINAL_CLOSE_CODES`] ends it.
+///
+/// A topic's position is the id of the last thing the client received
+/// about it: a `msg`, or the `last` of a `sub`'s `ok` (docs/PROTOCOL.md
+/// section 2), so a topic that was quiet while subscribed recovers what
+/// was published while the client was away. After `recovered:false` the
+/// position is the new `ok`'s `last`: the old one means nothing in the new
+/// history.
+///
+/// A `sub` refused with a code in [`RETRY_SUB_CODES`] is retried with
+/// backoff; refused with another code, or ended by the server (an `error`
+/// without `id` that carries `topic`), the topic is dropped, never
+/// resubscribed, and the `error` is returned by [`Reconnecting::recv`].
+#[derive(Debug)]
+pub struct Reconnecting {
+    url: String,
+    client: Option<Client>,
+    positions: HashMap<String, Position>,
+    /// Topics whose `sub` was refused with a retryable code.
+    retries: Vec<Retry>,
+    /// Backoff floor and ceiling.
+    pub backoff: (Duration, Duration),
+    attempt: u32,
+    /// Reconnects made so far.
+    pub reconnects: u32,
+    /// Topics whose resubscription could not recover (`recovered:false`),
+    /// one entry per resubscription.
+    pub unrecovered: Vec<String>,
+    /// Topics whose resubscription recovered what was missed
+    /// (`recovered:true`), one entry per resubscription.
+    pub recovered: Vec<String>,
+    /// When to try to reconnect next: the server's `drain` delay, or the
+    /// backoff after a lost connection or a failed attempt.
+    reconnect_at: Option<Instant>,
+    /// The final close (code, reason): no reconnecting after it.
+    ended: Option<(u16, String)>,
+    /// Events received but not yet returned: replays, dropped topics.
+    queue: VecDeque<Event>,
+}
+
+/// Where a subscribed topic is: what its next `sub` sends as `since`.
+#[derive(Debug, Clone, Default)]
+struct Position {
+    /// The last message id received, or the `last` of the newest `ok`;
+    /// `None` until the server has given one (it always does since v1.1).
+    id: Option<String>,
+    /// The topic's epoch, from the newest `ok`.
+    epoch: String,
+}
+
+/// A refused `sub` waiting for its next try.
+#[derive(Debug)]
+struct Retry {
+    topic: String,
+    at: Instant,
+    /// Tries made so far: sets the next backoff.
+    attempt: u32,
+}
+
+impl Reconnecting {
+    /// Connects now (failing if the first connect fails).
+    pub fn connect(url: &str) -> Result<Reconnecting> {
+        Ok(Self::new(url, Some(Client::connect(url)?)))
+    }
+
+    fn new(url: &str, client: Option<Client>) -> Reconnecting {
+        Reconnecting {
+            url: url.to_string(),
+            client,
+            positions: HashMap::new(),
+            retries: Vec::new(),
+            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            attempt: 0,
+            reconnects: 0,
+            unrecovered: Vec::new(),
+            recovered: Vec::new(),
+            reconnect_at: None,
+            ended: None,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Subscribes and remembers the topic for resubscription. A refusal
+    /// with a code in [`RETRY_SUB_CODES`] is not an error: the `sub` is
+    /// retried with backoff while [`Reconnecting::recv`] runs. Any other
+    /// refusal is returned, and the topic is not kept.
+    pub fn subscribe(&mut self, topic: &str) -> Result<()> {
+        let client = self
+            .client
+            .as_mut()
+            .ok_or(ClientError::Closed(1006, "not connected".into()))?;
+        match client.subscribe(topic, None) {
+            Ok(sub) => self.settle(topic, sub),
+            Err(ClientError::Server { code, .. }) if RETRY_SUB_CODES.contains(&code) => {
+                self.positions
+                    .insert(topic.to_string(), Position::default());
+                self.retry_later(topic, 0);
+            }
+            Err(e) => {
+                if matches!(e, ClientError::Closed(..) | ClientError::Io(_)) {
+                    self.lost();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Topics subscribed (or waiting to be), in no particular order.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.positions.keys().map(String::as_str)
+    }
+
+    /// A topic's position: (the id its next `sub` sends as `since`, if
+    /// any; its epoch).
+    pub fn position(&self, topic: &str) -> Option<(Option<&str>, &str)> {
+        self.positions
+            .get(topic)
+            .map(|p| (p.id.as_deref(), p.epoch.as_str()))
+    }
+
+    /// The delay before reconnect attempt `attempt`: uniform in [0, min(cap, base * 2^attempt)).
+    pub fn backoff_delay(&self, attempt: u32) -> Duration {
+        let (base, cap) = self.backoff;
+        let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+        ceiling.mul_f64(fastrand::f64())
+    }
+
+    /// The next event, reconnecting (and recovering) as needed, until
+    /// `deadline`. After a close with a code in [`FINAL_CLOSE_CODES`] it
+    /// does not reconnect: that close is returned as
+    /// [`ClientError::Closed`], now and on every later call.
+    pub fn recv(&mut self, deadline: Instant) -> Result<Event> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                return Ok(e);
+            }
+            if let Some((code, reason)) = &self.ended {
+                return Err(ClientError::Closed(*code, reason.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            if self.client.is_none() {
+                self.reconnect(deadline)?;
+                continue;
+            }
+            if self.retry_due(now) {
+                continue;
+            }
+            // Wake for the next retry, if it comes before the deadline.
+            let wake = self
+                .retries
+                .iter()
+                .map(|r| r.at)
+                .min()
+                .map_or(deadline, |at| at.min(deadline));
+            let client = self.client.as_mut().expect("connected: checked above");
+            match client.recv(wake.saturating_duration_since(now)) {
+                Ok(Event::Close(code, reason)) if FINAL_CLOSE_CODES.contains(&code) => {
+                    self.client = None;
+                    self.ended = Some((code, reason));
+                }
+                Ok(Event::Close(..)) | Err(ClientError::Closed(..)) | Err(ClientError::Io(_)) => {
+                    self.lost();
+                }
+                Ok(Event::Frame(v)) if v["op"] == "drain" => {
+                    // The server spreads these delays so its clients do not
+                    // all come back at once: honour it, not our backoff.
+                    let ms = v["reconnect_in_ms"].as_u64().unwrap_or(0);
+                    self.reconnect_at = Some(Instant::now() + Duration::from_millis(ms));
+                }
+                Ok(Event::Frame(v)) => {
+                    if let Some(topic) = ended_subscription(&v) {
+                        self.drop_topic(topic);
+                    }
+                    return Ok(Event::Frame(v));
+                }
+                Ok(Event::Msg { topic, id, data }) => {
+                    if let Some(pos) = self.positions.get_mut(&topic) {
+                        pos.id = Some(newer(pos.id.take(), &id));
+                    }
+                    return Ok(Event::Msg { topic, id, data });
+                }
+                // The wake for a retry, or the deadline: the loop tells.
+                Err(ClientError::Timeout) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The connection is gone: reconnect after the backoff (unless a
+    /// `drain` already set when). Every topic, those waiting for a retry
+    /// included, is resubscribed on the next connection.
+    fn lost(&mut self) {
+        self.client = None;
+        self.retries.clear();
+        if self.reconnect_at.is_none() {
+            self.reconnect_at = Some(Instant::now() + self.backoff_delay(self.attempt));
+        }
+    }
+
+    fn reconnect(&mut self, deadline: Instant) -> Result<()> {
+        loop {
+            if let Some(at) = self.reconnect_at {
+                std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
+                if Instant::now() < at {
+                    // The deadline came first; the next call goes on waiting.
+                    return Err(ClientError::Timeout);
+                }
+                self.reconnect_at = None;
+            }
+            match self.resume() {
+                Ok(client) => {
+                    self.attempt = 0;
+                    self.reconnects += 1;
+                    self.client = Some(client);
+                    return Ok(());
+                }
+                Err(_) => {
+                    self.attempt += 1;
+                    self.reconnect_at = Some(Instant::now() + self.backoff_delay(self.attempt));
+                }
+            }
+        }
+    }
+
+    /// Connects and resubscribes every topic; an error only when the new
+    /// connection failed. What the `sub`s received is settled at once, so
+    /// a later attempt after a failure resubscribes from there.
+    fn resume(&mut self) -> Result<Client> {
+        self.retries.clear();
+        let mut client = Client::connect(&self.url)?;
+        let topics: Vec<String> = self.positions.keys().cloned().collect();
+        for topic in topics {
+            self.resubscribe(&mut client, &topic, 0)?;
+        }
+        Ok(client)
+    }
+
+    /// Runs the first retry that is due, if any; whether one was.
+    fn retry_due(&mut self, now: Instant) -> bool {
+        let Some(i) = self.retries.iter().position(|r| r.at <= now) else {
+            return false;
+        };
+        let retry = self.retries.swap_remove(i);
+        let mut client = self.client.take().expect("retries run connected");
+        match self.resubscribe(&mut client, &retry.topic, retry.attempt) {
+            Ok(()) => self.client = Some(client),
+            Err(_) => self.lost(),
+        }
+        true
+    }
+
+    /// Sends `topic`'s `sub` on `client` from its position and settles the
+    /// answer. A retryable refusal schedules try `attempt + 1`; another
+    /// refusal drops the topic. An error only when the connection failed.
+    fn resubscribe(&mut self, client: &mut Client, topic: &str, attempt: u32) -> Result<()> {
+        let since = self
+            .positions
+            .get(topic)
+            .and_then(|p| Some((p.id.as_deref()?, p.epoch.as_str())));
+        match client.subscribe(topic, since) {
+            Ok(sub) => self.settle(topic, sub),
+            Err(ClientError::Server { code, .. }) if RETRY_SUB_CODES.contains(&code) => {
+                self.retry_later(topic, attempt);
+            }
+            Err(ClientError::Server { code, reason }) => {
+                // Surfaced as the server says a subscription ended.
+                self.drop_topic(topic);
+                let ended = json!({"op": "error", "code": code, "topic": topic, "reason": reason});
+                self.queue.push_back(Event::Frame(ended));
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    fn retry_later(&mut self, topic: &str, attempt: u32) {
+        self.retries.push(Retry {
+            topic: topic.to_string(),
+            at: Instant::now() + self.backoff_delay(attempt),
+            attempt: attempt + 1,
+        });
+    }
+
+    fn drop_topic(&mut self, topic: &str) {
+        self.positions.remove(topic);
+        self.retries.retain(|r| r.topic != topic);
+    }
+
+    /// Takes in a `sub`'s answer: queues the replay and moves the topic's
+    /// position to the newest id received, in the order received (the
+    /// replay, then the `ok`'s `last`).
+    fn settle(&mut self, topic: &str, sub: Subscribed) {
+        let old = self.positions.remove(topic);
+        let mut id = match sub.recovered {
+            Some(true) => old.and_then(|p| p.id),
+            // `recovered:false`: the old position is not in this history.
+            Some(false) | None => None,
+        };
+        match sub.recovered {
+            Some(true) => self.recovered.push(topic.to_string()),
+            Some(false) => self.unrecovered.push(topic.to_string()),
+            None => {}
+        }
+        for e in &sub.replayed {
+            if let Event::Msg { id: m, .. } = e {
+                id = Some(newer(id, m));
+            }
+        }
+        if !sub.last.is_empty() {
+            id = Some(newer(id, &sub.last));
+        }
+        let position = Position {
+            id,
+            epoch: sub.epoch,
+        };
+        self.positions.insert(topic.to_string(), position);
+        self.queue.extend(sub.replayed);
+    }
+}
+
+/// The topic of an `error` without `id` that carries `topic`: the server
+/// ended that subscription (docs/PROTOCOL.md section 2).
+fn ended_subscription(v: &Value) -> Option<&str> {
+    if v["op"] != "error" || !v["id"].is_null() {
+        return None;
+    }
+    v["topic"].as_str()
+}
+
+/// A topic's position after receiving `received`: that id, unless both
+/// parse and it is older. Ids of one topic only grow, so an older one
+/// would be a server's mistake; following it would replay duplicates.
+fn newer(current: Option<String>, received: &str) -> String {
+    let older = |c: &str| match (c.parse::<MsgId>(), received.parse::<MsgId>()) {
+        (Ok(c), Ok(r)) => r < c,
+        _ => false,
+    };
+    match current {
+        Some(c) if older(&c) => c,
+        _ => received.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let mut r = Reconnecting::new("", None);
+        r.backoff = (Duration::from_millis(100), Duration::from_secs(1));
+        for attempt in 0..40 {
+            let ceiling =
+                Duration::from_millis(100 * (1u64 << attempt.min(16))).min(Duration::from_secs(1));
+            // Full jitter: uniform in [0, ceiling). 200 draws all in one
+            // half, or all equal, has odds of 2^-200 for a real jitter.
+            let draws: Vec<Duration> = (0..200).map(|_| r.backoff_delay(attempt)).collect();
+            for d in &draws {
+                assert!(
+                    *d < ceiling,
+                    "attempt {attempt}: {d:?} not under {ceiling:?}"
+                );
+            }
+            let low = draws.iter().filter(|d| **d < ceiling / 2).count();
+            assert!(
+                low > 0 && low < draws.len(),
+                "attempt {attempt}: not spread over [0, {ceiling:?}): {draws:?}"
+            );
+            assert!(
+                draws.iter().any(|d| *d != draws[0]),
+                "attempt {attempt}: constant"
+            );
+        }
+        // The ceiling grows with the attempt: by 4, draws reach past attempt 0's.
+        assert!(
+            (0..200).any(|_| r.backoff_delay(4) >= Duration::from_millis(100)),
+            "no exponential growth"
+        );
+    }
+
+    fn msg(topic: &str, id: &str) -> Event {
+        Event::Msg {
+            topic: topic.into(),
+            id: id.into(),
+            data: Value::Null,
+        }
+    }
+
+    fn ok(last: &str, recovered: Option<bool>, replayed: Vec<Event>) -> Subscribed {
+        Subscribed {
+            epoch: "ep".into(),
+            last: last.into(),
+            recovered,
+            replayed,
+        }
+    }
+
+    #[test]
+    fn the_position_is_the_newest_id_received_msg_or_ok() {
+        let mut r = Reconnecting::new("", None);
+        // A quiet topic: the `ok`'s `last` is the position.
+        r.settle("t", ok("0-0", None, vec![]));
+        assert_eq!(r.position("t"), Some((Some("0-0"), "ep")));
+        // Recovered: the replay, then the `ok` (whose `last` may be past
+        // the topic's newest id: the broker's position).
+        r.settle(
+            "t",
+            ok("9-0", Some(true), vec![msg("t", "5-0"), msg("t", "7-0")]),
+        );
+        assert_eq!(r.position("t"), Some((Some("9-0"), "ep")));
+        assert_eq!(r.queue.len(), 2);
+        assert_eq!(r.recovered, ["t"]);
+        // A `last` older than what was replayed does not move it back.
+        r.settle("t", ok("8-0", Some(true), vec![msg("t", "10-0")]));
+        assert_eq!(r.position("t"), Some((Some("10-0"), "ep")));
+        // Recovered, nothing replayed, no `last` (a server before v1.1).
+        r.settle("t", ok("", Some(true), vec![]));
+        assert_eq!(r.position("t"), Some((Some("10-0"), "ep")));
+        // Not recovered: the new history's `last`, even if smaller.
+        r.settle("t", ok("3-0", Some(false), vec![]));
+        assert_eq!(r.position("t"), Some((Some("3-0"), "ep")));
+        assert_eq!(r.unrecovered, ["t"]);
+        // Without `last`, no position until a `msg`.
+        r.settle("u", ok("", None, vec![]));
+        assert_eq!(r.position("u"), Some((None, "ep")));
+        assert_eq!(newer(None, "1-0"), "1-0");
+        assert_eq!(newer(Some("2-0".into()), "1-5"), "2-0");
+        assert_eq!(newer(Some("2-0".into()), "2-1"), "2-1");
+        assert_eq!(newer(Some("x".into()), "1-0"), "1-0");
+    }
+
+    #[test]
+    fn only_an_error_without_id_carrying_a_topic_ends_a_subscription() {
+        let ended = json!({"op":"error","code":4403,"topic":"t","reason":"subscription ended"});
+        assert_eq!(ended_subscription(&ended), Some("t"));
+        let answer = json!({"op":"error","id":3,"code":4403,"topic":"t","reason":"no"});
+        assert_eq!(ended_subscription(&answer), None);
+        let other = json!({"op":"error","code":4000,"reason":"bad request"});
+        assert_eq!(ended_subscription(&other), None);
+        assert_eq!(ended_subscription(&json!({"op":"ok","topic":"t"})), None);
+    }
+}
