@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::HumanDuration;
+use crate::config::units::{HumanDuration, MAX_DURATION};
 
 /// One `[[namespaces]]` table of the config file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -91,9 +91,7 @@ impl Namespaces {
             if list.iter().any(|n| n.name == t.name) {
                 errs.push(format!("namespaces: {:?} is configured twice", t.name));
             }
-            if t.history_ttl
-                .is_some_and(|d| d.0 > crate::config::MAX_DURATION)
-            {
+            if t.history_ttl.is_some_and(|d| d.0 > MAX_DURATION) {
                 errs.push(format!(
                     "namespaces.{}: history_ttl must be at most 8760h",
                     t.name
