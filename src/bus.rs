@@ -378,6 +378,11 @@ impl Bus {
         }
     }
 
+    /// Messages waiting in each shard's inbox, by shard number.
+    pub fn depths(&self) -> Vec<usize> {
+        self.shards.iter().map(|s| s.tx.len()).collect()
+    }
+
     /// Number of shards.
     pub fn len(&self) -> usize {
         self.shards.len()

@@ -74,6 +74,16 @@ pub struct PublishArgs {
     /// Approximate MAXLEN of the partition stream [default: 100000].
     #[arg(long, env = "RINGCAST_REDIS_MAXLEN", default_value_t = 100_000)]
     pub redis_maxlen: u64,
+    /// POST to a node's admin endpoint (http://HOST:PORT) instead of
+    /// publishing over WebSocket; needs --api-key.
+    #[arg(long, conflicts_with = "redis")]
+    pub http: Option<String>,
+    /// The node's --admin-api-key, for --http.
+    #[arg(long, env = "RINGCAST_ADMIN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// An event name copied into the `msg` frame (--http and --redis).
+    #[arg(long)]
+    pub event: Option<String>,
 }
 
 /// `ringcast subscribe`.
@@ -196,10 +206,28 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
             maxlen: args.redis_maxlen,
             cache_size: 0,
         };
-        let mid = crate::broker::redis::publish_once(&settings, &args.topic, &data.to_string())
-            .context("publishing to Redis")?;
+        let mid = crate::broker::redis::publish_once(
+            &settings,
+            &args.topic,
+            args.event.as_deref(),
+            &data.to_string(),
+        )
+        .context("publishing to Redis")?;
         println!("{mid}");
         return Ok(());
+    }
+    if let Some(base) = &args.http {
+        let key = args
+            .api_key
+            .as_deref()
+            .context("--http needs --api-key (or RINGCAST_ADMIN_API_KEY)")?;
+        let mid = crate::client::http_publish(base, key, &args.topic, args.event.as_deref(), &data)
+            .context("publishing over HTTP")?;
+        println!("{mid}");
+        return Ok(());
+    }
+    if args.event.is_some() {
+        anyhow::bail!("--event needs --http or --redis: a client pub carries no event");
     }
     let mut client = crate::client::Client::connect(&args.url).context("connecting")?;
     let mid = client.publish(&args.topic, &data).context("publishing")?;

@@ -22,7 +22,8 @@
 //!   is the embedded, single-node broker with per-topic history.
 //! - [`bus`]: the cross-shard hand-off: a bounded inbox per shard plus a waker.
 //! - [`metrics`]: shard-local counters summed at scrape time, Prometheus text.
-//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`).
+//! - [`admin`]: the admin HTTP endpoint on a thread of its own (`/metrics`,
+//!   `/healthz`, `/readyz`, `/stats`, `POST /publish`).
 //! - [`auth`]: JWT verification and topic patterns.
 //! - [`client`]: a blocking Rust client with reconnect and recovery.
 //! - [`load`]: the load generator behind `ringcast load`.

@@ -100,6 +100,10 @@ const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 408, 426, 429, 431, 50
 /// One shard's counters.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
+    /// When the shard's loop last ticked ([`uptime_ms`]): its sweep runs
+    /// every second, so a stamp older than a few seconds means a stuck
+    /// shard (`/healthz`).
+    pub ticked_ms: AtomicU64,
     /// Open WebSocket connections (after the upgrade).
     pub connections_active: AtomicI64,
     /// TCP connections accepted.
@@ -128,6 +132,17 @@ pub struct ShardMetrics {
     dropped: [AtomicU64; 5],
     disconnects: [AtomicU64; 9],
     handshake_failures: [AtomicU64; 9],
+}
+
+/// Milliseconds since the process first asked (the server asks at start):
+/// one monotonic clock for stamps written on one thread and read on
+/// another.
+pub fn uptime_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 fn inc(c: &AtomicU64) {
@@ -163,6 +178,11 @@ impl ShardMetrics {
     pub fn dropped_count(&self, why: Undelivered) -> u64 {
         let i = Undelivered::ALL.iter().position(|d| *d == why).unwrap_or(0);
         self.dropped[i].load(Ordering::Relaxed)
+    }
+
+    /// Undelivered messages, every reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|d| d.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -355,6 +375,8 @@ pub struct BrokerMetrics {
     pub gaps: AtomicU64,
     /// `XINFO STREAM` reads the readers made to look for such gaps.
     pub gap_checks: AtomicU64,
+    /// Messages published through the admin endpoint's `POST /publish`.
+    pub published_http: AtomicU64,
     skipped: [AtomicU64; 7],
 }
 
@@ -371,6 +393,7 @@ impl Default for BrokerMetrics {
             publish_round_trips: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             gap_checks: AtomicU64::new(0),
+            published_http: AtomicU64::new(0),
             skipped: Default::default(),
         }
     }

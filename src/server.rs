@@ -28,6 +28,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// Runs a node until it is drained by SIGTERM/SIGINT. Prints one line to
 /// stdout when ready: `ringcast ready ws=ADDR admin=ADDR|off`.
 pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    // Starts the clock every liveness stamp is read against.
+    crate::metrics::uptime_ms();
     if !config.huge_pages {
         // Before the shards start their heaps; see Config::huge_pages.
         if let Err(e) = crate::sys::disable_transparent_huge_pages() {
@@ -67,11 +69,20 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
                 .context("starting the embedded broker")?,
         ),
     };
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = match config.admin_listen {
-        Some(addr) => Some(
-            crate::admin::spawn(addr, metrics.clone(), broker_metrics)
-                .context("starting the admin endpoint")?,
-        ),
+        Some(addr) => {
+            let admin = crate::admin::Admin {
+                shards: metrics.clone(),
+                broker_metrics,
+                broker: broker.clone(),
+                bus: bus.clone(),
+                draining: draining.clone(),
+                config: config.clone(),
+                namespaces: namespaces.clone(),
+            };
+            Some(crate::admin::spawn(addr, admin).context("starting the admin endpoint")?)
+        }
         None => None,
     };
     if config.allow_anonymous {
@@ -106,7 +117,6 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             })?;
     }
     drop(exit_tx);
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     watch_signals(
         bus.clone(),
         config.drain_window.as_millis() as u64,

@@ -19,9 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::broker::{Broker, SubscribeRequest};
-use crate::bus::{Bus, Interest, ShardMsg};
-use crate::id::{mint_epoch, MsgId, ReplyTo, ShardId, Since};
+use crate::broker::{Broker, Replier, SubscribeRequest};
+use crate::bus::{Bus, Interest};
+use crate::id::{mint_epoch, MsgId, ShardId, Since};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
 
@@ -50,8 +50,9 @@ pub struct MemoryBroker {
 #[derive(Debug)]
 enum Request {
     Publish {
-        reply: Option<ReplyTo>,
+        reply: Option<Replier>,
         topic: TopicName,
+        event: Option<Box<str>>,
         data: Box<str>,
     },
     Subscribe(SubscribeRequest),
@@ -161,7 +162,12 @@ impl Log {
 
     fn handle(&mut self, req: Request) {
         match req {
-            Request::Publish { reply, topic, data } => self.publish(reply, topic, &data),
+            Request::Publish {
+                reply,
+                topic,
+                event,
+                data,
+            } => self.publish(reply, topic, event.as_deref(), &data),
             Request::Subscribe(req) => self.subscribe(req),
             Request::Withdraw(topic, shard) => self.interest.remove(&topic, shard),
         }
@@ -259,22 +265,21 @@ impl TopicLog {
 }
 
 impl Log {
-    fn publish(&mut self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+    fn publish(
+        &mut self,
+        reply: Option<Replier>,
+        topic: TopicName,
+        event: Option<&str>,
+        data: &str,
+    ) {
         let now = now_ms();
         let retention = self.retention_for(&topic);
         let oldest_kept = now.saturating_sub(retention.ttl.as_millis() as u64);
         let id = self.inner.next_id(now);
-        let frame = encode_msg(&topic, id, None, data);
+        let frame = encode_msg(&topic, id, event, data);
         self.bus.deliver(&topic, id, &frame, &self.interest);
         if let Some(reply) = reply {
-            self.bus.send_to(
-                reply.shard,
-                ShardMsg::Published {
-                    reply,
-                    topic: topic.clone(),
-                    result: Ok(id),
-                },
-            );
+            reply.answer(&self.bus, topic.clone(), Ok(id));
         }
         let inner = &mut self.inner;
         let log = inner.topics.entry(topic).or_default();
@@ -326,10 +331,17 @@ impl Log {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+    fn publish_as(
+        &self,
+        reply: Option<Replier>,
+        topic: TopicName,
+        event: Option<&str>,
+        data: &str,
+    ) {
         let req = Request::Publish {
             reply,
             topic,
+            event: event.map(Into::into),
             data: data.into(),
         };
         if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) = self.tx.try_send(req) {
@@ -340,14 +352,7 @@ impl Broker for MemoryBroker {
             } = r
             {
                 let why = "broker unavailable: the embedded broker's queue is full, retry later";
-                self.bus.send_to(
-                    reply.shard,
-                    ShardMsg::Published {
-                        reply,
-                        topic,
-                        result: Err(why.to_string()),
-                    },
-                );
+                reply.answer(&self.bus, topic, Err(why.to_string()));
             }
         }
     }
@@ -374,7 +379,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::bus::{inbox, Inbox};
+    use crate::bus::{inbox, Inbox, ShardMsg};
+    use crate::id::ReplyTo;
     use crate::id::ConnId;
     use crate::metrics::ShardMetrics;
 
@@ -404,7 +410,7 @@ mod tests {
     fn publish_n(b: &mut Log, rx: &Inbox, t: &str, n: usize) -> Vec<MsgId> {
         let mut ids = Vec::new();
         for i in 0..n {
-            b.publish(None, topic(t), &format!("{{\"n\":{i}}}"));
+            b.publish(None, topic(t), None, &format!("{{\"n\":{i}}}"));
             match rx.try_recv() {
                 Some(ShardMsg::Deliver { id, .. }) => ids.push(id),
                 other => panic!("{other:?}"),
@@ -649,7 +655,7 @@ mod tests {
     #[test]
     fn publish_answers_the_publisher_with_the_id() {
         let (mut b, rx) = broker(10, Duration::from_secs(60));
-        b.publish(Some(reply()), topic("a"), "1");
+        b.publish(Some(Replier::Shard(reply())), topic("a"), None, "1");
         let delivered = match rx.try_recv() {
             Some(ShardMsg::Deliver { id, frame, .. }) => {
                 assert!(frame.ends_with(b"\"data\":1}"));
@@ -682,6 +688,7 @@ mod tests {
             b.handle(Request::Publish {
                 reply: None,
                 topic: topic("t"),
+                event: None,
                 data: "1".into(),
             })
         };

@@ -25,8 +25,49 @@ pub mod redis;
 
 use std::fmt;
 
-use crate::id::{ReplyTo, ShardId, Since};
+use crate::bus::{Bus, ShardMsg};
+use crate::id::{MsgId, ReplyTo, ShardId, Since};
 use crate::topic::TopicName;
+
+/// A callback that takes the outcome of one publish (the admin endpoint's
+/// `POST /publish` waits on it). Called on a broker thread: it must not
+/// block.
+pub type Answer = Box<dyn FnOnce(Result<MsgId, String>) + Send>;
+
+/// Where the outcome of a publish goes: the publishing connection's shard
+/// (as `ShardMsg::Published`), or a callback.
+pub enum Replier {
+    /// A client `pub` with an `id`.
+    Shard(ReplyTo),
+    /// Any other publisher that waits for the id.
+    Call(Answer),
+}
+
+impl fmt::Debug for Replier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replier::Shard(r) => f.debug_tuple("Shard").field(r).finish(),
+            Replier::Call(_) => f.write_str("Call"),
+        }
+    }
+}
+
+impl Replier {
+    /// Delivers the outcome of the publish of `topic`.
+    pub fn answer(self, bus: &Bus, topic: TopicName, result: Result<MsgId, String>) {
+        match self {
+            Replier::Shard(reply) => bus.send_to(
+                reply.shard,
+                ShardMsg::Published {
+                    reply,
+                    topic,
+                    result,
+                },
+            ),
+            Replier::Call(f) => f(result),
+        }
+    }
+}
 
 /// A subscription request: where to answer, and what the client last saw.
 #[derive(Debug, Clone)]
@@ -48,7 +89,21 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// Publishes `data` (a JSON document, already validated) to `topic`.
     /// When `reply` is set, the broker answers the publisher with
     /// `ShardMsg::Published`.
-    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str);
+    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+        self.publish_as(reply.map(Replier::Shard), topic, None, data);
+    }
+
+    /// Publishes `data` (validated) to `topic`, with an optional `event`
+    /// name (checked: at most `MAX_EVENT_LEN` bytes), answering `reply`.
+    /// A publish the broker cannot take is answered with an error (4503 to
+    /// a client), never queued without bound.
+    fn publish_as(
+        &self,
+        reply: Option<Replier>,
+        topic: TopicName,
+        event: Option<&str>,
+        data: &str,
+    );
 
     /// Subscribes: answers with `ShardMsg::Subscribed` under the ordering
     /// contract in the module docs, or `ShardMsg::SubscribeFailed`.

@@ -56,10 +56,10 @@ pub use entry::{
 pub use entry::{epoch_key, partition, stream_key};
 pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 
-use crate::broker::{Broker, SubscribeRequest};
-use crate::bus::{Bus, ShardMsg};
+use crate::broker::{Broker, Replier, SubscribeRequest};
+use crate::bus::Bus;
 use crate::id::MsgId;
-use crate::id::{ReplyTo, ShardId};
+use crate::id::ShardId;
 use crate::metrics::BrokerMetrics;
 use crate::topic::TopicName;
 
@@ -156,14 +156,19 @@ pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &st
 }
 
 /// Publishes one message with a fresh connection (`ringcast publish --redis`).
-pub fn publish_once(settings: &Settings, topic: &str, data: &str) -> Result<MsgId, Error> {
+pub fn publish_once(
+    settings: &Settings,
+    topic: &str,
+    event: Option<&str>,
+    data: &str,
+) -> Result<MsgId, Error> {
     let mut conn = connect(&settings.url, Some(Duration::from_secs(5))).map_err(|source| {
         Error::Unreachable {
             url: settings.url.clone(),
             source,
         }
     })?;
-    let v: Value = xadd_cmd(settings, topic, None, data).query(&mut conn)?;
+    let v: Value = xadd_cmd(settings, topic, event, data).query(&mut conn)?;
     xadd_id(v)
 }
 
@@ -179,8 +184,9 @@ fn xadd_id(v: Value) -> Result<MsgId, Error> {
 /// One queued publish.
 #[derive(Debug)]
 struct PubReq {
-    reply: Option<ReplyTo>,
+    reply: Option<Replier>,
     topic: TopicName,
+    event: Option<Box<str>>,
     data: String,
 }
 
@@ -357,10 +363,17 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
+    fn publish_as(
+        &self,
+        reply: Option<Replier>,
+        topic: TopicName,
+        event: Option<&str>,
+        data: &str,
+    ) {
         let req = PubReq {
             reply,
             topic,
+            event: event.map(Into::into),
             data: data.to_owned(),
         };
         if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
@@ -413,14 +426,7 @@ impl RedisBroker {
 
 fn fail(bus: &Bus, req: PubReq, why: &str) {
     if let Some(reply) = req.reply {
-        bus.send_to(
-            reply.shard,
-            ShardMsg::Published {
-                reply,
-                topic: req.topic,
-                result: Err(why.to_string()),
-            },
-        );
+        reply.answer(bus, req.topic, Err(why.to_string()));
     }
 }
 
@@ -474,7 +480,7 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &Br
                 c.pipeline_each(
                     batch
                         .iter()
-                        .map(|r| xadd_cmd(settings, r.topic.as_str(), None, &r.data))
+                        .map(|r| xadd_cmd(settings, r.topic.as_str(), r.event.as_deref(), &r.data))
                         .collect(),
                 )
             }
@@ -513,14 +519,7 @@ fn answer_publish(bus: &Bus, req: PubReq, v: Value) {
         v => xadd_id(v).map_err(|e| e.to_string()),
     };
     if let Some(reply) = req.reply {
-        bus.send_to(
-            reply.shard,
-            ShardMsg::Published {
-                reply,
-                topic: req.topic,
-                result,
-            },
-        );
+        reply.answer(bus, req.topic, result);
     }
 }
 

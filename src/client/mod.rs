@@ -18,9 +18,11 @@
 //! client mode and sent masked as RFC 6455 requires.
 
 mod handshake;
+mod http;
 mod reconnecting;
 
 pub use handshake::{check_accept, new_key};
+pub use http::http_publish;
 pub use reconnecting::{Reconnecting, FINAL_CLOSE_CODES, RETRY_SUB_CODES};
 
 use std::collections::VecDeque;

@@ -167,6 +167,10 @@ impl Config {
             "auth_hmac_secret: must be at least 32 characters",
         );
         need(
+            self.admin_api_key.as_ref().is_none_or(|k| k.len() >= 16),
+            "admin_api_key: must be at least 16 characters",
+        );
+        need(
             !self.auth_timeout.is_zero(),
             "auth_timeout: must be more than 0",
         );

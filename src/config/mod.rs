@@ -160,6 +160,15 @@ settings! {
     #[resolve = check::admin_listen]
     admin_listen: String => Option<SocketAddr> = Some(SocketAddr::from(([127, 0, 0, 1], 9090)));
 
+    /// Bearer key of the admin endpoint's `POST /publish` (producers that
+    /// speak HTTP). Unset: every HTTP publish is refused with 403, so the
+    /// admin port never takes publishes by accident.
+    #[arg(long, env = "RINGCAST_ADMIN_API_KEY", hide_env_values = true)]
+    #[help = "Bearer key for POST /publish on the admin address (at least 16 characters); \
+              unset: HTTP publishing is refused (403)"]
+    #[resolve = check::unless_empty]
+    admin_api_key: String => Option<String> = None;
+
     /// Shard threads, one runtime each.
     #[arg(long, env = "RINGCAST_SHARDS")]
     #[help = "Shard threads (one io_uring runtime each)", default = "number of cores"]

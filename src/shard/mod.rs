@@ -20,7 +20,7 @@
 //! - `sweep.rs`: deadlines, heartbeats and the drain;
 //! - this file: the `Shard` itself and its outbound queues: every frame a
 //!   connection gets is queued here, within the connection's bound, and
-//!   written by [`Shard::flush_dirty`] with one vectored write each.
+//!   written by `Shard::flush_dirty` with one vectored write each.
 
 mod caps;
 mod conn;
@@ -35,7 +35,10 @@ mod upgrade;
 
 pub use runtime::{spawn, ShardFailure};
 #[cfg(debug_assertions)]
-pub use runtime::{DEBUG_FAIL_SHARD_ENV, DEBUG_PANIC_AFTER, DEBUG_PANIC_SHARD_ENV};
+pub use runtime::{
+    DEBUG_FAIL_SHARD_ENV, DEBUG_PANIC_AFTER, DEBUG_PANIC_SHARD_ENV, DEBUG_STALL_FOR,
+    DEBUG_STALL_SHARD_ENV,
+};
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

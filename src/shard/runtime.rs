@@ -122,12 +122,17 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         failure: RefCell::new(None),
         failure_waker: RefCell::new(None),
     });
+    shard.metrics.ticked_ms.store(
+        crate::metrics::uptime_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweep_loop(shard.clone()));
     monoio::spawn(poll_loop(shard.clone(), waiter));
     #[cfg(debug_assertions)]
     {
         arm_debug_panic(shard.id.index());
+        arm_debug_stall(shard.id.index());
         arm_debug_failure(&shard);
     }
     shard_loop(&shard, &setup.inbox).await;
@@ -153,6 +158,34 @@ pub const DEBUG_PANIC_AFTER: Duration = Duration::from_millis(300);
 /// [`DEBUG_PANIC_AFTER`] after it is up.
 #[cfg(debug_assertions)]
 pub const DEBUG_FAIL_SHARD_ENV: &str = "RINGCAST_DEBUG_FAIL_SHARD";
+
+/// Test-only, debug builds only, like [`DEBUG_PANIC_SHARD_ENV`]: shard N
+/// blocks its own thread for [`DEBUG_STALL_FOR`] (a loop that is stuck,
+/// not dead) [`DEBUG_PANIC_AFTER`] after it is up, so `/healthz` can be
+/// seen naming it.
+#[cfg(debug_assertions)]
+pub const DEBUG_STALL_SHARD_ENV: &str = "RINGCAST_DEBUG_STALL_SHARD";
+
+/// How long the shard named by [`DEBUG_STALL_SHARD_ENV`] stays stuck.
+#[cfg(debug_assertions)]
+pub const DEBUG_STALL_FOR: Duration = Duration::from_secs(8);
+
+#[cfg(debug_assertions)]
+fn arm_debug_stall(id: usize) {
+    let wanted = std::env::var(DEBUG_STALL_SHARD_ENV).ok();
+    if wanted.and_then(|v| v.trim().parse::<usize>().ok()) != Some(id) {
+        return;
+    }
+    warn!(
+        env = DEBUG_STALL_SHARD_ENV,
+        "test-only fault injection: this shard will stall"
+    );
+    monoio::spawn(async move {
+        monoio::time::sleep(DEBUG_PANIC_AFTER).await;
+        // Blocks the shard's thread on purpose: nothing else runs here.
+        std::thread::sleep(DEBUG_STALL_FOR);
+    });
+}
 
 #[cfg(debug_assertions)]
 fn arm_debug_failure(shard: &Rc<Shard>) {
@@ -250,6 +283,10 @@ async fn sweep_loop(shard: Rc<Shard>) {
     loop {
         monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
         shard.tick();
+        shard
+            .metrics
+            .ticked_ms
+            .store(crate::metrics::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
         shard.sweep();
         shard.forget_full_budgets();
         shard.flush_dirty();
