@@ -195,7 +195,7 @@ fn ws_connect(target: SocketAddr, token: Option<&str>) -> anyhow::Result<TcpStre
                 );
             }
             check_accept(&got[..end + 4], key.as_bytes()).context("publisher upgrade")?;
-            if super::worker::has_op(&got[end..], "welcome") {
+            if super::frames::has_op(&got[end..], "welcome") {
                 break;
             }
         }
@@ -213,7 +213,7 @@ fn drain_replies(mut s: TcpStream, errors: &AtomicU64) {
             return;
         }
         let chunk = &buf[..n];
-        if super::worker::has_op(chunk, "error") {
+        if super::frames::has_op(chunk, "error") {
             errors.fetch_add(1, Ordering::Relaxed);
             if !reported {
                 reported = true;
