@@ -7,10 +7,8 @@
 //! `unsafe`; each block says why it is sound.
 #![allow(unsafe_code)]
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
-
-use bytes::Bytes;
 
 /// Most iovecs passed to one `sendmsg` (Linux `IOV_MAX` is 1024).
 pub const MAX_IOV: usize = 256;
@@ -32,40 +30,22 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     check(ret)
 }
 
-/// Writes as many of `frames` as the socket takes, in one system call, the
-/// first one starting at byte `offset`. Returns bytes written.
-pub fn send_frames<'a>(
-    fd: RawFd,
-    frames: impl Iterator<Item = &'a Bytes>,
-    offset: usize,
-) -> io::Result<usize> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_IOV];
-    let mut n = 0;
-    for (i, f) in frames.take(MAX_IOV).enumerate() {
-        let part = if i == 0 {
-            f.get(offset..).unwrap_or_default()
-        } else {
-            &f[..]
-        };
-        iov[n] = libc::iovec {
-            iov_base: part.as_ptr() as *mut libc::c_void,
-            iov_len: part.len(),
-        };
-        n += 1;
-    }
-    if n == 0 {
+/// Writes as much of `bufs` as the socket takes, in one `sendmsg` (at most
+/// [`MAX_IOV`] slices: Linux refuses more than `IOV_MAX`). Returns bytes
+/// written; `WouldBlock` when the socket is full.
+pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    if bufs.is_empty() {
         return Ok(0);
     }
     // SAFETY: a zeroed msghdr is a valid "no address, no control data" header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = n as _;
-    // SAFETY: every iovec points into a `Bytes` borrowed for the whole call
-    // (the iterator's items outlive this function's body), and the kernel
-    // only reads from them. MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
+    // std guarantees `IoSlice` is ABI-compatible with `iovec` on Unix, so
+    // the slices are passed as they are, not copied.
+    msg.msg_iov = bufs.as_ptr().cast_mut().cast();
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: every iovec points into memory borrowed for the whole call
+    // (`bufs` and what its slices point to), and the kernel only reads
+    // from them. MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
     let ret = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     check(ret)
 }

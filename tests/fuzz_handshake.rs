@@ -201,6 +201,8 @@ prop_compose! {
                 origin,
                 protocols,
                 extensions,
+                // The fillers are `X-` headers: no User-Agent.
+                user_agent: None,
             },
         }
     }

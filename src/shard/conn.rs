@@ -11,7 +11,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -335,6 +335,7 @@ impl Conn {
 }
 
 /// How one write attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Flushed {
     /// Everything queued was written.
     Done,
@@ -344,28 +345,77 @@ pub(super) enum Flushed {
     Failed,
 }
 
-/// Writes what the queue holds, as few `sendmsg` calls as the socket allows.
-pub(super) fn write_queue(metrics: &ShardMetrics, conn: &Conn) -> Flushed {
-    let mut out = conn.out.borrow_mut();
-    while !out.frames.is_empty() {
-        match sys::send_frames(conn.fd(), out.frames.iter(), out.offset as usize) {
-            Ok(n) => {
-                metrics.socket_writes.fetch_add(1, Relaxed);
-                metrics.bytes_sent.fetch_add(n as u64, Relaxed);
-                out.consume(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                trace!(error = %e, "write failed");
-                return Flushed::Failed;
-            }
-        }
+/// Where an outbound queue is written: anything that takes a vectored
+/// write, as a socket does (a short write and `WouldBlock` when full).
+/// The connection's socket in production ([`write_queue`]); an in-memory
+/// sink in the shard's tests.
+pub(super) trait Sink {
+    /// Writes some prefix of `bufs`; returns how many bytes.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+/// A connection's socket: one `sendmsg` per write, never waiting.
+struct Socket(RawFd);
+
+impl Sink for Socket {
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        sys::send_vectored(self.0, bufs)
     }
-    Flushed::Done
+}
+
+/// Writes what the connection's queue holds to its socket, in as few
+/// `sendmsg` calls as the socket allows.
+pub(super) fn write_queue(metrics: &ShardMetrics, conn: &Conn) -> Flushed {
+    conn.out
+        .borrow_mut()
+        .write_to(&mut Socket(conn.fd()), metrics)
 }
 
 impl OutQueue {
+    /// Writes the queue to `sink`, up to [`sys::MAX_IOV`] frames per
+    /// vectored write, until it is empty or the sink is full. Generic, so
+    /// the socket path has no dynamic dispatch; the slices live on the
+    /// stack, so a write allocates nothing.
+    pub(super) fn write_to(&mut self, sink: &mut impl Sink, metrics: &ShardMetrics) -> Flushed {
+        while !self.frames.is_empty() {
+            let written = {
+                let mut iov = [IoSlice::new(&[]); sys::MAX_IOV];
+                let n = self.gather(&mut iov);
+                sink.write_vectored(&iov[..n])
+            };
+            match written {
+                Ok(n) => {
+                    metrics.socket_writes.fetch_add(1, Relaxed);
+                    metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+                    self.consume(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    trace!(error = %e, "write failed");
+                    return Flushed::Failed;
+                }
+            }
+        }
+        Flushed::Done
+    }
+
+    /// Points `iov` at the unwritten frames, the front one from `offset`;
+    /// returns how many slices it filled.
+    fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, (i, frame)) in iov.iter_mut().zip(self.frames.iter().enumerate()) {
+            let part = if i == 0 {
+                frame.get(self.offset as usize..).unwrap_or_default()
+            } else {
+                &frame[..]
+            };
+            *slot = IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
     /// Forgets `n` written bytes from the front.
     pub(super) fn consume(&mut self, mut n: usize) {
         // The kernel wrote at most what was queued, which fits 32 bits.

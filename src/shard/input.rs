@@ -12,7 +12,7 @@ use tracing::debug;
 use super::conn::{AfterFlush, Conn, OutQueue, Phase};
 use super::Shard;
 use crate::metrics::{Disconnect, Undelivered};
-use crate::protocol::{code, encode_error, Close};
+use crate::protocol::{close, code, encode_error, Close};
 use crate::sys;
 use crate::ws::frame::{encode_close, encode_frame, Message, OpCode};
 
@@ -109,7 +109,11 @@ pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
     // and pings are owed a pong, so none may bypass the limits.
     if !closing {
         let len = match &msg {
-            Message::Text(b) | Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Text(b)
+            | Message::Binary(b)
+            | Message::Ping(b)
+            | Message::Pong(b)
+            | Message::Deflated(_, b) => b.len(),
             Message::Close(_) => 0,
         };
         if !matches!(msg, Message::Close(_)) {
@@ -127,6 +131,16 @@ pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
         Message::Binary(b) if shard.config.echo => {
             shard.queue(conn, encode_frame(OpCode::Binary, &b))
         }
+        // The decoder yields these only once permessage-deflate is
+        // negotiated, which this server does not do yet.
+        Message::Deflated(..) => fail(
+            shard,
+            conn,
+            Close::Protocol(
+                close::PROTOCOL_ERROR,
+                "RSV1 set: no extension negotiated".into(),
+            ),
+        ),
         Message::Binary(_) => {
             let reason = "binary frames are not supported: ringcast.v1 is JSON text";
             shard.queue(conn, encode_error(None, code::BAD_REQUEST, reason));

@@ -33,6 +33,9 @@ mod sweep;
 mod topics;
 mod upgrade;
 
+#[cfg(test)]
+mod tests;
+
 pub use runtime::{spawn, ShardFailure};
 #[cfg(debug_assertions)]
 pub use runtime::{

@@ -88,6 +88,11 @@ pub enum Message {
     /// A close, with its code (valid on the wire) and UTF-8 reason when the
     /// peer sent one.
     Close(Option<(u16, String)>),
+    /// A permessage-deflate message (RSV1 on its first frame, RFC 7692
+    /// §6): the compressed payload, assembled, still to be inflated and
+    /// (text) checked for UTF-8 by the caller. Only from a decoder that
+    /// [`Decoder::allow_compressed`].
+    Deflated(OpCode, Bytes),
 }
 
 /// A violation of RFC 6455 by the peer. The connection must be closed with
@@ -190,6 +195,9 @@ pub struct Decoder {
     max_message_size: u32,
     /// Server side: inbound frames must be masked; client side: must not be.
     expect_masked: bool,
+    /// permessage-deflate was negotiated: RSV1 may mark a data message as
+    /// compressed (and nothing else).
+    compressed_ok: bool,
     /// Boxed: fragmented messages are rare, and an idle connection's
     /// decoder should stay a few words.
     partial: Option<Box<Partial>>,
@@ -199,6 +207,9 @@ pub struct Decoder {
 #[derive(Debug)]
 struct Partial {
     opcode: OpCode,
+    /// RSV1 was set on the first frame: the data is compressed, so UTF-8
+    /// is checked after inflating, not here.
+    compressed: bool,
     data: BytesMut,
     /// Text only: `data[..valid_up_to]` is known-good UTF-8.
     valid_up_to: usize,
@@ -208,6 +219,8 @@ struct Partial {
 #[derive(Debug)]
 struct Header {
     fin: bool,
+    /// RSV1 (only where the decoder allows it).
+    rsv1: bool,
     opcode: OpCode,
     mask: Option<[u8; 4]>,
     len: u64,
@@ -222,6 +235,7 @@ impl Decoder {
         Self {
             max_message_size: u32::try_from(max_message_size).unwrap_or(u32::MAX),
             expect_masked: true,
+            compressed_ok: false,
             partial: None,
         }
     }
@@ -235,6 +249,13 @@ impl Decoder {
         }
     }
 
+    /// permessage-deflate was negotiated: from now on RSV1 on the first
+    /// frame of a data message marks it compressed ([`Message::Deflated`]);
+    /// on a continuation or control frame it is still an error (1002).
+    pub fn allow_compressed(&mut self) {
+        self.compressed_ok = true;
+    }
+
     /// Decodes at most one complete message from the front of `buf`,
     /// consuming the bytes of every frame it used. Control frames are
     /// returned as soon as they are complete, even between the fragments of
@@ -242,7 +263,7 @@ impl Decoder {
     /// `buf`).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
         loop {
-            let Some(header) = parse_header(buf, self.expect_masked)? else {
+            let Some(header) = parse_header(buf, self.expect_masked, self.compressed_ok)? else {
                 return Ok(None);
             };
             let len = self.check(&header)?;
@@ -311,6 +332,9 @@ impl Decoder {
             OpCode::Ping => Message::Ping(payload.freeze()),
             OpCode::Pong => Message::Pong(payload.freeze()),
             OpCode::Close => Message::Close(parse_close(&payload)?),
+            OpCode::Text | OpCode::Binary if header.fin && header.rsv1 => {
+                Message::Deflated(header.opcode, payload.freeze())
+            }
             OpCode::Binary if header.fin => Message::Binary(payload.freeze()),
             OpCode::Text if header.fin => {
                 std::str::from_utf8(&payload).map_err(|e| ProtocolError::InvalidUtf8 {
@@ -319,7 +343,11 @@ impl Decoder {
                 Message::Text(payload.freeze())
             }
             OpCode::Text | OpCode::Binary => {
-                self.partial = Some(Box::new(Partial::start(header.opcode, &payload)?));
+                self.partial = Some(Box::new(Partial::start(
+                    header.opcode,
+                    header.rsv1,
+                    &payload,
+                )?));
                 return Ok(None);
             }
             OpCode::Continuation => {
@@ -340,11 +368,12 @@ impl Decoder {
 }
 
 impl Partial {
-    fn start(opcode: OpCode, first: &[u8]) -> Result<Self, ProtocolError> {
+    fn start(opcode: OpCode, compressed: bool, first: &[u8]) -> Result<Self, ProtocolError> {
         // A copy, so the read buffer's allocation is not pinned by a
         // long-lived fragment.
         let mut partial = Self {
             opcode,
+            compressed,
             data: BytesMut::with_capacity(first.len()),
             valid_up_to: 0,
         };
@@ -354,7 +383,7 @@ impl Partial {
 
     fn push(&mut self, fragment: &[u8]) -> Result<(), ProtocolError> {
         self.data.extend_from_slice(fragment);
-        if self.opcode == OpCode::Text {
+        if self.opcode == OpCode::Text && !self.compressed {
             self.check_utf8(false)?;
         }
         Ok(())
@@ -378,6 +407,9 @@ impl Partial {
     }
 
     fn finish(mut self) -> Result<Message, ProtocolError> {
+        if self.compressed {
+            return Ok(Message::Deflated(self.opcode, self.data.freeze()));
+        }
         if self.opcode == OpCode::Text {
             self.check_utf8(true)?;
             return Ok(Message::Text(self.data.freeze()));
@@ -388,11 +420,15 @@ impl Partial {
 
 /// Parses and checks the stateless parts of a frame header (RSV, opcode,
 /// mask, control FIN, 64-bit MSB). `Ok(None)`: the header is incomplete.
-fn parse_header(buf: &[u8], expect_masked: bool) -> Result<Option<Header>, ProtocolError> {
+fn parse_header(
+    buf: &[u8],
+    expect_masked: bool,
+    compressed_ok: bool,
+) -> Result<Option<Header>, ProtocolError> {
     let &[b0, b1, ref rest @ ..] = buf else {
         return Ok(None);
     };
-    let opcode = check_first_bytes(b0, b1, expect_masked)?;
+    let opcode = check_first_bytes(b0, b1, expect_masked, compressed_ok)?;
     let (len, len_bytes) = match b1 & LEN_BITS {
         126 => match array_at::<2>(rest, 0) {
             Some(bytes) => (u64::from(u16::from_be_bytes(bytes)), 2),
@@ -417,6 +453,7 @@ fn parse_header(buf: &[u8], expect_masked: bool) -> Result<Option<Header>, Proto
     };
     Ok(Some(Header {
         fin: b0 & FIN != 0,
+        rsv1: b0 & RSV1 != 0,
         opcode,
         mask,
         len,
@@ -425,13 +462,22 @@ fn parse_header(buf: &[u8], expect_masked: bool) -> Result<Option<Header>, Proto
 }
 
 /// The checks that need only the first two bytes.
-fn check_first_bytes(b0: u8, b1: u8, expect_masked: bool) -> Result<OpCode, ProtocolError> {
-    if b0 & RSV_BITS != 0 {
+fn check_first_bytes(
+    b0: u8,
+    b1: u8,
+    expect_masked: bool,
+    compressed_ok: bool,
+) -> Result<OpCode, ProtocolError> {
+    let bits = b0 & OPCODE_BITS;
+    // RFC 7692 §6: RSV1 only on the first frame of a data message, and
+    // only once the extension is negotiated; RSV2/RSV3 never.
+    let rsv1_ok = compressed_ok && matches!(bits, 0x1 | 0x2);
+    let forbidden = if rsv1_ok { RSV_BITS & !RSV1 } else { RSV_BITS };
+    if b0 & forbidden != 0 {
         return Err(ProtocolError::ReservedBits {
             bits: (b0 & RSV_BITS) >> 4,
         });
     }
-    let bits = b0 & OPCODE_BITS;
     let opcode = OpCode::from_bits(bits).ok_or(ProtocolError::UnknownOpcode { opcode: bits })?;
     match (b1 & MASK_BIT != 0, expect_masked) {
         (false, true) => return Err(ProtocolError::Unmasked),
@@ -592,6 +638,55 @@ mod tests {
         let mut all = decode_all(&mut Decoder::new(MAX), bytes)?;
         assert_eq!(all.len(), 1);
         Ok(all.remove(0))
+    }
+
+    /// `masked` with RSV1 set on the first byte.
+    fn with_rsv1(mut frame: Vec<u8>) -> Vec<u8> {
+        frame[0] |= RSV1;
+        frame
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_data_message_only_once_negotiated() {
+        let mut d = Decoder::new(MAX);
+        d.allow_compressed();
+        // Not UTF-8: compressed bytes are checked only after inflating.
+        let z = [0xf2, 0x48, 0xcd, 0xc9];
+        let one = decode_all(&mut d, &with_rsv1(masked(OpCode::Text, true, &z))).unwrap();
+        assert_eq!(
+            one,
+            vec![Message::Deflated(OpCode::Text, Bytes::copy_from_slice(&z))]
+        );
+        // Fragmented: RSV1 on the first frame only; the parts are joined.
+        let mut frames = with_rsv1(masked(OpCode::Binary, false, &z[..2]));
+        frames.extend(masked(OpCode::Continuation, true, &z[2..]));
+        let joined = decode_all(&mut d, &frames).unwrap();
+        assert_eq!(
+            joined,
+            vec![Message::Deflated(
+                OpCode::Binary,
+                Bytes::copy_from_slice(&z)
+            )]
+        );
+        // RSV1 on a continuation or a control frame, or RSV2/RSV3: 1002.
+        let mut bad = masked(OpCode::Text, false, b"a");
+        bad.extend(with_rsv1(masked(OpCode::Continuation, true, b"b")));
+        for frames in [bad, with_rsv1(masked(OpCode::Ping, true, b"")), {
+            let mut f = masked(OpCode::Text, true, b"x");
+            f[0] |= 0x20;
+            f
+        }] {
+            let mut d = Decoder::new(MAX);
+            d.allow_compressed();
+            let err = decode_all(&mut d, &frames).unwrap_err();
+            assert_eq!(err.close_code(), 1002, "{err}");
+        }
+        // Without the extension, RSV1 is an error as before.
+        let err = decode_one(&with_rsv1(masked(OpCode::Text, true, b"x"))).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::ReservedBits { bits: 4 }),
+            "{err}"
+        );
     }
 
     fn raw_frame(b0: u8, payload: &[u8]) -> Vec<u8> {

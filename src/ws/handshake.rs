@@ -42,6 +42,9 @@ pub struct UpgradeRequest {
     /// Raw `Sec-WebSocket-Extensions` header values (trimmed), one per header
     /// line, for the extension negotiation to parse.
     pub extensions: Vec<String>,
+    /// `User-Agent` (the first one), for the few clients whose extension
+    /// support is known broken; not kept past the upgrade.
+    pub user_agent: Option<String>,
 }
 
 /// Why an upgrade is refused. Each variant maps to one HTTP status
@@ -254,6 +257,11 @@ fn validate(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, Handshake
     let extensions = values(headers, "Sec-WebSocket-Extensions")
         .map(|v| text(v, "Sec-WebSocket-Extensions").map(str::to_owned))
         .collect::<Result<Vec<_>, _>>()?;
+    // Not checked further: only compared with known broken clients.
+    let user_agent = values(headers, "User-Agent")
+        .next()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| v.chars().take(256).collect());
     check_version(headers)?;
     let target = req.path.unwrap_or("/");
     let (path, query) = match target.split_once('?') {
@@ -267,6 +275,7 @@ fn validate(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, Handshake
         origin,
         protocols,
         extensions,
+        user_agent,
     })
 }
 

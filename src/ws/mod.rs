@@ -5,5 +5,6 @@
 //! (`shard/input.rs`, `shard/upgrade.rs`) feeds bytes in and writes what
 //! comes out.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
