@@ -98,6 +98,12 @@ pub struct SubscribeArgs {
     /// Stop after this many messages (default: run until interrupted).
     #[arg(long)]
     pub count: Option<u64>,
+    /// A JWT for a server that checks tokens, sent in the first `auth`
+    /// frame of every connection (not in the URL, which proxies log). The
+    /// command stops with an error when it expires [default: none:
+    /// anonymous].
+    #[arg(long, env = "RINGCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `ringcast token`.
@@ -240,6 +246,25 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
 /// recovery that brought nothing as soon as it happens.
 const SUBSCRIBE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A [`crate::client::Reconnecting`] that authenticates with one fixed
+/// token: its provider hands out `token` until its `exp`, then fails, so
+/// the command ends at `exp` with a clear error instead of reconnecting
+/// with a token the server refuses. No refresh before `exp`: there is no
+/// newer token to send.
+fn subscriber_with_token(url: &str, token: String) -> anyhow::Result<crate::client::Reconnecting> {
+    let exp = crate::client::token_expiry(&token);
+    let provider = move || match exp {
+        Some(exp) if crate::auth::now_secs() >= exp => Err(format!(
+            "the --token expired (exp {exp}): mint a new one with `ringcast token`"
+        )),
+        _ => Ok(token.clone()),
+    };
+    let mut client =
+        crate::client::Reconnecting::with_token(url, provider).context("connecting")?;
+    client.refresh_margin = std::time::Duration::ZERO;
+    Ok(client)
+}
+
 /// Prints each message as a JSON line on stdout; on stderr, each topic that
 /// could not be recovered after a reconnect (`recovered:false`: what was
 /// published meanwhile is lost, refetch it) and each subscription the
@@ -247,7 +272,10 @@ const SUBSCRIBE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_se
 fn subscribe(args: &SubscribeArgs) -> anyhow::Result<()> {
     use crate::client::{ClientError, Event, Reconnecting};
     use std::io::Write as _;
-    let mut client = Reconnecting::connect(&args.url).context("connecting")?;
+    let mut client = match &args.token {
+        Some(token) => subscriber_with_token(&args.url, token.clone())?,
+        None => Reconnecting::connect(&args.url).context("connecting")?,
+    };
     for t in &args.topics {
         client
             .subscribe(t)

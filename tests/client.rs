@@ -1,12 +1,15 @@
-//! The Rust client's reconnect rules (docs/PROTOCOL.md sections 2 to 4):
-//! `drain` sets when it comes back, 1000 and 4003 end it, and a connection
-//! cut while the same server runs is recovered with `since` + `epoch`, with
-//! no gap and no duplicate, from the last `msg` or, on a quiet topic, from
-//! the `last` of the `sub`'s `ok` (`ringcast subscribe` included). A `sub`
-//! refused with 4503 is retried; one refused for good, or ended by the
-//! server, is dropped and surfaced. The server side is either a hand-built
-//! fake (every byte written here; it answers the key the client sent) or
-//! the real binary behind an in-test TCP proxy that the test can cut.
+//! The Rust client's reconnect rules (docs/PROTOCOL.md sections 1 to 4):
+//! `drain` sets when it comes back, 1000 and 4003 end it, 4009 comes back
+//! at once and 4008 later, and a connection cut while the same server runs
+//! is recovered with `since` + `epoch`, with no gap and no duplicate, from
+//! the last `msg` or, on a quiet topic, from the `last` of the `sub`'s `ok`
+//! (`ringcast subscribe` included). A `sub` refused with 4503 is retried;
+//! one refused for good, or ended by the server, is dropped and surfaced.
+//! A token provider's tokens are refreshed by `auth` before `exp`, and a
+//! 4001 brings a fresh one; the `ping` op finds a dead link (a server
+//! SIGSTOPped). The server side is either a hand-built fake (every byte
+//! written here; it answers the key the client sent) or the real binary,
+//! sometimes behind an in-test TCP proxy that the test can cut.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestServer;
+use ringcast::auth::{mint_hmac, now_secs, Claims};
 use ringcast::client::{Client, ClientError, Event, Reconnecting};
 use serde_json::json;
 
@@ -45,6 +49,11 @@ fn close(code: u16, reason: &str) -> Vec<u8> {
 /// the client sent (RFC 6455 section 4.2.2), then `welcome`. Returns the
 /// reader, positioned at the client's first frame.
 fn upgrade(s: &mut TcpStream) -> Option<BufReader<TcpStream>> {
+    upgrade_with_heartbeat(s, 25)
+}
+
+/// [`upgrade`], with `heartbeat` (seconds) in the `welcome`.
+fn upgrade_with_heartbeat(s: &mut TcpStream, heartbeat: u64) -> Option<BufReader<TcpStream>> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
     let (mut line, mut key) = (String::new(), String::new());
@@ -59,7 +68,7 @@ fn upgrade(s: &mut TcpStream) -> Option<BufReader<TcpStream>> {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
-    let welcome = json!({"op": "welcome", "conn": "c-0-1", "node": "fake", "heartbeat": 25});
+    let welcome = json!({"op": "welcome", "conn": "c-0-1", "node": "fake", "heartbeat": heartbeat});
     let mut out = head.into_bytes();
     out.extend(text(&welcome));
     s.write_all(&out).ok()?;
@@ -594,4 +603,425 @@ fn ringcast_subscribe_prints_what_a_quiet_topic_got_while_it_was_cut() {
         .collect();
     assert_eq!(lines, want, "stderr: {stderr}");
     assert!(!stderr.contains("recovered:false"), "{stderr}");
+}
+
+#[test]
+fn close_4009_reconnects_at_once_and_4008_waits_the_rate_limited_delay() {
+    // 4009: back at once, though the backoff alone would wait up to 30 s.
+    let (addr, accepts) = fake_server(vec![
+        vec![close(4009, "too slow")],
+        vec![msg("1-0", "back")],
+    ]);
+    let mut client = Reconnecting::connect(&format!("ws://{addr}/ws")).unwrap();
+    client.backoff = (Duration::from_secs(30), Duration::from_secs(30));
+    let closed_at = accepts.recv().unwrap();
+    let event = client
+        .recv(Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        matches!(&event, Event::Msg { data, .. } if data == "back"),
+        "{event:?}"
+    );
+    let back_after = accepts.recv().unwrap() - closed_at;
+    assert!(
+        back_after < Duration::from_millis(500),
+        "4009: back after {back_after:?}"
+    );
+    assert_eq!(client.last_disconnect.as_ref().map(|d| d.code), Some(4009));
+    // 4008: the backoff (10 ms at most) plus the rate-limited delay.
+    let (addr, accepts) = fake_server(vec![
+        vec![close(4008, "rate limited")],
+        vec![msg("1-0", "later")],
+    ]);
+    let mut client = Reconnecting::connect(&format!("ws://{addr}/ws")).unwrap();
+    client.backoff = (Duration::from_millis(10), Duration::from_millis(10));
+    client.rate_limited_delay = Duration::from_millis(700);
+    let closed_at = accepts.recv().unwrap();
+    let event = client
+        .recv(Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        matches!(&event, Event::Msg { data, .. } if data == "later"),
+        "{event:?}"
+    );
+    let back_after = accepts.recv().unwrap() - closed_at;
+    assert!(
+        back_after >= Duration::from_millis(700) && back_after < Duration::from_millis(1700),
+        "4008: back after {back_after:?}, asked for 700 ms more than the backoff"
+    );
+    assert_eq!(client.reconnects, 1);
+}
+
+#[test]
+fn the_ping_op_goes_out_after_a_heartbeat_of_silence_and_an_unanswered_one_is_a_dead_link() {
+    // A fake server with a 1 s heartbeat that sends nothing by itself (no
+    // WebSocket pings) and answers the first three `ping` ops with `pong`.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pings, pinged) = mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut s) = stream else { continue };
+            let pings = pings.clone();
+            std::thread::spawn(move || {
+                let Some(mut reader) = upgrade_with_heartbeat(&mut s, 1) else {
+                    return;
+                };
+                let mut answered = 0;
+                while let Some((opcode, payload)) = client_frame(&mut reader) {
+                    if opcode != 1 {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    if v != json!({"op": "ping"}) {
+                        continue;
+                    }
+                    let _ = pings.send((n, Instant::now()));
+                    if n == 0 && answered < 3 {
+                        answered += 1;
+                        let _ = s.write_all(&text(&json!({"op": "pong"})));
+                    }
+                }
+            });
+        }
+    });
+    let mut client = Reconnecting::connect(&format!("ws://{addr}/ws")).unwrap();
+    client.backoff = (Duration::from_millis(10), Duration::from_millis(50));
+    let connected = Instant::now();
+    // The pongs are not events; nothing else comes while the link lives.
+    while client.reconnects == 0 {
+        assert!(connected.elapsed() < Duration::from_secs(8), "no reconnect");
+        match client.recv(Instant::now() + Duration::from_millis(100)) {
+            Err(ClientError::Timeout) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let sent: Vec<(usize, Instant)> = pinged.try_iter().collect();
+    let first: Vec<Instant> = sent.iter().filter(|(n, _)| *n == 0).map(|p| p.1).collect();
+    // A ping a heartbeat after welcome, then one a heartbeat after each pong.
+    assert_eq!(first.len(), 4, "{sent:?}");
+    let mut previous = connected;
+    for at in &first {
+        let gap = *at - previous;
+        assert!(
+            gap >= Duration::from_millis(900) && gap < Duration::from_millis(1500),
+            "a ping {gap:?} after the last frame"
+        );
+        previous = *at;
+    }
+    // The fourth went unanswered: dead a heartbeat later, reconnected.
+    let lost = client.last_disconnect.clone().unwrap();
+    assert_eq!(lost.code, 1006, "{lost:?}");
+    assert!(lost.reason.contains("ping op"), "{lost:?}");
+    let dead_after = lost.at - first[3];
+    assert!(
+        dead_after >= Duration::from_millis(950) && dead_after < Duration::from_millis(1500),
+        "declared dead {dead_after:?} after the unanswered ping"
+    );
+    assert_eq!(client.welcome().unwrap()["heartbeat"], 1);
+}
+
+/// The HS256 secret of the servers that check tokens here.
+const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+/// A server that checks tokens (1 s to send the first `auth`).
+fn auth_server(extra: &[&str]) -> TestServer {
+    let mut args = vec!["--auth-hmac-secret", SECRET, "--auth-timeout", "1s"];
+    args.extend_from_slice(extra);
+    TestServer::start(&args)
+}
+
+/// A token for user `u1` on `news`, valid for `ttl` seconds, signed with
+/// `secret`.
+fn token_for(secret: &str, ttl: u64) -> String {
+    let claims = Claims {
+        sub: "u1".into(),
+        exp: now_secs() + ttl,
+        subs: vec!["news".into()],
+        pubs: vec!["news".into()],
+    };
+    mint_hmac(secret.as_bytes(), &claims)
+}
+
+/// A publisher on `server` with a 10-minute token in the query.
+fn publisher(server: &TestServer) -> Client {
+    Client::connect(&format!(
+        "{}?token={}",
+        server.url(),
+        token_for(SECRET, 600)
+    ))
+    .unwrap()
+}
+
+/// Publishes `data` to `news` and receives it on `client`, on whatever
+/// connection it has; fails on any other event. Then lets the client idle
+/// (heartbeat, refresh) for `idle`.
+fn round_trip(client: &mut Reconnecting, publisher: &mut Client, data: i64, idle: Duration) {
+    let mid = publisher.publish("news", &json!(data)).unwrap();
+    match client.recv(Instant::now() + Duration::from_secs(3)) {
+        Ok(Event::Msg { topic, id, data: d }) => {
+            assert_eq!(
+                (topic.as_str(), id.as_str(), d),
+                ("news", mid.as_str(), json!(data))
+            )
+        }
+        other => panic!("waiting for {data}: {other:?}"),
+    }
+    match client.recv(Instant::now() + idle) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("after {data}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_token_refreshed_before_exp_keeps_the_same_connection_receiving_for_7_s() {
+    let server = auth_server(&[]);
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    // Every token lives 3 s: without a refresh the server closes at its exp.
+    let mut client = Reconnecting::with_token(&server.url(), move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok(token_for(SECRET, 3))
+    })
+    .unwrap();
+    let conn = client.welcome().unwrap()["conn"].clone();
+    assert!(conn.is_string(), "{conn}");
+    client.subscribe("news").unwrap();
+    let mut publisher = publisher(&server);
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        round_trip(
+            &mut client,
+            &mut publisher,
+            sent,
+            Duration::from_millis(250),
+        );
+        assert_eq!(client.welcome().unwrap()["conn"], conn, "after {sent}");
+        sent += 1;
+    }
+    assert!(sent >= 20, "only {sent} messages in 7 s");
+    assert_eq!(client.reconnects, 0, "{:?}", client.last_disconnect);
+    assert!(
+        client.last_disconnect.is_none(),
+        "{:?}",
+        client.last_disconnect
+    );
+    // A 3 s token refreshes every 1 to 1.5 s: at least 4 in 7 s, each a
+    // provider call, plus the one before connecting (and maybe one in flight).
+    let (refreshes, calls) = (client.refreshes, calls.load(Ordering::SeqCst));
+    assert!(refreshes >= 4, "{refreshes} refreshes in 7 s");
+    assert!(
+        calls == refreshes + 1 || calls == refreshes + 2,
+        "{calls} provider calls for {refreshes} refreshes"
+    );
+}
+
+#[test]
+fn a_refused_refresh_is_surfaced_and_the_4001_at_exp_brings_a_fresh_token_and_a_reconnect() {
+    let server = auth_server(&[]);
+    // The first token lives 3 s. Until it expires the provider hands out
+    // tokens the server refuses (a wrong secret): the refreshes fail. Once
+    // it has expired: one more refused token (the first reconnect fails
+    // with 4001 too), then a good one.
+    let first_exp = now_secs() + 3;
+    let handed = Arc::new(Mutex::new(Vec::new()));
+    let log = handed.clone();
+    let forged = "not-the-secret-not-the-secret-not-it";
+    let mut client = Reconnecting::with_token(&server.url(), move || {
+        let mut log = log.lock().unwrap();
+        let kind = match (log.len(), now_secs() >= first_exp) {
+            (0, _) => "first",
+            (_, false) => "refused refresh",
+            (_, true) if !log.contains(&"refused connect") => "refused connect",
+            (_, true) => "good connect",
+        };
+        log.push(kind);
+        Ok(match kind {
+            "first" => mint_hmac(
+                SECRET.as_bytes(),
+                &Claims {
+                    sub: "u1".into(),
+                    exp: first_exp,
+                    subs: vec!["news".into()],
+                    pubs: vec![],
+                },
+            ),
+            "good connect" => token_for(SECRET, 600),
+            _ => token_for(forged, 600),
+        })
+    })
+    .unwrap();
+    client.backoff = (Duration::from_millis(20), Duration::from_millis(100));
+    let first_conn = client.welcome().unwrap()["conn"].clone();
+    client.subscribe("news").unwrap();
+    let mut publisher = publisher(&server);
+    // Refused: surfaced as the server's error 4001 (with the `auth`'s id),
+    // and the connection stays.
+    match client.recv(Instant::now() + Duration::from_secs(3)) {
+        Ok(Event::Frame(v)) => {
+            assert_eq!(
+                (v["op"].as_str(), v["code"].as_u64()),
+                (Some("error"), Some(4001)),
+                "{v}"
+            );
+            assert!(v["id"].is_u64(), "{v}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(now_secs() < first_exp, "the refresh came after exp");
+    round_trip(&mut client, &mut publisher, 0, Duration::ZERO);
+    assert_eq!(client.welcome().unwrap()["conn"], first_conn);
+    // At exp the server closes with 4001; the client asks for a token
+    // (refused at connect: 4001 again), then another, and comes back.
+    let mut surfaced = 1;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while client.reconnects == 0 {
+        match client.recv(deadline.min(Instant::now() + Duration::from_millis(200))) {
+            Ok(Event::Frame(v)) if v["code"] == 4001 && v["id"].is_u64() => surfaced += 1,
+            Err(ClientError::Timeout) if Instant::now() < deadline => {}
+            other => panic!("waiting for the reconnect: {other:?}"),
+        }
+    }
+    let lost = client.last_disconnect.clone().unwrap();
+    assert_eq!((lost.code, lost.reason.as_str()), (4001, "token expired"));
+    assert_ne!(client.welcome().unwrap()["conn"], first_conn);
+    let handed = handed.lock().unwrap().clone();
+    let refreshes = handed.iter().filter(|k| **k == "refused refresh").count();
+    assert!(refreshes >= 1, "{handed:?}");
+    assert_eq!(
+        surfaced, refreshes,
+        "every refused refresh surfaced: {handed:?}"
+    );
+    assert_eq!(
+        &handed[refreshes + 1..],
+        ["refused connect", "good connect"]
+    );
+    assert_eq!(client.refreshes, 0);
+    // Resubscribed from the last message, on the new connection.
+    assert_eq!(client.recovered, vec!["news".to_string()]);
+    round_trip(&mut client, &mut publisher, 1, Duration::ZERO);
+}
+
+/// A server stopped with SIGSTOP until this is dropped (SIGCONT, also when
+/// the test fails): its sockets stay open and silent, a dead link.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(server: &TestServer) -> Stopped {
+        let pid = server.child.id();
+        signal("-STOP", pid);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}: {status}");
+}
+
+#[test]
+fn a_dead_link_is_found_by_the_ping_op_within_two_heartbeats_and_recovered_with_since() {
+    let server = TestServer::start(&["--heartbeat", "1s"]);
+    let mut client = Reconnecting::connect(&server.url()).unwrap();
+    client.backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    // Attempts at the stopped server (its kernel still accepts) fail fast.
+    client.connect_timeout = Duration::from_millis(500);
+    assert_eq!(client.welcome().unwrap()["heartbeat"], 1);
+    let first_conn = client.welcome().unwrap()["conn"].clone();
+    client.subscribe("news").unwrap();
+    let mut publisher = Client::connect(&server.url()).unwrap();
+    for i in 0..3 {
+        publisher.publish("news", &json!(i)).unwrap();
+    }
+    let mut got = Vec::new();
+    take_msgs(&mut client, 3, &mut got);
+    let stopped = Stopped::new(&server);
+    let stopped_at = Instant::now();
+    while client.last_disconnect.is_none() {
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(6),
+            "the dead link went unnoticed"
+        );
+        match client.recv(Instant::now() + Duration::from_millis(100)) {
+            Err(ClientError::Timeout) => {}
+            other => panic!("while the server is stopped: {other:?}"),
+        }
+    }
+    let lost = client.last_disconnect.clone().unwrap();
+    assert_eq!(lost.code, 1006, "{lost:?}");
+    assert!(lost.reason.contains("ping op"), "{lost:?}");
+    // Two heartbeats after the last frame, which came within one before the stop.
+    let noticed = lost.at - stopped_at;
+    assert!(
+        noticed >= Duration::from_millis(900) && noticed <= Duration::from_millis(2500),
+        "noticed {noticed:?} after the stop (heartbeat 1 s)"
+    );
+    assert_eq!(client.reconnects, 0, "reconnected to a stopped server");
+    // Alive again; what is published before the client's next call can
+    // only come back through recovery. (The old publisher was silent for
+    // two heartbeats: the server may drop it now; use a fresh one.)
+    drop(stopped);
+    let mut publisher = Client::connect(&server.url()).unwrap();
+    for i in 3..6 {
+        publisher.publish("news", &json!(i)).unwrap();
+    }
+    take_msgs(&mut client, 3, &mut got);
+    let data: Vec<i64> = got.iter().map(|(_, d)| *d).collect();
+    assert_eq!(data, (0..6).collect::<Vec<i64>>(), "no gap, no duplicate");
+    assert_eq!(client.reconnects, 1);
+    assert_eq!(client.recovered, vec!["news".to_string()], "recovered:true");
+    assert_ne!(client.welcome().unwrap()["conn"], first_conn);
+    match client.recv(Instant::now() + Duration::from_millis(300)) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("after the six: {other:?}"),
+    }
+}
+
+#[test]
+fn ringcast_subscribe_with_a_token_receives_then_stops_with_an_error_when_it_expires() {
+    use std::process::{Command, Stdio};
+    let server = auth_server(&[]);
+    let token = token_for(SECRET, 3);
+    let started = Instant::now();
+    let cli = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["subscribe", "--url", &server.url(), "--topic", "news"])
+        .env("RINGCAST_TOKEN", &token)
+        .env_remove("RINGCAST_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    server.wait_for("the CLI subscribed", Duration::from_secs(3), |s| {
+        s.metric("ringcast_subscriptions_active") == 1.0
+    });
+    let mid = publisher(&server).publish("news", &json!("hi")).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    // Stopped at exp (within 1 to 3 s), not later by a reconnect loop.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "ran {:?}",
+        started.elapsed()
+    );
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line, json!({"topic": "news", "id": mid, "data": "hi"}));
+    assert!(
+        stderr.contains("--token expired") && !stderr.contains(&token),
+        "{stderr}"
+    );
 }

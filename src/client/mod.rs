@@ -11,19 +11,30 @@
 //! [`Reconnecting`] follows docs/PROTOCOL.md section 4: after a `drain` it
 //! reconnects when `reconnect_in_ms` has passed, not on its backoff; after
 //! a close with 1000 (normal) or 4003 (forbidden) it does not reconnect at
-//! all and reports the close as an error.
+//! all and reports the close as an error. With a token provider
+//! ([`Reconnecting::with_token`]) it authenticates every connection in its
+//! first `auth` frame, refreshes the token by `auth` before its `exp`, and
+//! reconnects with a fresh token after 4001; it detects a dead link with
+//! the `ping` op (heartbeat.rs).
 //!
 //! It speaks plain `ws://` over a std `TcpStream` (TLS is terminated in
 //! front of ringcast); frames are decoded with the crate's own codec in
 //! client mode and sent masked as RFC 6455 requires.
 
+mod close;
 mod handshake;
+mod heartbeat;
 mod http;
 mod reconnecting;
+mod token;
 
+pub use close::{after_close, AfterClose, Disconnect, FINAL_CLOSE_CODES};
 pub use handshake::{check_accept, new_key};
 pub use http::http_publish;
-pub use reconnecting::{Reconnecting, FINAL_CLOSE_CODES, RETRY_SUB_CODES};
+pub use reconnecting::{Reconnecting, RETRY_SUB_CODES};
+pub use token::{
+    refresh_delay, retry_delay, token_expiry, MIN_REFRESH_DELAY, TOKEN_REFRESH_MARGIN,
+};
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -79,6 +90,10 @@ pub enum ClientError {
     /// No answer in time.
     #[error("timed out")]
     Timeout,
+    /// The token provider of [`Reconnecting::with_token`] gave no token
+    /// (its reason): the client gave up.
+    #[error("token provider failed: {0}")]
+    Token(String),
 }
 
 /// Client result.
@@ -126,6 +141,10 @@ pub struct Client {
     decoder: Decoder,
     pending: VecDeque<Event>,
     next_id: u64,
+    /// When bytes from the server last arrived (the heartbeat's clock).
+    last_rx: Instant,
+    /// The `id` of the first `auth` frame, when the connection sent one.
+    auth_id: Option<u64>,
     /// The `welcome` frame.
     pub welcome: Value,
     /// How long a request waits for its answer.
@@ -146,22 +165,49 @@ fn parse_url(url: &str) -> Result<(String, String)> {
     Ok((host.to_string(), path.to_string()))
 }
 
+/// The request headers of a plain connect: our subprotocol.
+const SUBPROTOCOL: [(&str, &str); 1] = [("Sec-WebSocket-Protocol", "ringcast.v1")];
+
+/// How long [`Client::connect`] may take, from the TCP connect to `welcome`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Client {
     /// Connects, upgrades and reads `welcome`.
     pub fn connect(url: &str) -> Result<Client> {
-        Self::connect_with(url, &[("Sec-WebSocket-Protocol", "ringcast.v1")])
+        Self::connect_with(url, &SUBPROTOCOL)
     }
 
     /// Connects with extra request headers (tests: Origin, protocols).
     pub fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Client> {
+        Self::open(url, headers, None, CONNECT_TIMEOUT)
+    }
+
+    /// Connects and authenticates with `token` in the first frame,
+    /// `{"op":"auth"}` (docs/PROTOCOL.md section 1), then reads `welcome`.
+    /// A refused token is [`ClientError::Closed`] with 4001 and the
+    /// server's reason.
+    pub fn connect_with_token(url: &str, token: &str) -> Result<Client> {
+        Self::open(url, &SUBPROTOCOL, Some(token), CONNECT_TIMEOUT)
+    }
+
+    /// Connects within `timeout` (TCP connect, upgrade and `welcome`),
+    /// sending `token` in an `auth` frame (with an `id`) right after the
+    /// upgrade when there is one.
+    fn open(
+        url: &str,
+        headers: &[(&str, &str)],
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Client> {
+        let deadline = Instant::now() + timeout;
         let (host, path) = parse_url(url)?;
         let addr = host
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| ClientError::Url(url.into()))?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(timeout))?;
         let key = new_key();
         let key = std::str::from_utf8(&key).expect("base64 is ASCII");
         let mut req = format!(
@@ -181,7 +227,12 @@ impl Client {
             if inbuf.len() > 16384 {
                 return Err(ClientError::Protocol("response head too large".into()));
             }
-            read_more(&mut stream, &mut inbuf)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout);
+            }
+            stream.set_read_timeout(Some(left))?;
+            read_more(&mut stream, &mut inbuf).map_err(timed_out)?;
         };
         let head = String::from_utf8_lossy(&inbuf[..head_end]).to_string();
         let _ = inbuf.split_to(head_end);
@@ -202,18 +253,43 @@ impl Client {
             decoder: Decoder::new_client(64 << 20),
             pending: VecDeque::new(),
             next_id: 1,
+            last_rx: Instant::now(),
+            auth_id: None,
             welcome: Value::Null,
             timeout: Duration::from_secs(5),
         };
-        match c.next_frame(Instant::now() + c.timeout)? {
+        if let Some(token) = token {
+            // Not `?token=`: a token in the URL lands in proxies' access
+            // logs, and this way a refused token is a 4001 close with the
+            // server's reason, as when it expires later.
+            c.auth_id = Some(c.send_request(json!({"op": "auth", "token": token}))?);
+        }
+        match c.next_frame(deadline)? {
             Event::Frame(v) if v["op"] == "welcome" => c.welcome = v,
+            Event::Close(code, reason) => return Err(ClientError::Closed(code, reason)),
             other => {
                 return Err(ClientError::Protocol(format!(
                     "expected welcome, got {other:?}"
                 )))
             }
         }
+        // The bound was for the handshake; later writes block as before.
+        c.stream.set_write_timeout(None)?;
         Ok(c)
+    }
+
+    /// The connection's heartbeat, from `welcome` (the server's default of
+    /// 25 s when it does not say).
+    pub fn heartbeat(&self) -> Duration {
+        match self.welcome["heartbeat"].as_u64() {
+            Some(secs) if secs > 0 => Duration::from_secs(secs),
+            _ => heartbeat::DEFAULT_HEARTBEAT,
+        }
+    }
+
+    /// When bytes from the server last arrived (any frame, pings included).
+    pub fn last_received(&self) -> Instant {
+        self.last_rx
     }
 
     /// Sends one text frame as is.
@@ -228,30 +304,40 @@ impl Client {
         Ok(())
     }
 
-    /// Sends a request with a fresh `id` and waits for the reply carrying
-    /// it; frames received meanwhile are kept for [`Client::recv`].
-    pub fn request(&mut self, mut req: Value) -> Result<(Value, Vec<Event>)> {
+    /// Sends `req` with a fresh `id`, without waiting; returns the `id`.
+    fn send_request(&mut self, mut req: Value) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         req["id"] = json!(id);
         self.send_text(&req.to_string())?;
+        Ok(id)
+    }
+
+    /// Sends a request with a fresh `id` and waits for the reply carrying
+    /// it; frames received meanwhile are returned with the reply, or kept
+    /// for [`Client::recv`] when the request fails.
+    pub fn request(&mut self, req: Value) -> Result<(Value, Vec<Event>)> {
+        let id = self.send_request(req)?;
         let deadline = Instant::now() + self.timeout;
         let mut before = Vec::new();
-        loop {
-            match self.next_frame(deadline)? {
-                Event::Frame(v) if v["id"] == json!(id) => {
+        let answer = loop {
+            match self.next_frame(deadline) {
+                Ok(Event::Frame(v)) if v["id"] == json!(id) => {
                     if v["op"] == "error" {
-                        return Err(ClientError::Server {
+                        break Err(ClientError::Server {
                             code: v["code"].as_u64().unwrap_or(0) as u16,
                             reason: v["reason"].as_str().unwrap_or_default().into(),
                         });
                     }
                     return Ok((v, before));
                 }
-                Event::Close(code, reason) => return Err(ClientError::Closed(code, reason)),
-                other => before.push(other),
+                Ok(Event::Close(code, reason)) => break Err(ClientError::Closed(code, reason)),
+                Ok(other) => before.push(other),
+                Err(e) => break Err(e),
             }
-        }
+        };
+        self.pending.extend(before);
+        answer
     }
 
     /// Subscribes; with `since` = (last id, epoch), the missed messages come
@@ -335,21 +421,27 @@ impl Client {
                         return Err(ClientError::Timeout);
                     }
                     self.stream.set_read_timeout(Some(left))?;
-                    match read_more(&mut self.stream, &mut self.inbuf) {
-                        Err(ClientError::Io(e))
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            return Err(ClientError::Timeout)
-                        }
-                        other => other?,
-                    }
+                    read_more(&mut self.stream, &mut self.inbuf).map_err(timed_out)?;
+                    self.last_rx = Instant::now();
                 }
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
         }
+    }
+}
+
+/// A read that ran into its timeout is [`ClientError::Timeout`].
+fn timed_out(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            ClientError::Timeout
+        }
+        other => other,
     }
 }
 
