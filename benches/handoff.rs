@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ringcast::id::MsgId;
 use ringcast::bus::{self, ShardMsg, SHARD_INBOX_CAPACITY};
+use ringcast::id::MsgId;
 use ringcast::metrics::ShardMetrics;
 use ringcast::protocol::encode_msg;
 use ringcast::topic::TopicName;

@@ -19,7 +19,7 @@ use crate::broker::redis::{self, RedisBroker};
 use crate::broker::Broker;
 use crate::bus::{self, Bus};
 use crate::config::Config;
-use crate::metrics::{BrokerMetrics, ShardMetrics};
+use crate::metrics::{BrokerMetrics, ShardMetrics, Totals};
 use crate::shard::{self, ShardSetup};
 
 /// Pending connections the kernel queues per shard listener.
@@ -70,6 +70,13 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         ),
     };
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !config.stats_log_interval.is_zero() {
+        spawn_stats_log(
+            config.stats_log_interval,
+            metrics.clone(),
+            broker_metrics.clone(),
+        )?;
+    }
     let admin = match config.admin_listen {
         Some(addr) => {
             let admin = crate::admin::Admin {
@@ -137,6 +144,37 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     let _ = std::io::stdout().flush();
     supervise(&exit_rx, config.shards, &draining, &bus)
+}
+
+/// Logs one `stats` line (info) every `interval`: connections and
+/// subscriptions now; deliveries per second, drops and errors over the
+/// interval (`metrics::Totals`). A thread of its own reading the same
+/// atomics as `/metrics`; it ends with the process.
+fn spawn_stats_log(
+    interval: std::time::Duration,
+    shards: Vec<Arc<ShardMetrics>>,
+    broker: Arc<BrokerMetrics>,
+) -> anyhow::Result<()> {
+    let mut last = (std::time::Instant::now(), Totals::read(&shards, &broker));
+    thread::Builder::new()
+        .name("stats-log".into())
+        .spawn(move || loop {
+            thread::sleep(interval);
+            let (at, now) = (std::time::Instant::now(), Totals::read(&shards, &broker));
+            let secs = at.duration_since(last.0).as_secs_f64().max(1e-3);
+            let per_s = now.delivered.saturating_sub(last.1.delivered) as f64 / secs;
+            info!(
+                connections = now.connections,
+                subscriptions = now.subscriptions,
+                deliveries_per_s = (per_s * 10.0).round() / 10.0,
+                drops = now.dropped.saturating_sub(last.1.dropped),
+                errors = now.errors.saturating_sub(last.1.errors),
+                "stats"
+            );
+            last = (at, now);
+        })
+        .context("starting the stats log thread")?;
+    Ok(())
 }
 
 /// How a shard thread ended.

@@ -352,6 +352,7 @@ const NOT_ON_THE_WIRE: &[(&str, &str)] = &[
     ("pin-cores", "CPU placement"),
     ("huge-pages", "memory placement"),
     ("log-format", "the server's log, not the wire"),
+    ("stats-log-interval", "the server's log, not the wire"),
     (
         "redis-cache-size",
         "where a recovery is read from (memory or Redis), not its answer",

@@ -57,10 +57,7 @@ fn quiet_topic_recovers_from_last(
 ) {
     let mut first = Client::connect(&first_on.url()).unwrap();
     let sub = first.subscribe("quiet", None).unwrap();
-    assert!(
-        sub.last.parse::<ringcast::id::MsgId>().is_ok(),
-        "{sub:?}"
-    );
+    assert!(sub.last.parse::<ringcast::id::MsgId>().is_ok(), "{sub:?}");
     first.close();
     let mut publisher = Client::connect(&publish_on.url()).unwrap();
     // Other topics move the position on too: they must not be replayed.

@@ -1,8 +1,8 @@
 //! The admin HTTP endpoint, on its own address, apart from client traffic:
 //! `GET /metrics` (Prometheus text), `GET /healthz` (liveness: every
 //! shard's loop ticked lately), `GET /readyz` (readiness: accepting and the
-//! broker up), `GET /stats` (JSON), and `POST /publish` for producers that
-//! speak HTTP rather than Redis.
+//! broker up), `GET /stats` (JSON), `GET /dashboard` (live charts), and
+//! `POST /publish` for producers that speak HTTP rather than Redis.
 //!
 //! It runs on one thread of its own with a current-thread tokio runtime and
 //! hyper's HTTP/1.1 server, never on a shard's thread. Connections are
@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use crate::broker::Broker;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::metrics::{render, uptime_ms, BrokerMetrics, ShardMetrics};
+use crate::metrics::{uptime_ms, BrokerMetrics, ShardMetrics};
 
 /// Admin connections served at once; past it a new one gets 503 at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -43,6 +43,9 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_BODY: usize = 1 << 20;
 /// A shard whose loop has not ticked for this long fails `/healthz`.
 pub const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// `GET /dashboard`: one page, no build step, nothing fetched from
+/// outside; it reads `/stats`, `/metrics` and `/readyz` once a second.
+const DASHBOARD: &str = include_str!("dashboard.html");
 /// Longest a connection may live, whatever it does.
 const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
 
@@ -156,16 +159,18 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
 async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let refs: Vec<&ShardMetrics> = admin.shards.iter().map(|m| &**m).collect();
-            let mut body = render(&refs);
-            admin.broker_metrics.render_into(&mut body);
+            let depths = admin.bus.depths();
+            let body = crate::metrics::scrape(&admin.shards, &admin.broker_metrics, depths);
             reply(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         (&Method::GET, "/healthz") => healthz(admin),
         (&Method::GET, "/readyz") => readyz(admin),
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(admin)),
+        (&Method::GET, "/dashboard") => {
+            reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD)
+        }
         (&Method::POST, "/publish") => publish::handle(admin, req).await,
-        (_, "/metrics" | "/healthz" | "/readyz" | "/stats") => text(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/stats" | "/dashboard") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed: this path is GET only\n",
         ),
@@ -176,7 +181,8 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, path) => text(
             StatusCode::NOT_FOUND,
             format!(
-                "unknown path {:?}: try /metrics, /healthz, /readyz, /stats or POST /publish\n",
+                "unknown path {:?}: try /metrics, /healthz, /readyz, /stats, /dashboard \
+                 or POST /publish\n",
                 path.chars().take(64).collect::<String>()
             ),
         ),

@@ -380,8 +380,8 @@ mod tests {
 
     use super::*;
     use crate::bus::{inbox, Inbox, ShardMsg};
-    use crate::id::ReplyTo;
     use crate::id::ConnId;
+    use crate::id::ReplyTo;
     use crate::metrics::ShardMetrics;
 
     /// The broker thread's state, driven directly (no thread).

@@ -97,13 +97,7 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// name (checked: at most `MAX_EVENT_LEN` bytes), answering `reply`.
     /// A publish the broker cannot take is answered with an error (4503 to
     /// a client), never queued without bound.
-    fn publish_as(
-        &self,
-        reply: Option<Replier>,
-        topic: TopicName,
-        event: Option<&str>,
-        data: &str,
-    );
+    fn publish_as(&self, reply: Option<Replier>, topic: TopicName, event: Option<&str>, data: &str);
 
     /// Subscribes: answers with `ShardMsg::Subscribed` under the ordering
     /// contract in the module docs, or `ShardMsg::SubscribeFailed`.

@@ -174,6 +174,11 @@ impl Config {
             !self.auth_timeout.is_zero(),
             "auth_timeout: must be more than 0",
         );
+        need(
+            self.stats_log_interval.is_zero()
+                || self.stats_log_interval >= Duration::from_millis(100),
+            "stats_log_interval: must be 0 (off) or at least 100ms",
+        );
         // Namespaces carry policy (publish bans, anonymous rules, 4004):
         // checked here with everything else, whichever the broker, so an
         // invalid table stops the node instead of falling open.

@@ -393,6 +393,14 @@ settings! {
     #[help = "Log format"]
     log_format: LogFormat => LogFormat = LogFormat::Text;
 
+    /// Time between two `stats` log lines (info): open connections,
+    /// subscriptions, deliveries per second, drops and errors over the
+    /// interval, the same counters `/metrics` reads. 0 turns it off.
+    #[arg(long, env = "RINGCAST_STATS_LOG_INTERVAL")]
+    #[help = "Interval of the `stats` info log line (connections, deliveries/s, drops, \
+              errors); 0 = off"]
+    stats_log_interval: HumanDuration => Duration = Duration::from_secs(60);
+
     /// Redis URL (`redis://HOST:PORT/DB`) of the Redis Streams backbone, or
     /// `redis+cluster://HOST:PORT,HOST:PORT` (seed nodes) for a Redis
     /// Cluster; `None` (or empty) runs the embedded single-node broker.
@@ -605,6 +613,23 @@ mod tests {
         assert_eq!(c.outbound_queue, 1 << 20);
         assert_eq!(c.drain_window, Duration::from_secs(10));
         assert_eq!(c.history_size, 1000);
+        assert_eq!(c.stats_log_interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn stats_log_interval_is_off_at_zero_and_not_too_short() {
+        let off = Layer::from_toml("stats_log_interval = 0").unwrap();
+        let c = Config::from_layer(off.over(anon())).unwrap();
+        assert_eq!(c.stats_log_interval, Duration::ZERO);
+        let file = Layer::from_toml("stats_log_interval = \"250ms\"").unwrap();
+        let c = Config::from_layer(file.over(anon())).unwrap();
+        assert_eq!(c.stats_log_interval, Duration::from_millis(250));
+        let short = Layer::from_toml("stats_log_interval = \"10ms\"").unwrap();
+        let err = Config::from_layer(short.over(anon())).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["stats_log_interval: must be 0 (off) or at least 100ms"]
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ use crate::topic::TopicName;
 impl Shard {
     pub(super) fn handle(&self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Deliver { topic, frame, .. } => self.deliver(&topic, &frame),
+            ShardMsg::Deliver { topic, id, frame } => {
+                if self.deliver(&topic, &frame) {
+                    self.metrics.delivered_after(id.ms);
+                }
+            }
             ShardMsg::Subscribed {
                 reply,
                 topic,
@@ -49,6 +53,13 @@ impl Shard {
                 topic,
                 result,
             } => {
+                if result.is_ok() {
+                    // Counted once the broker took it, as HTTP publishes
+                    // are, whether or not the publisher is still here.
+                    self.metrics
+                        .messages_published
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let Some(conn) = self.conn(reply.conn) else {
                     return;
                 };
@@ -140,15 +151,16 @@ impl Shard {
         }
     }
 
-    /// Queues one shared `msg` frame to every local subscriber of `topic`.
-    /// Subscribers past their queue bound are closed after the topic index
-    /// is released: closing never runs under its borrow.
-    pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) {
+    /// Queues one shared `msg` frame to every local subscriber of `topic`;
+    /// returns whether the topic had any here. Subscribers past their queue
+    /// bound are closed after the topic index is released: closing never
+    /// runs under its borrow.
+    pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) -> bool {
         let mut slow = Vec::new();
         {
             let topics = self.topics.borrow();
-            let Some(local) = topics.get(topic) else {
-                return;
+            let Some(local) = topics.get(topic).filter(|l| !l.live.is_empty()) else {
+                return false;
             };
             for conn in &local.live {
                 if !self.queue_msg_or_defer(conn, frame) {
@@ -159,6 +171,7 @@ impl Shard {
         for conn in &slow {
             self.overflow(conn);
         }
+        true
     }
 
     /// The inbox overflowed: some message never reached this shard, so every

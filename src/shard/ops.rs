@@ -2,7 +2,6 @@
 //! rules (first `auth`, refresh, what a token lets a connection hold).
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::conn::Conn;
 use super::Shard;
@@ -96,7 +95,7 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 let reason = format!("data is {len} bytes, over max_publish_size {max}");
                 return shard.queue(conn, encode_error(id, code::PUBLISH_TOO_LARGE, &reason));
             }
-            shard.metrics.messages_published.fetch_add(1, Relaxed);
+            // Counted when the broker answers (inbox.rs): accepted ones only.
             shard.broker.publish(Some(reply), topic, data.get());
         }
         ClientOp::Ping => shard.queue(conn, encode_pong(id)),

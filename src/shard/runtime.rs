@@ -229,6 +229,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let busy = Instant::now();
                 backoff = Duration::from_millis(5);
                 if shard.draining.get() {
                     break;
@@ -237,6 +238,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 shard.tick();
                 shard.on_accept(crate::sys::into_owned_fd(stream), peer);
                 shard.flush_dirty();
+                shard.metrics.add_busy(busy);
             }
             Err(_) if shard.draining.get() => break,
             Err(e) => {
@@ -261,6 +263,7 @@ async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::EpollWaiter) {
         if let Err(e) = waiter.ready().await {
             return shard.fail(ShardFailure::new("polling connections failed", e));
         }
+        let busy = Instant::now();
         shard.tick();
         loop {
             let n = match shard.epoll.wait(&mut events) {
@@ -276,20 +279,26 @@ async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::EpollWaiter) {
                 break;
             }
         }
+        shard.metrics.add_busy(busy);
     }
 }
 
 async fn sweep_loop(shard: Rc<Shard>) {
+    let mut window = crate::metrics::BusyWindow::start(&shard.metrics);
     loop {
         monoio::time::sleep(Duration::from_millis(SWEEP_MS)).await;
+        let busy = Instant::now();
+        // The busy ratio of the period that just ended.
+        window.roll(&shard.metrics, busy);
         shard.tick();
-        shard
-            .metrics
-            .ticked_ms
-            .store(crate::metrics::uptime_ms(), std::sync::atomic::Ordering::Relaxed);
+        shard.metrics.ticked_ms.store(
+            crate::metrics::uptime_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         shard.sweep();
         shard.forget_full_budgets();
         shard.flush_dirty();
+        shard.metrics.add_busy(busy);
     }
 }
 
@@ -312,6 +321,8 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
                 _ = shard.failed() => {},
             }
         }
+        // Busy from here to the yield (the waits above are not).
+        let busy = Instant::now();
         if shard.failure.borrow().is_some() {
             // The supervisor stops the node; nothing here is served any more.
             break;
@@ -333,6 +344,7 @@ async fn shard_loop(shard: &Rc<Shard>, inbox: &Inbox) {
             shard.handle(msg);
         }
         shard.flush_dirty();
+        shard.metrics.add_busy(busy);
         // Let connection tasks run between batches.
         yield_now().await;
     }

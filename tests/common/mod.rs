@@ -40,6 +40,76 @@ pub fn http_request(
     (status, body)
 }
 
+/// One series of a Prometheus text exposition: name, labels in order, value.
+pub type Series = (String, Vec<(String, String)>, f64);
+
+/// The series of a Prometheus text exposition (comments skipped).
+pub fn parse_metrics(text: &str) -> Vec<Series> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| parse_series(l).unwrap_or_else(|| panic!("not a metric line: {l:?}")))
+        .collect()
+}
+
+/// `name{k="v",...} value` (or `name value`).
+fn parse_series(line: &str) -> Option<Series> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    let (name, labels) = parse_selector(head)?;
+    Some((name, labels, value))
+}
+
+/// `name` or `name{k="v",...}` into the name and the label pairs.
+pub fn parse_selector(s: &str) -> Option<(String, Vec<(String, String)>)> {
+    let Some((name, rest)) = s.split_once('{') else {
+        return Some((s.trim().to_string(), Vec::new()));
+    };
+    let mut rest = rest.trim_end().strip_suffix('}')?;
+    let mut labels = Vec::new();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => value.push(match chars.next()?.1 {
+                    'n' => '\n',
+                    c => c,
+                }),
+                (i, '"') => break i,
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((key.trim().to_string(), value));
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some((name.to_string(), labels))
+}
+
+fn series_key(name: &str, labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", pairs.join(","))
+}
+
+/// The sum of the series of `text` that `selector` (`name` or
+/// `name{k="v",...}`) matches, or `None` when none does.
+pub fn metric_in(text: &str, selector: &str) -> Option<f64> {
+    let (name, want) = parse_selector(selector).expect("a metric selector");
+    let matching: Vec<f64> = parse_metrics(text)
+        .into_iter()
+        .filter(|(n, labels, _)| *n == name && want.iter().all(|w| labels.contains(w)))
+        .map(|(_, _, v)| v)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
 /// A running `ringcast serve`.
 pub struct TestServer {
     pub child: Child,
@@ -148,21 +218,39 @@ impl TestServer {
         http_request(self.admin, method, path, headers, body)
     }
 
-    /// Scrapes /metrics into name{labels} -> value.
-    pub fn metrics(&self) -> HashMap<String, f64> {
+    /// The text of one `GET /metrics`.
+    pub fn metrics_text(&self) -> String {
         let (status, text) = self.admin_request("GET", "/metrics", &[], "");
         assert_eq!(status, 200, "/metrics: {text}");
-        text.lines()
-            .filter(|l| !l.starts_with('#') && l.contains(' '))
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
+        text
     }
 
-    pub fn metric(&self, name: &str) -> f64 {
-        self.metrics().get(name).copied().unwrap_or(0.0)
+    /// Scrapes /metrics into `name{labels}` -> value, each series as
+    /// written, plus, for a name written only with labels (the per-shard
+    /// gauges, `{shard="N"}`), `name` -> the sum of its series.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let series = parse_metrics(&self.metrics_text());
+        let mut out: HashMap<String, f64> = HashMap::new();
+        for (name, labels, v) in &series {
+            if !labels.is_empty() && !series.iter().any(|(n, l, _)| n == name && l.is_empty()) {
+                *out.entry(name.clone()).or_default() += v;
+            }
+        }
+        for (name, labels, v) in series {
+            out.insert(series_key(&name, &labels), v);
+        }
+        out
+    }
+
+    /// The value of `selector` in /metrics: `name` or `name{k="v",...}`,
+    /// summed over every series of the name whose labels include those
+    /// given (so `ringcast_connections_active` sums its shards). Panics,
+    /// naming it, when no series matches: a renamed or missing metric must
+    /// fail a test, not read as 0.
+    pub fn metric(&self, selector: &str) -> f64 {
+        let text = self.metrics_text();
+        metric_in(&text, selector)
+            .unwrap_or_else(|| panic!("metric {selector} is absent from /metrics:\n{text}"))
     }
 
     /// Polls `cond` until it holds or `timeout` passes.

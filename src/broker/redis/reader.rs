@@ -524,13 +524,22 @@ impl Reader {
                 warn!(key = %String::from_utf8_lossy(&key), "XREAD returned an unknown stream");
                 continue;
             };
+            let mut newest = None;
             for (id, fields) in entries {
                 let Some(id) = parse_id(id) else {
                     self.metrics.skipped(Skip::Malformed);
                     warn!(stream = %self.parts[p].key, "skipping entry with an unreadable id");
                     continue;
                 };
+                newest = Some(id);
                 self.deliver(p, id, fields);
+            }
+            // ringcast_broker_read_lag_seconds: how old the newest entry
+            // of this read was, once per partition per batch.
+            if let Some(id) = newest {
+                let partitions = self.settings.partitions;
+                self.metrics
+                    .read_up_to(self.base + p as u32, partitions, id.ms);
             }
         }
         Ok(any)

@@ -1,11 +1,26 @@
 //! Metrics: one [`ShardMetrics`] per shard, written only by its shard (and by
-//! senders into its inbox), summed over shards at scrape time and rendered
-//! as Prometheus text. Writes are relaxed atomics on shard-local cache lines,
-//! so counting costs no contention on the delivery path. Labels are bounded
-//! enums (`reason`, `status`), never a topic, user or peer.
+//! senders into its inbox), and one [`BrokerMetrics`] written by the broker's
+//! threads. Writes are relaxed atomics on shard-local cache lines, so counting
+//! costs no lock and no contention on the delivery path; no `prometheus` type
+//! is touched on a shard thread. At scrape time a [`prometheus`] collector
+//! (`expose.rs`) reads them all and the crate's encoder writes the text
+//! format. Labels are bounded (`shard`, `partition`, `reason`, `status`,
+//! `source`), never a topic, user or peer.
+//!
+//! - `histogram.rs`: the publish-to-deliver histogram, fixed buckets of atomics;
+//! - [`names`]: every metric's name, help and labels;
+//! - `expose.rs`: the collector and the text.
 
-use std::fmt::Write as _;
+mod expose;
+mod histogram;
+pub mod names;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub use expose::{render, scrape};
+pub use histogram::{LatencyHistogram, Snapshot, BOUNDS_US, MAX_OBSERVATION_US};
 
 /// Why a message was not delivered. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +39,7 @@ pub enum Undelivered {
 }
 
 impl Undelivered {
-    const ALL: [Undelivered; 5] = [
+    pub(crate) const ALL: [Undelivered; 5] = [
         Undelivered::SlowConsumer,
         Undelivered::ConnectionClosed,
         Undelivered::ShardInboxFull,
@@ -32,7 +47,7 @@ impl Undelivered {
         Undelivered::ReplayTooLarge,
     ];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Undelivered::SlowConsumer => "slow_consumer",
             Undelivered::ConnectionClosed => "connection_closed",
@@ -67,7 +82,7 @@ pub enum Disconnect {
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 9] = [
+    pub(crate) const ALL: [Disconnect; 9] = [
         Disconnect::Client,
         Disconnect::Slow,
         Disconnect::Heartbeat,
@@ -79,7 +94,7 @@ impl Disconnect {
         Disconnect::RateLimited,
     ];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Disconnect::Client => "client",
             Disconnect::Slow => "slow",
@@ -95,7 +110,7 @@ impl Disconnect {
 }
 
 /// HTTP statuses a handshake can fail with, for the `status` label.
-const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 408, 426, 429, 431, 503];
+pub(crate) const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 408, 426, 429, 431, 503];
 
 /// One shard's counters.
 #[derive(Debug, Default)]
@@ -123,15 +138,26 @@ pub struct ShardMetrics {
     pub topics_announced: AtomicI64,
     /// `msg` frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
-    /// Messages handed to the broker by clients on this shard.
+    /// Client `pub`s on this shard the broker accepted (answered with an
+    /// id): `ringcast_messages_published_total{source="client"}`.
     pub messages_published: AtomicU64,
     /// Socket writes (each a vectored write of every queued frame).
     pub socket_writes: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_sent: AtomicU64,
-    dropped: [AtomicU64; 5],
-    disconnects: [AtomicU64; 9],
-    handshake_failures: [AtomicU64; 9],
+    /// Nanoseconds the shard's loops spent working (between their waits),
+    /// since start: `ringcast_shard_busy_seconds_total`.
+    pub busy_ns: AtomicU64,
+    /// Share of the last sweep period (about a second) the loops spent
+    /// working, in millionths: `ringcast_shard_busy_ratio`. Written by the
+    /// shard's sweep ([`BusyWindow`]).
+    pub busy_ppm: AtomicU64,
+    /// From a message id's time to the moment this shard queued it to its
+    /// subscribers, once per message: `ringcast_publish_to_deliver_seconds`.
+    pub publish_to_deliver: LatencyHistogram,
+    pub(crate) dropped: [AtomicU64; 5],
+    pub(crate) disconnects: [AtomicU64; 9],
+    pub(crate) handshake_failures: [AtomicU64; 9],
 }
 
 /// Milliseconds since the process first asked (the server asks at start):
@@ -184,124 +210,70 @@ impl ShardMetrics {
     pub fn dropped_total(&self) -> u64 {
         self.dropped.iter().map(|d| d.load(Ordering::Relaxed)).sum()
     }
+
+    /// Reads one disconnect counter.
+    pub fn disconnect_count(&self, why: Disconnect) -> u64 {
+        let i = Disconnect::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.disconnects[i].load(Ordering::Relaxed)
+    }
+
+    /// Refused upgrades, every status.
+    pub fn handshake_failures_total(&self) -> u64 {
+        let all = self.handshake_failures.iter();
+        all.map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Adds the time since `started` to the shard's busy time. Called by
+    /// the shard's loops around their work, never across a wait.
+    pub fn add_busy(&self, started: Instant) {
+        let ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.busy_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Records that message `id` was queued to this shard's subscribers
+    /// now: the wall clock minus the id's milliseconds (the time Redis or
+    /// the embedded broker gave it), into `publish_to_deliver`.
+    pub fn delivered_after(&self, id_ms: u64) {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros().min(u64::MAX as u128) as u64);
+        let lag_us = now_us.saturating_sub(id_ms.saturating_mul(1000));
+        self.publish_to_deliver.observe_us(lag_us);
+    }
 }
 
-/// Reads one counter of a shard.
-type CounterOf = fn(&ShardMetrics) -> &AtomicU64;
-/// Reads one gauge of a shard.
-type GaugeOf = fn(&ShardMetrics) -> &AtomicI64;
-
-fn sum_u(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
-    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+/// The shard's busy ratio over windows of its sweep period: the sweep
+/// rolls it once per period, on the shard's own thread.
+#[derive(Debug)]
+pub struct BusyWindow {
+    at: Instant,
+    busy_ns: u64,
 }
 
-fn sum_i(shards: &[&ShardMetrics], f: impl Fn(&ShardMetrics) -> &AtomicI64) -> i64 {
-    shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
-}
+impl BusyWindow {
+    /// A window starting now.
+    pub fn start(m: &ShardMetrics) -> Self {
+        Self {
+            at: Instant::now(),
+            busy_ns: m.busy_ns.load(Ordering::Relaxed),
+        }
+    }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Renders every shard's counters, summed, in the Prometheus text format.
-pub fn render(shards: &[&ShardMetrics]) -> String {
-    let mut out = String::with_capacity(4096);
-    let gauges: [(&str, &str, GaugeOf); 5] = [
-        (
-            "ringcast_connections_active",
-            "Open WebSocket connections.",
-            |m| &m.connections_active,
-        ),
-        (
-            "ringcast_subscriptions_active",
-            "Active subscriptions.",
-            |m| &m.subscriptions_active,
-        ),
-        (
-            "ringcast_registry_connections",
-            "Connections the shards hold, in any phase (handshake included).",
-            |m| &m.registry_connections,
-        ),
-        (
-            "ringcast_topic_index_entries",
-            "Topics in the shards' topic indexes (summed: a topic counts once per shard).",
-            |m| &m.topic_index_entries,
-        ),
-        (
-            "ringcast_topics_announced",
-            "Topics the shards announced for delivery (a live or pending subscription each; summed over shards, 0 with one shard).",
-            |m| &m.topics_announced,
-        ),
-    ];
-    for (name, help, f) in gauges {
-        header(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {}", sum_i(shards, f));
+    /// Ends the window at `now`: stores the share of it that was busy in
+    /// `busy_ppm` and starts the next one.
+    pub fn roll(&mut self, m: &ShardMetrics, now: Instant) {
+        let busy = m.busy_ns.load(Ordering::Relaxed);
+        let wall = now.saturating_duration_since(self.at).as_nanos() as u64;
+        let worked = busy.saturating_sub(self.busy_ns);
+        if wall > 0 {
+            let ppm = (worked as u128 * 1_000_000 / wall as u128).min(1_000_000) as u64;
+            m.busy_ppm.store(ppm, Ordering::Relaxed);
+        }
+        *self = Self {
+            at: now,
+            busy_ns: busy,
+        };
     }
-    let counters: [(&str, &str, CounterOf); 5] = [
-        (
-            "ringcast_connections_accepted_total",
-            "TCP connections accepted.",
-            |m| &m.connections_accepted,
-        ),
-        (
-            "ringcast_messages_delivered_total",
-            "Messages queued to subscribers.",
-            |m| &m.messages_delivered,
-        ),
-        (
-            "ringcast_messages_published_total",
-            "Messages published by clients.",
-            |m| &m.messages_published,
-        ),
-        (
-            "ringcast_socket_writes_total",
-            "Vectored socket writes.",
-            |m| &m.socket_writes,
-        ),
-        (
-            "ringcast_bytes_sent_total",
-            "Bytes written to client sockets.",
-            |m| &m.bytes_sent,
-        ),
-    ];
-    for (name, help, f) in counters {
-        header(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", sum_u(shards, f));
-    }
-    let name = "ringcast_messages_dropped_total";
-    header(
-        &mut out,
-        name,
-        "counter",
-        "Messages not delivered, by reason.",
-    );
-    for (i, d) in Undelivered::ALL.iter().enumerate() {
-        let v = sum_u(shards, |m| &m.dropped[i]);
-        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
-    }
-    let name = "ringcast_client_disconnects_total";
-    header(
-        &mut out,
-        name,
-        "counter",
-        "Connections ended by the server or client, by reason.",
-    );
-    for (i, d) in Disconnect::ALL.iter().enumerate() {
-        let v = sum_u(shards, |m| &m.disconnects[i]);
-        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
-    }
-    let name = "ringcast_handshake_failures_total";
-    header(
-        &mut out,
-        name,
-        "counter",
-        "Refused upgrades, by HTTP status.",
-    );
-    for (i, s) in HANDSHAKE_STATUSES.iter().enumerate() {
-        let v = sum_u(shards, |m| &m.handshake_failures[i]);
-        let _ = writeln!(out, "{name}{{status=\"{s}\"}} {v}");
-    }
-    out
 }
 
 /// Why the Redis reader skipped a stream entry (producers' mistakes).
@@ -324,7 +296,7 @@ pub enum Skip {
 }
 
 impl Skip {
-    const ALL: [Skip; 7] = [
+    pub(crate) const ALL: [Skip; 7] = [
         Skip::MissingTopic,
         Skip::MissingData,
         Skip::InvalidTopic,
@@ -377,8 +349,15 @@ pub struct BrokerMetrics {
     pub gap_checks: AtomicU64,
     /// Messages published through the admin endpoint's `POST /publish`.
     pub published_http: AtomicU64,
-    skipped: [AtomicU64; 7],
+    pub(crate) skipped: [AtomicU64; 7],
+    /// Per partition (the Redis reader's): how old the newest entry of the
+    /// reader's last `XREAD` batch of the partition was when it was read,
+    /// in ms; [`NOT_READ`] until then. Sized on the first write.
+    read_lag_ms: OnceLock<Box<[AtomicU64]>>,
 }
+
+/// [`BrokerMetrics`]' read lag of a partition the reader has not read yet.
+const NOT_READ: u64 = u64::MAX;
 
 impl Default for BrokerMetrics {
     fn default() -> Self {
@@ -395,6 +374,7 @@ impl Default for BrokerMetrics {
             gap_checks: AtomicU64::new(0),
             published_http: AtomicU64::new(0),
             skipped: Default::default(),
+            read_lag_ms: OnceLock::new(),
         }
     }
 }
@@ -406,102 +386,73 @@ impl BrokerMetrics {
         inc(&self.skipped[i]);
     }
 
-    /// Appends the broker's metrics in the Prometheus text format.
-    pub fn render_into(&self, out: &mut String) {
-        let name = "ringcast_broker_up";
-        header(
-            out,
-            name,
-            "gauge",
-            "1 when the broker delivers, 0 while it reconnects.",
-        );
-        let _ = writeln!(out, "{name} {}", self.up.load(Ordering::Relaxed));
-        let counters: [(&str, &str, &AtomicU64); 9] = [
-            (
-                "ringcast_broker_entries_read_total",
-                "Stream entries read from Redis and delivered to the shards.",
-                &self.entries_read,
-            ),
-            (
-                "ringcast_broker_recoveries_cached_total",
-                "Recoveries answered from the recent-entry cache.",
-                &self.recoveries_cached,
-            ),
-            (
-                "ringcast_broker_recoveries_redis_total",
-                "Recoveries that read Redis.",
-                &self.recoveries_redis,
-            ),
-            (
-                "ringcast_broker_reader_disconnects_total",
-                "Times the Redis reader lost its connection.",
-                &self.reader_disconnects,
-            ),
-            (
-                "ringcast_broker_recovery_ranges_total",
-                "XRANGE reads run for recoveries (identical concurrent recoveries share one).",
-                &self.recovery_ranges,
-            ),
-            (
-                "ringcast_broker_recoveries_shed_total",
-                "Recoveries refused because too many Redis reads for recovery were waiting.",
-                &self.recoveries_shed,
-            ),
-            (
-                "ringcast_broker_publish_round_trips_total",
-                "Pipelined round trips to Redis that carried client publishes.",
-                &self.publish_round_trips,
-            ),
-            (
-                "ringcast_broker_gaps_total",
-                "Times a partition stream lost entries before this node read them (events, not entries).",
-                &self.gaps,
-            ),
-            (
-                "ringcast_broker_gap_checks_total",
-                "XINFO STREAM reads made to look for entries lost before this node read them.",
-                &self.gap_checks,
-            ),
-        ];
-        for (name, help, c) in counters {
-            header(out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", c.load(Ordering::Relaxed));
+    /// Skipped entries, every reason.
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The Redis reader read entries of `partition` (of `partitions`) up to
+    /// one with milliseconds `newest_ms`: records how old it was, by the
+    /// wall clock, now.
+    pub fn read_up_to(&self, partition: u32, partitions: u32, newest_ms: u64) {
+        let lags = self
+            .read_lag_ms
+            .get_or_init(|| (0..partitions).map(|_| AtomicU64::new(NOT_READ)).collect());
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Some(lag) = lags.get(partition as usize) {
+            lag.store(now_ms.saturating_sub(newest_ms), Ordering::Relaxed);
         }
-        let name = "ringcast_broker_entries_skipped_total";
-        header(
-            out,
-            name,
-            "counter",
-            "Malformed stream entries skipped, by reason.",
-        );
-        for (i, d) in Skip::ALL.iter().enumerate() {
-            let v = self.skipped[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", d.label());
-        }
+    }
+
+    /// Each read partition's lag in ms, by partition number.
+    pub fn read_lags(&self) -> Vec<(u32, u64)> {
+        let Some(lags) = self.read_lag_ms.get() else {
+            return Vec::new();
+        };
+        let read = lags.iter().enumerate();
+        read.filter_map(|(p, l)| {
+            let ms = l.load(Ordering::Relaxed);
+            (ms != NOT_READ).then_some((p as u32, ms))
+        })
+        .collect()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The node's totals at one moment, for the stats log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Open WebSocket connections.
+    pub connections: i64,
+    /// Active subscriptions.
+    pub subscriptions: i64,
+    /// `msg` frames queued to subscribers since start.
+    pub delivered: u64,
+    /// Messages not delivered since start, every reason.
+    pub dropped: u64,
+    /// Errors since start: refused upgrades, connections ended by a
+    /// protocol violation or a socket error, Redis reader disconnects and
+    /// skipped stream entries.
+    pub errors: u64,
+}
 
-    #[test]
-    fn render_sums_shards_and_labels_reasons() {
-        let a = ShardMetrics::default();
-        let b = ShardMetrics::default();
-        a.connections_active.fetch_add(2, Ordering::Relaxed);
-        b.connections_active.fetch_add(3, Ordering::Relaxed);
-        a.registry_connections.store(4, Ordering::Relaxed);
-        b.registry_connections.store(1, Ordering::Relaxed);
-        b.topic_index_entries.store(7, Ordering::Relaxed);
-        a.dropped(Undelivered::SlowConsumer);
-        b.dropped_n(Undelivered::SlowConsumer, 4);
-        b.handshake_failed(404);
-        let text = render(&[&a, &b]);
-        assert!(text.contains("ringcast_connections_active 5\n"), "{text}");
-        assert!(text.contains("ringcast_registry_connections 5\n"), "{text}");
-        assert!(text.contains("ringcast_topic_index_entries 7\n"), "{text}");
-        assert!(text.contains("ringcast_messages_dropped_total{reason=\"slow_consumer\"} 5\n"));
-        assert!(text.contains("ringcast_handshake_failures_total{status=\"404\"} 1\n"));
+impl Totals {
+    /// Sums the shards' and the broker's counters now.
+    pub fn read(shards: &[std::sync::Arc<ShardMetrics>], broker: &BrokerMetrics) -> Totals {
+        let mut t = Totals {
+            errors: broker.reader_disconnects.load(Ordering::Relaxed) + broker.skipped_total(),
+            ..Totals::default()
+        };
+        for m in shards {
+            t.connections += m.connections_active.load(Ordering::Relaxed);
+            t.subscriptions += m.subscriptions_active.load(Ordering::Relaxed);
+            t.delivered += m.messages_delivered.load(Ordering::Relaxed);
+            t.dropped += m.dropped_total();
+            t.errors += m.handshake_failures_total()
+                + m.disconnect_count(Disconnect::Protocol)
+                + m.disconnect_count(Disconnect::Io);
+        }
+        t
     }
 }
