@@ -139,6 +139,10 @@ impl Config {
             "redis_partitions: must be between 1 and 1024",
         );
         need(
+            (1..=9).contains(&self.compression_level),
+            "compression_level: must be between 1 and 9",
+        );
+        need(
             !self.redis_key_prefix.is_empty()
                 && self.redis_key_prefix.len() <= 64
                 && self

@@ -197,6 +197,14 @@ impl View<'_> {
             MESSAGES_DELIVERED => self.sum(|m| m.messages_delivered.load(Relaxed)),
             SOCKET_WRITES => self.sum(|m| m.socket_writes.load(Relaxed)),
             BYTES_SENT => self.sum(|m| m.bytes_sent.load(Relaxed)),
+            MESSAGES_COMPRESSED => self.sum(|m| m.messages_compressed.load(Relaxed)),
+            COMPRESSION_BYTES_IN => self.sum(|m| m.compression_bytes_in.load(Relaxed)),
+            COMPRESSION_BYTES_OUT => self.sum(|m| m.compression_bytes_out.load(Relaxed)),
+            DEFLATE_DECLINED => {
+                let reasons =
+                    crate::ws::deflate::Decline::ALL.map(crate::ws::deflate::Decline::label);
+                self.summed_by(&reasons, |m, i| m.deflate_declined[i].load(Relaxed))
+            }
             MESSAGES_PUBLISHED => {
                 let b = self.broker;
                 let client: u64 = self

@@ -155,6 +155,14 @@ pub struct ShardMetrics {
     /// From a message id's time to the moment this shard queued it to its
     /// subscribers, once per message: `ringcast_publish_to_deliver_seconds`.
     pub publish_to_deliver: LatencyHistogram,
+    /// `msg` frames compressed (permessage-deflate).
+    pub messages_compressed: AtomicU64,
+    /// Payload bytes into the compressor.
+    pub compression_bytes_in: AtomicU64,
+    /// Compressed bytes out of it.
+    pub compression_bytes_out: AtomicU64,
+    /// Declined permessage-deflate offers, by `ws::deflate::Decline`.
+    pub(crate) deflate_declined: [AtomicU64; 4],
     pub(crate) dropped: [AtomicU64; 5],
     pub(crate) disconnects: [AtomicU64; 9],
     pub(crate) handshake_failures: [AtomicU64; 9],
@@ -185,6 +193,13 @@ impl ShardMetrics {
     pub fn dropped_n(&self, why: Undelivered, n: u64) {
         let i = Undelivered::ALL.iter().position(|d| *d == why).unwrap_or(0);
         self.dropped[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one declined permessage-deflate offer.
+    pub fn deflate_declined(&self, why: crate::ws::deflate::Decline) {
+        let all = crate::ws::deflate::Decline::ALL;
+        let i = all.iter().position(|d| *d == why).unwrap_or(0);
+        inc(&self.deflate_declined[i]);
     }
 
     /// Counts one disconnect.

@@ -28,6 +28,14 @@ pub const MESSAGES_PUBLISHED: &str = "ringcast_messages_published_total";
 pub const SOCKET_WRITES: &str = "ringcast_socket_writes_total";
 /// Bytes written to client sockets (counter).
 pub const BYTES_SENT: &str = "ringcast_bytes_sent_total";
+/// `msg` frames compressed (once per shard per message).
+pub const MESSAGES_COMPRESSED: &str = "ringcast_messages_compressed_total";
+/// Payload bytes that went into the compressor.
+pub const COMPRESSION_BYTES_IN: &str = "ringcast_compression_bytes_in_total";
+/// Payload bytes that came out of it.
+pub const COMPRESSION_BYTES_OUT: &str = "ringcast_compression_bytes_out_total";
+/// permessage-deflate offers declined, by reason.
+pub const DEFLATE_DECLINED: &str = "ringcast_deflate_declined_total";
 /// Messages not delivered (counter, `reason`).
 pub const MESSAGES_DROPPED: &str = "ringcast_messages_dropped_total";
 /// Connections ended (counter, `reason`).
@@ -147,6 +155,30 @@ pub(super) const DEFS: &[Def] = &[
     ),
     def(SOCKET_WRITES, Counter, &[], "Vectored socket writes."),
     def(BYTES_SENT, Counter, &[], "Bytes written to client sockets."),
+    def(
+        MESSAGES_COMPRESSED,
+        Counter,
+        &[],
+        "msg frames compressed with permessage-deflate, once per shard per message.",
+    ),
+    def(
+        COMPRESSION_BYTES_IN,
+        Counter,
+        &[],
+        "Payload bytes given to the compressor.",
+    ),
+    def(
+        COMPRESSION_BYTES_OUT,
+        Counter,
+        &[],
+        "Compressed payload bytes it made (shared by every subscriber that takes them).",
+    ),
+    def(
+        DEFLATE_DECLINED,
+        Counter,
+        REASON,
+        "permessage-deflate offers declined at the upgrade, by reason.",
+    ),
     def(
         MESSAGES_DROPPED,
         Counter,

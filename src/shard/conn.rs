@@ -123,6 +123,10 @@ pub(crate) struct Conn {
     /// word here, not a buffer.
     pub(super) inbuf: RefCell<Option<Box<BytesMut>>>,
     pub(super) decoder: RefCell<Decoder>,
+    /// permessage-deflate: the window (in bits) the client takes for our
+    /// messages; 0 when not negotiated. The compressor and inflater are
+    /// the shard's: a connection holds nothing else for it.
+    pub(super) deflate: Cell<u8>,
     /// Topics subscribed or pending (a short list: linear search beats a
     /// set's memory).
     pub(super) topics: RefCell<Vec<Sub>>,
@@ -164,6 +168,7 @@ impl Conn {
             counted: Cell::new(false),
             inbuf: RefCell::new(None),
             decoder: RefCell::new(Decoder::new(config.max_message_size)),
+            deflate: Cell::new(0),
             topics: RefCell::new(Vec::new()),
             identity: RefCell::new(None),
             peer,

@@ -13,6 +13,7 @@ use crate::bus::ShardMsg;
 use crate::metrics::Undelivered;
 use crate::protocol::{code, encode_error, encode_ok, encode_topic_error, Close, OkExtra};
 use crate::topic::TopicName;
+use crate::ws::frame::OpCode;
 
 impl Shard {
     pub(super) fn handle(&self, msg: ShardMsg) {
@@ -162,8 +163,19 @@ impl Shard {
             let Some(local) = topics.get(topic).filter(|l| !l.live.is_empty()) else {
                 return false;
             };
+            // The compressed variant, made by the first subscriber that
+            // takes it and shared by every other: once per shard.
+            let mut compressed: Option<Option<Bytes>> = None;
             for conn in &local.live {
-                if !self.queue_msg_or_defer(conn, frame) {
+                let bits = conn.deflate.get();
+                let chosen = match bits {
+                    0 => frame,
+                    bits => match compressed.get_or_insert_with(|| self.compress(frame)) {
+                        Some(z) if fits_window(frame, bits) => &*z,
+                        _ => frame,
+                    },
+                };
+                if !self.queue_msg_or_defer(conn, chosen) {
                     slow.push(conn.clone());
                 }
             }
@@ -172,6 +184,27 @@ impl Shard {
             self.overflow(conn);
         }
         true
+    }
+
+    /// The permessage-deflate variant of a `msg` frame (RSV1 set), or
+    /// `None` when its payload is under `--compression-min-size` or does
+    /// not shrink. The shard's one compressor is reset per message, so the
+    /// bytes are the same on every shard.
+    fn compress(&self, frame: &Bytes) -> Option<Bytes> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let payload = crate::ws::frame::server_payload(frame)?;
+        if payload.len() < self.config.compression_min_size {
+            return None;
+        }
+        let z = self.deflater.borrow_mut().compress(payload);
+        self.metrics.messages_compressed.fetch_add(1, Relaxed);
+        self.metrics
+            .compression_bytes_in
+            .fetch_add(payload.len() as u64, Relaxed);
+        self.metrics
+            .compression_bytes_out
+            .fetch_add(z.len() as u64, Relaxed);
+        (z.len() < payload.len()).then(|| crate::ws::frame::encode_compressed(OpCode::Text, &z))
     }
 
     /// The inbox overflowed: some message never reached this shard, so every
@@ -211,4 +244,10 @@ impl Shard {
             );
         }
     }
+}
+
+/// Whether a compressed `frame` is valid for a client that takes windows
+/// of `bits`: no back-reference reaches further than the payload's length.
+fn fits_window(frame: &Bytes, bits: u8) -> bool {
+    crate::ws::frame::server_payload(frame).is_some_and(|p| p.len() <= 1 << bits)
 }

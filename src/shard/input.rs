@@ -6,7 +6,7 @@ use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::conn::{AfterFlush, Conn, OutQueue, Phase};
@@ -104,6 +104,16 @@ pub(super) fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesM
 
 pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
     let closing = conn.phase() != Phase::Open;
+    // A compressed message is inflated first (bounded by
+    // --max-message-size), so the limits charge what it really is.
+    let msg = match msg {
+        Message::Deflated(_, _) if closing => return,
+        Message::Deflated(opcode, data) => match inflate(shard, opcode, &data) {
+            Ok(msg) => msg,
+            Err(why) => return fail(shard, conn, why),
+        },
+        msg => msg,
+    };
     // Every data message, ping and pong is charged before any work is done
     // for it: unparsable text, unknown ops and binary frames are answered,
     // and pings are owed a pong, so none may bypass the limits.
@@ -131,16 +141,8 @@ pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
         Message::Binary(b) if shard.config.echo => {
             shard.queue(conn, encode_frame(OpCode::Binary, &b))
         }
-        // The decoder yields these only once permessage-deflate is
-        // negotiated, which this server does not do yet.
-        Message::Deflated(..) => fail(
-            shard,
-            conn,
-            Close::Protocol(
-                close::PROTOCOL_ERROR,
-                "RSV1 set: no extension negotiated".into(),
-            ),
-        ),
+        // Inflated above.
+        Message::Deflated(..) => {}
         Message::Binary(_) => {
             let reason = "binary frames are not supported: ringcast.v1 is JSON text";
             shard.queue(conn, encode_error(None, code::BAD_REQUEST, reason));
@@ -149,6 +151,28 @@ pub(super) fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) {
             Ok(text) => super::ops::on_op(shard, conn, text),
             Err(_) => fail(shard, conn, Close::InvalidUtf8),
         },
+    }
+}
+
+/// Inflates a permessage-deflate message with the shard's inflater:
+/// over `--max-message-size` once inflated is close 1009, corrupt data or
+/// text that is not UTF-8 close 1007.
+fn inflate(shard: &Shard, opcode: OpCode, data: &[u8]) -> Result<Message, Close> {
+    use crate::ws::deflate::InflateError;
+    let max = shard.config.max_message_size;
+    let mut out = Vec::new();
+    match shard.inflater.borrow_mut().inflate(data, max, &mut out) {
+        Ok(()) => {}
+        Err(InflateError::TooBig { max }) => {
+            let why = format!("message over max_message_size {max} bytes once inflated");
+            return Err(Close::Protocol(close::TOO_BIG, why));
+        }
+        Err(e) => return Err(Close::Protocol(close::INVALID_DATA, e.to_string())),
+    }
+    match opcode {
+        OpCode::Text if std::str::from_utf8(&out).is_err() => Err(Close::InvalidUtf8),
+        OpCode::Text => Ok(Message::Text(Bytes::from(out))),
+        _ => Ok(Message::Binary(Bytes::from(out))),
     }
 }
 

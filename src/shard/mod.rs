@@ -132,6 +132,10 @@ pub(crate) struct Shard {
     listener_fd: Cell<RawFd>,
     /// Pre-encoded ping frame, shared by every connection.
     ping: Bytes,
+    /// permessage-deflate: one compressor and one inflater for every
+    /// connection of the shard, reset per message.
+    deflater: RefCell<crate::ws::deflate::Deflater>,
+    inflater: RefCell<crate::ws::deflate::Inflater>,
     /// Set by a task that cannot go on; the shard loop then ends and the
     /// shard thread returns it to its supervisor.
     failure: RefCell<Option<ShardFailure>>,

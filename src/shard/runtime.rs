@@ -93,6 +93,7 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         .max_connections_per_ip
         .div_ceil(setup.config.shards)
         .max(1) as u32;
+    let compression_level = setup.config.compression_level;
     let shard = Rc::new(Shard {
         epoll,
         id: setup.id,
@@ -119,6 +120,8 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         draining: Cell::new(false),
         listener_fd: Cell::new(listener_fd),
         ping: encode_frame(OpCode::Ping, b""),
+        deflater: RefCell::new(crate::ws::deflate::Deflater::new(compression_level)),
+        inflater: RefCell::default(),
         failure: RefCell::new(None),
         failure_waker: RefCell::new(None),
     });

@@ -91,6 +91,7 @@ impl Harness {
         let broker = Arc::new(broker);
         // As in runtime::run.
         let per_ip_limit = config.max_connections_per_ip.div_ceil(config.shards).max(1) as u32;
+        let compression_level = config.compression_level;
         let shard = Rc::new(Shard {
             epoll: crate::sys::Epoll::new().expect("an epoll instance"),
             id: ShardId(0),
@@ -118,6 +119,8 @@ impl Harness {
             // No listener: the drain's shutdown of it fails harmlessly.
             listener_fd: Cell::new(-1),
             ping: encode_frame(OpCode::Ping, b""),
+            deflater: RefCell::new(crate::ws::deflate::Deflater::new(compression_level)),
+            inflater: RefCell::default(),
             failure: RefCell::new(None),
             failure_waker: RefCell::new(None),
         });

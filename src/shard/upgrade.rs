@@ -35,7 +35,8 @@ pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) 
             buf.advance(used);
             match accept(shard, &req, conn.peer) {
                 Ok((protocol, identity)) => {
-                    let resp = handshake::accept_response(&req.key, protocol);
+                    let extension = negotiate_deflate(shard, conn, &req);
+                    let resp = handshake::accept_response(&req.key, protocol, extension.as_deref());
                     shard.queue_unbounded(conn, Bytes::from(resp));
                     *conn.identity.borrow_mut() = identity;
                     open(shard, conn);
@@ -45,6 +46,26 @@ pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) 
         }
         Err(e) => refuse(shard, conn, &e),
     }
+}
+
+/// permessage-deflate (docs/PROTOCOL.md section 1): takes the first
+/// acceptable offer, counts every declined one by reason, and returns the
+/// `Sec-WebSocket-Extensions` answer. Not in echo mode (the conformance
+/// runner's compression cases stay out of scope there).
+fn negotiate_deflate(shard: &Shard, conn: &Conn, req: &UpgradeRequest) -> Option<String> {
+    if req.extensions.is_empty() || shard.config.echo {
+        return None;
+    }
+    let offers: Vec<&str> = req.extensions.iter().map(String::as_str).collect();
+    let n =
+        crate::ws::deflate::negotiate(&offers, req.user_agent.as_deref(), shard.config.compression);
+    for why in n.declined {
+        shard.metrics.deflate_declined(why);
+    }
+    let agreed = n.agreed?;
+    conn.deflate.set(agreed.server_window_bits);
+    conn.decoder.borrow_mut().allow_compressed();
+    Some(agreed.response())
 }
 
 /// The checks after parsing, in docs/PROTOCOL.md order: path (404), origin

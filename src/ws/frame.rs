@@ -581,6 +581,33 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// A data frame of a permessage-deflate message (RSV1 set, RFC 7692 §6):
+/// `payload` is already compressed, its sync-flush tail removed.
+pub fn encode_compressed(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
+    write_header(&mut out, opcode, true, payload.len());
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// The payload of a complete, unmasked (server) frame made by this module,
+/// or `None` when `frame` is not one.
+pub fn server_payload(frame: &[u8]) -> Option<&[u8]> {
+    let (&b1, rest) = frame.get(1..)?.split_first()?;
+    if b1 & MASK_BIT != 0 {
+        return None;
+    }
+    let (len, at) = match b1 & LEN_BITS {
+        126 => (usize::from(u16::from_be_bytes(array_at::<2>(rest, 0)?)), 2),
+        127 => (
+            usize::try_from(u64::from_be_bytes(array_at::<8>(rest, 0)?)).ok()?,
+            8,
+        ),
+        short => (usize::from(short), 0),
+    };
+    rest.get(at..)?.get(..len)
+}
+
 /// A text frame; `payload` must be UTF-8 (the caller's JSON).
 pub fn encode_text(payload: &[u8]) -> Bytes {
     encode_frame(OpCode::Text, payload)
@@ -644,6 +671,26 @@ mod tests {
     fn with_rsv1(mut frame: Vec<u8>) -> Vec<u8> {
         frame[0] |= RSV1;
         frame
+    }
+
+    #[test]
+    fn server_payload_reads_back_every_length_form() {
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let frame = encode_frame(OpCode::Text, &payload);
+            assert_eq!(server_payload(&frame), Some(&payload[..]), "{len}");
+            let z = encode_compressed(OpCode::Text, &payload);
+            assert_eq!(z[0], FIN | RSV1 | 0x1);
+            assert_eq!(server_payload(&z), Some(&payload[..]), "{len}");
+            if len > 0 {
+                assert_eq!(server_payload(&frame[..frame.len() - 1]), None, "truncated");
+            }
+        }
+        assert_eq!(
+            server_payload(&masked(OpCode::Text, true, b"x")),
+            None,
+            "masked"
+        );
     }
 
     #[test]

@@ -407,7 +407,7 @@ pub fn choose_protocol(offered: &[String]) -> Result<Option<&'static str>, Hands
 /// The `101 Switching Protocols` answer for `key` (the request's
 /// `Sec-WebSocket-Key`), with `Sec-WebSocket-Protocol: {p}` when `protocol`
 /// is `Some`.
-pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
+pub fn accept_response(key: &str, protocol: Option<&str>, extension: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\n\
@@ -418,6 +418,11 @@ pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
     if let Some(p) = protocol {
         out.push_str("Sec-WebSocket-Protocol: ");
         out.push_str(p);
+        out.push_str("\r\n");
+    }
+    if let Some(e) = extension {
+        out.push_str("Sec-WebSocket-Extensions: ");
+        out.push_str(e);
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
@@ -511,7 +516,7 @@ mod tests {
     #[test]
     fn accept_key_matches_rfc_6455_vector() {
         let response =
-            String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
+            String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", None, None)).unwrap();
         assert_eq!(
             response,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -524,9 +529,13 @@ mod tests {
         let response = String::from_utf8(accept_response(
             "dGhlIHNhbXBsZSBub25jZQ==",
             Some("ringcast.v1"),
+            Some("permessage-deflate; server_no_context_takeover"),
         ))
         .unwrap();
-        assert!(response.ends_with("\r\nSec-WebSocket-Protocol: ringcast.v1\r\n\r\n"));
+        assert!(response.ends_with(
+            "\r\nSec-WebSocket-Protocol: ringcast.v1\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+        ));
     }
 
     #[test]

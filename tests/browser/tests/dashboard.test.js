@@ -45,9 +45,9 @@ test("the dashboard charts a node under load, in agreement with /metrics", async
   });
   const page = await h.newPage("dashboard", { viewport: { width: 1400, height: 900 } });
   await page.goto(`http://${server.admin}/dashboard`);
-  await waitFor(async () => Number(await page.evaluate(() => document.body.dataset.ticks ?? 0)) >= 4, {
-    timeout: 15_000,
-    what: "four dashboard updates",
+  await waitFor(async () => Number(await page.evaluate(() => document.body.dataset.ticks ?? 0)) >= 6, {
+    timeout: 20_000,
+    what: "six dashboard updates",
   });
   const shown = await page.evaluate(() => ({
     connections: Number(document.body.dataset.connections),
@@ -78,7 +78,8 @@ test("the dashboard charts a node under load, in agreement with /metrics", async
     }),
   );
   for (const id of ["conns", "rate"]) {
-    assert.ok(Object.fromEntries(drawn)[id] > 50, `chart ${id} is empty: ${JSON.stringify(drawn)}`);
+    // A line a few points long is tens of pixels; the grid has none.
+    assert.ok(Object.fromEntries(drawn)[id] > 10, `chart ${id} is empty: ${JSON.stringify(drawn)}`);
   }
   const png = await h.screenshot(page, "dashboard");
   assert.ok(statSync(png).size > 20_000, "the screenshot is not blank");
