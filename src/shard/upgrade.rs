@@ -50,10 +50,10 @@ pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) 
 
 /// permessage-deflate (docs/PROTOCOL.md section 1): takes the first
 /// acceptable offer, counts every declined one by reason, and returns the
-/// `Sec-WebSocket-Extensions` answer. Not in echo mode (the conformance
-/// runner's compression cases stay out of scope there).
+/// `Sec-WebSocket-Extensions` answer (echo mode too: the conformance
+/// runner's compression cases run against it).
 fn negotiate_deflate(shard: &Shard, conn: &Conn, req: &UpgradeRequest) -> Option<String> {
-    if req.extensions.is_empty() || shard.config.echo {
+    if req.extensions.is_empty() {
         return None;
     }
     let offers: Vec<&str> = req.extensions.iter().map(String::as_str).collect();
