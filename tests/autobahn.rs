@@ -10,7 +10,7 @@
 //! The server negotiates the extension (in echo mode too), but kosoku
 //! 0.1.0's compression cases cannot run against any server: its
 //! `case12_x_x.py` hashes the echoed text as a `str` ("Strings must be
-//! encoded before hashing"), so all 144 cases of 12.1, 12.2, 13.1 and 13.2
+//! encoded before hashing"), so all 72 cases of 12.1, 12.2, 13.1 and 13.2
 //! end as ERROR before judging the server (tried 2026-12-03). Compression is
 //! covered by tests/compression.rs (hand-built frames), tests/interop.rs
 //! (Python `websockets` negotiates it by default) and the Chromium tests.
