@@ -1,6 +1,7 @@
-//! The command line: `serve`, `publish`, `load`. Doc comments here are the
-//! `--help` text, except `serve`'s settings: those are [`Layer`], declared
-//! with their defaults in [`crate::config`], which also validates them.
+//! The command line: `serve`, `publish`, `subscribe`, `token`, `load`,
+//! `doctor`. Doc comments here are the `--help` text, except `serve`'s
+//! settings: those are [`Layer`], declared with their defaults in
+//! [`crate::config`], which also validates them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub enum Command {
     Token(TokenArgs),
     /// Generate load against a server and report deliveries and latency.
     Load(crate::load::LoadArgs),
+    /// Check this host for N connections: one line per check (ok, warn,
+    /// info), each warn with the command or file line that fixes it; exit 1
+    /// on any warn.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// `ringcast serve`. Every flag also reads `RINGCAST_<FLAG>` and the
@@ -159,6 +164,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)
         }
+        Command::Doctor(args) => match crate::doctor::run(&args) {
+            0 => Ok(()),
+            n => Err(Failure::Runtime(anyhow::anyhow!(
+                "{n} check(s) warn; each says what fixes it (tuning/README.md)"
+            ))),
+        },
     }
 }
 

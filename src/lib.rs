@@ -27,6 +27,8 @@
 //! - [`auth`]: JWT verification and topic patterns.
 //! - [`client`]: a blocking Rust client with reconnect and recovery.
 //! - [`load`]: the load generator behind `ringcast load`.
+//! - [`doctor`]: `ringcast doctor`, which checks a host's limits and
+//!   sysctls for N connections (reads `/proc` and `/sys` only).
 //!
 //! Dependencies point one way: `ws` knows nothing of topics, `topic` nothing
 //! of sockets; `shard` glues them, and drives each connection one way.
@@ -38,6 +40,7 @@ pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod id;
 pub mod load;
 pub mod metrics;

@@ -22,8 +22,15 @@ use crate::config::Config;
 use crate::metrics::{BrokerMetrics, ShardMetrics, Totals};
 use crate::shard::{self, ShardSetup};
 
-/// Pending connections the kernel queues per shard listener.
-const LISTEN_BACKLOG: i32 = 4096;
+/// Pending connections the kernel queues per shard listener (capped by
+/// `net.core.somaxconn`; `ringcast doctor` checks it).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// File descriptors a node needs besides one per connection: listeners,
+/// epoll and io_uring instances, signal and admin sockets, Redis
+/// connections. `serve` warns, and `ringcast doctor` warns, when the
+/// open-file limit is below `max_connections` plus this.
+pub const FD_RESERVE: u64 = 64;
 
 /// Runs a node until it is drained by SIGTERM/SIGINT. Prints one line to
 /// stdout when ready: `ringcast ready ws=ADDR admin=ADDR|off`.
@@ -36,6 +43,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             warn!(error = %e, "cannot turn transparent huge pages off");
         }
     }
+    raise_open_file_limit(config.max_connections);
     let listeners = bind_listeners(config.listen, config.shards)?;
     let local = listeners[0].local_addr()?;
     let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards).map(|_| Arc::default()).collect();
@@ -175,6 +183,24 @@ fn spawn_stats_log(
         })
         .context("starting the stats log thread")?;
     Ok(())
+}
+
+/// One descriptor per connection: raises the soft open-file limit to the
+/// hard one (the default soft limit, 1024, would stop the node near a
+/// thousand clients), and warns when even that cannot hold
+/// `max_connections`: accepts past it fail with EMFILE.
+fn raise_open_file_limit(max_connections: usize) {
+    let needed = max_connections as u64 + FD_RESERVE;
+    match crate::sys::raise_nofile_limit() {
+        Ok(limit) if limit < needed => warn!(
+            limit,
+            needed,
+            "open-file limit below --max-connections: raise LimitNOFILE (tuning/README.md, \
+             `ringcast doctor`)"
+        ),
+        Ok(limit) => info!(limit, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// How a shard thread ended.

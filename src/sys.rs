@@ -115,8 +115,9 @@ pub fn monotonic_us() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000_000) + (ts.tv_nsec as u64) / 1_000
 }
 
-/// Raises this process's soft open-file limit to its hard limit (a load
-/// generator holds one fd per connection); returns the new soft limit.
+/// Raises this process's soft open-file limit to its hard limit (a node
+/// and a load generator hold one fd per connection); returns the new soft
+/// limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
