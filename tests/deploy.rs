@@ -489,21 +489,53 @@ fn the_systemd_unit_holds_every_connection_and_is_hardened() {
     for call in ["@system-service", "io_uring_setup", "io_uring_enter"] {
         assert!(filter.contains(call), "SystemCallFilter {filter}");
     }
-    // Behind a proxy every client has the proxy's address.
+    // Behind a proxy the nodes trust it to name each client, and keep the
+    // per-address limits as they are (they count real clients).
     for (name, args) in recipes::recipes() {
         if name.starts_with("Containerfile") {
             continue;
         }
-        let per_ip: u64 = help.value(&args, "max-connections-per-ip").parse().unwrap();
-        let default: u64 = help.default("max-connections-per-ip").parse().unwrap();
+        let trusted = flag(&args, "trusted-proxies").unwrap_or_default();
         assert!(
-            per_ip > default,
-            "{name}: --max-connections-per-ip {per_ip}"
+            !trusted.is_empty()
+                && trusted
+                    .split(',')
+                    .all(|r| r.parse::<ringcast::config::Cidr>().is_ok()),
+            "{name}: --trusted-proxies {trusted:?}"
         );
+        for limit in ["max-connections-per-ip", "max-handshakes-per-ip"] {
+            assert_eq!(
+                flag(&args, limit),
+                None,
+                "{name}: --{limit} left at its default"
+            );
+        }
+    }
+    // compose trusts its own nginx, and nothing wider.
+    let compose = recipes::compose();
+    let nginx_ip = compose["services"]["nginx"]["networks"]["ringcast"]["ipv4_address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (name, node) in recipes::compose_nodes(&compose) {
+        let args = recipes::strings(&node["command"]);
         assert_eq!(
-            flag(&args, "max-handshakes-per-ip").as_deref(),
-            Some("0"),
+            flag(&args, "trusted-proxies"),
+            Some(nginx_ip.clone()),
             "{name}"
+        );
+    }
+    // HAProxy sends what the nodes read: a PROXY v2 header on every server.
+    let cfg = recipes::read("haproxy/haproxy.cfg");
+    let servers: Vec<&str> = cfg
+        .lines()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .collect();
+    assert!(!servers.is_empty());
+    for line in servers {
+        assert!(
+            line.split_whitespace().any(|w| w == "send-proxy-v2"),
+            "{line}"
         );
     }
 }

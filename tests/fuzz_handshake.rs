@@ -128,7 +128,7 @@ prop_compose! {
         origin in proptest::option::of("https?://[a-z0-9.-]{1,20}(:[0-9]{1,5})?"),
         protocol_lines in vec(vec("[a-zA-Z0-9.!#$%&'*+^_`|~-]{1,16}", 0..4), 0..3),
         extension_lines in vec("permessage-deflate(; [a-z_]{1,24}(=[0-9]{1,2})?){0,2}", 0..3),
-        fillers in vec(("X-[A-Za-z0-9-]{1,16}", visible(60)), 0..6),
+        fillers in vec(("X-[A-Za-z0-9]{1,16}", visible(60)), 0..6),
         upgrade in token_list("websocket"),
         connection in token_list("Upgrade"),
         upper_ws in any::<bool>(),
@@ -201,8 +201,10 @@ prop_compose! {
                 origin,
                 protocols,
                 extensions,
-                // The fillers are `X-` headers: no User-Agent.
+                // The fillers are `X-` headers with no hyphen after it: no
+                // User-Agent, no X-Forwarded-For.
                 user_agent: None,
+                forwarded_for: Vec::new(),
             },
         }
     }

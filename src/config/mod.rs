@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use crate::namespace::NamespaceConfig;
 
-pub use units::{ByteSize, HumanDuration, ValueError, MAX_DURATION};
+pub use units::{ByteSize, Cidr, HumanDuration, ValueError, MAX_DURATION};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -350,6 +350,17 @@ settings! {
               Requests without an Origin header (not browsers) always pass"]
     allowed_origins: Vec<String> => Vec<String> = Vec::new();
 
+    /// Proxies whose word is taken for the client's address: from these
+    /// peers, a PROXY protocol header (v2 or v1) before the request, else
+    /// the `X-Forwarded-For` header, names the client, and every
+    /// per-address limit and log line uses that address. From any other
+    /// peer both are ignored, so clients cannot pick their own address.
+    /// Empty (the default) trusts no one.
+    #[arg(long, env = "RINGCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[help = "Comma-separated address ranges of proxies (10.0.0.0/8, 192.0.2.7) whose PROXY \
+              header or X-Forwarded-For names the client for per-address limits; empty trusts none"]
+    trusted_proxies: Vec<Cidr> => Vec<Cidr> = Vec::new();
+
     /// Accept connections without a token, and let them subscribe and
     /// publish to every topic: development only.
     #[arg(long, env = "RINGCAST_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
@@ -532,6 +543,19 @@ impl Value<Vec<String>> for Vec<String> {
         match self.is_empty() {
             true => "empty".into(),
             false => self.join(","),
+        }
+    }
+}
+
+impl Value<Vec<Cidr>> for Vec<Cidr> {
+    fn show(&self) -> String {
+        match self.is_empty() {
+            true => "empty".into(),
+            false => self
+                .iter()
+                .map(Cidr::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 }

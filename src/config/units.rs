@@ -4,9 +4,11 @@
 //! string with a unit) and prints back in the form it reads, which is how
 //! `--help` shows a default. Bounds that depend on the setting are
 //! [`super::Config`]'s to check; the one bound every duration has is
-//! [`MAX_DURATION`].
+//! [`MAX_DURATION`]. Address ranges (`10.0.0.0/8`, `2001:db8::/32`, or a
+//! bare address) are [`Cidr`].
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -125,6 +127,101 @@ impl From<ByteSize> for usize {
     }
 }
 
+/// An address range, `10.0.0.0/8` or `2001:db8::/32`; a bare address is
+/// the range of that one address. Host bits past the prefix are refused
+/// (`10.0.0.1/8` is a typo for either `10.0.0.1` or `10.0.0.0/8`, and in a
+/// list of trusted proxies the difference matters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range. An IPv4-mapped IPv6 address
+    /// (`::ffff:10.1.2.3`, as a dual-stack listener reports IPv4 peers) is
+    /// its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask(u32::from(ip) as u128, 32, self.prefix) == u32::from(net) as u128
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask(u128::from(ip), 128, self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `bits` with only the first `prefix` of its `width` bits kept.
+fn mask(bits: u128, width: u8, prefix: u8) -> u128 {
+    let drop = width - prefix;
+    if drop >= 128 {
+        0
+    } else {
+        bits >> drop << drop
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            ValueError(format!(
+                "{s:?} is not an address range (e.g. 10.0.0.0/8, 2001:db8::/32, 192.0.2.7)"
+            ))
+        })?;
+        let addr = addr.to_canonical();
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= width => n,
+                _ => {
+                    return Err(ValueError(format!(
+                        "{s:?}: prefix length {p:?} is not 0-{width}"
+                    )))
+                }
+            },
+        };
+        let bits = match addr {
+            IpAddr::V4(a) => u32::from(a) as u128,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        if mask(bits, width, prefix) != bits {
+            return Err(ValueError(format!(
+                "{s:?} has bits set past its /{prefix} prefix (did you mean {}/{prefix}, or the one address {addr}?)",
+                match addr {
+                    IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::from(mask(bits, 32, prefix) as u32)),
+                    IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(mask(bits, 128, prefix))),
+                }
+            )));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// `10.0.0.0/8`; reads back as the same range.
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Reads a number (seconds or bytes) or a string with a unit from TOML.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -205,6 +302,43 @@ mod tests {
         ] {
             let b: ByteSize = text.parse().unwrap();
             assert_eq!(b.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn address_ranges() {
+        let r = |s: &str| s.parse::<Cidr>();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = r("10.0.0.0/8").unwrap();
+        assert!(net.contains(ip("10.255.0.1")));
+        assert!(
+            net.contains(ip("::ffff:10.1.2.3")),
+            "IPv4-mapped peers match"
+        );
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert!(
+            !net.contains(ip("::a00:1")),
+            "an IPv6 address is not in an IPv4 range"
+        );
+        let one = r("192.0.2.7").unwrap();
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        let v6 = r("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")) && !v6.contains(ip("2001:db9::1")));
+        let all = r("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("203.0.113.1")));
+        assert!(r("::/0").unwrap().contains(ip("2001:db8::1")));
+        assert_eq!(r(" 127.0.0.0/8 ").unwrap().to_string(), "127.0.0.0/8");
+        for (bad, why) in [
+            ("10.0.0.1/8", "did you mean 10.0.0.0/8"),
+            ("10.0.0.0/33", "prefix length \"33\" is not 0-32"),
+            ("2001:db8::/129", "is not 0-128"),
+            ("10.0.0.0/x", "prefix length \"x\""),
+            ("localhost", "is not an address range"),
+            ("", "is not an address range"),
+        ] {
+            let err = r(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 }

@@ -132,8 +132,10 @@ pub(crate) struct Conn {
     pub(super) topics: RefCell<Vec<Sub>>,
     /// Who the client is; `None` until its `auth` frame is accepted.
     pub(crate) identity: RefCell<Option<Rc<Identity>>>,
-    /// The client's address, for the per-address connection cap.
-    pub(crate) peer: IpAddr,
+    /// The client's address, for the per-address caps and log lines: the
+    /// socket's peer, or, from a trusted proxy, the address its PROXY
+    /// header or `X-Forwarded-For` names (set before [`Shard::admit`]).
+    pub(crate) peer: Cell<IpAddr>,
     /// Inbound rate limits: frames and bytes left in the two buckets, and
     /// when both were last refilled (ms).
     pub(super) tokens: Cell<f32>,
@@ -171,7 +173,7 @@ impl Conn {
             deflate: Cell::new(0),
             topics: RefCell::new(Vec::new()),
             identity: RefCell::new(None),
-            peer,
+            peer: Cell::new(peer),
             tokens: Cell::new(config.inbound_burst as f32),
             byte_tokens: Cell::new(config.inbound_bytes_burst as f32),
             refilled: Cell::new(now),

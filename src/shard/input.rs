@@ -72,7 +72,7 @@ pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
         shard.metrics.connections_active.fetch_sub(1, Relaxed);
     }
     if conn.counted.replace(false) {
-        shard.release(conn.peer);
+        shard.release(conn.peer.get());
     }
     let mut out = conn.out.borrow_mut();
     shard

@@ -153,6 +153,12 @@ impl std::fmt::Debug for Shard {
 
 impl Shard {
     /// Whether the drain has started (new upgrades get 503).
+    /// Whether `ip` is a trusted proxy (`--trusted-proxies`), whose PROXY
+    /// header or `X-Forwarded-For` names the client.
+    pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.config.trusted_proxies.iter().any(|r| r.contains(ip))
+    }
+
     pub(crate) fn draining(&self) -> bool {
         self.draining.get()
     }

@@ -382,8 +382,11 @@ impl Shard {
         self.conns.borrow_mut().insert(id, conn.clone());
         self.sync_gauges();
         // Counted from now on, or refused at once: a socket that never
-        // sends its upgrade request must not escape the caps.
-        super::upgrade::admit(self, &conn);
+        // sends its upgrade request must not escape the caps. A trusted
+        // proxy's connection is counted once it names its client.
+        if !self.trusts(peer.ip()) {
+            super::upgrade::admit(self, &conn);
+        }
     }
 
     /// Acts on one connection's readiness.

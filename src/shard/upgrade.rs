@@ -15,25 +15,58 @@ use crate::auth::Identity;
 use crate::metrics::Disconnect;
 use crate::protocol::encode_welcome;
 use crate::ws::handshake::{self, HandshakeError, UpgradeRequest};
+use crate::ws::proxy::{self, Preamble};
 
 /// Counts a just-accepted connection toward the connection caps, or refuses
 /// it at once with 429/503 (before its request is read: a socket that never
 /// sends one would otherwise escape every cap until `handshake_timeout`).
-pub(crate) fn admit(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    match shard.admit(conn.peer) {
+pub(crate) fn admit(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
+    match shard.admit(conn.peer.get()) {
         Ok(()) => conn.counted.set(true),
         Err(e) => refuse(shard, conn, &e),
     }
+    conn.counted.get()
 }
 
-/// Parses the upgrade request once it is complete, and answers it.
+/// Parses the upgrade request once it is complete, and answers it. From a
+/// trusted proxy, the connection is not counted yet: its client's address
+/// comes first, from a PROXY header or from `X-Forwarded-For`.
 pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+    let via_proxy = !conn.counted.get();
+    if via_proxy {
+        match proxy::parse_preamble(buf, shard.config.max_handshake_size) {
+            Ok(Preamble::Absent) => {}
+            Ok(Preamble::Incomplete) => return,
+            Ok(Preamble::Found { client, len }) => {
+                buf.advance(len);
+                if let Some(ip) = client {
+                    set_client(conn, ip);
+                }
+                // A client that is not itself a proxy is known: count it now,
+                // so it cannot idle past the caps until its request arrives.
+                if !shard.trusts(conn.peer.get()) && !admit(shard, conn) {
+                    return;
+                }
+            }
+            Err(e) => return refuse(shard, conn, &HandshakeError::Proxy(e)),
+        }
+    }
     let parsed = handshake::parse_request(buf, shard.config.max_handshake_size);
     match parsed {
         Ok(None) => {}
         Ok(Some((req, used))) => {
             buf.advance(used);
-            match accept(shard, &req, conn.peer) {
+            if !conn.counted.get() {
+                let trusts = |ip| shard.trusts(ip);
+                match proxy::forwarded_client(conn.peer.get(), &req.forwarded_for, trusts) {
+                    Ok(ip) => set_client(conn, ip),
+                    Err(e) => return refuse(shard, conn, &HandshakeError::Proxy(e)),
+                }
+                if !admit(shard, conn) {
+                    return;
+                }
+            }
+            match accept(shard, &req, conn.peer.get()) {
                 Ok((protocol, identity)) => {
                     let extension = negotiate_deflate(shard, conn, &req);
                     let resp = handshake::accept_response(&req.key, protocol, extension.as_deref());
@@ -45,6 +78,14 @@ pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) 
             }
         }
         Err(e) => refuse(shard, conn, &e),
+    }
+}
+
+/// Takes `ip` as the client's address of a connection from a trusted proxy.
+fn set_client(conn: &Conn, ip: IpAddr) {
+    let proxy = conn.peer.replace(ip);
+    if proxy != ip {
+        debug!(conn = conn.id.0, %proxy, client = %ip, "client address from a trusted proxy");
     }
 }
 

@@ -45,6 +45,10 @@ pub struct UpgradeRequest {
     /// `User-Agent` (the first one), for the few clients whose extension
     /// support is known broken; not kept past the upgrade.
     pub user_agent: Option<String>,
+    /// `X-Forwarded-For` entries, in order across repeated headers (each
+    /// list split at commas, trimmed). Read only for a connection from a
+    /// trusted proxy (`ws::proxy::forwarded_client`); ignored otherwise.
+    pub forwarded_for: Vec<String>,
 }
 
 /// Why an upgrade is refused. Each variant maps to one HTTP status
@@ -165,6 +169,10 @@ pub enum HandshakeError {
     /// The request head did not arrive in time (408).
     #[error("request head not received in time")]
     Timeout,
+    /// A trusted proxy's PROXY header or `X-Forwarded-For` does not name
+    /// an address (400).
+    #[error(transparent)]
+    Proxy(#[from] super::proxy::ProxyError),
 }
 
 impl HandshakeError {
@@ -185,7 +193,8 @@ impl HandshakeError {
             | E::InvalidKey { .. }
             | E::DuplicateHeader { .. }
             | E::NonUtf8Header { .. }
-            | E::UnsupportedProtocol { .. } => 400,
+            | E::UnsupportedProtocol { .. }
+            | E::Proxy(_) => 400,
             E::MissingVersion | E::UnsupportedVersion { .. } => 426,
             E::NotFound { .. } => 404,
             E::OriginNotAllowed { .. } => 403,
@@ -262,6 +271,15 @@ fn validate(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, Handshake
         .next()
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(|v| v.chars().take(256).collect());
+    let forwarded_for = values(headers, "X-Forwarded-For")
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|e| e.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|e| !e.is_empty())
+        .collect();
     check_version(headers)?;
     let target = req.path.unwrap_or("/");
     let (path, query) = match target.split_once('?') {
@@ -276,6 +294,7 @@ fn validate(req: &httparse::Request<'_, '_>) -> Result<UpgradeRequest, Handshake
         protocols,
         extensions,
         user_agent,
+        forwarded_for,
     })
 }
 

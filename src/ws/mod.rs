@@ -8,3 +8,4 @@
 pub mod deflate;
 pub mod frame;
 pub mod handshake;
+pub mod proxy;

@@ -79,7 +79,10 @@ fn node(redis: &TestRedis, name: &str) -> TestServer {
         &window,
         "--auth-hmac-secret",
         SECRET,
-        // Behind a proxy every client has its address (deploy/ sets these too).
+        // The proxy names each client (deploy/ trusts its proxies too).
+        "--trusted-proxies",
+        "127.0.0.1",
+        // Every client of the crowd is 127.0.0.1 as well.
         "--max-connections-per-ip",
         "100000",
         "--max-handshakes-per-ip",
@@ -141,6 +144,42 @@ fn least_connections_and_cross_node_delivery(proxy: &Proxy, a: &TestServer, b: &
     }
     for c in clients {
         c.close();
+    }
+    client_address_reaches_the_node(proxy, a, b);
+}
+
+/// A client from 127.0.0.3 through the proxy (which connects to the nodes
+/// from 127.0.0.1): the node that takes it logs 127.0.0.3 as the client,
+/// read from nginx's X-Forwarded-For or HAProxy's PROXY v2 header.
+fn client_address_reaches_the_node(proxy: &Proxy, a: &TestServer, b: &TestServer) {
+    use std::io::{Read, Write};
+    let url = proxy.url("");
+    let hostport = url.trim_start_matches("ws://").split('/').next().unwrap();
+    let addr: std::net::SocketAddr = hostport.parse().unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: std::net::SocketAddr = "127.0.0.3:0".parse().unwrap();
+    sock.bind(&src.into()).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token()
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = [0; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "upgraded through the proxy");
+    let named = |n: &TestServer| {
+        n.log()
+            .lines()
+            .any(|l| l.contains("client address from a trusted proxy") && l.contains("127.0.0.3"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(named(a) || named(b)) {
+        assert!(Instant::now() < deadline, "no node logged client 127.0.0.3");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
