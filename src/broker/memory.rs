@@ -2,25 +2,39 @@
 //! `MS-SEQ` format, keeps a bounded history per topic (by count and by age)
 //! for recovery, and hands each message to every shard.
 //!
-//! It runs on a thread of its own (`broker`), like the Redis reader: the
-//! shards hand it requests through one bounded queue and never wait, lock
-//! or encode for it. The thread takes them in order, so a publish assigns
-//! its id, appends to the history and sends `Deliver` before it looks at
-//! the next request, and a subscribe reads the history and sends
-//! `Subscribed` in between: inboxes are FIFO, so the ordering contract of
-//! [`crate::broker`] holds. Which shards get a topic ([`Interest`]) is kept
-//! by the same thread, from the same queue. A full queue refuses the
-//! request (4503) rather than blocking a shard.
+//! It is split by topic over the shards, thread per core like everything
+//! else: each topic belongs to one shard (its partition of the shard
+//! count), and that shard's thread keeps the topic's history, assigns its
+//! ids and knows which shards want it ([`Interest`]). A request for a topic
+//! of the calling shard is handled at once, on that thread; any other
+//! travels to the owning shard's inbox, and a full inbox refuses it (4503)
+//! rather than blocking anyone. Nothing is locked on the way.
+//!
+//! One owner per topic takes every request of that topic in order: a
+//! publish assigns its id, appends to the history and sends `Deliver`
+//! before the next request, and a subscribe reads the history and sends
+//! `Subscribed` in between; inboxes are FIFO, so the ordering contract of
+//! [`crate::broker`] holds. Ids increase per owner, which is all a topic's
+//! `since` and `last` compare against (the Redis broker's ids are per
+//! partition the same way).
+//!
+//! Why not a thread of its own: that design (one broker thread behind a
+//! bounded queue) was measured against the shared mutex it replaced and
+//! was slower on two cores, because every message then waits for two
+//! thread wake-ups (benches/RESULTS.md, 2026-12-04). Here a publish whose
+//! topic the publisher's shard owns, which is every publish on one shard,
+//! costs no hand-off at all.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::broker::{Broker, Replier, SubscribeRequest};
-use crate::bus::{Bus, Interest};
+use crate::bus::{Bus, Interest, ShardMsg};
 use crate::id::{mint_epoch, MsgId, ShardId, Since};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
@@ -34,19 +48,49 @@ pub struct Retention {
     pub ttl: Duration,
 }
 
-/// Requests that may wait for the broker thread; past it a `pub` or `sub`
-/// is answered 4503 rather than queued without bound.
-const QUEUE: usize = 65_536;
+/// Why a request for another shard's topic was refused (4503).
+const BUSY: &str = "broker unavailable: the shard that keeps this topic is overloaded, retry later";
 
-/// The embedded broker, as the shards see it: a queue to its thread.
+/// The embedded broker, as every thread sees it: which shard owns which
+/// topic, and the way to its inbox.
 #[derive(Debug)]
 pub struct MemoryBroker {
     bus: Bus,
     epoch: Arc<str>,
-    tx: Sender<Request>,
+    /// Tells this broker's parts from another's (tests run several on one
+    /// thread).
+    id: u64,
+    shards: u32,
+    /// Each shard's part, until its thread takes it ([`Broker::attach`]);
+    /// touched once per shard at start, never on the delivery path.
+    parts: Mutex<Vec<Option<Log>>>,
 }
 
-/// What the shards ask of the broker thread.
+/// The part of the broker a shard thread owns.
+#[derive(Debug)]
+struct Local {
+    broker: u64,
+    shard: ShardId,
+    log: Log,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+/// Handles `req` here when this thread owns `owner`'s part of broker
+/// `broker`; gives it back otherwise.
+fn handle_here(broker: u64, owner: ShardId, req: Request) -> Option<Request> {
+    LOCAL.with(|local| match local.borrow_mut().as_mut() {
+        Some(l) if l.broker == broker && l.shard == owner => {
+            l.log.handle(req);
+            None
+        }
+        _ => Some(req),
+    })
+}
+
+/// What a shard asks of a topic's owner.
 #[derive(Debug)]
 enum Request {
     Publish {
@@ -59,8 +103,8 @@ enum Request {
     Withdraw(TopicName, ShardId),
 }
 
-/// The broker thread's state: every topic's history, the id sequence, and
-/// which shards each topic goes to.
+/// One shard's part of the broker: the history of the topics it owns, their
+/// id sequence, and which shards each goes to.
 #[derive(Debug)]
 struct Log {
     bus: Bus,
@@ -74,7 +118,7 @@ struct Log {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// The newest id of any topic: the node's position, sent as `last` in
+    /// The newest id of any topic this part keeps: its position, sent as `last` in
     /// the `ok` of every `sub`.
     last: MsgId,
     topics: HashMap<TopicName, TopicLog>,
@@ -109,30 +153,94 @@ fn now_ms() -> u64 {
 }
 
 impl MemoryBroker {
-    /// Starts the broker thread, delivering to the shards of `bus` with a
-    /// new epoch, `retention` per topic and the namespaces' overrides of it.
+    /// Makes the broker for the shards of `bus`, with a new epoch,
+    /// `retention` per topic and the namespaces' overrides of it. Each
+    /// shard thread takes its part with [`Broker::attach`] before serving.
     pub fn start(
         bus: Bus,
         retention: Retention,
         namespaces: &crate::namespace::Namespaces,
     ) -> std::io::Result<Self> {
-        let log = Log::new(bus.clone(), retention, namespaces);
-        let epoch = log.epoch.clone();
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-        std::thread::Builder::new()
-            .name("broker".into())
-            .spawn(move || log.run(&rx))?;
-        Ok(Self { bus, epoch, tx })
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let epoch: Arc<str> = mint_epoch();
+        let shards = bus.len();
+        let parts = (0..shards)
+            .map(|_| Some(Log::new(bus.clone(), epoch.clone(), retention, namespaces)))
+            .collect();
+        Ok(Self {
+            bus,
+            epoch,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            shards: shards as u32,
+            parts: Mutex::new(parts),
+        })
     }
 
     /// This run's epoch (the embedded broker mints one per start).
     pub fn epoch(&self) -> &Arc<str> {
         &self.epoch
     }
+
+    /// The shard that keeps `topic`.
+    fn owner(&self, topic: &TopicName) -> ShardId {
+        if self.shards <= 1 {
+            return ShardId(0);
+        }
+        ShardId(topic.partition(self.shards) as u16)
+    }
+
+    /// Hands `req` to the owner of `topic`: at once on its thread, else
+    /// through its inbox; a full inbox gives the request back.
+    fn route(&self, topic: &TopicName, req: Request) -> Result<(), Request> {
+        let owner = self.owner(topic);
+        let Some(req) = handle_here(self.id, owner, req) else {
+            return Ok(());
+        };
+        let job = Job {
+            broker: self.id,
+            owner,
+            req,
+        };
+        let msg = ShardMsg::Run {
+            job: Box::new(job),
+            run: run_job,
+        };
+        match self.bus.try_send_to(owner, msg) {
+            Ok(()) => Ok(()),
+            Err(ShardMsg::Run { job, .. }) => match job.downcast::<Job>() {
+                Ok(job) => Err(job.req),
+                Err(_) => Ok(()),
+            },
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A request travelling to the shard that owns its topic.
+#[derive(Debug)]
+struct Job {
+    broker: u64,
+    owner: ShardId,
+    req: Request,
+}
+
+/// Runs a [`Job`] on the owning shard's thread.
+fn run_job(job: Box<dyn std::any::Any + Send>) {
+    let Ok(job) = job.downcast::<Job>() else {
+        return;
+    };
+    if let Some(req) = handle_here(job.broker, job.owner, job.req) {
+        tracing::error!(owner = %job.owner, ?req, "embedded broker request on a shard without its part");
+    }
 }
 
 impl Log {
-    fn new(bus: Bus, retention: Retention, namespaces: &crate::namespace::Namespaces) -> Self {
+    fn new(
+        bus: Bus,
+        epoch: Arc<str>,
+        retention: Retention,
+        namespaces: &crate::namespace::Namespaces,
+    ) -> Self {
         let by_namespace = namespaces
             .iter()
             .map(|ns| {
@@ -146,17 +254,10 @@ impl Log {
         Self {
             interest: bus.interest(),
             bus,
-            epoch: mint_epoch(),
+            epoch,
             retention,
             by_namespace,
             inner: Inner::default(),
-        }
-    }
-
-    /// Takes requests until every sender is gone (the node stops).
-    fn run(mut self, rx: &Receiver<Request>) {
-        for req in rx {
-            self.handle(req);
         }
     }
 
@@ -340,37 +441,48 @@ impl Broker for MemoryBroker {
     ) {
         let req = Request::Publish {
             reply,
-            topic,
+            topic: topic.clone(),
             event: event.map(Into::into),
             data: data.into(),
         };
-        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) = self.tx.try_send(req) {
-            if let Request::Publish {
-                reply: Some(reply),
-                topic,
-                ..
-            } = r
-            {
-                let why = "broker unavailable: the embedded broker's queue is full, retry later";
-                reply.answer(&self.bus, topic, Err(why.to_string()));
-            }
+        if let Err(Request::Publish {
+            reply: Some(reply),
+            topic,
+            ..
+        }) = self.route(&topic, req)
+        {
+            reply.answer(&self.bus, topic, Err(BUSY.to_string()));
         }
     }
 
     fn subscribe(&self, req: SubscribeRequest) {
-        if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
-            self.tx.try_send(Request::Subscribe(req))
-        {
-            if let Request::Subscribe(req) = r {
-                let why = "broker unavailable: the embedded broker's queue is full, retry later";
-                self.bus.subscribe_failed(req.reply, req.topic, why);
-            }
+        let topic = req.topic.clone();
+        if let Err(Request::Subscribe(req)) = self.route(&topic, Request::Subscribe(req)) {
+            self.bus.subscribe_failed(req.reply, req.topic, BUSY);
         }
     }
 
     fn withdraw(&self, topic: TopicName, shard: ShardId) {
-        // Dropped when full: see `Broker::withdraw`.
-        let _ = self.tx.try_send(Request::Withdraw(topic, shard));
+        // Dropped when the owner's inbox is full: see `Broker::withdraw`.
+        let _ = self.route(&topic.clone(), Request::Withdraw(topic, shard));
+    }
+
+    fn attach(&self, shard: ShardId) {
+        let part = self
+            .parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(shard.index())
+            .and_then(Option::take);
+        if let Some(log) = part {
+            LOCAL.with(|local| {
+                *local.borrow_mut() = Some(Local {
+                    broker: self.id,
+                    shard,
+                    log,
+                })
+            });
+        }
     }
 }
 
@@ -384,12 +496,13 @@ mod tests {
     use crate::id::ReplyTo;
     use crate::metrics::ShardMetrics;
 
-    /// The broker thread's state, driven directly (no thread).
+    /// One shard's part, driven directly.
     fn broker(size: usize, ttl: Duration) -> (Log, Inbox) {
         let (tx, rx) = inbox(Arc::new(ShardMetrics::default()));
         let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
+        let bus = Bus::new(vec![tx]);
         (
-            Log::new(Bus::new(vec![tx]), Retention { size, ttl }, &none),
+            Log::new(bus, mint_epoch(), Retention { size, ttl }, &none),
             rx,
         )
     }
@@ -678,7 +791,7 @@ mod tests {
             size: 10,
             ttl: Duration::from_secs(60),
         };
-        let mut b = Log::new(Bus::new(vec![tx0, tx1]), retention, &none);
+        let mut b = Log::new(Bus::new(vec![tx0, tx1]), mint_epoch(), retention, &none);
         let on_shard_1 = ReplyTo {
             shard: ShardId(1),
             conn: ConnId(7),
@@ -711,5 +824,130 @@ mod tests {
         b.handle(Request::Withdraw(topic("t"), ShardId(1)));
         publish(&mut b);
         assert_eq!((count(&rx0), count(&rx1)), (0, 0), "withdrawn");
+    }
+
+    /// A broker over two shards (inboxes `rx`), a topic each shard keeps.
+    fn two_shards() -> (MemoryBroker, [Inbox; 2], [TopicName; 2]) {
+        let (tx0, rx0) = inbox(Arc::new(ShardMetrics::default()));
+        let (tx1, rx1) = inbox(Arc::new(ShardMetrics::default()));
+        let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
+        let retention = Retention {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        };
+        let b = MemoryBroker::start(Bus::new(vec![tx0, tx1]), retention, &none).unwrap();
+        let kept_by = |shard: u16| {
+            (0..)
+                .map(|i| topic(&format!("t{i}")))
+                .find(|t| b.owner(t) == ShardId(shard))
+                .unwrap()
+        };
+        let topics = [kept_by(0), kept_by(1)];
+        (b, [rx0, rx1], topics)
+    }
+
+    /// The answer a `Replier::Call` got, once it came.
+    fn call() -> (Replier, std::sync::mpsc::Receiver<Result<MsgId, String>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reply = Replier::Call(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        (reply, rx)
+    }
+
+    #[test]
+    fn a_topic_of_this_shard_is_published_at_once_any_other_through_its_owner() {
+        let (b, [rx0, rx1], [mine, theirs]) = two_shards();
+        // This thread is shard 0; shard 1's part runs on another thread.
+        b.attach(ShardId(0));
+        let b = Arc::new(b);
+        let announce = |t: &TopicName, shard: u16| SubscribeRequest {
+            reply: ReplyTo {
+                shard: ShardId(shard),
+                conn: ConnId(1),
+                req: None,
+            },
+            topic: t.clone(),
+            since: None,
+            announce: true,
+        };
+        b.subscribe(announce(&mine, 0));
+        assert!(
+            matches!(rx0.try_recv(), Some(ShardMsg::Subscribed { .. })),
+            "handled here, at once"
+        );
+        let (reply, answer) = call();
+        b.publish_as(Some(reply), mine.clone(), None, "1");
+        assert!(matches!(rx0.try_recv(), Some(ShardMsg::Deliver { .. })));
+        assert!(answer.try_recv().unwrap().is_ok());
+
+        // Shard 1's topic: the request waits in shard 1's inbox as a job,
+        // and is done when shard 1's thread runs it.
+        b.subscribe(announce(&theirs, 0));
+        let (reply, answer) = call();
+        b.publish_as(Some(reply), theirs.clone(), None, "2");
+        assert!(rx0.try_recv().is_none(), "nothing yet");
+        let other = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.attach(ShardId(1));
+                let mut ran = 0;
+                while let Some(msg) = rx1.try_recv() {
+                    match msg {
+                        ShardMsg::Run { job, run } => run(job),
+                        other => panic!("{other:?}"),
+                    }
+                    ran += 1;
+                }
+                ran
+            })
+        };
+        assert_eq!(other.join().unwrap(), 2, "the sub and the pub");
+        assert!(matches!(rx0.try_recv(), Some(ShardMsg::Subscribed { .. })));
+        assert!(matches!(rx0.try_recv(), Some(ShardMsg::Deliver { .. })));
+        assert!(answer.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_full_owner_inbox_refuses_the_request_with_4503() {
+        let (b, [rx0, rx1], [_, theirs]) = two_shards();
+        let mut filled = 0;
+        loop {
+            let (reply, answer) = call();
+            b.publish_as(Some(reply), theirs.clone(), None, "1");
+            match answer.try_recv() {
+                Err(_) => filled += 1,
+                Ok(Err(why)) => {
+                    assert_eq!(why, BUSY);
+                    break;
+                }
+                Ok(Ok(id)) => panic!("published {id} without its owner"),
+            }
+        }
+        assert_eq!(filled, crate::bus::SHARD_INBOX_CAPACITY);
+        // A `sub` is refused the same way, answered to the asking shard.
+        b.subscribe(SubscribeRequest {
+            reply: reply(),
+            topic: theirs.clone(),
+            since: None,
+            announce: true,
+        });
+        assert!(matches!(
+            rx0.try_recv(),
+            Some(ShardMsg::SubscribeFailed { reason: BUSY, .. })
+        ));
+        assert_eq!(rx1.try_recv().map(|_| ()), Some(()), "the queued ones wait");
+    }
+
+    #[test]
+    fn another_brokers_part_on_this_thread_is_not_used() {
+        let (first, [rx0, _rx1], [mine, _]) = two_shards();
+        first.attach(ShardId(0));
+        let (second, [other0, _o1], _) = two_shards();
+        // `second` has no part here: its request waits for its owner,
+        // never touching `first`'s history.
+        second.publish_as(None, mine.clone(), None, "1");
+        assert!(rx0.try_recv().is_none());
+        assert!(matches!(other0.try_recv(), Some(ShardMsg::Run { .. })));
     }
 }

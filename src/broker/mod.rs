@@ -30,7 +30,7 @@ use crate::id::{MsgId, ReplyTo, ShardId, Since};
 use crate::topic::TopicName;
 
 /// A callback that takes the outcome of one publish (the admin endpoint's
-/// `POST /publish` waits on it). Called on a broker thread: it must not
+/// `POST /publish` waits on it). Called on a broker or shard thread: it must not
 /// block.
 pub type Answer = Box<dyn FnOnce(Result<MsgId, String>) + Send>;
 
@@ -108,4 +108,8 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// in the same order. Dropped when the broker's queue is full, which
     /// costs only deliveries the shard ignores until the next withdrawal.
     fn withdraw(&self, topic: TopicName, shard: ShardId);
+
+    /// Called on each shard's thread before it serves: the embedded broker
+    /// hands the thread its part (the topics it keeps).
+    fn attach(&self, _shard: ShardId) {}
 }

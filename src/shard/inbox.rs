@@ -49,6 +49,7 @@ impl Shard {
                 partition,
                 partitions,
             } => self.on_partition_gap(partition, partitions),
+            ShardMsg::Run { job, run } => run(job),
             ShardMsg::Published {
                 reply,
                 topic,

@@ -94,6 +94,8 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         .div_ceil(setup.config.shards)
         .max(1) as u32;
     let compression_level = setup.config.compression_level;
+    // The embedded broker's part for the topics this shard keeps.
+    setup.broker.attach(setup.id);
     let shard = Rc::new(Shard {
         epoll,
         id: setup.id,

@@ -1,6 +1,6 @@
 //! The shard's connection logic tested without processes or a network,
 //! against the real [`Shard`] code with a real [`Config`], embedded broker
-//! ([`MemoryBroker`] on its thread), [`Bus`] inbox and [`ShardMetrics`]:
+//! ([`MemoryBroker`], its one part on this thread), [`Bus`] inbox and [`ShardMetrics`]:
 //! the outbound queue's bound and 4009 (`queue`), the close handshake both
 //! ways (`close`), replay then live (`replay`), the connection caps and the
 //! upgrade budget (`caps`), and the write path (`write_path`).
@@ -44,6 +44,7 @@ use serde_json::Value;
 use super::conn::{Conn, Phase};
 use super::Shard;
 use crate::broker::memory::{MemoryBroker, Retention};
+use crate::broker::Broker;
 use crate::bus::{Bus, Inbox, ShardMsg};
 use crate::config::Config;
 use crate::id::{ConnId, MsgId, ShardId};
@@ -87,7 +88,9 @@ impl Harness {
             size: config.history_size,
             ttl: config.history_ttl,
         };
-        let broker = MemoryBroker::start(bus, retention, &namespaces).expect("the broker thread");
+        let broker = MemoryBroker::start(bus, retention, &namespaces).expect("the broker");
+        // This thread is shard 0: it keeps every topic.
+        broker.attach(ShardId(0));
         let broker = Arc::new(broker);
         // As in runtime::run.
         let per_ip_limit = config.max_connections_per_ip.div_ceil(config.shards).max(1) as u32;
