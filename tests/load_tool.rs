@@ -56,6 +56,12 @@ fn fanout_delivers_every_message_to_every_subscriber_across_worker_processes() {
     assert!(published >= 150, "{r}");
     assert_eq!(r["expected"].as_u64().unwrap(), published * 60, "{r}");
     assert_eq!(r["received"], r["expected"], "{r}");
+    // Every subscriber had every message once, in its publisher's order.
+    assert_eq!(
+        (r["out_of_order"].as_u64(), r["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     assert!(r["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(
         server.metric("ringcast_messages_delivered_total") - before,
@@ -85,6 +91,11 @@ fn fanout_by_xadd_reaches_subscribers_through_redis() {
     let published = r["published"].as_u64().unwrap();
     assert!(published >= 150, "{r}");
     assert_eq!(r["received"].as_u64().unwrap(), published * 20, "{r}");
+    assert_eq!(
+        (r["out_of_order"].as_u64(), r["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     assert_eq!(
         server.metric("ringcast_broker_entries_read_total"),
         published as f64
@@ -119,6 +130,11 @@ fn topics_spreads_subscribers_and_publishers_over_topics() {
         "{r}"
     );
     assert_eq!(r["received"], r["expected"], "{r}");
+    assert_eq!(
+        (r["out_of_order"].as_u64(), r["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
     // The tool closed every subscriber on its way out.
     server.wait_for(
         "every subscription released",
@@ -156,6 +172,12 @@ fn ramp_reports_each_step_and_the_highest_sustained_one() {
         assert_eq!(s["rate"].as_f64().unwrap(), rate, "{s}");
         assert_eq!(s["received"], s["expected"], "{s}");
         assert_eq!(s["verdict"], "sustained", "{s}");
+        // Numbered across steps: no step starts the sequence again.
+        assert_eq!(
+            (s["out_of_order"].as_u64(), s["missing"].as_u64()),
+            (Some(0), Some(0)),
+            "{s}"
+        );
     }
     assert_eq!(r["max_sustained_rate"].as_f64().unwrap(), 400.0, "{r}");
 }

@@ -56,7 +56,18 @@ pub(super) fn server_frame(buf: &[u8]) -> Result<Option<Frame>, &'static str> {
 
 /// Reads the `"t":NNN` stamp (monotonic µs) from a msg frame's payload.
 pub(super) fn stamp(payload: &[u8]) -> Option<u64> {
-    let at = payload.windows(4).position(|w| w == b"\"t\":")? + 4;
+    number(payload, b"\"t\":")
+}
+
+/// Reads the `"q":NNN` sequence number (per topic, from 0) from a msg
+/// frame's payload.
+pub(super) fn seq(payload: &[u8]) -> Option<u64> {
+    number(payload, b"\"q\":")
+}
+
+/// The digits after the first `key` in `payload`.
+fn number(payload: &[u8], key: &[u8]) -> Option<u64> {
+    let at = payload.windows(key.len()).position(|w| w == key)? + key.len();
     let digits = payload[at..].iter().take_while(|b| b.is_ascii_digit());
     Some(digits.fold(0u64, |n, d| {
         n.wrapping_mul(10).wrapping_add(u64::from(d - b'0'))

@@ -35,6 +35,10 @@ pub(super) struct Publisher {
     redis: Option<(crate::broker::redis::Conn, crate::broker::redis::Settings)>,
     /// Error replies the server sent to this publisher (a reader thread counts).
     pub(super) errors: Arc<AtomicU64>,
+    /// The next sequence number (`"q"`) of each topic of its share, by
+    /// position: one publisher per topic, numbered from 0 across the steps
+    /// of a run, so a subscriber can tell a gap, a duplicate or a reorder.
+    next_seq: Vec<u64>,
 }
 
 /// What one publishing step sent, per topic.
@@ -65,6 +69,7 @@ impl Publisher {
                     socket: Some(socket),
                     redis: None,
                     errors,
+                    next_seq: Vec::new(),
                 })
             }
             Via::Redis(url) => {
@@ -82,6 +87,7 @@ impl Publisher {
                     socket: None,
                     redis: Some((conn, settings)),
                     errors,
+                    next_seq: Vec::new(),
                 })
             }
         }
@@ -96,10 +102,11 @@ impl Publisher {
         size: usize,
         duration: Duration,
     ) -> anyhow::Result<Sent> {
-        let pad = "x".repeat(size.saturating_sub(24));
+        let pad = "x".repeat(size);
         let mut sent = Sent {
             per_topic: vec![0; topics.len()],
         };
+        self.next_seq.resize(topics.len(), 0);
         if topics.is_empty() || rate <= 0.0 {
             return Ok(sent);
         }
@@ -111,7 +118,12 @@ impl Publisher {
             let due = (start.elapsed().as_secs_f64() * rate) as u64;
             while n < due {
                 let t = n as usize % topics.len();
-                let data = format!("{{\"t\":{},\"p\":\"{pad}\"}}", monotonic_us());
+                let q = self.next_seq[t];
+                self.next_seq[t] += 1;
+                let mut data = format!("{{\"t\":{},\"q\":{q},\"p\":\"", monotonic_us());
+                // `size` bytes in all (at least the stamp and number).
+                data.push_str(&pad[..size.saturating_sub(data.len() + 2)]);
+                data.push_str("\"}");
                 match &self.redis {
                     None => {
                         let body = format!(

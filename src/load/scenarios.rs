@@ -69,8 +69,21 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
             "p50_ms": tally.ms(0.5), "p99_ms": tally.ms(0.99), "p999_ms": tally.ms(0.999),
             "max_ms": tally.max_ms(), "connect_s": connect_s,
             "closes": tally.closes, "errors": tally.errors, "publisher_errors": pub_errors,
+            "out_of_order": tally.out_of_order, "missing": tally.missing,
         })
     );
+    in_order(&tally)
+}
+
+/// A run in which a subscriber saw a message twice or out of order failed,
+/// whatever its counts say.
+fn in_order(tally: &super::tally::Tally) -> anyhow::Result<()> {
+    if tally.out_of_order > 0 {
+        anyhow::bail!(
+            "{} messages arrived twice or out of order (per subscriber, by the publisher's sequence)",
+            tally.out_of_order
+        );
+    }
     Ok(())
 }
 
@@ -102,6 +115,7 @@ pub(super) fn ramp(args: &LoadArgs) -> anyhow::Result<()> {
     let mut rate = args.rate.max(1) as f64;
     let mut best: Option<(f64, f64)> = None;
     let mut steps = Vec::new();
+    let mut whole = super::tally::Tally::new()?;
     while rate <= args.max_rate as f64 {
         let before = workers.received()?;
         let sent = pubs.run(&names, rate, args)?;
@@ -139,8 +153,10 @@ pub(super) fn ramp(args: &LoadArgs) -> anyhow::Result<()> {
             "rate": rate.round(), "offered_per_s": offered.round(), "delivered_per_s": delivered.round(),
             "expected": expected, "received": tally.received, "p50_ms": tally.ms(0.5),
             "p99_ms": tally.ms(0.99), "p999_ms": tally.ms(0.999), "max_ms": tally.max_ms(),
-            "verdict": verdict,
+            "verdict": verdict, "out_of_order": tally.out_of_order, "missing": tally.missing,
         }));
+        whole.out_of_order += tally.out_of_order;
+        whole.missing += tally.missing;
         if verdict != "sustained" {
             break;
         }
@@ -162,9 +178,10 @@ pub(super) fn ramp(args: &LoadArgs) -> anyhow::Result<()> {
             "step_s": args.duration.0.as_secs_f64(), "p99_bound_ms": args.p99_bound,
             "max_sustained_deliveries_per_s": best.map(|(_, d)| d.round()),
             "max_sustained_rate": best.map(|(r, _)| r.round()), "steps": steps,
+            "out_of_order": whole.out_of_order, "missing": whole.missing,
         })
     );
-    Ok(())
+    in_order(&whole)
 }
 
 /// `idle`: hold S connections and read what they cost the server.

@@ -20,6 +20,12 @@ pub(super) struct Tally {
     pub(super) errors: BTreeMap<String, u64>,
     /// Frames with no latency stamp (other than replies and control).
     pub(super) unstamped: u64,
+    /// Messages whose sequence number was at or below one the subscriber
+    /// already had: a duplicate or a reordered message. Not in `received`.
+    pub(super) out_of_order: u64,
+    /// Messages a subscriber never got although a later one of its topic
+    /// came (gaps in the sequence); a loss at the end shows in `received`.
+    pub(super) missing: u64,
 }
 
 impl Tally {
@@ -30,6 +36,8 @@ impl Tally {
             closes: BTreeMap::new(),
             errors: BTreeMap::new(),
             unstamped: 0,
+            out_of_order: 0,
+            missing: 0,
         })
     }
 
@@ -47,6 +55,8 @@ impl Tally {
             "closes": self.closes,
             "errors": self.errors,
             "unstamped": self.unstamped,
+            "out_of_order": self.out_of_order,
+            "missing": self.missing,
         })
         .to_string()
     }
@@ -55,6 +65,8 @@ impl Tally {
     pub(super) fn add(&mut self, v: &Value) -> anyhow::Result<()> {
         self.received += v["received"].as_u64().unwrap_or(0);
         self.unstamped += v["unstamped"].as_u64().unwrap_or(0);
+        self.out_of_order += v["out_of_order"].as_u64().unwrap_or(0);
+        self.missing += v["missing"].as_u64().unwrap_or(0);
         for pair in v["latency_us"].as_array().into_iter().flatten() {
             let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
                 bail!("a worker sent a malformed histogram entry {pair}");
@@ -90,6 +102,12 @@ impl Tally {
         if self.unstamped > 0 {
             notes.push(format!("{} unexpected frames", self.unstamped));
         }
+        if self.out_of_order > 0 {
+            notes.push(format!("{} duplicated or reordered", self.out_of_order));
+        }
+        if self.missing > 0 {
+            notes.push(format!("{} missing (gaps)", self.missing));
+        }
         notes.join("; ")
     }
 }
@@ -115,6 +133,11 @@ mod tests {
         assert_eq!(t.latency_us.len(), 4);
         assert_eq!(t.closes["4009"], 3);
         assert_eq!(t.errors["4008"], 1);
+        let c = serde_json::json!({"out_of_order": 2, "missing": 5});
+        t.add(&c).unwrap();
+        assert_eq!((t.out_of_order, t.missing), (2, 5));
+        assert!(t.anomalies().contains("2 duplicated or reordered"));
+        assert!(t.anomalies().contains("5 missing"));
         assert!(t.anomalies().contains("4009"));
         assert!(t
             .add(&serde_json::json!({"latency_us": [["x", 1]]}))

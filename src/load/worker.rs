@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::frames::{error_code, has_op, server_frame, stamp};
+use super::frames::{error_code, has_op, seq, server_frame, stamp};
 use super::tally::Tally;
 use super::LoadArgs;
 use crate::client::{check_accept, new_key};
@@ -65,6 +65,9 @@ struct Client {
     key: [u8; 24],
     /// The topic this client subscribes to, if any.
     topic: Option<usize>,
+    /// The sequence number (`"q"`) the next message of its topic should
+    /// carry: one publisher per topic numbers them from 0.
+    next_seq: u64,
 }
 
 /// The worker: every connection, its epoll instance and its tallies.
@@ -230,6 +233,7 @@ impl<'a> Worker<'a> {
             pending: Vec::new(),
             key: new_key(),
             topic,
+            next_seq: 0,
         }));
         self.next += 1;
         self.in_flight += 1;
@@ -512,6 +516,21 @@ fn process(
     (at, outcome)
 }
 
+/// Checks a message's sequence number against the one its subscriber
+/// expects: the next one, or a later one (the gap counted missing), is
+/// taken; an earlier one is a duplicate or reordered (counted, not taken).
+/// A message without a number (another publisher) is taken as it is.
+fn in_order(next: &mut u64, q: Option<u64>, tally: &mut Tally) -> bool {
+    let Some(q) = q else { return true };
+    if q < *next {
+        tally.out_of_order += 1;
+        return false;
+    }
+    tally.missing += q - *next;
+    *next = q + 1;
+    true
+}
+
 /// Handles one text frame; `Some` when it ends processing.
 fn on_text(
     c: &mut Client,
@@ -524,9 +543,11 @@ fn on_text(
     match c.state {
         State::Open => {
             if let Some(sent) = stamp(payload) {
-                let _ = tally.latency_us.record(now.saturating_sub(sent).max(1));
-                tally.received += 1;
-                *total += 1;
+                if in_order(&mut c.next_seq, seq(payload), tally) {
+                    let _ = tally.latency_us.record(now.saturating_sub(sent).max(1));
+                    tally.received += 1;
+                    *total += 1;
+                }
             } else if has_op(payload, "error") {
                 *tally
                     .errors
@@ -590,10 +611,32 @@ mod tests {
             Some(12345)
         );
         assert_eq!(stamp(b"{}"), None);
+        assert_eq!(
+            seq(br#"{"op":"msg","data":{"t":1,"q":77,"p":"x"}}"#),
+            Some(77)
+        );
+        assert_eq!(seq(br#"{"t":1}"#), None);
         assert!(has_op(br#"{"code":4008,"op":"error"}"#, "error"));
         assert!(!has_op(br#"{"op":"ok"}"#, "error"));
         assert_eq!(error_code(br#"{"op":"error","code":4008}"#), 4008);
         assert_eq!(error_code(br#"{"op":"error"}"#), 0);
+    }
+
+    #[test]
+    fn a_loss_and_a_duplicate_no_longer_cancel_out() {
+        let mut tally = Tally::new().unwrap();
+        let mut next = 0;
+        // 0, 1, then 1 again (duplicate), 3 (2 lost), 2 (late), 4.
+        let taken: Vec<bool> = [0, 1, 1, 3, 2, 4]
+            .into_iter()
+            .map(|q| in_order(&mut next, Some(q), &mut tally))
+            .collect();
+        assert_eq!(taken, [true, true, false, true, false, true]);
+        assert_eq!((tally.out_of_order, tally.missing), (2, 1));
+        assert_eq!(next, 5);
+        // Unnumbered messages are taken and change nothing.
+        assert!(in_order(&mut next, None, &mut tally));
+        assert_eq!((tally.out_of_order, tally.missing, next), (2, 1, 5));
     }
 
     /// A connection in `Upgrading` with a fresh key; its fd is never
@@ -606,6 +649,7 @@ mod tests {
             pending: Vec::new(),
             key: new_key(),
             topic: None,
+            next_seq: 0,
         }
     }
 
