@@ -18,6 +18,17 @@
 //! - `ramp`: `fanout` (or `topics` with `--topics`) at rising rates,
 //!   `--step` times more each step, until deliveries fall behind or p99
 //!   passes `--p99-bound`: the maximum sustained deliveries per second.
+//! - `churn`: `fanout` (or `topics` with `--topics`) while every second
+//!   `--churn` of the open subscribers drop their connection (no close
+//!   frame, as a phone losing its network) and come back, resubscribing
+//!   with `since` and `epoch` from their position: reconnects per second,
+//!   recovery latency (drop to `ok`, replay included), and every
+//!   subscriber must end with every message exactly once.
+//!
+//! Every payload carries `"q"`, its number in its topic (one publisher per
+//! topic, from 0 across a run's steps); each subscriber takes only the next
+//! number or a later one, so a duplicate or a reorder is counted (and fails
+//! the run) instead of cancelling a loss out in the totals.
 //!
 //! Shape: the subscribers live in worker processes (`--procs`, by default
 //! one per 16,000 connections, since a process here may hold only ~20,000
@@ -38,6 +49,7 @@ macro_rules! out {
     }};
 }
 
+mod client;
 mod frames;
 mod procs;
 mod publish;
@@ -119,6 +131,10 @@ pub struct LoadArgs {
     /// How long to wait after publishing for every message to land.
     #[arg(long, default_value = "5s")]
     pub settle: HumanDuration,
+    /// Churn: the share of subscribers that drop their connection and
+    /// come back (resubscribing with `since` and `epoch`) each second.
+    #[arg(long, default_value_t = 0.1)]
+    pub churn: f64,
     /// Ramp: rate multiplier per step.
     #[arg(long, default_value_t = 1.5)]
     pub step: f64,
@@ -155,6 +171,10 @@ pub enum Scenario {
     Connect,
     /// Rising publish rates until delivery falls behind: the maximum sustained rate.
     Ramp,
+    /// Fanout (or topics, with `--topics`) while `--churn` of the
+    /// subscribers drop and resubscribe from their position every second:
+    /// every subscriber must end with every message exactly once.
+    Churn,
     /// A worker process, started by the others (not for direct use).
     #[value(hide = true)]
     Worker,
@@ -170,7 +190,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     args.source_ips = args.source_ips.max(needed);
     watchdog(args.timeout.0);
     match args.scenario {
-        Scenario::Fanout | Scenario::Topics => deliver(&args),
+        Scenario::Fanout | Scenario::Topics | Scenario::Churn => deliver(&args),
         Scenario::Ramp => ramp(&args),
         Scenario::Idle => idle(&args),
         Scenario::Connect => connect(&args),

@@ -43,7 +43,8 @@ impl Workers {
                 .args(["--source-ips", &args.source_ips.to_string()])
                 .args(["--topic", &args.topic])
                 .args(["--topics", &topic_count(args).to_string()])
-                .args(["--rounds", &args.rounds.to_string()]);
+                .args(["--rounds", &args.rounds.to_string()])
+                .args(["--churn", &args.churn.to_string()]);
             if subscribe {
                 cmd.arg("--worker-subscribe");
             }

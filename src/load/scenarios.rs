@@ -11,7 +11,14 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
     let subs = subscribers_per_topic(args.connections, names.len());
     let (mut workers, connect_s, _) = start_workers(args, true)?;
     let mut pubs = Publishers::connect(args, names.len())?;
+    let churn = args.scenario == Scenario::Churn;
+    if churn {
+        workers.ask("churn on", "churn")?;
+    }
     let sent = pubs.run(&names, args.rate as f64, args)?;
+    if churn {
+        workers.ask("churn off", "churn")?;
+    }
     let expected = expected(&sent, &subs);
     let waited = workers.settle(expected, args.settle.0)?;
     let tally = workers.report()?;
@@ -19,10 +26,10 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
     workers.quit()?;
     let secs = args.duration.0.as_secs_f64() + waited.as_secs_f64();
     let rate = tally.received as f64 / secs;
-    let scenario = if args.scenario == Scenario::Topics {
-        "topics"
-    } else {
-        "fanout"
+    let scenario = match args.scenario {
+        Scenario::Topics => "topics",
+        Scenario::Churn => "churn",
+        _ => "fanout",
     };
     out!(
         "{scenario}  subscribers={} topics={} publishers={} rate={}/s size={}B duration={:?} via={}",
@@ -55,6 +62,17 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
         tally.ms(0.999),
         tally.max_ms()
     );
+    if churn {
+        out!(
+            "churn       {} reconnects ({:.0}/s), recovery ms p50 {:.2}  p99 {:.2}  max {:.2}, {} not recovered",
+            tally.reconnects,
+            tally.reconnects as f64 / args.duration.0.as_secs_f64(),
+            tally.recovery_us.value_at_quantile(0.5) as f64 / 1000.0,
+            tally.recovery_us.value_at_quantile(0.99) as f64 / 1000.0,
+            tally.recovery_us.max() as f64 / 1000.0,
+            tally.unrecovered
+        );
+    }
     let notes = tally.anomalies();
     if !notes.is_empty() || pub_errors > 0 {
         out!("note        {notes} publisher error replies: {pub_errors}");
@@ -70,9 +88,22 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
             "max_ms": tally.max_ms(), "connect_s": connect_s,
             "closes": tally.closes, "errors": tally.errors, "publisher_errors": pub_errors,
             "out_of_order": tally.out_of_order, "missing": tally.missing,
+            "reconnects": tally.reconnects, "unrecovered": tally.unrecovered,
+            "recovery_p50_ms": tally.recovery_us.value_at_quantile(0.5) as f64 / 1000.0,
+            "recovery_p99_ms": tally.recovery_us.value_at_quantile(0.99) as f64 / 1000.0,
         })
     );
-    in_order(&tally)
+    in_order(&tally)?;
+    if churn && (tally.received != expected || tally.missing > 0 || tally.unrecovered > 0) {
+        anyhow::bail!(
+            "churn: not every subscriber had every message exactly once \
+             (received {} of {expected}, {} missing, {} not recovered)",
+            tally.received,
+            tally.missing,
+            tally.unrecovered
+        );
+    }
+    Ok(())
 }
 
 /// A run in which a subscriber saw a message twice or out of order failed,

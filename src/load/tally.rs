@@ -26,6 +26,13 @@ pub(super) struct Tally {
     /// Messages a subscriber never got although a later one of its topic
     /// came (gaps in the sequence); a loss at the end shows in `received`.
     pub(super) missing: u64,
+    /// Subscribers that came back (churn) and got their `ok`.
+    pub(super) reconnects: u64,
+    /// Of those, the ones answered `recovered:false`.
+    pub(super) unrecovered: u64,
+    /// From dropping the connection to the `ok` of the resubscription
+    /// (its replay included), µs.
+    pub(super) recovery_us: Histogram<u64>,
 }
 
 impl Tally {
@@ -38,16 +45,20 @@ impl Tally {
             unstamped: 0,
             out_of_order: 0,
             missing: 0,
+            reconnects: 0,
+            unrecovered: 0,
+            recovery_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
         })
     }
 
     /// The worker's report line (`received_total` counts since the start).
     pub(super) fn to_json(&self, received_total: u64) -> String {
-        let hist: Vec<[u64; 2]> = self
-            .latency_us
-            .iter_recorded()
-            .map(|v| [v.value_iterated_to(), v.count_at_value()])
-            .collect();
+        let pairs = |h: &Histogram<u64>| -> Vec<[u64; 2]> {
+            h.iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()])
+                .collect()
+        };
+        let hist = pairs(&self.latency_us);
         serde_json::json!({
             "received": self.received,
             "received_total": received_total,
@@ -57,6 +68,9 @@ impl Tally {
             "unstamped": self.unstamped,
             "out_of_order": self.out_of_order,
             "missing": self.missing,
+            "reconnects": self.reconnects,
+            "unrecovered": self.unrecovered,
+            "recovery_us": pairs(&self.recovery_us),
         })
         .to_string()
     }
@@ -67,11 +81,18 @@ impl Tally {
         self.unstamped += v["unstamped"].as_u64().unwrap_or(0);
         self.out_of_order += v["out_of_order"].as_u64().unwrap_or(0);
         self.missing += v["missing"].as_u64().unwrap_or(0);
-        for pair in v["latency_us"].as_array().into_iter().flatten() {
-            let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
-                bail!("a worker sent a malformed histogram entry {pair}");
-            };
-            self.latency_us.record_n(value.max(1), count)?;
+        self.reconnects += v["reconnects"].as_u64().unwrap_or(0);
+        self.unrecovered += v["unrecovered"].as_u64().unwrap_or(0);
+        for (hist, key) in [
+            (&mut self.latency_us, "latency_us"),
+            (&mut self.recovery_us, "recovery_us"),
+        ] {
+            for pair in v[key].as_array().into_iter().flatten() {
+                let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
+                    bail!("a worker sent a malformed histogram entry {pair}");
+                };
+                hist.record_n(value.max(1), count)?;
+            }
         }
         for (map, key) in [(&mut self.closes, "closes"), (&mut self.errors, "errors")] {
             for (code, n) in v[key].as_object().into_iter().flatten() {
@@ -108,6 +129,12 @@ impl Tally {
         if self.missing > 0 {
             notes.push(format!("{} missing (gaps)", self.missing));
         }
+        if self.unrecovered > 0 {
+            notes.push(format!(
+                "{} resubscriptions not recovered",
+                self.unrecovered
+            ));
+        }
         notes.join("; ")
     }
 }
@@ -133,9 +160,17 @@ mod tests {
         assert_eq!(t.latency_us.len(), 4);
         assert_eq!(t.closes["4009"], 3);
         assert_eq!(t.errors["4008"], 1);
-        let c = serde_json::json!({"out_of_order": 2, "missing": 5});
+        let c = serde_json::json!({"out_of_order": 2, "missing": 5, "reconnects": 3,
+            "unrecovered": 1, "recovery_us": [[1500, 3]]});
         t.add(&c).unwrap();
         assert_eq!((t.out_of_order, t.missing), (2, 5));
+        assert_eq!(
+            (t.reconnects, t.unrecovered, t.recovery_us.len()),
+            (3, 1, 3)
+        );
+        let again: Value = serde_json::from_str(&t.to_json(0)).unwrap();
+        assert_eq!(again["recovery_us"][0][1], 3);
+        assert!(t.anomalies().contains("1 resubscriptions not recovered"));
         assert!(t.anomalies().contains("2 duplicated or reordered"));
         assert!(t.anomalies().contains("5 missing"));
         assert!(t.anomalies().contains("4009"));
