@@ -18,7 +18,11 @@ use serde_json::json;
 fn a_slow_consumer_is_closed_with_4009_and_nobody_else_waits() {
     // Default 1 MiB bound: the slow one passes it once the kernel buffers
     // (a few MiB) are full; the fast one has ample slack even on a busy machine.
-    let server = TestServer::start(&[]);
+    // The close handshake waits a minute for it (default 5 s): the test reads
+    // its 4009 only after the fast one is done, which on a loaded machine
+    // took longer, and a server that gives up resets the socket, taking the
+    // buffered close frame with it.
+    let server = TestServer::start(&["--close-timeout", "60s"]);
     let mut slow = raw::open(server.addr);
     slow.write_all(&raw::frame(
         true,
