@@ -135,7 +135,10 @@ fn churn_on(server: &TestServer, extra: &[&str]) -> serde_json::Value {
     // Three ticks of about 100 (fewer as the open count dips).
     let reconnects = r["reconnects"].as_u64().expect("reconnects");
     assert!((150..=400).contains(&reconnects), "{r}");
-    assert!(r["recovery_p50_ms"].as_f64().expect("recovery_p50_ms") > 0.0, "{r}");
+    assert!(
+        r["recovery_p50_ms"].as_f64().expect("recovery_p50_ms") > 0.0,
+        "{r}"
+    );
     r
 }
 
@@ -154,6 +157,42 @@ fn churn_through_redis_recovers_from_the_streams() {
     let server = TestServer::start(&["--redis", &redis.url()]);
     let url = redis.url();
     churn_on(&server, &["--redis", &url]);
+}
+
+#[test]
+fn deflate_inflates_what_comes_compressed_and_reads_fewer_bytes() {
+    let server = TestServer::start(&[]);
+    let target = server.addr.to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "fanout",
+            "--target",
+            &target,
+            "--connections",
+            "50",
+            "--rate",
+            "40",
+            "--duration",
+            "1s",
+            "--json",
+            "--size",
+            "1500",
+        ];
+        args.extend_from_slice(extra);
+        let r = load(&args).remove(0);
+        assert_eq!(r["received"], r["expected"], "{r}");
+        assert_eq!(r["out_of_order"].as_u64(), Some(0), "{r}");
+        r["wire_bytes_per_delivery"].as_f64().expect("wire bytes")
+    };
+    let plain = run(&[]);
+    assert_eq!(server.metric("ringcast_messages_compressed_total"), 0.0);
+    let deflated = run(&["--deflate"]);
+    // Compressed once per shard per message, read compressed by all 50.
+    assert!(server.metric("ringcast_messages_compressed_total") >= 1.0);
+    assert!(
+        plain > 1300.0 && deflated < plain * 0.8,
+        "{plain} vs {deflated}"
+    );
 }
 
 #[test]

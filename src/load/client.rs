@@ -99,14 +99,24 @@ fn str_field<'p>(payload: &'p [u8], key: &[u8]) -> Option<&'p [u8]> {
 /// The upgrade request every connection sends, and the offset of its
 /// `Sec-WebSocket-Key` value: built once, each connection writes its own
 /// key there before sending (no allocation per connection).
-pub(super) fn upgrade_request(target: SocketAddr, token: Option<&str>) -> (Vec<u8>, usize) {
+pub(super) fn upgrade_request(
+    target: SocketAddr,
+    token: Option<&str>,
+    deflate: bool,
+) -> (Vec<u8>, usize) {
     let path = match token {
         Some(t) => format!("/ws?token={t}"),
         None => "/ws".to_string(),
     };
+    // The offer Chromium sends.
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let head = format!(
         "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ringcast.v1\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ringcast.v1\r\n{offer}\
          Sec-WebSocket-Key: "
     );
     let key_at = head.len();
@@ -114,6 +124,14 @@ pub(super) fn upgrade_request(target: SocketAddr, token: Option<&str>) -> (Vec<u
     request.extend_from_slice(&[b'='; 24]);
     request.extend_from_slice(b"\r\n\r\n");
     (request, key_at)
+}
+
+/// A worker's one inflater and its output buffer: permessage-deflate
+/// messages are inflated one at a time (the server takes no context over).
+#[derive(Default)]
+pub(super) struct Codec {
+    inflater: crate::ws::deflate::Inflater,
+    out: Vec<u8>,
 }
 
 /// What processing a read led to.
@@ -136,6 +154,7 @@ pub(super) fn process(
     tally: &mut Tally,
     total: &mut u64,
     topics: &[String],
+    codec: &mut Codec,
 ) -> (usize, Outcome) {
     let before = c.state;
     let mut at = 0;
@@ -167,6 +186,15 @@ pub(super) fn process(
         let payload = &data[at + frame.start..at + frame.end];
         at += frame.end;
         match frame.opcode {
+            0x1 if frame.compressed => {
+                let Codec { inflater, out } = codec;
+                if let Err(e) = inflater.inflate(payload, super::frames::MAX_FRAME as usize, out) {
+                    return (at, Outcome::Fatal(format!("inflating a message: {e}")));
+                }
+                if let Some(outcome) = on_text(c, out, now, tally, total, topics) {
+                    return (at, outcome);
+                }
+            }
             0x1 => {
                 if let Some(outcome) = on_text(c, payload, now, tally, total, topics) {
                     return (at, outcome);
@@ -384,7 +412,15 @@ mod tests {
             r#"{"op":"ok","id":1,"topic":"load","epoch":"ep1","last":"17-4","recovered":true}"#,
         );
         let data = [replay, ok].concat();
-        let (used, _) = process(&mut c, &data, 5_000, &mut tally, &mut total, &[]);
+        let (used, _) = process(
+            &mut c,
+            &data,
+            5_000,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
         assert_eq!(used, data.len());
         assert_eq!((c.state, total, c.next_seq), (State::Open, 1, 1));
         assert_eq!((tally.reconnects, tally.unrecovered), (1, 0));
@@ -395,7 +431,15 @@ mod tests {
         assert_eq!(&c.pos[..usize::from(c.pos_len)], b"17-4");
         // A live message moves the position; the next sub starts there.
         let live = frame(r#"{"op":"msg","topic":"load","id":"18-0","data":{"t":900,"q":1}}"#);
-        process(&mut c, &live, 6_000, &mut tally, &mut total, &[]);
+        process(
+            &mut c,
+            &live,
+            6_000,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
         let sub = text(&c);
         assert!(sub.contains(r#""since":"18-0","epoch":"ep1""#), "{sub}");
         // An unrecovered comeback is counted.
@@ -404,7 +448,15 @@ mod tests {
         let ok = frame(
             r#"{"op":"ok","id":1,"topic":"load","epoch":"ep2","last":"19-0","recovered":false}"#,
         );
-        process(&mut c, &ok, 7_000, &mut tally, &mut total, &[]);
+        process(
+            &mut c,
+            &ok,
+            7_000,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
         assert_eq!((tally.reconnects, tally.unrecovered), (2, 1));
         assert_eq!(c.epoch.as_deref(), Some("ep2"));
     }
@@ -425,7 +477,15 @@ mod tests {
         let mut c = upgrading();
         let good = tungstenite::handshake::derive_accept_key(&c.key);
         let data = answer(&good);
-        let (used, outcome) = process(&mut c, &data, 0, &mut tally, &mut total, &[]);
+        let (used, outcome) = process(
+            &mut c,
+            &data,
+            0,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
         assert_eq!(used, data.len());
         assert!(
             matches!(outcome, Outcome::Progress(State::Upgrading, State::Open)),
@@ -441,6 +501,7 @@ mod tests {
             &mut tally,
             &mut total,
             &[],
+            &mut Codec::default(),
         );
         let Outcome::Fatal(why) = outcome else {
             panic!("a wrong accept was taken")
@@ -455,7 +516,7 @@ mod tests {
     #[test]
     fn each_connection_sends_its_own_key_in_the_shared_request() {
         let target = "127.0.0.1:8080".parse().unwrap();
-        let (mut request, key_at) = upgrade_request(target, Some("tok"));
+        let (mut request, key_at) = upgrade_request(target, Some("tok"), false);
         let (a, b) = (new_key(), new_key());
         assert_ne!(a, b);
         for key in [a, b] {

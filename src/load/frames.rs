@@ -8,6 +8,8 @@ pub(super) const MAX_FRAME: u64 = 16 << 20;
 /// A complete server frame at the front of a buffer.
 pub(super) struct Frame {
     pub(super) opcode: u8,
+    /// RSV1: a permessage-deflate message, to inflate.
+    pub(super) compressed: bool,
     /// Payload offsets from the frame's start.
     pub(super) start: usize,
     pub(super) end: usize,
@@ -49,6 +51,7 @@ pub(super) fn server_frame(buf: &[u8]) -> Result<Option<Frame>, &'static str> {
     }
     Ok(Some(Frame {
         opcode: b0 & 0x0f,
+        compressed: b0 & 0x40 != 0,
         start: head,
         end,
     }))

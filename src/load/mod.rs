@@ -131,6 +131,15 @@ pub struct LoadArgs {
     /// How long to wait after publishing for every message to land.
     #[arg(long, default_value = "5s")]
     pub settle: HumanDuration,
+    /// Offer permessage-deflate (as browsers do) and inflate what comes
+    /// compressed; `wire_bytes_per_delivery` then tells what it saved.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Payloads are a realistic notification (JSON: names, words, ids and
+    /// prices, different in every message) of about `--size` bytes, rather
+    /// than padding, which compresses unrealistically well.
+    #[arg(long)]
+    pub json: bool,
     /// Churn: the share of subscribers that drop their connection and
     /// come back (resubscribing with `since` and `epoch`) each second.
     #[arg(long, default_value_t = 0.1)]

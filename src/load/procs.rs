@@ -54,6 +54,9 @@ impl Workers {
             if let Some(t) = &args.token {
                 cmd.args(["--token", t]);
             }
+            if args.deflate {
+                cmd.arg("--deflate");
+            }
             let mut child = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -187,7 +190,7 @@ impl Publishers {
                     let topics: Vec<String> = share.iter().map(|&t| names[t].clone()).collect();
                     let share = share.clone();
                     s.spawn(move || {
-                        p.run(&topics, per, args.size, args.duration.0)
+                        p.run(&topics, per, args.size, args.json, args.duration.0)
                             .map(|sent| (share, sent))
                     })
                 })

@@ -100,6 +100,7 @@ impl Publisher {
         topics: &[String],
         rate: f64,
         size: usize,
+        json: bool,
         duration: Duration,
     ) -> anyhow::Result<Sent> {
         let pad = "x".repeat(size);
@@ -120,10 +121,15 @@ impl Publisher {
                 let t = n as usize % topics.len();
                 let q = self.next_seq[t];
                 self.next_seq[t] += 1;
-                let mut data = format!("{{\"t\":{},\"q\":{q},\"p\":\"", monotonic_us());
-                // `size` bytes in all (at least the stamp and number).
-                data.push_str(&pad[..size.saturating_sub(data.len() + 2)]);
-                data.push_str("\"}");
+                let data = if json {
+                    notification(monotonic_us(), q, size)
+                } else {
+                    let mut data = format!("{{\"t\":{},\"q\":{q},\"p\":\"", monotonic_us());
+                    // `size` bytes in all (at least the stamp and number).
+                    data.push_str(&pad[..size.saturating_sub(data.len() + 2)]);
+                    data.push_str("\"}");
+                    data
+                };
                 match &self.redis {
                     None => {
                         let body = format!(
@@ -233,5 +239,139 @@ fn drain_replies(mut s: TcpStream, errors: &AtomicU64) {
                 eprintln!("load: the server refused a publish: {text}");
             }
         }
+    }
+}
+
+/// Words a notification is made of.
+const WORDS: [&str; 48] = [
+    "order",
+    "shipped",
+    "delivery",
+    "tomorrow",
+    "between",
+    "morning",
+    "package",
+    "tracking",
+    "account",
+    "payment",
+    "received",
+    "thanks",
+    "your",
+    "the",
+    "and",
+    "for",
+    "with",
+    "update",
+    "price",
+    "dropped",
+    "item",
+    "wishlist",
+    "available",
+    "again",
+    "limited",
+    "stock",
+    "reply",
+    "comment",
+    "mentioned",
+    "you",
+    "in",
+    "thread",
+    "meeting",
+    "starts",
+    "minutes",
+    "room",
+    "invoice",
+    "overdue",
+    "reminder",
+    "friend",
+    "request",
+    "accepted",
+    "photo",
+    "liked",
+    "security",
+    "login",
+    "device",
+    "new",
+];
+const NAMES: [&str; 12] = [
+    "Maria Lopez",
+    "Wei Chen",
+    "Amara Okafor",
+    "Jonas Berg",
+    "Priya Nair",
+    "Luca Rossi",
+    "Sofia Novak",
+    "Kenji Sato",
+    "Fatima Zahra",
+    "Liam Walsh",
+    "Ana Souza",
+    "Omar Haddad",
+];
+
+/// A notification as an application would send one: a JSON object of
+/// about `size` bytes with a type, a user, a title, a body of words and
+/// line items, its fields drawn afresh for every message (seeded by `q`),
+/// and the tool's stamp (`t`) and number (`q`).
+pub(super) fn notification(t: u64, q: u64, size: usize) -> String {
+    let mut rng = fastrand::Rng::with_seed(q.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ t);
+    let words = |rng: &mut fastrand::Rng, n: usize| -> String {
+        (0..n)
+            .map(|_| WORDS[rng.usize(..WORDS.len())])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut s = format!(
+        "{{\"t\":{t},\"q\":{q},\"type\":\"{}.{}\",\"id\":\"n_{:016x}\",\
+         \"user\":{{\"id\":{},\"name\":\"{}\",\"locale\":\"en-GB\"}},\
+         \"title\":\"{}\",\"body\":\"{}\",\"ts\":{},\"items\":[",
+        WORDS[rng.usize(..WORDS.len())],
+        WORDS[rng.usize(..WORDS.len())],
+        rng.u64(..),
+        rng.u32(1..10_000_000),
+        NAMES[rng.usize(..NAMES.len())],
+        words(&mut rng, 5),
+        words(&mut rng, 24),
+        1_764_800_000 + rng.u32(..1_000_000),
+    );
+    let mut first = true;
+    while s.len() + 120 < size {
+        if !first {
+            s.push(',');
+        }
+        first = false;
+        s.push_str(&format!(
+            "{{\"sku\":\"SKU-{:06}\",\"name\":\"{}\",\"qty\":{},\"price\":{}.{:02}}}",
+            rng.u32(..1_000_000),
+            words(&mut rng, 3),
+            rng.u8(1..9),
+            rng.u16(1..500),
+            rng.u8(..100),
+        ));
+    }
+    s.push_str("]}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_is_json_of_about_its_size_and_differs_each_time() {
+        let a = notification(123, 0, 1500);
+        let b = notification(124, 1, 1500);
+        assert_ne!(a, b);
+        for n in [&a, &b] {
+            let v: serde_json::Value = serde_json::from_str(n).unwrap();
+            assert!((1300..=1600).contains(&n.len()), "{}", n.len());
+            assert!(v["items"].as_array().unwrap().len() >= 5, "{v}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert_eq!((v["t"].as_u64(), v["q"].as_u64()), (Some(123), Some(0)));
+        // The worker's readers find the stamp and number in it.
+        assert_eq!(super::super::frames::stamp(a.as_bytes()), Some(123));
+        assert_eq!(super::super::frames::seq(b.as_bytes()), Some(1));
+        // Small sizes still give a whole object.
+        serde_json::from_str::<serde_json::Value>(&notification(1, 2, 10)).unwrap();
     }
 }

@@ -56,6 +56,15 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
         waited.as_secs_f64()
     );
     out!(
+        "wire        {:.0} bytes per delivery as read by the subscribers{}",
+        tally.wire_bytes as f64 / tally.received.max(1) as f64,
+        if args.deflate {
+            " (permessage-deflate offered)"
+        } else {
+            ""
+        }
+    );
+    out!(
         "latency ms  p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         tally.ms(0.5),
         tally.ms(0.99),
@@ -89,6 +98,8 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
             "closes": tally.closes, "errors": tally.errors, "publisher_errors": pub_errors,
             "out_of_order": tally.out_of_order, "missing": tally.missing,
             "reconnects": tally.reconnects, "unrecovered": tally.unrecovered,
+            "deflate": args.deflate, "json": args.json,
+            "wire_bytes_per_delivery": (tally.wire_bytes as f64 / tally.received.max(1) as f64).round(),
             "recovery_p50_ms": tally.recovery_us.value_at_quantile(0.5) as f64 / 1000.0,
             "recovery_p99_ms": tally.recovery_us.value_at_quantile(0.99) as f64 / 1000.0,
         })

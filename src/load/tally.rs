@@ -33,6 +33,9 @@ pub(super) struct Tally {
     /// From dropping the connection to the `ok` of the resubscription
     /// (its replay included), µs.
     pub(super) recovery_us: Histogram<u64>,
+    /// Bytes the subscribers read off their sockets (frames as sent, so
+    /// compressed ones count compressed).
+    pub(super) wire_bytes: u64,
 }
 
 impl Tally {
@@ -48,6 +51,7 @@ impl Tally {
             reconnects: 0,
             unrecovered: 0,
             recovery_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+            wire_bytes: 0,
         })
     }
 
@@ -71,6 +75,7 @@ impl Tally {
             "reconnects": self.reconnects,
             "unrecovered": self.unrecovered,
             "recovery_us": pairs(&self.recovery_us),
+            "wire_bytes": self.wire_bytes,
         })
         .to_string()
     }
@@ -82,6 +87,7 @@ impl Tally {
         self.out_of_order += v["out_of_order"].as_u64().unwrap_or(0);
         self.missing += v["missing"].as_u64().unwrap_or(0);
         self.reconnects += v["reconnects"].as_u64().unwrap_or(0);
+        self.wire_bytes += v["wire_bytes"].as_u64().unwrap_or(0);
         self.unrecovered += v["unrecovered"].as_u64().unwrap_or(0);
         for (hist, key) in [
             (&mut self.latency_us, "latency_us"),

@@ -64,6 +64,8 @@ struct Worker<'a> {
     last_progress: Instant,
     /// The next connection a churn tick drops.
     churn_next: usize,
+    /// The inflater for permessage-deflate messages (`--deflate`).
+    codec: super::client::Codec,
     /// The upgrade request, built once; each connection writes its own key
     /// at `key_at` before sending it.
     request: Vec<u8>,
@@ -135,7 +137,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<()> {
 
 impl<'a> Worker<'a> {
     fn new(args: &'a LoadArgs) -> anyhow::Result<Worker<'a>> {
-        let (request, key_at) = upgrade_request(args.target, args.token.as_deref());
+        let (request, key_at) = upgrade_request(args.target, args.token.as_deref(), args.deflate);
         Ok(Worker {
             args,
             epoll: sys::Epoll::new().context("creating the epoll instance")?,
@@ -155,6 +157,7 @@ impl<'a> Worker<'a> {
             request,
             key_at,
             churn_next: 0,
+            codec: Default::default(),
         })
     }
 
@@ -357,6 +360,7 @@ impl<'a> Worker<'a> {
             Err(_) => return self.on_eof(i),
         };
         let now = sys::monotonic_us();
+        self.tally.wire_bytes += n as u64;
         // Parse from the scratch buffer directly unless a partial frame waits.
         let mut buf = std::mem::take(&mut c.pending);
         let data: &[u8] = if buf.is_empty() {
@@ -372,6 +376,7 @@ impl<'a> Worker<'a> {
             &mut self.tally,
             &mut self.received_total,
             &self.topics,
+            &mut self.codec,
         );
         let rest = data.get(used..).unwrap_or_default();
         if !rest.is_empty() {
