@@ -2,7 +2,8 @@
 // connect, subscribe, receive; publish with ack and with a refusal; presence
 // refused while not built; token refresh before expiry; a refresh to another
 // user (4003) stops the client; browser offline/online; a frozen server is
-// found dead by the `ping` op.
+// found dead by the `ping` op; Chromium's permessage-deflate offer is taken:
+// a 2 KB message comes compressed, a 100 B one plain.
 import test from "node:test";
 import assert from "node:assert/strict";
 import { Harness, openTestPage, until, mintToken, SECRET, sleep } from "./support.js";
@@ -51,6 +52,32 @@ test("a refused publish rejects with the server's error; presence rejects while 
   assert.ok([4000, 4004, 4403].includes(pres.error.code), JSON.stringify(pres));
   const ping = await page.evaluate(() => t.call("a", "ping"));
   assert.deepEqual(ping, { value: null });
+});
+
+/** The value of an unlabelled counter on the server's /metrics. */
+async function counter(name) {
+  const text = await (await fetch(`http://${server.admin}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
+  assert.ok(line, `${name} is not in /metrics`);
+  return Number(line.split(" ")[1]);
+}
+
+test("Chromium negotiates permessage-deflate: a 2 KB message arrives compressed, a 100 B one plain", async () => {
+  // Chromium always offers the extension; the server takes it by default.
+  const before = await counter("ringcast_messages_compressed_total");
+  const words = "price update for your watched item in stock again ".repeat(40).slice(0, 2000);
+  const big = await page.evaluate((w) => t.publish("a", "news", { big: w }), words);
+  assert.match(big.mid, /^\d+-\d+$/, JSON.stringify(big));
+  await until(h, page, () => t.received["a/news"].length === 2, null, { what: "the 2 KB message" });
+  assert.equal(await counter("ringcast_messages_compressed_total"), before + 1, "compressed once");
+  const small = await page.evaluate(() => t.publish("a", "news", { small: "x".repeat(80) }));
+  assert.match(small.mid, /^\d+-\d+$/, JSON.stringify(small));
+  await until(h, page, () => t.received["a/news"].length === 3, null, { what: "the 100 B message" });
+  assert.equal(await counter("ringcast_messages_compressed_total"), before + 1, "below the minimum size: plain");
+  const got = await page.evaluate(() => t.received["a/news"].slice(1).map((m) => m.data));
+  assert.deepEqual(got, [{ big: words }, { small: "x".repeat(80) }], "both intact in the page");
+  // What went on the wire for the 2 KB one was smaller than what it was.
+  assert.ok((await counter("ringcast_compression_bytes_out_total")) < (await counter("ringcast_compression_bytes_in_total")));
 });
 
 test("the token is refreshed before it expires: same connection, no 4001", async () => {
