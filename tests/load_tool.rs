@@ -306,6 +306,63 @@ fn a_step_that_loses_messages_is_not_sustained() {
 }
 
 #[test]
+fn idle_subscribers_with_tokens_of_their_own_each_get_a_message_first() {
+    const SECRET: &str = "load-tool-test-secret-0123456789abcdef";
+    let server = TestServer::start(&["--auth-hmac-secret", SECRET]);
+    let target = server.addr.to_string();
+    let pid = server.child.id().to_string();
+    // The tool reads the memory while the connections are held (--duration).
+    let probe = std::thread::spawn({
+        let admin = server.admin;
+        move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let text = common::http_request(admin, "GET", "/metrics", &[], "").1;
+                let subs = common::metric_in(&text, "ringcast_subscriptions_active").unwrap_or(0.0);
+                if subs >= 300.0 || std::time::Instant::now() > deadline {
+                    return (
+                        subs,
+                        common::metric_in(&text, "ringcast_messages_delivered_total"),
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    });
+    let r = &load(&[
+        "idle",
+        "--target",
+        &target,
+        "--connections",
+        "300",
+        "--server-pid",
+        &pid,
+        "--duration",
+        "3s",
+        "--subscribe",
+        "--token-secret",
+        SECRET,
+    ])[0];
+    assert_eq!(
+        (r["subscribed"].as_bool(), r["tokens"].as_bool()),
+        (Some(true), Some(true)),
+        "{r}"
+    );
+    assert!(
+        r["bytes_per_conn"].as_f64().expect("bytes_per_conn") > 0.0,
+        "{r}"
+    );
+    let (subs, _) = probe.join().expect("the probe");
+    assert_eq!(
+        subs, 300.0,
+        "every connection subscribed under its own token"
+    );
+    // One message each, before the measurement.
+    assert!(server.metric("ringcast_messages_delivered_total") >= 300.0);
+    assert_eq!(server.metric("ringcast_handshake_failures_total"), 0.0);
+}
+
+#[test]
 fn idle_and_connect_count_what_they_hold() {
     let server = TestServer::start(&[]);
     let target = server.addr.to_string();

@@ -131,6 +131,17 @@ pub struct LoadArgs {
     /// How long to wait after publishing for every message to land.
     #[arg(long, default_value = "5s")]
     pub settle: HumanDuration,
+    /// Idle: each connection subscribes (to its topic, as in `topics`) and
+    /// receives one message before the server's memory is read: what an
+    /// idle subscriber costs, not a bare connection.
+    #[arg(long)]
+    pub subscribe: bool,
+    /// Each connection gets a token of its own, HS256 with this secret (the
+    /// server's `--auth-hmac-secret`): user `user-NNNNNNNN`, `subs` its
+    /// topic patterns and a `news.#`, `pubs` its topic; the publishers get
+    /// one allowed every topic. What real users' tokens look like.
+    #[arg(long, hide_env_values = true)]
+    pub token_secret: Option<String>,
     /// Offer permessage-deflate (as browsers do) and inflate what comes
     /// compressed; `wire_bytes_per_delivery` then tells what it saved.
     #[arg(long)]
@@ -195,6 +206,9 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         return worker::run(args);
     }
     let mut args = args.clone();
+    if let (Some(secret), None) = (&args.token_secret, &args.token) {
+        args.token = Some(publisher_token(secret));
+    }
     let needed = args.connections.div_ceil(PER_SOURCE_IP).clamp(1, 254) as u8;
     args.source_ips = args.source_ips.max(needed);
     watchdog(args.timeout.0);
@@ -205,6 +219,35 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
         Scenario::Connect => connect(&args),
         Scenario::Worker => unreachable!("handled above"),
     }
+}
+
+/// The token of connection `global` under `--token-secret`: its own user,
+/// the patterns a real subscriber's token carries. Every token of a run
+/// has the same length (fixed-width user, one `exp`), so a worker writes
+/// each one into the same upgrade request.
+pub(super) fn connection_token(secret: &str, topic: &str, global: usize, exp: u64) -> String {
+    let claims = crate::auth::Claims {
+        sub: format!("user-{global:08}"),
+        exp,
+        subs: vec![
+            topic.to_string(),
+            format!("{topic}.*"),
+            "news.#".to_string(),
+        ],
+        pubs: vec![topic.to_string()],
+    };
+    crate::auth::mint_hmac_for(secret.as_bytes(), &claims, None, None)
+}
+
+/// The publishers' token under `--token-secret`: every topic.
+fn publisher_token(secret: &str) -> String {
+    let claims = crate::auth::Claims {
+        sub: "load-publisher".to_string(),
+        exp: crate::auth::now_secs() + 86_400,
+        subs: Vec::new(),
+        pubs: vec!["#".to_string()],
+    };
+    crate::auth::mint_hmac_for(secret.as_bytes(), &claims, None, None)
 }
 
 /// Ends the process past `--timeout`; the workers see their stdin close and exit too.

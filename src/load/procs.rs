@@ -57,6 +57,9 @@ impl Workers {
             if args.deflate {
                 cmd.arg("--deflate");
             }
+            if let Some(secret) = &args.token_secret {
+                cmd.args(["--token-secret", secret]);
+            }
             let mut child = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -233,7 +233,24 @@ pub(super) fn idle(args: &LoadArgs) -> anyhow::Result<()> {
         .context("idle needs --server-pid to read the server's memory")?;
     let before = rss_bytes(pid).context("cannot read the server's /proc status")?;
     let (kmem_before, slab_before) = (tcp_mem_pages().unwrap_or(0), slab_bytes().unwrap_or(0));
-    let (workers, connect_s, n) = start_workers(args, false)?;
+    let (mut workers, connect_s, n) = start_workers(args, args.subscribe)?;
+    if args.subscribe {
+        // One message to every subscriber: a real idle subscriber has had some.
+        let names = topic_names(args);
+        let subs = subscribers_per_topic(args.connections, names.len());
+        let mut pubs = Publishers::connect(args, names.len())?;
+        let mut once = args.clone();
+        // T msg/s round-robin over T topics: one each by 1 s (a few get a
+        // second one by 1.2 s, when the publisher stops).
+        once.duration = crate::config::HumanDuration(Duration::from_millis(1200));
+        let sent = pubs.run(&names, names.len() as f64, &once)?;
+        let expected = expected(&sent, &subs);
+        workers.settle(expected, args.settle.0)?;
+        let got = workers.received()?;
+        if expected < args.connections as u64 || got < expected {
+            anyhow::bail!("idle --subscribe: {got} of {expected} subscribers got their message");
+        }
+    }
     // Let the server settle (allocator, lazy structures), then measure.
     std::thread::sleep(Duration::from_secs(2));
     let after = rss_bytes(pid).context("cannot read the server's /proc status")?;
@@ -253,6 +270,8 @@ pub(super) fn idle(args: &LoadArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "scenario": "idle", "connections": n, "connect_s": connect_s, "rss_before": before,
+            "subscribed": args.subscribe, "tokens": args.token_secret.is_some() || args.token.is_some(),
+            "deflate": args.deflate,
             "rss_after": after, "bytes_per_conn": per_conn.round(),
             "kernel_tcp_bytes_per_conn": kernel_tcp.round(), "kernel_slab_bytes_per_conn": kernel_slab.round(),
         })

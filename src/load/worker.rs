@@ -70,6 +70,9 @@ struct Worker<'a> {
     /// at `key_at` before sending it.
     request: Vec<u8>,
     key_at: usize,
+    /// `--token-secret`: where the token is in `request`, its length, and
+    /// the `exp` of every token of this run.
+    token_at: Option<(usize, usize, u64)>,
 }
 
 /// Runs a worker process (`ringcast load worker ...`, started by the parent).
@@ -137,7 +140,22 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<()> {
 
 impl<'a> Worker<'a> {
     fn new(args: &'a LoadArgs) -> anyhow::Result<Worker<'a>> {
-        let (request, key_at) = upgrade_request(args.target, args.token.as_deref(), args.deflate);
+        // With --token-secret every connection writes its own token over
+        // the first one's (all are the same length).
+        let exp = crate::auth::now_secs() + 86_400;
+        let first = args
+            .token_secret
+            .as_deref()
+            .map(|secret| super::connection_token(secret, &args.topic, args.worker_first, exp));
+        let token = first.as_deref().or(args.token.as_deref());
+        let (request, key_at) = upgrade_request(args.target, token, args.deflate);
+        let token_at = first.as_ref().map(|t| {
+            let at = request
+                .windows(t.len())
+                .position(|w| w == t.as_bytes())
+                .unwrap_or(0);
+            (at, t.len(), exp)
+        });
         Ok(Worker {
             args,
             epoll: sys::Epoll::new().context("creating the epoll instance")?,
@@ -156,6 +174,7 @@ impl<'a> Worker<'a> {
             last_progress: Instant::now(),
             request,
             key_at,
+            token_at,
             churn_next: 0,
             codec: Default::default(),
         })
@@ -337,6 +356,17 @@ impl<'a> Worker<'a> {
             bail!("connecting to {}: {e}", self.args.target);
         }
         self.request[self.key_at..self.key_at + c.key.len()].copy_from_slice(&c.key);
+        if let (Some((at, len, exp)), Some(secret)) = (self.token_at, &self.args.token_secret) {
+            let token =
+                super::connection_token(secret, &self.args.topic, self.args.worker_first + i, exp);
+            if token.len() != len {
+                bail!(
+                    "connection {i}'s token is {} bytes, the first one's {len}",
+                    token.len()
+                );
+            }
+            self.request[at..at + len].copy_from_slice(token.as_bytes());
+        }
         match sys::send(fd, &self.request) {
             Ok(n) if n == self.request.len() => {}
             Ok(_) => bail!("the upgrade request did not fit an empty socket"),
