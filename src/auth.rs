@@ -113,6 +113,70 @@ impl Pattern {
     }
 }
 
+/// What a token allows: its `subs` and `pubs` patterns, parsed. The
+/// connections whose tokens carry the same patterns share one
+/// ([`GrantsCache`]): users differ, their roles mostly do not.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Grants {
+    subs: Vec<Pattern>,
+    pubs: Vec<Pattern>,
+}
+
+impl Grants {
+    fn parse(subs: &[String], pubs: &[String]) -> Result<Grants, AuthError> {
+        let parse = |list: &[String], which| -> Result<Vec<Pattern>, AuthError> {
+            list.iter()
+                .map(|p| Pattern::parse(p).ok_or(AuthError::Pattern(which)))
+                .collect()
+        };
+        Ok(Grants {
+            subs: parse(subs, "subs")?,
+            pubs: parse(pubs, "pubs")?,
+        })
+    }
+}
+
+/// A token's `subs` and `pubs`, as written.
+type PatternText = (Vec<String>, Vec<String>);
+
+/// The [`Grants`] of the tokens one shard has verified, by their patterns'
+/// text, held weakly: an entry lives as long as a connection holds it.
+/// Shard-local, so no lock; swept of dead entries as it grows.
+#[derive(Debug, Default)]
+pub struct GrantsCache {
+    map: std::cell::RefCell<std::collections::HashMap<PatternText, std::sync::Weak<Grants>>>,
+    /// Entries after the last sweep; the next one comes at twice that.
+    swept_at: std::cell::Cell<usize>,
+}
+
+impl GrantsCache {
+    /// The shared grants of these patterns, parsed the first time.
+    fn get(&self, subs: Vec<String>, pubs: Vec<String>) -> Result<Arc<Grants>, AuthError> {
+        let mut map = self.map.borrow_mut();
+        let key = (subs, pubs);
+        if let Some(live) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(live);
+        }
+        let grants = Arc::new(Grants::parse(&key.0, &key.1)?);
+        map.insert(key, Arc::downgrade(&grants));
+        if map.len() >= 2 * self.swept_at.get().max(64) {
+            map.retain(|_, g| g.strong_count() > 0);
+            self.swept_at.set(map.len());
+        }
+        Ok(grants)
+    }
+
+    /// Distinct pattern sets held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    /// True when it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
 /// A verified client: who it is, until when, and what it may do.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -120,8 +184,7 @@ pub struct Identity {
     pub user: Arc<str>,
     /// `exp`, seconds since the Unix epoch; `u64::MAX` for anonymous.
     pub expires_at: u64,
-    subs: Vec<Pattern>,
-    pubs: Vec<Pattern>,
+    grants: Arc<Grants>,
     /// A client without a token, admitted only to anonymous namespaces.
     guest: bool,
 }
@@ -133,8 +196,10 @@ impl Identity {
         Identity {
             user: Arc::from(""),
             expires_at: u64::MAX,
-            subs: Vec::new(),
-            pubs: Vec::new(),
+            grants: Arc::new(Grants {
+                subs: Vec::new(),
+                pubs: Vec::new(),
+            }),
             guest: true,
         }
     }
@@ -150,20 +215,22 @@ impl Identity {
         Identity {
             user: Arc::from(""),
             expires_at: u64::MAX,
-            subs: vec![Pattern(all.clone())],
-            pubs: vec![Pattern(all)],
+            grants: Arc::new(Grants {
+                subs: vec![Pattern(all.clone())],
+                pubs: vec![Pattern(all)],
+            }),
             guest: false,
         }
     }
 
     /// Whether this client may subscribe to `topic`.
     pub fn may_subscribe(&self, topic: &str) -> bool {
-        self.subs.iter().any(|p| p.matches(topic))
+        self.grants.subs.iter().any(|p| p.matches(topic))
     }
 
     /// Whether this client may publish to `topic`.
     pub fn may_publish(&self, topic: &str) -> bool {
-        self.pubs.iter().any(|p| p.matches(topic))
+        self.grants.pubs.iter().any(|p| p.matches(topic))
     }
 }
 
@@ -324,6 +391,12 @@ impl Verifier {
 
     /// Checks a token and returns who it is for and what it allows.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_shared(token, &GrantsCache::default())
+    }
+
+    /// [`Verifier::verify`], the grants shared through `cache` with every
+    /// connection whose token carries the same patterns.
+    pub fn verify_shared(&self, token: &str, cache: &GrantsCache) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token"))?;
@@ -356,16 +429,10 @@ impl Verifier {
                 _ => AuthError::Invalid("malformed token"),
             })?;
         let c = data.claims;
-        let parse = |list: &[String], which| -> Result<Vec<Pattern>, AuthError> {
-            list.iter()
-                .map(|p| Pattern::parse(p).ok_or(AuthError::Pattern(which)))
-                .collect()
-        };
         Ok(Identity {
             user: Arc::from(c.sub.as_str()),
             expires_at: c.exp,
-            subs: parse(&c.subs, "subs")?,
-            pubs: parse(&c.pubs, "pubs")?,
+            grants: cache.get(c.subs, c.pubs)?,
             guest: false,
         })
     }
@@ -467,6 +534,46 @@ mod tests {
         for bad in ["", "a..b", "#.a", "a*", "a.#b", "a.", ":"] {
             assert!(Pattern::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tokens_with_the_same_patterns_share_their_grants() {
+        let v = Verifier::hmac(b"secret", None, None);
+        let cache = GrantsCache::default();
+        let token = |sub: &str, subs: &[&str]| {
+            mint_hmac(
+                b"secret",
+                &Claims {
+                    sub: sub.into(),
+                    exp: now_secs() + 60,
+                    subs: subs.iter().map(|s| s.to_string()).collect(),
+                    pubs: vec!["news".into()],
+                },
+            )
+        };
+        let a = v
+            .verify_shared(&token("ann", &["news", "chat:*"]), &cache)
+            .unwrap();
+        let b = v
+            .verify_shared(&token("bob", &["news", "chat:*"]), &cache)
+            .unwrap();
+        let c = v.verify_shared(&token("cy", &["news"]), &cache).unwrap();
+        assert!(Arc::ptr_eq(&a.grants, &b.grants), "same patterns, one copy");
+        assert!(!Arc::ptr_eq(&a.grants, &c.grants));
+        assert_eq!((&*a.user, &*b.user), ("ann", "bob"));
+        assert!(b.may_subscribe("chat:7") && !c.may_subscribe("chat:7"));
+        assert_eq!(cache.len(), 2);
+        // Held weakly: once nobody holds them, a growing cache sweeps them.
+        drop((a, b, c));
+        for i in 0..200 {
+            let _ = v
+                .verify_shared(&token("u", &[&format!("t{i}")]), &cache)
+                .unwrap();
+        }
+        assert!(cache.len() < 200, "{} entries kept", cache.len());
+        // A bad pattern is still refused, shared or not.
+        let bad = v.verify_shared(&token("x", &["a..b"]), &cache);
+        assert!(matches!(bad, Err(AuthError::Pattern("subs"))), "{bad:?}");
     }
 
     fn claims(exp: u64) -> Claims {

@@ -97,6 +97,9 @@ pub(crate) struct Shard {
     pub(crate) metrics: Arc<ShardMetrics>,
     /// Token verification; `None`: anonymous clients may do everything.
     pub(crate) auth: Option<Arc<crate::auth::Verifier>>,
+    /// The grants (patterns) of this shard's verified tokens, shared by
+    /// every connection whose token carries the same ones.
+    pub(crate) grants: crate::auth::GrantsCache,
     /// The identity every anonymous client shares.
     pub(crate) anonymous: Rc<crate::auth::Identity>,
     /// The identity of clients without a token in anonymous namespaces.

@@ -127,7 +127,7 @@ pub(super) fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
         return shard.close(conn, Close::AuthenticateFirst);
     };
     let Some(verifier) = &shard.auth else { return };
-    match verifier.verify(&token) {
+    match verifier.verify_shared(&token, &shard.grants) {
         Ok(identity) => {
             *conn.identity.borrow_mut() = Some(Rc::new(identity));
             super::upgrade::welcome(shard, conn);
@@ -148,7 +148,7 @@ pub(super) fn refresh_auth(
         let reason = "this server accepts anonymous clients: there is no token to refresh";
         return shard.queue(conn, encode_error(id, code::BAD_REQUEST, reason));
     };
-    match verifier.verify(token) {
+    match verifier.verify_shared(token, &shard.grants) {
         Ok(fresh) if fresh.user != current.user && !current.is_guest() => {
             shard.close(conn, Close::AnotherUser);
         }

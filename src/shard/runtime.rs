@@ -103,6 +103,7 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         broker: setup.broker,
         metrics: setup.metrics,
         auth: setup.auth,
+        grants: crate::auth::GrantsCache::default(),
         anonymous: Rc::new(crate::auth::Identity::anonymous()),
         guest: Rc::new(crate::auth::Identity::guest()),
         namespaces: setup.namespaces,

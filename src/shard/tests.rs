@@ -102,6 +102,7 @@ impl Harness {
             broker: broker.clone(),
             metrics,
             auth: None,
+            grants: crate::auth::GrantsCache::default(),
             anonymous: Rc::new(crate::auth::Identity::anonymous()),
             guest: Rc::new(crate::auth::Identity::guest()),
             namespaces,

@@ -155,7 +155,7 @@ pub(super) fn accept(
     };
     match query_token(req.query.as_deref()) {
         // Checked before the upgrade: a bad token never gets a WebSocket.
-        Some(token) => match verifier.verify(token) {
+        Some(token) => match verifier.verify_shared(token, &shard.grants) {
             Ok(id) => Ok((protocol, Some(Rc::new(id)))),
             Err(e) => Err(HandshakeError::Unauthorized { reason: e.reason() }),
         },
