@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,16 +17,9 @@ use serde_json::json;
 
 static HEALTH_TOPIC: AtomicU64 = AtomicU64::new(0);
 
-/// A TCP connection to `server` from source address `from` (every 127/8
-/// address reaches a loopback listener), sending nothing yet.
+/// A TCP connection to `server` from source address `from`, sending nothing yet.
 fn tcp_from(from: &str, server: &TestServer) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let src: SocketAddr = SocketAddr::new(from.parse().unwrap(), 0);
-    sock.bind(&src.into()).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
+    raw::connect_from(from, server.addr)
 }
 
 /// Sends the upgrade request on `s` and reads the welcome; on refusal,

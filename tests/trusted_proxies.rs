@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{raw, TestServer};
@@ -29,13 +29,7 @@ fn server() -> TestServer {
 
 /// A TCP connection to `server` from source address `from`.
 fn tcp_from(from: &str, server: &TestServer) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let src: SocketAddr = SocketAddr::new(from.parse().unwrap(), 0);
-    sock.bind(&src.into()).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
+    raw::connect_from(from, server.addr)
 }
 
 /// The upgrade request with `extra` header lines (each ending in CRLF).

@@ -495,6 +495,7 @@ mod tests {
     use crate::id::ConnId;
     use crate::id::ReplyTo;
     use crate::metrics::ShardMetrics;
+    use crate::namespace::Namespaces;
 
     /// One shard's part, driven directly.
     fn broker(size: usize, ttl: Duration) -> (Log, Inbox) {
@@ -782,16 +783,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_topic_goes_only_to_the_shards_that_announced_it_until_they_withdraw() {
+    /// The bus of two shards, their inboxes, no namespaces, and a
+    /// retention of 10 messages for a minute.
+    fn two_inboxes() -> (Bus, [Inbox; 2], Namespaces, Retention) {
         let (tx0, rx0) = inbox(Arc::new(ShardMetrics::default()));
         let (tx1, rx1) = inbox(Arc::new(ShardMetrics::default()));
-        let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
+        let none = Namespaces::from_config(&[]).unwrap();
         let retention = Retention {
             size: 10,
             ttl: Duration::from_secs(60),
         };
-        let mut b = Log::new(Bus::new(vec![tx0, tx1]), mint_epoch(), retention, &none);
+        (Bus::new(vec![tx0, tx1]), [rx0, rx1], none, retention)
+    }
+
+    #[test]
+    fn a_topic_goes_only_to_the_shards_that_announced_it_until_they_withdraw() {
+        let (bus, [rx0, rx1], none, retention) = two_inboxes();
+        let mut b = Log::new(bus, mint_epoch(), retention, &none);
         let on_shard_1 = ReplyTo {
             shard: ShardId(1),
             conn: ConnId(7),
@@ -828,14 +836,8 @@ mod tests {
 
     /// A broker over two shards (inboxes `rx`), a topic each shard keeps.
     fn two_shards() -> (MemoryBroker, [Inbox; 2], [TopicName; 2]) {
-        let (tx0, rx0) = inbox(Arc::new(ShardMetrics::default()));
-        let (tx1, rx1) = inbox(Arc::new(ShardMetrics::default()));
-        let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
-        let retention = Retention {
-            size: 10,
-            ttl: Duration::from_secs(60),
-        };
-        let b = MemoryBroker::start(Bus::new(vec![tx0, tx1]), retention, &none).unwrap();
+        let (bus, [rx0, rx1], none, retention) = two_inboxes();
+        let b = MemoryBroker::start(bus, retention, &none).unwrap();
         let kept_by = |shard: u16| {
             (0..)
                 .map(|i| topic(&format!("t{i}")))

@@ -322,6 +322,19 @@ impl Drop for TestServer {
 pub mod raw {
     use super::*;
 
+    /// A TCP connection to `addr` from source address `from` (every 127/8
+    /// address reaches a loopback listener), sending nothing yet.
+    pub fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let src: SocketAddr = SocketAddr::new(from.parse().unwrap(), 0);
+        sock.bind(&src.into()).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
     pub const UPGRADE: &str =
         "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";

@@ -155,13 +155,7 @@ fn client_address_reaches_the_node(proxy: &Proxy, a: &TestServer, b: &TestServer
     use std::io::{Read, Write};
     let url = proxy.url("");
     let hostport = url.trim_start_matches("ws://").split('/').next().unwrap();
-    let addr: std::net::SocketAddr = hostport.parse().unwrap();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let src: std::net::SocketAddr = "127.0.0.3:0".parse().unwrap();
-    sock.bind(&src.into()).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let mut s: std::net::TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = crate::common::raw::connect_from("127.0.0.3", hostport.parse().unwrap());
     let request = format!(
         "GET /ws?token={} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
