@@ -65,13 +65,17 @@ pub struct Agreed {
     /// The largest window the client takes for our messages (its
     /// `server_max_window_bits`, else 15).
     pub server_window_bits: u8,
+    /// Whether the offer named `server_max_window_bits`: the answer must
+    /// then carry it, even at 15 (RFC 7692 §7.1.2.1; Python `websockets`
+    /// fails the handshake without it).
+    pub server_window_offered: bool,
 }
 
 impl Agreed {
     /// The `Sec-WebSocket-Extensions` answer.
     pub fn response(&self) -> String {
         let mut s = format!("{EXTENSION}; server_no_context_takeover; client_no_context_takeover");
-        if self.server_window_bits < 15 {
+        if self.server_window_offered || self.server_window_bits < 15 {
             s.push_str(&format!(
                 "; server_max_window_bits={}",
                 self.server_window_bits
@@ -131,6 +135,7 @@ pub fn negotiate(headers: &[&str], user_agent: Option<&str>, enabled: bool) -> N
 fn parse_params<'a>(params: impl Iterator<Item = &'a str>) -> Result<Agreed, Decline> {
     let mut seen = [false; 4];
     let mut server_window_bits = 15;
+    let mut server_window_offered = false;
     for p in params {
         let (key, value) = match p.split_once('=') {
             Some((k, v)) => (k.trim(), Some(unquote(v.trim())?)),
@@ -144,6 +149,7 @@ fn parse_params<'a>(params: impl Iterator<Item = &'a str>) -> Result<Agreed, Dec
             "client_no_context_takeover" => 1,
             "server_max_window_bits" => {
                 server_window_bits = window_bits(value.ok_or(Decline::Malformed)?)?;
+                server_window_offered = true;
                 2
             }
             "client_max_window_bits" => {
@@ -161,7 +167,10 @@ fn parse_params<'a>(params: impl Iterator<Item = &'a str>) -> Result<Agreed, Dec
             return Err(Decline::Malformed);
         }
     }
-    Ok(Agreed { server_window_bits })
+    Ok(Agreed {
+        server_window_bits,
+        server_window_offered,
+    })
 }
 
 /// A window size: 1*DIGIT in 8..=15, no leading zero (RFC 7692 §7.1.2).
@@ -388,6 +397,31 @@ mod tests {
         assert_eq!(a.server_window_bits, 10);
         assert!(a.response().ends_with("; server_max_window_bits=10"));
         assert!(a.fits(1024) && !a.fits(1025));
+    }
+
+    #[test]
+    fn an_offered_server_window_is_always_answered_even_at_15() {
+        // RFC 7692 §7.1.2.1: the server accepts the parameter by answering
+        // it; Python `websockets` refuses an answer that leaves it out.
+        for (offer, answer) in [
+            ("permessage-deflate; server_max_window_bits=15", Some(15)),
+            (
+                "permessage-deflate; server_max_window_bits=\"15\"",
+                Some(15),
+            ),
+            ("permessage-deflate; server_max_window_bits=9", Some(9)),
+            ("permessage-deflate", None),
+        ] {
+            let a = agreed(&[offer]).agreed.unwrap();
+            let want = answer.map_or(String::new(), |n| format!("; server_max_window_bits={n}"));
+            assert_eq!(
+                a.response(),
+                format!(
+                    "{EXTENSION}; server_no_context_takeover; client_no_context_takeover{want}"
+                ),
+                "{offer}"
+            );
+        }
     }
 
     #[test]
