@@ -1,5 +1,6 @@
 //! Shared by the `fuzz_*` test files: the proptest configuration (bounded,
-//! reproducible) and the seed corpus under `tests/corpus/<target>/`.
+//! reproducible), the seed corpus under `tests/corpus/<target>/`, and
+//! [`inflate`], a reference DEFLATE decoder.
 //!
 //! Runs are reproducible: the RNG seed is fixed unless `PROPTEST_RNG_SEED` is
 //! set, and failures are not persisted (a minimized failing input goes into
@@ -11,6 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use proptest::test_runner::{Config, RngSeed};
+
+pub mod inflate;
 
 /// The seed used when `PROPTEST_RNG_SEED` is not set.
 const SEED: u64 = 0x7269_6e67_6361_7374; // "ringcast"
