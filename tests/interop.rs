@@ -1,10 +1,15 @@
-//! Interop with an independent, strict client: the Python `websockets`
+//! Interop with independent, strict clients: the Python `websockets`
 //! package drives two subscribers and a publisher through
-//! `tests/interop/websockets_client.py` (its docstring lists the checks).
-//! Without python3 or `websockets` the test fails, naming `tests/run`.
+//! `tests/interop/websockets_client.py`, and Node's `ws` (pinned in
+//! clients/js) a subscriber and a publisher with permessage-deflate through
+//! `tests/interop/ws_deflate_client.mjs` (each script's opening comment
+//! lists its checks). Without python3 and `websockets`, or node, the test
+//! fails, naming `tests/run`; `ws` is installed with `npm ci` in clients/js
+//! when it is missing.
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -48,4 +53,84 @@ fn python_websockets_client() {
             server.log()
         ),
     }
+}
+
+/// `npm ci` is given this long to install clients/js's dev dependencies.
+const NPM_LIMIT: Duration = Duration::from_secs(180);
+
+/// Installs clients/js's pinned dev dependencies (`ws` among them) when
+/// they are missing, as `tests/run` does before the JS tests.
+fn install_node_ws(js: &Path) {
+    if js.join("node_modules/ws/package.json").exists() {
+        return;
+    }
+    external::require(
+        "npm",
+        &["--version"],
+        "the Node interop test installs `ws` (clients/js/package.json) with npm",
+    );
+    let log = std::env::temp_dir().join(format!("ringcast-npm-ci-{}.log", std::process::id()));
+    let outcome = external::run_bounded(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(js),
+        NPM_LIMIT,
+        &log,
+    );
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match outcome {
+        Outcome::Exited(status) if status.success() => {}
+        Outcome::Exited(status) => panic!("npm ci in {} {status}:\n{output}", js.display()),
+        Outcome::TimedOut => panic!(
+            "npm ci in {} still running after {NPM_LIMIT:?}",
+            js.display()
+        ),
+    }
+    assert!(
+        js.join("node_modules/ws/package.json").exists(),
+        "npm ci did not install ws:\n{output}"
+    );
+}
+
+#[test]
+fn node_ws_client_with_compression() {
+    external::require(
+        "node",
+        &["--version"],
+        "the Node interop test needs Node.js 20 or later (node)",
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    install_node_ws(&root.join("clients/js"));
+    let server = TestServer::start(&[]);
+    let script = root.join("tests/interop/ws_deflate_client.mjs");
+    let log = server.stderr_path.with_extension("node.log");
+    let started = Instant::now();
+    let outcome = external::run_bounded(
+        Command::new("node").arg(&script).arg(server.url()),
+        LIMIT,
+        &log,
+    );
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match outcome {
+        Outcome::Exited(status) if status.success() => {
+            println!("{} in {:?}", output.trim(), started.elapsed());
+        }
+        Outcome::Exited(status) => panic!(
+            "ws_deflate_client.mjs {status}:\n{output}\n--- server log ---\n{}",
+            server.log()
+        ),
+        Outcome::TimedOut => panic!(
+            "ws_deflate_client.mjs still running after {LIMIT:?}, killed:\n{output}\n--- server log ---\n{}",
+            server.log()
+        ),
+    }
+    // The server's side of it: the large and the fragmented message went
+    // out compressed (each once, on the subscriber's shard).
+    assert_eq!(
+        server.metric("ringcast_messages_compressed_total"),
+        2.0,
+        "{output}"
+    );
 }
