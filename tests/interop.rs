@@ -31,28 +31,11 @@ fn python_websockets_client() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/interop/websockets_client.py"
     );
-    let log = server.stderr_path.with_extension("python.log");
-    let started = Instant::now();
-    let outcome = external::run_bounded(
+    run_client(
+        &server,
+        "websockets_client.py",
         Command::new("python3").args([script, &server.url()]),
-        LIMIT,
-        &log,
     );
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    match outcome {
-        Outcome::Exited(status) if status.success() => {
-            println!("{} in {:?}", output.trim(), started.elapsed());
-        }
-        Outcome::Exited(status) => panic!(
-            "websockets_client.py {status}:\n{output}\n--- server log ---\n{}",
-            server.log()
-        ),
-        Outcome::TimedOut => panic!(
-            "websockets_client.py still running after {LIMIT:?}, killed:\n{output}\n--- server log ---\n{}",
-            server.log()
-        ),
-    }
 }
 
 /// `npm ci` is given this long to install clients/js's dev dependencies.
@@ -104,28 +87,11 @@ fn node_ws_client_with_compression() {
     install_node_ws(&root.join("clients/js"));
     let server = TestServer::start(&[]);
     let script = root.join("tests/interop/ws_deflate_client.mjs");
-    let log = server.stderr_path.with_extension("node.log");
-    let started = Instant::now();
-    let outcome = external::run_bounded(
+    let output = run_client(
+        &server,
+        "ws_deflate_client.mjs",
         Command::new("node").arg(&script).arg(server.url()),
-        LIMIT,
-        &log,
     );
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    match outcome {
-        Outcome::Exited(status) if status.success() => {
-            println!("{} in {:?}", output.trim(), started.elapsed());
-        }
-        Outcome::Exited(status) => panic!(
-            "ws_deflate_client.mjs {status}:\n{output}\n--- server log ---\n{}",
-            server.log()
-        ),
-        Outcome::TimedOut => panic!(
-            "ws_deflate_client.mjs still running after {LIMIT:?}, killed:\n{output}\n--- server log ---\n{}",
-            server.log()
-        ),
-    }
     // The server's side of it: the large and the fragmented message went
     // out compressed (each once, on the subscriber's shard).
     assert_eq!(
@@ -133,4 +99,28 @@ fn node_ws_client_with_compression() {
         2.0,
         "{output}"
     );
+}
+
+/// Runs an interop client against `server` within [`LIMIT`]; fails the test
+/// with its output and the server's log unless it exits 0; returns the output.
+fn run_client(server: &TestServer, name: &str, cmd: &mut Command) -> String {
+    let log = server.stderr_path.with_extension(format!("{name}.log"));
+    let started = Instant::now();
+    let outcome = external::run_bounded(cmd, LIMIT, &log);
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match outcome {
+        Outcome::Exited(status) if status.success() => {
+            println!("{} in {:?}", output.trim(), started.elapsed());
+            output
+        }
+        Outcome::Exited(status) => panic!(
+            "{name} {status}:\n{output}\n--- server log ---\n{}",
+            server.log()
+        ),
+        Outcome::TimedOut => panic!(
+            "{name} still running after {LIMIT:?}, killed:\n{output}\n--- server log ---\n{}",
+            server.log()
+        ),
+    }
 }
