@@ -246,10 +246,11 @@ fn on_text(
     total: &mut u64,
     topics: &[String],
 ) -> Option<Outcome> {
-    match c.state {
+    // Read once: every delivery comes through here.
+    let stamped = stamp(payload);
+    match (c.state, stamped) {
         // A message, live or (before the `ok`) replayed.
-        State::Open | State::Subscribing if stamp(payload).is_some() => {
-            let sent = stamp(payload).unwrap_or(now);
+        (State::Open | State::Subscribing, Some(sent)) => {
             if in_order(&mut c.next_seq, seq(payload), tally) {
                 let _ = tally.latency_us.record(now.saturating_sub(sent).max(1));
                 tally.received += 1;
@@ -260,7 +261,7 @@ fn on_text(
             }
             None
         }
-        State::Open => {
+        (State::Open, _) => {
             if has_op(payload, "error") {
                 *tally
                     .errors
@@ -271,7 +272,7 @@ fn on_text(
             }
             None
         }
-        State::Welcome if has_op(payload, "welcome") => {
+        (State::Welcome, _) if has_op(payload, "welcome") => {
             match c.topic.and_then(|t| topics.get(t)) {
                 Some(topic) => {
                     let frame = c.sub_frame(topic);
@@ -284,7 +285,7 @@ fn on_text(
             }
             None
         }
-        State::Subscribing if has_op(payload, "ok") => {
+        (State::Subscribing, _) if has_op(payload, "ok") => {
             if let Some(last) = str_field(payload, b"\"last\":\"") {
                 c.set_pos(last);
             }
