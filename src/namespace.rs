@@ -30,6 +30,53 @@ pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     /// How long they are kept (embedded broker); default: `history_ttl`.
     pub history_ttl: Option<HumanDuration>,
+    /// What a subscriber too slow for its `--outbound-queue` loses on this
+    /// namespace's topics: `close` (default), `conflate` or `drop_oldest`
+    /// ([`SlowConsumer`]). Read as text so a wrong value is reported with
+    /// the table's name.
+    pub slow_consumer: Option<String>,
+}
+
+/// What a subscriber whose outbound queue is full loses on a namespace's
+/// topics (the namespace's `slow_consumer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumer {
+    /// The connection is closed with 4009 and recovers with `since`
+    /// (every message or none: for event-like topics). The default.
+    #[default]
+    Close,
+    /// A `msg` still queued is replaced in place by the topic's next one:
+    /// the subscriber converges to the newest state and is not closed for
+    /// slowness (for state-like topics: prices, scores, positions).
+    Conflate,
+    /// The oldest queued `msg` frames of the namespace are dropped to make
+    /// room, and the connection is told which ids it lost (`lost`), once
+    /// per episode; it is not closed for slowness.
+    DropOldest,
+}
+
+impl SlowConsumer {
+    /// Every value, as written in the config file.
+    pub const NAMES: [&'static str; 3] = ["close", "conflate", "drop_oldest"];
+
+    /// The value of a `slow_consumer` setting; `None` when it is none of [`Self::NAMES`].
+    pub fn parse(s: &str) -> Option<SlowConsumer> {
+        match s {
+            "close" => Some(SlowConsumer::Close),
+            "conflate" => Some(SlowConsumer::Conflate),
+            "drop_oldest" => Some(SlowConsumer::DropOldest),
+            _ => None,
+        }
+    }
+
+    /// The name the config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlowConsumer::Close => "close",
+            SlowConsumer::Conflate => "conflate",
+            SlowConsumer::DropOldest => "drop_oldest",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -51,6 +98,8 @@ pub struct Namespace {
     pub history_size: Option<usize>,
     /// Retention override, age.
     pub history_ttl: Option<Duration>,
+    /// See [`NamespaceConfig::slow_consumer`].
+    pub slow_consumer: SlowConsumer,
 }
 
 impl Namespace {
@@ -62,6 +111,7 @@ impl Namespace {
             anonymous: false,
             history_size: None,
             history_ttl: None,
+            slow_consumer: SlowConsumer::Close,
         }
     }
 }
@@ -103,6 +153,18 @@ impl Namespaces {
                     t.name
                 ));
             }
+            let slow_consumer = match t.slow_consumer.as_deref() {
+                None => SlowConsumer::Close,
+                Some(v) => SlowConsumer::parse(v).unwrap_or_else(|| {
+                    errs.push(format!(
+                        "namespaces.{}: slow_consumer {:?} must be one of {}",
+                        t.name,
+                        v.chars().take(32).collect::<String>(),
+                        SlowConsumer::NAMES.join(", ")
+                    ));
+                    SlowConsumer::Close
+                }),
+            };
             list.push(Namespace {
                 name: t.name.clone(),
                 presence: t.presence,
@@ -110,6 +172,7 @@ impl Namespaces {
                 anonymous: t.anonymous,
                 history_size: t.history_size,
                 history_ttl: t.history_ttl.map(|d| d.0),
+                slow_consumer,
             });
         }
         if !errs.is_empty() {
@@ -155,6 +218,7 @@ mod tests {
             anonymous: false,
             history_size: None,
             history_ttl: None,
+            slow_consumer: None,
         }
     }
 
@@ -175,5 +239,35 @@ mod tests {
         let errs = Namespaces::from_config(&[table("a:b"), table("x"), table("x")]).unwrap_err();
         assert!(errs[0].contains("\"a:b\""), "{errs:?}");
         assert!(errs[1].contains("configured twice"), "{errs:?}");
+    }
+
+    #[test]
+    fn slow_consumer_is_one_of_three_and_a_wrong_one_names_its_table() {
+        let with = |name: &str, v: Option<&str>| NamespaceConfig {
+            slow_consumer: v.map(Into::into),
+            ..table(name)
+        };
+        let ns = Namespaces::from_config(&[
+            with("a", None),
+            with("b", Some("close")),
+            with("c", Some("conflate")),
+            with("d", Some("drop_oldest")),
+        ])
+        .unwrap();
+        let policy = |t: &str| ns.of(t).unwrap().slow_consumer;
+        assert_eq!(policy("a:1"), SlowConsumer::Close);
+        assert_eq!(policy("b:1"), SlowConsumer::Close);
+        assert_eq!(policy("c:1"), SlowConsumer::Conflate);
+        assert_eq!(policy("d:1"), SlowConsumer::DropOldest);
+        for bad in ["Conflate", "drop-oldest", "", &"x".repeat(1000)] {
+            let errs = Namespaces::from_config(&[with("prices", Some(bad))]).unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with("namespaces.prices: slow_consumer")
+                    && errs[0].ends_with("must be one of close, conflate, drop_oldest")
+                    && errs[0].len() < 160,
+                "{errs:?}"
+            );
+        }
     }
 }

@@ -483,6 +483,28 @@ pub fn encode_msg(topic: &TopicName, id: MsgId, event: Option<&str>, data: &str)
     frame.freeze()
 }
 
+/// `{"op":"lost","topic":T,"from":ID,"to":ID}` (v1.2): a connection on a
+/// `drop_oldest` namespace did not get the topic's messages `from` to `to`
+/// (both included); a client that needs them resubscribes with `since`.
+pub fn encode_lost(topic: &TopicName, from: MsgId, to: MsgId) -> Bytes {
+    text_frame(&format!(
+        "{{\"op\":\"lost\",\"topic\":\"{}\",\"from\":\"{from}\",\"to\":\"{to}\"}}",
+        topic.as_str()
+    ))
+}
+
+/// The longest a message id is as text: two u64 and a dash.
+pub const MAX_ID_TEXT: usize = 20 + 1 + 20;
+
+/// The largest frame [`encode_lost`] makes for `topic`, whatever the ids:
+/// what the outbound queue reserves for a notice before it drops frames.
+pub fn lost_frame_max(topic: &TopicName) -> usize {
+    // `{"op":"lost","topic":"` `","from":"` `","to":"` `"}`.
+    let body = 22 + topic.as_str().len() + 10 + MAX_ID_TEXT + 8 + MAX_ID_TEXT + 2;
+    // RFC 6455 section 5.2: 2 header bytes up to 125, 4 up to 65535.
+    body + if body <= 125 { 2 } else { 4 }
+}
+
 /// `{"op":"welcome",...}`, the first frame after the upgrade.
 pub fn encode_welcome(conn: &str, node: &str, heartbeat_secs: u64) -> Bytes {
     let mut s = String::from("{\"op\":\"welcome\",\"conn\":");
@@ -765,6 +787,25 @@ mod tests {
         );
         let refused = payload(&encode_topic_error(Some(3), 4403, &t, "no"));
         assert_eq!(refused["id"], 3);
+    }
+
+    #[test]
+    fn a_lost_notice_names_the_topic_and_both_ids_and_fits_its_reserve() {
+        let t = TopicName::new("ticks:eur").unwrap();
+        let f = encode_lost(&t, MsgId { ms: 5, seq: 0 }, MsgId { ms: 9, seq: 2 });
+        assert_eq!(
+            payload(&f),
+            serde_json::json!({"op":"lost","topic":"ticks:eur","from":"5-0","to":"9-2"})
+        );
+        let max = MsgId {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        };
+        for len in [1, 40, 60, 255] {
+            let t = TopicName::new(&"t".repeat(len)).unwrap();
+            assert_eq!(encode_lost(&t, max, max).len(), lost_frame_max(&t), "{len}");
+            assert!(encode_lost(&t, MsgId { ms: 1, seq: 0 }, max).len() <= lost_frame_max(&t));
+        }
     }
 
     #[test]

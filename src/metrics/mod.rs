@@ -36,15 +36,23 @@ pub enum Undelivered {
     /// A replay that would not fit the subscriber's outbound queue: none of
     /// it is sent, the `sub` is answered `recovered:false`.
     ReplayTooLarge,
+    /// Replaced in a subscriber's queue by its topic's newer message
+    /// (`slow_consumer = "conflate"`).
+    Conflated,
+    /// Dropped from a full queue to make room for newer messages
+    /// (`slow_consumer = "drop_oldest"`); the subscriber is told (`lost`).
+    DroppedOldest,
 }
 
 impl Undelivered {
-    pub(crate) const ALL: [Undelivered; 5] = [
+    pub(crate) const ALL: [Undelivered; 7] = [
         Undelivered::SlowConsumer,
         Undelivered::ConnectionClosed,
         Undelivered::ShardInboxFull,
         Undelivered::ShardGone,
         Undelivered::ReplayTooLarge,
+        Undelivered::Conflated,
+        Undelivered::DroppedOldest,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -54,6 +62,8 @@ impl Undelivered {
             Undelivered::ShardInboxFull => "shard_inbox_full",
             Undelivered::ShardGone => "shard_gone",
             Undelivered::ReplayTooLarge => "replay_too_large",
+            Undelivered::Conflated => "conflated",
+            Undelivered::DroppedOldest => "dropped_oldest",
         }
     }
 }
@@ -163,7 +173,7 @@ pub struct ShardMetrics {
     pub compression_bytes_out: AtomicU64,
     /// Declined permessage-deflate offers, by `ws::deflate::Decline`.
     pub(crate) deflate_declined: [AtomicU64; 4],
-    pub(crate) dropped: [AtomicU64; 5],
+    pub(crate) dropped: [AtomicU64; Undelivered::ALL.len()],
     pub(crate) disconnects: [AtomicU64; 9],
     pub(crate) handshake_failures: [AtomicU64; 9],
 }

@@ -10,7 +10,6 @@
 //! also wait for EPOLLOUT.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -28,6 +27,8 @@ use crate::sys;
 use crate::topic::TopicName;
 use crate::ws::frame::Decoder;
 
+pub(crate) use super::queue::OutQueue;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -39,17 +40,6 @@ pub(crate) enum Phase {
     Closing,
     /// The socket is shut; the shard is about to forget the connection.
     Closed,
-}
-
-/// The outbound queue: shared frames waiting for the socket. The counts
-/// are 32-bit (`outbound_queue` is at most 1 GiB; a frame is far smaller).
-#[derive(Debug, Default)]
-pub(super) struct OutQueue {
-    pub(super) frames: VecDeque<Bytes>,
-    /// Bytes of the front frame already written.
-    pub(super) offset: u32,
-    /// Unwritten bytes in the queue.
-    pub(super) bytes: u32,
 }
 
 /// `Sub::slot` of a subscription asked of the broker and not yet answered.
@@ -301,7 +291,7 @@ impl Conn {
         // An idle connection keeps no queue storage either.
         let mut out = self.out.borrow_mut();
         if out.frames.capacity() > 0 {
-            out.frames = VecDeque::new();
+            out.frames = Default::default();
         }
         drop(out);
         match self.after_flush.get() {
@@ -316,28 +306,29 @@ impl Conn {
         if self.phase.get() == Phase::Closed {
             return false;
         }
-        let mut out = self.out.borrow_mut();
-        out.bytes = out
-            .bytes
-            .saturating_add(u32::try_from(frame.len()).unwrap_or(u32::MAX));
-        out.frames.push_back(frame);
+        self.out.borrow_mut().push(frame);
         !self.dirty.replace(true)
     }
 
+    /// Queues a `msg` frame under its topic's policy (see
+    /// [`OutQueue::push_msg`]); with the verdict, whether the connection
+    /// just became dirty.
+    pub(crate) fn push_msg(
+        &self,
+        frame: Bytes,
+        tag: Option<&Rc<super::queue::Tag>>,
+        id: crate::id::MsgId,
+        bound: usize,
+    ) -> (super::queue::Pushed, bool) {
+        let pushed = self.out.borrow_mut().push_msg(frame, tag, id, bound);
+        let dirty = pushed != super::queue::Pushed::Full && !self.dirty.replace(true);
+        (pushed, dirty)
+    }
+
     /// Drops every frame not yet started (a slow consumer about to be
-    /// closed); a half-written front frame stays so the stream stays valid.
-    /// Returns how many were dropped.
+    /// closed); returns how many were dropped.
     pub(crate) fn discard_unsent(&self) -> u64 {
-        let mut out = self.out.borrow_mut();
-        let keep = usize::from(out.offset > 0);
-        let dropped = out.frames.len().saturating_sub(keep);
-        out.frames.truncate(keep);
-        let left = out
-            .frames
-            .front()
-            .map_or(0, |f| f.len() - out.offset as usize);
-        out.bytes = left as u32;
-        dropped as u64
+        self.out.borrow_mut().discard_unsent()
     }
 }
 
@@ -411,7 +402,7 @@ impl OutQueue {
     /// returns how many slices it filled.
     fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for (slot, (i, frame)) in iov.iter_mut().zip(self.frames.iter().enumerate()) {
+        for (slot, (i, frame)) in iov.iter_mut().zip(self.frames().enumerate()) {
             let part = if i == 0 {
                 frame.get(self.offset as usize..).unwrap_or_default()
             } else {
@@ -421,25 +412,6 @@ impl OutQueue {
             n += 1;
         }
         n
-    }
-
-    /// Forgets `n` written bytes from the front.
-    pub(super) fn consume(&mut self, mut n: usize) {
-        // The kernel wrote at most what was queued, which fits 32 bits.
-        self.bytes = self.bytes.saturating_sub(n as u32);
-        while n > 0 {
-            let Some(front) = self.frames.front() else {
-                break;
-            };
-            let left = front.len() - self.offset as usize;
-            if n < left {
-                self.offset += n as u32;
-                return;
-            }
-            n -= left;
-            self.offset = 0;
-            self.frames.pop_front();
-        }
     }
 }
 

@@ -19,7 +19,7 @@ impl Shard {
     pub(super) fn handle(&self, msg: ShardMsg) {
         match msg {
             ShardMsg::Deliver { topic, id, frame } => {
-                if self.deliver(&topic, &frame) {
+                if self.deliver(&topic, id, &frame) {
                     self.metrics.delivered_after(id.ms);
                 }
             }
@@ -156,8 +156,10 @@ impl Shard {
     /// Queues one shared `msg` frame to every local subscriber of `topic`;
     /// returns whether the topic had any here. Subscribers past their queue
     /// bound are closed after the topic index is released: closing never
-    /// runs under its borrow.
-    pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) -> bool {
+    /// runs under its borrow. The namespace's `slow_consumer` policy comes
+    /// with the index entry ([`super::topics::Local::tag`]), looked up once
+    /// per topic, not per message.
+    pub(super) fn deliver(&self, topic: &TopicName, id: crate::id::MsgId, frame: &Bytes) -> bool {
         let mut slow = Vec::new();
         {
             let topics = self.topics.borrow();
@@ -176,7 +178,7 @@ impl Shard {
                         _ => frame,
                     },
                 };
-                if !self.queue_msg_or_defer(conn, chosen) {
+                if !self.queue_msg_or_defer(conn, chosen, local.tag.as_ref(), id) {
                     slow.push(conn.clone());
                 }
             }

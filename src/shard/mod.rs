@@ -18,6 +18,8 @@
 //! - `topics.rs`: the topic index and its announcement to the broker side;
 //! - `inbox.rs`: what other threads send (deliveries, broker answers);
 //! - `sweep.rs`: deadlines, heartbeats and the drain;
+//! - `queue.rs`: one connection's outbound queue, and the namespace's
+//!   `slow_consumer` policy when it is full (close, conflate, drop_oldest);
 //! - this file: the `Shard` itself and its outbound queues: every frame a
 //!   connection gets is queued here, within the connection's bound, and
 //!   written by `Shard::flush_dirty` with one vectored write each.
@@ -27,6 +29,7 @@ mod conn;
 mod inbox;
 mod input;
 mod ops;
+pub mod queue;
 mod rate;
 mod runtime;
 mod sweep;
@@ -199,21 +202,41 @@ impl Shard {
     }
 
     /// [`Shard::queue_msg`] for a delivery loop that holds the topic
-    /// index: a subscriber past its bound is counted here and left for the
-    /// caller to [`Shard::overflow`] once the index is released. Returns
-    /// false for such a subscriber.
-    pub(super) fn queue_msg_or_defer(&self, conn: &Rc<Conn>, frame: &Bytes) -> bool {
+    /// index, under the topic's `slow_consumer` policy (`tag`; `None`:
+    /// `close`). What the policy drops is counted under its reason; a
+    /// subscriber past its bound that the policy cannot help is counted
+    /// here and left for the caller to [`Shard::overflow`] once the index
+    /// is released. Returns false for such a subscriber.
+    pub(super) fn queue_msg_or_defer(
+        &self,
+        conn: &Rc<Conn>,
+        frame: &Bytes,
+        tag: Option<&Rc<queue::Tag>>,
+        id: crate::id::MsgId,
+    ) -> bool {
+        use queue::Pushed;
         if conn.phase() != Phase::Open {
             self.metrics.dropped(Undelivered::ConnectionClosed);
-        } else if self.fits(conn, frame) {
-            self.queue_unbounded(conn, frame.clone());
-            self.metrics
-                .messages_delivered
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            self.metrics.dropped(Undelivered::SlowConsumer);
-            return false;
+            return true;
         }
+        let (pushed, dirty) = conn.push_msg(frame.clone(), tag, id, self.config.outbound_queue);
+        if dirty {
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+        match pushed {
+            Pushed::Full => {
+                self.metrics.dropped(Undelivered::SlowConsumer);
+                return false;
+            }
+            Pushed::Queued => {}
+            Pushed::Conflated => self.metrics.dropped(Undelivered::Conflated),
+            Pushed::DroppedOldest(n) => self
+                .metrics
+                .dropped_n(Undelivered::DroppedOldest, u64::from(n)),
+        }
+        self.metrics
+            .messages_delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
     }
 

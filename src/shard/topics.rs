@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::conn::Conn;
+use super::queue::Tag;
 use super::Shard;
 use crate::topic::TopicName;
 
@@ -20,7 +21,15 @@ impl Shard {
         let mut new = false;
         let local = topics.entry(topic.clone()).or_insert_with(|| {
             new = true;
-            Local::default()
+            let policy = self
+                .namespaces
+                .of(topic.as_str())
+                .map(|n| n.slow_consumer)
+                .unwrap_or_default();
+            Local {
+                tag: Tag::new(topic, policy),
+                ..Local::default()
+            }
         });
         local.pending += 1;
         drop(topics);
@@ -111,6 +120,9 @@ impl Shard {
 pub(crate) struct Local {
     pub(super) live: Vec<Rc<Conn>>,
     pub(super) pending: u32,
+    /// The namespace's `slow_consumer` policy for this topic's messages
+    /// (`None`: `close`), shared by every queue that holds one.
+    pub(super) tag: Option<Rc<Tag>>,
 }
 
 impl Local {

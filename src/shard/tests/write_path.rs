@@ -45,11 +45,11 @@ impl Sink for Pipe {
 
 /// A queue holding `frames`, as `Conn::push` leaves it.
 fn queue_of(frames: &[Bytes]) -> OutQueue {
-    OutQueue {
-        frames: frames.iter().cloned().collect(),
-        offset: 0,
-        bytes: frames.iter().map(|f| f.len() as u32).sum(),
+    let mut q = OutQueue::default();
+    for f in frames {
+        q.push(f.clone());
     }
+    q
 }
 
 #[test]

@@ -1,0 +1,348 @@
+//! One connection's outbound queue and what it does when it is full: the
+//! namespace's `slow_consumer` policy (docs/PROTOCOL.md section 3, v1.2).
+//!
+//! Every queued frame is an entry: the shared frame bytes, and for a `msg`
+//! of a `conflate` or `drop_oldest` namespace a [`Tag`] naming its topic
+//! and policy (one `Rc` per topic per shard, so tagging is a non-atomic
+//! increment) and the message id. Replies, control frames, replays and the
+//! messages of `close` namespaces carry no tag and are never replaced or
+//! dropped here. An idle connection's queue holds no storage at all.
+//!
+//! Invariants: the unwritten bytes never exceed the bound the caller
+//! passes, except for what [`OutQueue::push`] adds (close frames, HTTP
+//! answers); the front entry, once partly written, is never touched, so the
+//! stream stays valid; ids of one topic leave the queue in order.
+//!
+//! Public (not re-exported) so `benches/conflate.rs` measures this code.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::id::MsgId;
+use crate::namespace::SlowConsumer;
+use crate::protocol::{encode_lost, lost_frame_max, MAX_ID_TEXT};
+use crate::topic::TopicName;
+
+/// The topic and policy of queued `msg` frames: one per topic per shard,
+/// shared by every queue that holds its messages.
+#[derive(Debug)]
+pub struct Tag {
+    topic: TopicName,
+    policy: SlowConsumer,
+    /// A `lost` notice, not a `msg`: never dropped, updated while unwritten.
+    notice: bool,
+}
+
+impl Tag {
+    /// The tag for `topic`'s messages; `None` under `close`, whose
+    /// messages need none.
+    pub fn new(topic: &TopicName, policy: SlowConsumer) -> Option<Rc<Tag>> {
+        (policy != SlowConsumer::Close).then(|| {
+            Rc::new(Tag {
+                topic: topic.clone(),
+                policy,
+                notice: false,
+            })
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
+    /// Whether a message tagged `self` may be dropped to make room for one
+    /// tagged `newer`: both `drop_oldest`, in the same namespace.
+    fn yields_to(&self, newer: &Tag) -> bool {
+        !self.notice
+            && self.policy == SlowConsumer::DropOldest
+            && self.topic.namespace() == newer.topic.namespace()
+    }
+}
+
+/// One queued frame.
+#[derive(Debug)]
+pub struct Queued {
+    /// The frame as written (plain or compressed).
+    pub(crate) frame: Bytes,
+    /// Set on `msg` frames of `conflate` / `drop_oldest` topics and on
+    /// `lost` notices.
+    tag: Option<Rc<Tag>>,
+    /// The message id (tagged `msg`), or the first lost id (a notice).
+    id: MsgId,
+}
+
+impl Queued {
+    fn plain(frame: Bytes) -> Queued {
+        Queued {
+            frame,
+            tag: None,
+            id: MsgId { ms: 0, seq: 0 },
+        }
+    }
+}
+
+/// What [`OutQueue::push_msg`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Appended within the bound.
+    Queued,
+    /// An older unwritten `msg` of the topic was replaced in place (`conflate`).
+    Conflated,
+    /// Appended after dropping this many older `msg` frames of the namespace (`drop_oldest`).
+    DroppedOldest(u32),
+    /// Nothing was changed: it does not fit, and the policy allows nothing
+    /// else. The connection is a slow consumer (closed with 4009).
+    Full,
+}
+
+/// The outbound queue: shared frames waiting for the socket. The counts
+/// are 32-bit (`outbound_queue` is at most 1 GiB; a frame is far smaller).
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    pub(crate) frames: VecDeque<Queued>,
+    /// Bytes of the front frame already written.
+    pub(crate) offset: u32,
+    /// Unwritten bytes in the queue.
+    pub(crate) bytes: u32,
+}
+
+/// A topic's drops in one [`OutQueue::push_msg`] under `drop_oldest`.
+struct Episode {
+    tag: Rc<Tag>,
+    /// Index of its first dropped frame: where a new notice goes.
+    first: usize,
+    from: MsgId,
+    to: MsgId,
+    /// Index of its unwritten notice of an earlier push, if any.
+    notice: Option<usize>,
+}
+
+impl OutQueue {
+    /// Unwritten bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes as usize
+    }
+
+    /// Frames queued (the front one may be partly written).
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The queued frames, front first.
+    pub fn frames(&self) -> impl Iterator<Item = &Bytes> {
+        self.frames.iter().map(|q| &q.frame)
+    }
+
+    /// Appends a frame whatever the bound (replies and control frames are
+    /// bounded by the caller, close frames and HTTP answers need none).
+    pub fn push(&mut self, frame: Bytes) {
+        self.add(frame.len());
+        self.frames.push_back(Queued::plain(frame));
+    }
+
+    /// Queues a `msg` frame of a topic tagged `tag` (`None`: a `close`
+    /// namespace, or a replay) within `bound` bytes, as its policy says.
+    pub fn push_msg(
+        &mut self,
+        frame: Bytes,
+        tag: Option<&Rc<Tag>>,
+        id: MsgId,
+        bound: usize,
+    ) -> Pushed {
+        match tag {
+            Some(t) if t.policy == SlowConsumer::Conflate => self.conflate(frame, t, id, bound),
+            Some(t) if !self.fits(&frame, bound) => self.drop_oldest(frame, t, id, bound),
+            _ if !self.fits(&frame, bound) => Pushed::Full,
+            _ => self.append(frame, tag, id),
+        }
+    }
+
+    fn append(&mut self, frame: Bytes, tag: Option<&Rc<Tag>>, id: MsgId) -> Pushed {
+        self.add(frame.len());
+        self.frames.push_back(Queued {
+            frame,
+            tag: tag.cloned(),
+            id,
+        });
+        Pushed::Queued
+    }
+
+    fn fits(&self, frame: &Bytes, bound: usize) -> bool {
+        self.bytes as usize + frame.len() <= bound
+    }
+
+    fn add(&mut self, n: usize) {
+        self.bytes = self
+            .bytes
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// The first entry nothing of which is written: a partly written front
+    /// frame is never replaced or dropped.
+    fn first_unstarted(&self) -> usize {
+        usize::from(self.offset > 0)
+    }
+
+    /// `conflate`: the topic's unwritten `msg`, if any, becomes this one in
+    /// place (order across topics kept); else it is appended. A queue holds
+    /// at most one per topic, so the scan is as long as the queue's other
+    /// frames.
+    fn conflate(&mut self, frame: Bytes, tag: &Rc<Tag>, id: MsgId, bound: usize) -> Pushed {
+        let start = self.first_unstarted();
+        let older = (start..self.frames.len()).rev().find(|&i| {
+            self.frames[i]
+                .tag
+                .as_ref()
+                .is_some_and(|t| Rc::ptr_eq(t, tag))
+        });
+        let Some(i) = older else {
+            if !self.fits(&frame, bound) {
+                return Pushed::Full;
+            }
+            return self.append(frame, Some(tag), id);
+        };
+        let bytes = self.bytes as usize - self.frames[i].frame.len() + frame.len();
+        if bytes > bound {
+            return Pushed::Full;
+        }
+        self.bytes = bytes as u32;
+        let entry = &mut self.frames[i];
+        entry.frame = frame;
+        entry.id = id;
+        Pushed::Conflated
+    }
+
+    /// `drop_oldest`: drops the oldest unwritten `msg` frames of the
+    /// namespace until this one fits, with room for one `lost` notice per
+    /// topic that lost any. A topic's notice takes the place of its first
+    /// dropped frame, or, when an unwritten one is queued already (the same
+    /// episode), that one's `to` moves on. When dropping every such frame
+    /// would not make room, nothing is changed ([`Pushed::Full`]).
+    fn drop_oldest(&mut self, frame: Bytes, tag: &Rc<Tag>, id: MsgId, bound: usize) -> Pushed {
+        let start = self.first_unstarted();
+        // What must go: the excess, plus what notices may add (reserved at
+        // their largest, so the bound holds whatever the ids' lengths).
+        let mut excess = self.bytes as usize + frame.len() - bound;
+        let mut freed = 0;
+        let mut drops = Vec::new();
+        let mut episodes: Vec<Episode> = Vec::new();
+        for i in start..self.frames.len() {
+            if freed >= excess {
+                break;
+            }
+            let entry = &self.frames[i];
+            let Some(t) = entry.tag.as_ref().filter(|t| t.yields_to(tag)) else {
+                continue;
+            };
+            if let Some(ep) = episodes.iter_mut().find(|e| Rc::ptr_eq(&e.tag, t)) {
+                ep.to = entry.id;
+            } else {
+                let notice = self.open_notice(&t.topic, start);
+                excess += match notice {
+                    // Only its `to` changes, and perhaps its header's length.
+                    Some(_) => MAX_ID_TEXT + 2,
+                    None => lost_frame_max(&t.topic),
+                };
+                episodes.push(Episode {
+                    tag: t.clone(),
+                    first: i,
+                    from: entry.id,
+                    to: entry.id,
+                    notice,
+                });
+            }
+            freed += entry.frame.len();
+            drops.push(i);
+        }
+        if freed < excess {
+            return Pushed::Full;
+        }
+        for &i in &drops {
+            self.frames[i] = Queued::plain(Bytes::new());
+        }
+        self.bytes -= freed as u32;
+        let dropped = drops.len() as u32;
+        for ep in episodes {
+            let (at, from) = match ep.notice {
+                Some(n) => (n, self.frames[n].id),
+                None => (ep.first, ep.from),
+            };
+            let notice = encode_lost(&ep.tag.topic, from, ep.to);
+            self.bytes -= self.frames[at].frame.len() as u32;
+            self.add(notice.len());
+            self.frames[at] = Queued {
+                frame: notice,
+                tag: Some(Rc::new(Tag {
+                    topic: ep.tag.topic.clone(),
+                    policy: SlowConsumer::DropOldest,
+                    notice: true,
+                })),
+                id: from,
+            };
+        }
+        // Dropped entries are the only empty frames (no frame is empty).
+        self.frames.retain(|q| !q.frame.is_empty());
+        self.add(frame.len());
+        self.frames.push_back(Queued {
+            frame,
+            tag: Some(tag.clone()),
+            id,
+        });
+        Pushed::DroppedOldest(dropped)
+    }
+
+    /// Where `topic`'s `lost` notice waits unwritten, if it does.
+    fn open_notice(&self, topic: &TopicName, start: usize) -> Option<usize> {
+        (start..self.frames.len()).find(|&i| {
+            self.frames[i]
+                .tag
+                .as_ref()
+                .is_some_and(|t| t.notice && t.topic == *topic)
+        })
+    }
+
+    /// Drops every frame not yet started (a slow consumer about to be
+    /// closed); a half-written front frame stays so the stream stays valid.
+    /// Returns how many were dropped.
+    pub fn discard_unsent(&mut self) -> u64 {
+        let keep = self.first_unstarted();
+        let dropped = self.frames.len().saturating_sub(keep);
+        self.frames.truncate(keep);
+        let left = self
+            .frames
+            .front()
+            .map_or(0, |f| f.frame.len() - self.offset as usize);
+        self.bytes = left as u32;
+        dropped as u64
+    }
+
+    /// Forgets `n` written bytes from the front.
+    pub fn consume(&mut self, mut n: usize) {
+        // The kernel wrote at most what was queued, which fits 32 bits.
+        self.bytes = self.bytes.saturating_sub(n as u32);
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let left = front.frame.len() - self.offset as usize;
+            if n < left {
+                self.offset += n as u32;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.frames.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! The queue's policies on their own: no shard, no socket. Frames are real
+//! `msg` frames; "written" is [`OutQueue::consume`], as after a write.
+
+use super::*;
+use crate::protocol::encode_msg;
+
+fn id(n: u64) -> MsgId {
+    MsgId { ms: n, seq: 0 }
+}
+
+fn topic(name: &str) -> TopicName {
+    TopicName::new(name).expect("a valid topic")
+}
+
+fn msg(t: &str, n: u64) -> Bytes {
+    encode_msg(&topic(t), id(n), None, &format!("\"{}\"", "x".repeat(90)))
+}
+
+/// What the queue holds, as `topic#id` for messages and
+/// `lost topic from..to` for notices.
+fn shown(q: &OutQueue) -> Vec<String> {
+    q.frames()
+        .map(|f| {
+            let v: serde_json::Value =
+                serde_json::from_slice(crate::ws::frame::server_payload(f).expect("a frame"))
+                    .expect("JSON");
+            match v["op"].as_str() {
+                Some("msg") => format!(
+                    "{}#{}",
+                    v["topic"].as_str().unwrap(),
+                    v["id"].as_str().unwrap()
+                ),
+                Some("lost") => format!(
+                    "lost {} {}..{}",
+                    v["topic"].as_str().unwrap(),
+                    v["from"].as_str().unwrap(),
+                    v["to"].as_str().unwrap()
+                ),
+                _ => v["op"].as_str().unwrap_or("?").to_string(),
+            }
+        })
+        .collect()
+}
+
+fn real_bytes(q: &OutQueue) -> usize {
+    q.frames().map(Bytes::len).sum::<usize>() - q.offset as usize
+}
+
+#[test]
+fn close_policy_appends_within_the_bound_and_refuses_past_it() {
+    let mut q = OutQueue::default();
+    let one = msg("a", 1).len();
+    let bound = 3 * one;
+    for n in 1..=3 {
+        assert_eq!(q.push_msg(msg("a", n), None, id(n), bound), Pushed::Queued);
+    }
+    assert_eq!(q.push_msg(msg("a", 4), None, id(4), bound), Pushed::Full);
+    assert_eq!(shown(&q), ["a#1-0", "a#2-0", "a#3-0"], "nothing changed");
+    assert_eq!(q.bytes(), bound);
+}
+
+#[test]
+fn conflate_keeps_the_newest_per_topic_in_place() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("p:a"), SlowConsumer::Conflate);
+    let b = Tag::new(&topic("p:b"), SlowConsumer::Conflate);
+    let bound = 1 << 20;
+    q.push(crate::protocol::encode_pong(Some(1)));
+    assert_eq!(
+        q.push_msg(msg("p:a", 1), a.as_ref(), id(1), bound),
+        Pushed::Queued
+    );
+    assert_eq!(
+        q.push_msg(msg("p:b", 2), b.as_ref(), id(2), bound),
+        Pushed::Queued
+    );
+    assert_eq!(q.push_msg(msg("c", 3), None, id(3), bound), Pushed::Queued);
+    assert_eq!(
+        q.push_msg(msg("p:a", 4), a.as_ref(), id(4), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(
+        q.push_msg(msg("p:a", 5), a.as_ref(), id(5), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(
+        q.push_msg(msg("p:b", 6), b.as_ref(), id(6), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(shown(&q), ["pong", "p:a#5-0", "p:b#6-0", "c#3-0"]);
+    assert_eq!(q.bytes(), real_bytes(&q));
+}
+
+#[test]
+fn conflate_never_touches_a_partly_written_front_frame() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("p:a"), SlowConsumer::Conflate);
+    let bound = 1 << 20;
+    q.push_msg(msg("p:a", 1), a.as_ref(), id(1), bound);
+    q.consume(10);
+    assert_eq!(
+        q.push_msg(msg("p:a", 2), a.as_ref(), id(2), bound),
+        Pushed::Queued
+    );
+    assert_eq!(
+        q.push_msg(msg("p:a", 3), a.as_ref(), id(3), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(shown(&q), ["p:a#1-0", "p:a#3-0"]);
+    assert_eq!(q.bytes(), real_bytes(&q));
+    // Not started at all, the front frame is still the topic's to replace.
+    let mut q = OutQueue::default();
+    q.push_msg(msg("p:a", 1), a.as_ref(), id(1), bound);
+    assert_eq!(
+        q.push_msg(msg("p:a", 2), a.as_ref(), id(2), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(shown(&q), ["p:a#2-0"]);
+}
+
+#[test]
+fn conflate_replaces_a_compressed_frame_like_a_plain_one_and_keeps_the_bound() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("p:a"), SlowConsumer::Conflate);
+    let small = crate::ws::frame::encode_compressed(crate::ws::frame::OpCode::Text, b"zzzz");
+    let bound = small.len() + 10;
+    assert_eq!(
+        q.push_msg(small.clone(), a.as_ref(), id(1), bound),
+        Pushed::Queued
+    );
+    assert_eq!(
+        q.push_msg(small.clone(), a.as_ref(), id(2), bound),
+        Pushed::Conflated
+    );
+    assert_eq!(q.bytes(), small.len());
+    // A newer one too large for the bound leaves the queue as it was.
+    assert_eq!(
+        q.push_msg(msg("p:a", 3), a.as_ref(), id(3), bound),
+        Pushed::Full
+    );
+    assert_eq!(q.bytes(), small.len());
+    assert_eq!(q.len(), 1);
+}
+
+#[test]
+fn drop_oldest_makes_room_and_leaves_one_notice_per_topic_and_episode() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("d:a"), SlowConsumer::DropOldest);
+    let b = Tag::new(&topic("d:b"), SlowConsumer::DropOldest);
+    let other = Tag::new(&topic("e:x"), SlowConsumer::DropOldest);
+    let one = msg("d:a", 1).len();
+    let bound = 8 * one;
+    q.push(crate::protocol::encode_pong(None));
+    q.push_msg(msg("e:x", 1), other.as_ref(), id(1), bound);
+    for n in 2..=7 {
+        let tag = if n % 2 == 0 { &a } else { &b };
+        let t = if n % 2 == 0 { "d:a" } else { "d:b" };
+        assert_eq!(
+            q.push_msg(msg(t, n), tag.as_ref(), id(n), bound),
+            Pushed::Queued
+        );
+    }
+    // Full: the next one drops the oldest of its namespace (d:a#2 and,
+    // for the notice's room, d:b#3), never the pong or e:x's message.
+    let pushed = q.push_msg(msg("d:a", 8), a.as_ref(), id(8), bound);
+    assert!(
+        matches!(pushed, Pushed::DroppedOldest(n) if n >= 1),
+        "{pushed:?}"
+    );
+    let now = shown(&q);
+    assert_eq!(&now[..2], ["pong", "e:x#1-0"]);
+    assert!(now[2].starts_with("lost d:a 2-0..2-0"), "{now:?}");
+    assert_eq!(now.last().unwrap(), "d:a#8-0");
+    assert!(q.bytes() <= bound && q.bytes() == real_bytes(&q));
+    // More in the same episode: the notice's range grows, no second notice.
+    for n in 9..=20 {
+        let tag = if n % 2 == 0 { &a } else { &b };
+        let t = if n % 2 == 0 { "d:a" } else { "d:b" };
+        assert!(matches!(
+            q.push_msg(msg(t, n), tag.as_ref(), id(n), bound),
+            Pushed::Queued | Pushed::DroppedOldest(_)
+        ));
+        assert!(q.bytes() <= bound && q.bytes() == real_bytes(&q));
+    }
+    let now = shown(&q);
+    let notices: Vec<_> = now.iter().filter(|s| s.starts_with("lost")).collect();
+    assert_eq!(notices.len(), 2, "one per topic: {now:?}");
+    // Every id is either still queued or inside its topic's lost range.
+    for (t, first) in [("d:a", 2u64), ("d:b", 3)] {
+        let lost = now
+            .iter()
+            .find(|s| s.starts_with(&format!("lost {t} ")))
+            .expect("a notice");
+        let range = lost.rsplit(' ').next().unwrap();
+        let (from, to) = range.split_once("..").unwrap();
+        assert_eq!(from, format!("{first}-0"));
+        let to: u64 = to.trim_end_matches("-0").parse().unwrap();
+        let queued: Vec<u64> = now
+            .iter()
+            .filter_map(|s| s.strip_prefix(&format!("{t}#")))
+            .map(|s| s.trim_end_matches("-0").parse().unwrap())
+            .collect();
+        assert_eq!(queued.first().copied(), Some(to + 2), "{t}: {now:?}");
+    }
+}
+
+#[test]
+fn a_written_notice_ends_the_episode() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("d:a"), SlowConsumer::DropOldest);
+    let bound = 4 * msg("d:a", 1).len();
+    for n in 1..=6 {
+        q.push_msg(msg("d:a", n), a.as_ref(), id(n), bound);
+    }
+    let notice = shown(&q)[0].clone();
+    assert!(notice.starts_with("lost d:a 1-0.."), "{notice}");
+    // The notice starts going out: the next drop is a new episode.
+    q.consume(5);
+    q.push_msg(msg("d:a", 7), a.as_ref(), id(7), bound);
+    q.push_msg(msg("d:a", 8), a.as_ref(), id(8), bound);
+    let now = shown(&q);
+    assert_eq!(now[0], notice, "the started notice is untouched");
+    assert_eq!(
+        now.iter().filter(|s| s.starts_with("lost")).count(),
+        2,
+        "{now:?}"
+    );
+    assert!(q.bytes() <= bound && q.bytes() == real_bytes(&q));
+}
+
+#[test]
+fn drop_oldest_refuses_when_nothing_of_its_namespace_can_go() {
+    let mut q = OutQueue::default();
+    let a = Tag::new(&topic("d:a"), SlowConsumer::DropOldest);
+    let bound = 2 * msg("d:a", 1).len();
+    q.push_msg(msg("x", 1), None, id(1), bound);
+    q.push_msg(msg("x", 2), None, id(2), bound);
+    assert_eq!(
+        q.push_msg(msg("d:a", 3), a.as_ref(), id(3), bound),
+        Pushed::Full
+    );
+    assert_eq!(shown(&q), ["x#1-0", "x#2-0"]);
+}
+
+#[test]
+fn discard_keeps_a_partly_written_front_frame() {
+    let mut q = OutQueue::default();
+    q.push(msg("a", 1));
+    q.push(msg("a", 2));
+    q.consume(3);
+    assert_eq!(q.discard_unsent(), 1);
+    assert_eq!(q.bytes(), msg("a", 1).len() - 3);
+}
