@@ -188,7 +188,7 @@ fn serve_with(table: &str, extra: &[&str]) -> (Option<i32>, String) {
 
 /// Each kind of invalid `[[namespaces]]` table, and the words that must
 /// name it in the error.
-const INVALID_TABLES: [(&str, &str); 5] = [
+const INVALID_TABLES: [(&str, &str); 6] = [
     (
         "[[namespaces]]\nname = \"chat\"\n[[namespaces]]\nname = \"chat\"\nallow_publish = false\n",
         "\"chat\" is configured twice",
@@ -202,6 +202,10 @@ const INVALID_TABLES: [(&str, &str); 5] = [
     (
         "[[namespaces]]\nname = \"chat\"\nhistory_size = 10000001\n",
         "namespaces.chat: history_size must be at most 10000000",
+    ),
+    (
+        "[[namespaces]]\nname = \"ticks\"\nslow_consumer = \"newest\"\n",
+        "namespaces.ticks: slow_consumer \"newest\" must be one of close, conflate, drop_oldest",
     ),
 ];
 
