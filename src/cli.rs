@@ -89,6 +89,15 @@ pub struct PublishArgs {
     /// An event name copied into the `msg` frame (--http and --redis).
     #[arg(long)]
     pub event: Option<String>,
+    /// An idempotency key (1 to 128 bytes): publishing again with the same
+    /// topic and key within the servers' --idempotency-window delivers
+    /// nothing new and prints the first publish's id, so a retry is safe.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// With --redis and --key: how long Redis remembers the key, as the
+    /// servers' --idempotency-window [default: 2m].
+    #[arg(long, env = "RINGCAST_IDEMPOTENCY_WINDOW", default_value = "2m")]
+    pub idempotency_window: crate::config::units::HumanDuration,
 }
 
 /// `ringcast subscribe`.
@@ -214,6 +223,10 @@ fn token(args: &TokenArgs) -> anyhow::Result<()> {
 
 fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     let data: serde_json::Value = serde_json::from_str(&args.data).context("--data is not JSON")?;
+    if let Some(k) = &args.key {
+        crate::protocol::check_key(k).map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+    }
+    let key = args.key.as_deref();
     if let Some(url) = &args.redis {
         crate::topic::TopicName::new(&args.topic).context("--topic")?;
         let settings = crate::broker::redis::Settings {
@@ -222,24 +235,33 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
             key_prefix: args.redis_key_prefix.clone(),
             maxlen: args.redis_maxlen,
             cache_size: 0,
+            idempotency_window: args.idempotency_window.0,
         };
         let mid = crate::broker::redis::publish_once(
             &settings,
             &args.topic,
             args.event.as_deref(),
             &data.to_string(),
+            key,
         )
         .context("publishing to Redis")?;
         println!("{mid}");
         return Ok(());
     }
     if let Some(base) = &args.http {
-        let key = args
+        let api_key = args
             .api_key
             .as_deref()
             .context("--http needs --api-key (or RINGCAST_ADMIN_API_KEY)")?;
-        let mid = crate::client::http_publish(base, key, &args.topic, args.event.as_deref(), &data)
-            .context("publishing over HTTP")?;
+        let mid = crate::client::http_publish(
+            base,
+            api_key,
+            &args.topic,
+            args.event.as_deref(),
+            &data,
+            key,
+        )
+        .context("publishing over HTTP")?;
         println!("{mid}");
         return Ok(());
     }
@@ -247,7 +269,9 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
         anyhow::bail!("--event needs --http or --redis: a client pub carries no event");
     }
     let mut client = crate::client::Client::connect(&args.url).context("connecting")?;
-    let mid = client.publish(&args.topic, &data).context("publishing")?;
+    let mid = client
+        .publish_keyed(&args.topic, &data, key)
+        .context("publishing")?;
     println!("{mid}");
     client.close();
     Ok(())

@@ -195,6 +195,8 @@ pub enum ClientOp<'a> {
         topic: TopicName,
         /// The payload, as the client wrote it.
         data: &'a RawValue,
+        /// (v1.2) The producer's idempotency key, checked ([`check_key`]).
+        key: Option<Cow<'a, str>>,
     },
     /// `ping`: answered with `pong`.
     Ping,
@@ -236,6 +238,8 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
 }
 
 /// Reads a field that is present, whatever its value (`null` included).
@@ -324,9 +328,13 @@ impl<'a> ClientOp<'a> {
             "pub" => {
                 let data = env.data.ok_or_else(|| bad("missing field: data".into()))?;
                 check_data(data.get()).map_err(|e| bad(format!("data: {e}")))?;
+                if let Some(k) = &env.key {
+                    check_key(k).map_err(|e| bad(format!("key: {e}")))?;
+                }
                 ClientOp::Pub {
                     topic: topic()?,
                     data,
+                    key: env.key.clone(),
                 }
             }
             "ping" => ClientOp::Ping,
@@ -344,6 +352,22 @@ impl<'a> ClientOp<'a> {
         };
         Ok((id, op))
     }
+}
+
+/// Longest idempotency `key` of a publish, in bytes (v1.2).
+pub const MAX_KEY_LEN: usize = 128;
+
+/// Checks an idempotency key: 1 to [`MAX_KEY_LEN`] bytes of UTF-8 (any
+/// characters: it is compared byte for byte, never shown). The error says
+/// which limit and the length.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "must be 1 to {MAX_KEY_LEN} bytes, is {}",
+            key.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Deepest nesting of arrays and objects accepted in `data`, so every
@@ -715,6 +739,67 @@ mod tests {
             "[0.5,\"1e400\"]",
         ] {
             assert_eq!(check_data(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_publish_key_is_1_to_128_bytes_of_a_string() {
+        let (_, op) =
+            ClientOp::parse(r#"{"op":"pub","topic":"a","data":1,"key":"order-7:shipped"}"#)
+                .unwrap();
+        assert!(matches!(op, ClientOp::Pub { key: Some(k), .. } if k == "order-7:shipped"));
+        let (_, op) = ClientOp::parse(r#"{"op":"pub","topic":"a","data":1}"#).unwrap();
+        assert!(matches!(op, ClientOp::Pub { key: None, .. }));
+        // Escapes count as the bytes they decode to.
+        let escaped = format!(
+            r#"{{"op":"pub","topic":"a","data":1,"key":"{}"}}"#,
+            "\\u00e9".repeat(64)
+        );
+        let (_, op) = ClientOp::parse(&escaped).unwrap();
+        assert!(matches!(op, ClientOp::Pub { key: Some(k), .. } if k.len() == 128));
+        let k129 = "k".repeat(129);
+        let huge = "k".repeat(1 << 20);
+        let cases = [
+            (
+                r#"{"id":3,"op":"pub","topic":"a","data":1,"key":""}"#.to_string(),
+                "key: must be 1 to 128 bytes, is 0",
+            ),
+            (
+                format!(r#"{{"id":3,"op":"pub","topic":"a","data":1,"key":"{k129}"}}"#),
+                "key: must be 1 to 128 bytes, is 129",
+            ),
+            (
+                format!(r#"{{"id":3,"op":"pub","topic":"a","data":1,"key":"{huge}"}}"#),
+                "key: must be 1 to 128 bytes, is 1048576",
+            ),
+            (
+                r#"{"id":3,"op":"pub","topic":"a","data":1,"key":7}"#.to_string(),
+                "invalid JSON request: invalid type: integer `7`",
+            ),
+            (
+                r#"{"id":3,"op":"pub","topic":"a","data":1,"key":null}"#.to_string(),
+                "",
+            ),
+            (
+                r#"{"id":3,"op":"pub","topic":"a","data":1,"key":["k"]}"#.to_string(),
+                "invalid JSON request: invalid type: sequence",
+            ),
+            (
+                r#"{"id":3,"op":"pub","topic":"a","data":1,"key":"\ud800"}"#.to_string(),
+                "invalid JSON request",
+            ),
+        ];
+        for (text, want) in cases {
+            match ClientOp::parse(&text) {
+                // `null` is no key, as for every optional field.
+                Ok((_, ClientOp::Pub { key: None, .. })) if want.is_empty() => {}
+                Ok(other) => panic!("{text:.80}: accepted {other:?}"),
+                Err(e) => {
+                    assert_eq!(e.code, code::BAD_REQUEST);
+                    assert!(e.reason.starts_with(want), "{text:.80}: {}", e.reason);
+                    assert!(e.reason.len() <= MAX_REASON_LEN);
+                }
+            }
         }
     }
 

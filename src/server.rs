@@ -53,6 +53,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let retention = Retention {
         size: config.history_size,
         ttl: config.history_ttl,
+        idempotency_window: config.idempotency_window,
     };
     let broker_metrics = Arc::new(BrokerMetrics::default());
     // Config::check validated them; a Config built another way is refused
@@ -226,6 +227,7 @@ fn redis_settings(config: &Config) -> Option<redis::Settings> {
         key_prefix: config.redis_key_prefix.clone(),
         maxlen: config.redis_maxlen,
         cache_size: config.redis_cache_size,
+        idempotency_window: config.idempotency_window,
     })
 }
 

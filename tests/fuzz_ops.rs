@@ -282,7 +282,7 @@ fn check_parse(text: &str) -> Result<(), TestCaseError> {
             // (when it can read the request at all: deep `data` is past
             // its depth limit once wrapped in the request).
             let Ok(v) = serde_json::from_str::<Value>(text) else {
-                if let ClientOp::Pub { topic, data } = op {
+                if let ClientOp::Pub { topic, data, .. } = op {
                     check_data(&topic, data.get())?;
                 }
                 return Ok(());
@@ -304,7 +304,7 @@ fn check_parse(text: &str) -> Result<(), TestCaseError> {
                 ClientOp::Unsub { topic: t } | ClientOp::Presence { topic: t } => {
                     prop_assert_eq!(Some(t.as_str()), topic);
                 }
-                ClientOp::Pub { topic: t, data } => {
+                ClientOp::Pub { topic: t, data, .. } => {
                     prop_assert_eq!(Some(t.as_str()), topic);
                     check_data(&t, data.get())?;
                 }
@@ -526,7 +526,7 @@ proptest! {
             ClientOp::Presence { topic: t } => {
                 prop_assert_eq!((op, t.as_str()), ("presence", topic.as_str()));
             }
-            ClientOp::Pub { topic: t, data: d } => {
+            ClientOp::Pub { topic: t, data: d, .. } => {
                 prop_assert_eq!((op, t.as_str()), ("pub", topic.as_str()));
                 prop_assert_eq!(d.get(), data_text.as_str());
             }

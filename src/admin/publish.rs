@@ -40,6 +40,9 @@ struct Item {
     data: Box<RawValue>,
     #[serde(default)]
     event: Option<String>,
+    /// (v1.2) The producer's idempotency key.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 /// One publish, checked.
@@ -48,6 +51,7 @@ struct Checked {
     topic: TopicName,
     data: Box<RawValue>,
     event: Option<String>,
+    key: Option<String>,
 }
 
 pub(super) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -194,10 +198,14 @@ fn check(admin: &Admin, item: Item) -> Result<Checked, String> {
             return Err(format!("event must be 1 to {MAX_EVENT_LEN} bytes"));
         }
     }
+    if let Some(k) = &item.key {
+        crate::protocol::check_key(k).map_err(|e| format!("key: {e}"))?;
+    }
     Ok(Checked {
         topic,
         data: item.data,
         event: item.event,
+        key: item.key,
     })
 }
 
@@ -214,6 +222,7 @@ async fn publish_all(admin: &Admin, items: Vec<Checked>) -> Vec<Result<String, S
             item.topic,
             item.event.as_deref(),
             item.data.get(),
+            item.key.as_deref(),
         );
         waits.push(rx);
     }

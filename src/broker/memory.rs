@@ -46,7 +46,14 @@ pub struct Retention {
     pub size: usize,
     /// How long a message is kept (`--history-ttl`).
     pub ttl: Duration,
+    /// How long a publish's idempotency key is kept (`--idempotency-window`).
+    pub idempotency_window: Duration,
 }
+
+/// Idempotency keys kept per topic: past it the oldest key is forgotten
+/// before its window ends (a retry of it would be delivered again). Bounds
+/// the table at about 10,000 x (128 + 80) bytes per topic at worst.
+pub const MAX_KEYS_PER_TOPIC: usize = 10_000;
 
 /// Why a request for another shard's topic was refused (4503).
 const BUSY: &str = "broker unavailable: the shard that keeps this topic is overloaded, retry later";
@@ -98,6 +105,7 @@ enum Request {
         topic: TopicName,
         event: Option<Box<str>>,
         data: Box<str>,
+        key: Option<Box<str>>,
     },
     Subscribe(SubscribeRequest),
     Withdraw(TopicName, ShardId),
@@ -135,6 +143,41 @@ struct TopicLog {
     last: MsgId,
     /// The newest id dropped from history: recovery from before it is impossible.
     trimmed_through: Option<MsgId>,
+    /// Idempotency keys of the topic's recent publishes; `None` until the
+    /// first keyed one, so a topic without keys pays one word.
+    keys: Option<Box<Keys>>,
+}
+
+/// A topic's idempotency keys within the window, oldest first, each with
+/// the id of the publish that first carried it.
+#[derive(Debug, Default)]
+struct Keys {
+    order: VecDeque<(Arc<str>, MsgId)>,
+    index: HashMap<Arc<str>, MsgId>,
+}
+
+impl Keys {
+    /// Forgets the keys of publishes before `oldest_ms`.
+    fn expire(&mut self, oldest_ms: u64) {
+        while self.order.front().is_some_and(|(_, id)| id.ms < oldest_ms) {
+            if let Some((key, _)) = self.order.pop_front() {
+                self.index.remove(&key);
+            }
+        }
+    }
+
+    /// Remembers `key` for the publish `id`, forgetting the oldest past
+    /// [`MAX_KEYS_PER_TOPIC`].
+    fn insert(&mut self, key: &str, id: MsgId) {
+        if self.order.len() >= MAX_KEYS_PER_TOPIC {
+            if let Some((old, _)) = self.order.pop_front() {
+                self.index.remove(&old);
+            }
+        }
+        let key: Arc<str> = key.into();
+        self.index.insert(key.clone(), id);
+        self.order.push_back((key, id));
+    }
 }
 
 #[derive(Debug)]
@@ -247,6 +290,7 @@ impl Log {
                 let r = Retention {
                     size: ns.history_size.unwrap_or(retention.size),
                     ttl: ns.history_ttl.unwrap_or(retention.ttl),
+                    idempotency_window: retention.idempotency_window,
                 };
                 (ns.name.clone(), r)
             })
@@ -268,10 +312,34 @@ impl Log {
                 topic,
                 event,
                 data,
-            } => self.publish(reply, topic, event.as_deref(), &data),
+                key,
+            } => {
+                if let Some(first) = self.repeated(&topic, key.as_deref()) {
+                    if let Some(reply) = reply {
+                        reply.answer(&self.bus, topic, Ok(first));
+                    }
+                    return;
+                }
+                let id = self.publish(reply, topic.clone(), event.as_deref(), &data);
+                if let Some(key) = key {
+                    let log = self.inner.topics.entry(topic).or_default();
+                    log.keys.get_or_insert_default().insert(&key, id);
+                }
+            }
             Request::Subscribe(req) => self.subscribe(req),
             Request::Withdraw(topic, shard) => self.interest.remove(&topic, shard),
         }
+    }
+
+    /// The id of the first publish of `topic` with `key` within the
+    /// window, when this one repeats it. Requests of a topic are handled
+    /// in order on its owner's thread, so of concurrent duplicates exactly
+    /// one is delivered.
+    fn repeated(&mut self, topic: &TopicName, key: Option<&str>) -> Option<MsgId> {
+        let oldest = now_ms().saturating_sub(self.retention.idempotency_window.as_millis() as u64);
+        let keys = self.inner.topics.get_mut(topic)?.keys.as_mut()?;
+        keys.expire(oldest);
+        keys.index.get(key?).copied()
     }
 
     fn retention_for(&self, topic: &TopicName) -> Retention {
@@ -298,12 +366,19 @@ impl Inner {
     }
 
     /// Drops expired history everywhere; `oldest_kept` gives each topic's
-    /// cut-off (retention differs by namespace).
-    fn sweep(&mut self, oldest_kept: impl Fn(&TopicName) -> u64) {
+    /// cut-off (retention differs by namespace). A topic whose history is
+    /// gone stays while it has idempotency keys from `keys_from` on.
+    fn sweep(&mut self, oldest_kept: impl Fn(&TopicName) -> u64, keys_from: u64) {
         let mut swept = self.swept_through;
         self.topics.retain(|topic, log| {
             log.expire(oldest_kept(topic));
-            let keep = !log.entries.is_empty();
+            if let Some(keys) = log.keys.as_mut() {
+                keys.expire(keys_from);
+                if keys.order.is_empty() {
+                    log.keys = None;
+                }
+            }
+            let keep = !log.entries.is_empty() || log.keys.is_some();
             if !keep {
                 swept = swept.max(log.last);
             }
@@ -372,7 +447,7 @@ impl Log {
         topic: TopicName,
         event: Option<&str>,
         data: &str,
-    ) {
+    ) -> MsgId {
         let now = now_ms();
         let retention = self.retention_for(&topic);
         let oldest_kept = now.saturating_sub(retention.ttl.as_millis() as u64);
@@ -394,11 +469,16 @@ impl Log {
         if inner.publishes_since_sweep >= SWEEP_EVERY {
             inner.publishes_since_sweep = 0;
             let (retention, by_namespace) = (self.retention, &self.by_namespace);
-            inner.sweep(|t| {
-                let ttl = by_namespace.get(t.namespace()).unwrap_or(&retention).ttl;
-                now.saturating_sub(ttl.as_millis() as u64)
-            });
+            let keys_from = now.saturating_sub(retention.idempotency_window.as_millis() as u64);
+            inner.sweep(
+                |t| {
+                    let ttl = by_namespace.get(t.namespace()).unwrap_or(&retention).ttl;
+                    now.saturating_sub(ttl.as_millis() as u64)
+                },
+                keys_from,
+            );
         }
+        id
     }
 
     fn subscribe(&mut self, req: SubscribeRequest) {
@@ -432,18 +512,24 @@ impl Log {
 }
 
 impl Broker for MemoryBroker {
+    /// With a `key`: the topic's owner checks its table before it assigns
+    /// an id, in the order requests reach it, so of any number of
+    /// concurrent duplicates within the window exactly one is delivered.
+    /// The table is in memory: a restart forgets it (and mints a new epoch).
     fn publish_as(
         &self,
         reply: Option<Replier>,
         topic: TopicName,
         event: Option<&str>,
         data: &str,
+        key: Option<&str>,
     ) {
         let req = Request::Publish {
             reply,
             topic: topic.clone(),
             event: event.map(Into::into),
             data: data.into(),
+            key: key.map(Into::into),
         };
         if let Err(Request::Publish {
             reply: Some(reply),
@@ -503,7 +589,16 @@ mod tests {
         let none = crate::namespace::Namespaces::from_config(&[]).unwrap();
         let bus = Bus::new(vec![tx]);
         (
-            Log::new(bus, mint_epoch(), Retention { size, ttl }, &none),
+            Log::new(
+                bus,
+                mint_epoch(),
+                Retention {
+                    size,
+                    ttl,
+                    idempotency_window: Duration::from_secs(120),
+                },
+                &none,
+            ),
             rx,
         )
     }
@@ -727,7 +822,7 @@ mod tests {
         let (mut b, rx) = broker(100, Duration::ZERO);
         let ids = publish_n(&mut b, &rx, "gone", 2);
         std::thread::sleep(Duration::from_millis(3));
-        b.inner.sweep(|_| now_ms());
+        b.inner.sweep(|_| now_ms(), now_ms());
         assert!(b.inner.topics.is_empty(), "swept");
         let epoch = b.epoch.to_string();
         let since = |id| {
@@ -792,6 +887,7 @@ mod tests {
         let retention = Retention {
             size: 10,
             ttl: Duration::from_secs(60),
+            idempotency_window: Duration::from_secs(120),
         };
         (Bus::new(vec![tx0, tx1]), [rx0, rx1], none, retention)
     }
@@ -811,6 +907,7 @@ mod tests {
                 topic: topic("t"),
                 event: None,
                 data: "1".into(),
+                key: None,
             })
         };
         let count = |rx: &Inbox| std::iter::from_fn(|| rx.try_recv()).count();
@@ -879,7 +976,7 @@ mod tests {
             "handled here, at once"
         );
         let (reply, answer) = call();
-        b.publish_as(Some(reply), mine.clone(), None, "1");
+        b.publish_as(Some(reply), mine.clone(), None, "1", None);
         assert!(matches!(rx0.try_recv(), Some(ShardMsg::Deliver { .. })));
         assert!(answer.try_recv().unwrap().is_ok());
 
@@ -887,7 +984,7 @@ mod tests {
         // and is done when shard 1's thread runs it.
         b.subscribe(announce(&theirs, 0));
         let (reply, answer) = call();
-        b.publish_as(Some(reply), theirs.clone(), None, "2");
+        b.publish_as(Some(reply), theirs.clone(), None, "2", None);
         assert!(rx0.try_recv().is_none(), "nothing yet");
         let other = {
             let b = b.clone();
@@ -916,7 +1013,7 @@ mod tests {
         let mut filled = 0;
         loop {
             let (reply, answer) = call();
-            b.publish_as(Some(reply), theirs.clone(), None, "1");
+            b.publish_as(Some(reply), theirs.clone(), None, "1", None);
             match answer.try_recv() {
                 Err(_) => filled += 1,
                 Ok(Err(why)) => {
@@ -948,7 +1045,7 @@ mod tests {
         let (second, [other0, _o1], _) = two_shards();
         // `second` has no part here: its request waits for its owner,
         // never touching `first`'s history.
-        second.publish_as(None, mine.clone(), None, "1");
+        second.publish_as(None, mine.clone(), None, "1", None);
         assert!(rx0.try_recv().is_none());
         assert!(matches!(other0.try_recv(), Some(ShardMsg::Run { .. })));
     }

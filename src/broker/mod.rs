@@ -90,14 +90,26 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// When `reply` is set, the broker answers the publisher with
     /// `ShardMsg::Published`.
     fn publish(&self, reply: Option<ReplyTo>, topic: TopicName, data: &str) {
-        self.publish_as(reply.map(Replier::Shard), topic, None, data);
+        self.publish_as(reply.map(Replier::Shard), topic, None, data, None);
     }
 
     /// Publishes `data` (validated) to `topic`, with an optional `event`
     /// name (checked: at most `MAX_EVENT_LEN` bytes), answering `reply`.
     /// A publish the broker cannot take is answered with an error (4503 to
     /// a client), never queued without bound.
-    fn publish_as(&self, reply: Option<Replier>, topic: TopicName, event: Option<&str>, data: &str);
+    ///
+    /// With an idempotency `key` (checked: [`crate::protocol::check_key`]),
+    /// a publish of the same topic and key within `--idempotency-window`
+    /// of the first is not delivered again and is answered with the first
+    /// one's id (each broker says how far that promise goes).
+    fn publish_as(
+        &self,
+        reply: Option<Replier>,
+        topic: TopicName,
+        event: Option<&str>,
+        data: &str,
+        key: Option<&str>,
+    );
 
     /// Subscribes: answers with `ShardMsg::Subscribed` under the ordering
     /// contract in the module docs, or `ShardMsg::SubscribeFailed`.

@@ -105,6 +105,10 @@ pub struct Settings {
     pub maxlen: u64,
     /// Recent-entry cache budget in bytes, over all partitions.
     pub cache_size: usize,
+    /// How long a publish's idempotency key is remembered
+    /// (`--idempotency-window`): in Redis for keyed publishes of ringcast's
+    /// own publishers, in each reader for entries carrying a `key` field.
+    pub idempotency_window: Duration,
 }
 
 /// Why the Redis broker could not start or publish.
@@ -155,12 +159,64 @@ pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &st
     cmd
 }
 
+/// Where the first id of a keyed publish is kept for the window:
+/// `{prefix}:idem:{P}:TOPIC KEY`. The partition's hash tag puts it in the
+/// stream's cluster slot (a script may touch only one); topics have no
+/// spaces, so the first space ends the topic.
+pub fn idempotency_key(settings: &Settings, topic: &str, key: &str) -> String {
+    let p = partition(topic, settings.partitions);
+    format!("{}:idem:{{{p}}}:{topic} {key}", settings.key_prefix)
+}
+
+/// A keyed publish, atomically in Redis: the first id of the topic and key
+/// if Redis still holds it, else the `XADD` (with the `key` field, so every
+/// reader also knows it) and that id kept for the window. Of any number of
+/// concurrent duplicates from any nodes, one appends; all get its id.
+const KEYED_XADD: &str = "local first = redis.call('GET', KEYS[2]) \
+if first then return first end \
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3)) \
+redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) \
+return id";
+
+/// The publish of one message: a plain `XADD`, or with a `key` the
+/// [`KEYED_XADD`] script. Both answer the entry id.
+pub fn publish_cmd(
+    settings: &Settings,
+    topic: &str,
+    event: Option<&str>,
+    data: &str,
+    key: Option<&str>,
+) -> ::redis::Cmd {
+    let Some(key) = key else {
+        return xadd_cmd(settings, topic, event, data);
+    };
+    let p = partition(topic, settings.partitions);
+    let mut cmd = ::redis::cmd("EVAL");
+    cmd.arg(KEYED_XADD)
+        .arg(2)
+        .arg(stream_key(&settings.key_prefix, p))
+        .arg(idempotency_key(settings, topic, key))
+        .arg(settings.maxlen)
+        .arg(settings.idempotency_window.as_millis().max(1) as u64)
+        .arg("topic")
+        .arg(topic)
+        .arg("data")
+        .arg(data)
+        .arg("key")
+        .arg(key);
+    if let Some(e) = event {
+        cmd.arg("event").arg(e);
+    }
+    cmd
+}
+
 /// Publishes one message with a fresh connection (`ringcast publish --redis`).
 pub fn publish_once(
     settings: &Settings,
     topic: &str,
     event: Option<&str>,
     data: &str,
+    key: Option<&str>,
 ) -> Result<MsgId, Error> {
     let mut conn = connect(&settings.url, Some(Duration::from_secs(5))).map_err(|source| {
         Error::Unreachable {
@@ -168,7 +224,7 @@ pub fn publish_once(
             source,
         }
     })?;
-    let v: Value = xadd_cmd(settings, topic, event, data).query(&mut conn)?;
+    let v: Value = publish_cmd(settings, topic, event, data, key).query(&mut conn)?;
     xadd_id(v)
 }
 
@@ -188,6 +244,8 @@ struct PubReq {
     topic: TopicName,
     event: Option<Box<str>>,
     data: String,
+    /// (v1.2) The idempotency key, written as the entry's `key` field.
+    key: Option<Box<str>>,
 }
 
 /// The Redis Streams broker. Dropping it stops its threads (the readers
@@ -369,12 +427,14 @@ impl Broker for RedisBroker {
         topic: TopicName,
         event: Option<&str>,
         data: &str,
+        key: Option<&str>,
     ) {
         let req = PubReq {
             reply,
             topic,
             event: event.map(Into::into),
             data: data.to_owned(),
+            key: key.map(Into::into),
         };
         if let Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) =
             self.publishes.try_send(req)
@@ -480,7 +540,10 @@ fn publisher(settings: &Settings, bus: &Bus, rx: &Receiver<PubReq>, metrics: &Br
                 c.pipeline_each(
                     batch
                         .iter()
-                        .map(|r| xadd_cmd(settings, r.topic.as_str(), r.event.as_deref(), &r.data))
+                        .map(|r| {
+                            let (event, key) = (r.event.as_deref(), r.key.as_deref());
+                            publish_cmd(settings, r.topic.as_str(), event, &r.data, key)
+                        })
                         .collect(),
                 )
             }

@@ -24,6 +24,7 @@ pub fn http_publish(
     topic: &str,
     event: Option<&str>,
     data: &Value,
+    idempotency_key: Option<&str>,
 ) -> Result<String> {
     let addr = base
         .strip_prefix("http://")
@@ -35,6 +36,9 @@ pub fn http_publish(
     let mut item = serde_json::json!({ "topic": topic, "data": data });
     if let Some(e) = event {
         item["event"] = Value::from(e);
+    }
+    if let Some(k) = idempotency_key {
+        item["key"] = Value::from(k);
     }
     let body = item.to_string();
     let request = format!(

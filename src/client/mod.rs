@@ -370,7 +370,24 @@ impl Client {
 
     /// Publishes and returns the new message id.
     pub fn publish(&mut self, topic: &str, data: &Value) -> Result<String> {
-        let (ok, before) = self.request(json!({"op": "pub", "topic": topic, "data": data}))?;
+        self.publish_keyed(topic, data, None)
+    }
+
+    /// [`Client::publish`] with an idempotency `key` (v1.2): a repeat of
+    /// the same topic and key within the server's `--idempotency-window`
+    /// is not delivered again and answers the first one's id, so a
+    /// producer may retry a publish whose answer it never got.
+    pub fn publish_keyed(
+        &mut self,
+        topic: &str,
+        data: &Value,
+        key: Option<&str>,
+    ) -> Result<String> {
+        let mut req = json!({"op": "pub", "topic": topic, "data": data});
+        if let Some(k) = key {
+            req["key"] = json!(k);
+        }
+        let (ok, before) = self.request(req)?;
         self.pending.extend(before);
         Ok(ok["mid"].as_str().unwrap_or_default().to_string())
     }

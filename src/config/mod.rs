@@ -342,6 +342,16 @@ settings! {
     #[help = "How long messages are kept for recovery (embedded broker)"]
     history_ttl: HumanDuration => Duration = Duration::from_secs(600);
 
+    /// How long a publish's idempotency `key` is remembered per topic: a
+    /// second publish with the same topic and key within it is not
+    /// delivered again and is answered with the first one's id. Longer
+    /// covers slower producer retries and costs a table entry per keyed
+    /// publish for that long (the embedded broker keeps at most
+    /// 10,000 keys per topic; with Redis every node keeps those it read).
+    #[arg(long, env = "RINGCAST_IDEMPOTENCY_WINDOW")]
+    #[help = "How long a publish key is remembered: a repeat within it is not delivered again"]
+    idempotency_window: HumanDuration => Duration = Duration::from_secs(120);
+
     /// Origins allowed to connect (exact match on the Origin header, else
     /// 403); empty allows any. Requests without an Origin always pass: only
     /// browsers send one, and the list is there to keep other sites' pages

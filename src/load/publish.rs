@@ -82,6 +82,7 @@ impl Publisher {
                     key_prefix: d.redis_key_prefix,
                     maxlen: d.redis_maxlen,
                     cache_size: 0,
+                    idempotency_window: d.idempotency_window,
                 };
                 Ok(Publisher {
                     socket: None,

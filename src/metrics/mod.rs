@@ -318,10 +318,16 @@ pub enum Skip {
     InvalidEvent,
     /// The entry id or layout is not what Redis streams return.
     Malformed,
+    /// (v1.2) `key` is not 1 to 128 bytes of UTF-8.
+    InvalidKey,
+    /// (v1.2) An earlier entry of the partition had the same topic and
+    /// `key` within `--idempotency-window`: a producer's retry, not
+    /// delivered again.
+    Duplicate,
 }
 
 impl Skip {
-    pub(crate) const ALL: [Skip; 7] = [
+    pub(crate) const ALL: [Skip; 9] = [
         Skip::MissingTopic,
         Skip::MissingData,
         Skip::InvalidTopic,
@@ -329,6 +335,8 @@ impl Skip {
         Skip::InvalidData,
         Skip::InvalidEvent,
         Skip::Malformed,
+        Skip::InvalidKey,
+        Skip::Duplicate,
     ];
 
     /// The `reason` label.
@@ -341,6 +349,8 @@ impl Skip {
             Skip::InvalidData => "invalid_data",
             Skip::InvalidEvent => "invalid_event",
             Skip::Malformed => "malformed",
+            Skip::InvalidKey => "invalid_key",
+            Skip::Duplicate => "duplicate",
         }
     }
 }
@@ -374,7 +384,7 @@ pub struct BrokerMetrics {
     pub gap_checks: AtomicU64,
     /// Messages published through the admin endpoint's `POST /publish`.
     pub published_http: AtomicU64,
-    pub(crate) skipped: [AtomicU64; 7],
+    pub(crate) skipped: [AtomicU64; Skip::ALL.len()],
     /// Per partition (the Redis reader's): how old the newest entry of the
     /// reader's last `XREAD` batch of the partition was when it was read,
     /// in ms; [`NOT_READ`] until then. Sized on the first write.

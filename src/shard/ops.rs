@@ -72,7 +72,7 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             shard.unsubscribe(conn, &topic);
             shard.queue(conn, encode_ok(id, Some(&topic), OkExtra::default()));
         }
-        ClientOp::Pub { topic, data } => {
+        ClientOp::Pub { topic, data, key } => {
             match shard.namespaces.of(topic.as_str()) {
                 None => {
                     let reason = format!("unknown namespace {:?}", topic.namespace());
@@ -96,7 +96,10 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 return shard.queue(conn, encode_error(id, code::PUBLISH_TOO_LARGE, &reason));
             }
             // Counted when the broker answers (inbox.rs): accepted ones only.
-            shard.broker.publish(Some(reply), topic, data.get());
+            let reply = Some(crate::broker::Replier::Shard(reply));
+            shard
+                .broker
+                .publish_as(reply, topic, None, data.get(), key.as_deref());
         }
         ClientOp::Ping => shard.queue(conn, encode_pong(id)),
         ClientOp::Auth { token } => refresh_auth(shard, conn, id, &identity, &token),

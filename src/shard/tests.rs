@@ -87,6 +87,7 @@ impl Harness {
         let retention = Retention {
             size: config.history_size,
             ttl: config.history_ttl,
+            idempotency_window: config.idempotency_window,
         };
         let broker = MemoryBroker::start(bus, retention, &namespaces).expect("the broker");
         // This thread is shard 0: it keeps every topic.

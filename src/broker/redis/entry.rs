@@ -36,6 +36,9 @@ pub struct Entry {
     pub event: Option<String>,
     /// The `data` field: one JSON document.
     pub data: String,
+    /// (v1.2) The `key` field: the producer's idempotency key, 1 to
+    /// [`crate::protocol::MAX_KEY_LEN`] bytes of UTF-8.
+    pub key: Option<String>,
 }
 
 fn bytes(v: Value) -> Option<Vec<u8>> {
@@ -76,13 +79,14 @@ pub(crate) fn peek_id(v: &Value) -> Option<MsgId> {
 /// say) is invalid, not missing.
 pub fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Skip> {
     let fields = items(fields).ok_or(Skip::Malformed)?;
-    let (mut topic, mut data, mut event) = (None, None, None);
+    let (mut topic, mut data, mut event, mut key) = (None, None, None, None);
     let mut it = fields.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         match bytes(k).as_deref() {
             Some(b"topic") => topic = Some(bytes(v).ok_or(Skip::InvalidTopic)),
             Some(b"data") => data = Some(bytes(v).ok_or(Skip::InvalidData)),
             Some(b"event") => event = Some(bytes(v).ok_or(Skip::InvalidEvent)),
+            Some(b"key") => key = Some(bytes(v).ok_or(Skip::InvalidKey)),
             _ => {}
         }
     }
@@ -106,7 +110,20 @@ pub fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Ski
         Some(e) if e.is_empty() || e.len() > MAX_EVENT_LEN => return Err(Skip::InvalidEvent),
         Some(e) => Some(String::from_utf8(e).map_err(|_| Skip::InvalidEvent)?),
     };
-    Ok(Entry { topic, event, data })
+    let key = match key.transpose()? {
+        None => None,
+        Some(k) => {
+            let k = String::from_utf8(k).map_err(|_| Skip::InvalidKey)?;
+            crate::protocol::check_key(&k).map_err(|_| Skip::InvalidKey)?;
+            Some(k)
+        }
+    };
+    Ok(Entry {
+        topic,
+        event,
+        data,
+        key,
+    })
 }
 
 /// Whether an entry's field list has a `topic` field equal to `topic`: a

@@ -29,6 +29,7 @@
 //! it is delivered, and refuses recoveries that span it.
 
 mod check;
+mod dedup;
 mod gap;
 mod recover;
 
@@ -105,6 +106,8 @@ struct Part {
     /// What Redis said about it with the current read, and after it.
     snap: Option<gap::Snapshot>,
     after: Option<gap::Snapshot>,
+    /// Idempotency keys of its recent entries (`dedup.rs`).
+    keys: dedup::Keys,
 }
 
 /// What a reader takes from the shards, in order: `sub`s of its topics,
@@ -215,6 +218,7 @@ impl Reader {
                 full: false,
                 snap: None,
                 after: None,
+                keys: dedup::Keys::default(),
             })
             .collect::<Vec<_>>();
         let key_index = parts
@@ -558,6 +562,14 @@ impl Reader {
                 return;
             }
         };
+        if let Some(key) = &entry.key {
+            let window = self.settings.idempotency_window.as_millis() as u64;
+            if part.keys.repeats(&entry.topic, key, id, window) {
+                self.metrics.skipped(Skip::Duplicate);
+                trace!(topic = %entry.topic, id = %id, "duplicate key: not delivered");
+                return;
+            }
+        }
         let frame = encode_msg(&entry.topic, id, entry.event.as_deref(), &entry.data);
         trace!(topic = %entry.topic, id = %id, "deliver");
         self.bus.deliver(&entry.topic, id, &frame, &self.interest);
