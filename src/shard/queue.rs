@@ -271,25 +271,38 @@ impl OutQueue {
         self.bytes -= freed as u32;
         let dropped = drops.len() as u32;
         for ep in episodes {
-            let (at, from) = match ep.notice {
-                Some(n) => (n, self.frames[n].id),
-                None => (ep.first, ep.from),
-            };
-            let notice = encode_lost(&ep.tag.topic, from, ep.to);
-            self.bytes -= self.frames[at].frame.len() as u32;
+            if let Some(n) = ep.notice {
+                // The same episode: only its `to` moves.
+                let notice = encode_lost(&ep.tag.topic, self.frames[n].id, ep.to);
+                self.bytes -= self.frames[n].frame.len() as u32;
+                self.add(notice.len());
+                self.frames[n].frame = notice;
+                continue;
+            }
+            let notice = encode_lost(&ep.tag.topic, ep.from, ep.to);
             self.add(notice.len());
-            self.frames[at] = Queued {
+            self.frames[ep.first] = Queued {
                 frame: notice,
                 tag: Some(Rc::new(Tag {
                     topic: ep.tag.topic.clone(),
                     policy: SlowConsumer::DropOldest,
                     notice: true,
                 })),
-                id: from,
+                id: ep.from,
             };
         }
         // Dropped entries are the only empty frames (no frame is empty).
-        self.frames.retain(|q| !q.frame.is_empty());
+        // The usual push drops one or two near the front: removing them
+        // one by one moves only what is before them.
+        if drops.len() <= 4 {
+            for &i in drops.iter().rev() {
+                if self.frames[i].frame.is_empty() {
+                    self.frames.remove(i);
+                }
+            }
+        } else {
+            self.frames.retain(|q| !q.frame.is_empty());
+        }
         self.add(frame.len());
         self.frames.push_back(Queued {
             frame,

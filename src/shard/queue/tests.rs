@@ -251,3 +251,159 @@ fn discard_keeps_a_partly_written_front_frame() {
     assert_eq!(q.discard_unsent(), 1);
     assert_eq!(q.bytes(), msg("a", 1).len() - 3);
 }
+
+/// Random pushes of every kind and random partial writes, until a push
+/// finds the queue full (the shard closes the connection then): the
+/// counted bytes are the real ones and within the bound, a partly written
+/// frame never changes, and per topic the stream that left the queue is
+/// what its policy promises: under `close` every id in order, under
+/// `drop_oldest` every id either received or inside the one `lost` range
+/// in its place, under `conflate` ids in order ending with the newest.
+#[test]
+fn random_traffic_keeps_every_invariant() {
+    use std::collections::HashMap;
+    // How often each outcome came, over all seeds: the test must reach them.
+    let mut outcomes: HashMap<&str, usize> = HashMap::new();
+    for seed in 0..60 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let topics = ["c:a", "c:b", "d:a", "d:b", "x"];
+        let tags: Vec<Option<Rc<Tag>>> = topics
+            .iter()
+            .map(|t| {
+                let policy = match t.as_bytes()[0] {
+                    b'c' => SlowConsumer::Conflate,
+                    b'd' => SlowConsumer::DropOldest,
+                    _ => SlowConsumer::Close,
+                };
+                Tag::new(&topic(t), policy)
+            })
+            .collect();
+        let bound = 6 * msg("c:a", 1).len();
+        let mut q = OutQueue::default();
+        let mut written: Vec<u8> = Vec::new();
+        let mut published: HashMap<&str, Vec<u64>> = HashMap::new();
+        for next in 1..=400u64 {
+            let roll = rng.u8(..);
+            if roll < 90 {
+                // A write of some bytes, as a socket takes them.
+                let mut left = rng.usize(0..=q.bytes().min(300));
+                q.consume_into(&mut left, &mut written);
+            } else if roll < 110 {
+                let pong = crate::protocol::encode_pong(None);
+                if q.bytes() + pong.len() <= bound {
+                    q.push(pong);
+                }
+            } else {
+                let k = rng.usize(..topics.len());
+                let front = q.frames.front().map(|f| f.frame.clone());
+                let started = q.offset;
+                let pushed = q.push_msg(msg(topics[k], next), tags[k].as_ref(), id(next), bound);
+                if started > 0 {
+                    assert_eq!(q.frames.front().map(|f| f.frame.clone()), front);
+                    assert_eq!(q.offset, started, "front untouched");
+                }
+                *outcomes
+                    .entry(match pushed {
+                        Pushed::Queued => "queued",
+                        Pushed::Conflated => "conflated",
+                        Pushed::DroppedOldest(_) => "dropped",
+                        Pushed::Full => "full",
+                    })
+                    .or_default() += 1;
+                if pushed == Pushed::Full {
+                    break;
+                }
+                published.entry(topics[k]).or_default().push(next);
+            }
+            assert_eq!(q.bytes(), real_bytes(&q), "seed {seed}");
+            assert!(
+                q.bytes() <= bound,
+                "seed {seed}: {} over {bound}",
+                q.bytes()
+            );
+        }
+        let mut left = q.bytes();
+        q.consume_into(&mut left, &mut written);
+        // Read the stream back, per topic.
+        let mut buf = bytes::BytesMut::from(&written[..]);
+        let mut got: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+        while let Some(payload) = next_payload(&mut buf) {
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            let n = |f: &str| -> u64 {
+                v[f].as_str()
+                    .unwrap()
+                    .trim_end_matches("-0")
+                    .parse()
+                    .unwrap()
+            };
+            let t = v["topic"].as_str().unwrap_or_default().to_string();
+            match v["op"].as_str() {
+                Some("msg") => got.entry(t).or_default().push((n("id"), n("id"))),
+                Some("lost") => got.entry(t).or_default().push((n("from"), n("to"))),
+                _ => {}
+            }
+        }
+        assert!(
+            buf.is_empty(),
+            "seed {seed}: the stream ends on a frame boundary"
+        );
+        for t in topics {
+            let all = published.remove(t).unwrap_or_default();
+            let seen = got.remove(t).unwrap_or_default();
+            match t.as_bytes()[0] {
+                b'c' => {
+                    let ids: Vec<u64> = seen.iter().map(|r| r.0).collect();
+                    let mut rest = all.iter();
+                    assert!(ids.iter().all(|i| rest.any(|a| a == i)), "seed {seed} {t}");
+                    assert_eq!(ids.last(), all.last(), "seed {seed} {t}: the newest");
+                }
+                _ => {
+                    // Ranges in order cover every published id exactly.
+                    let mut covered: Vec<u64> = Vec::new();
+                    for (from, to) in seen {
+                        covered.extend(all.iter().filter(|&&i| i >= from && i <= to));
+                    }
+                    assert_eq!(covered, all, "seed {seed} {t}");
+                }
+            }
+        }
+    }
+    for kind in ["queued", "conflated", "dropped", "full"] {
+        assert!(outcomes.get(kind).is_some_and(|&n| n >= 10), "{outcomes:?}");
+    }
+}
+
+impl OutQueue {
+    /// Writes up to `left` bytes into `out`, as a socket would take them.
+    fn consume_into(&mut self, left: &mut usize, out: &mut Vec<u8>) {
+        let n = *left;
+        let mut at = self.offset as usize;
+        for f in self.frames() {
+            let take = (f.len() - at).min(*left);
+            out.extend_from_slice(&f[at..at + take]);
+            *left -= take;
+            at = 0;
+            if *left == 0 {
+                break;
+            }
+        }
+        self.consume(n);
+    }
+}
+
+/// The payload of the next whole server frame in `buf`.
+fn next_payload(buf: &mut bytes::BytesMut) -> Option<Vec<u8>> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, head) = match buf[1] & 0x7f {
+        126 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 => return None,
+        n => (n as usize, 2),
+    };
+    if buf.len() < head + len {
+        return None;
+    }
+    let frame = buf.split_to(head + len);
+    Some(frame[head..].to_vec())
+}
