@@ -46,6 +46,14 @@ fn real_bytes(q: &OutQueue) -> usize {
     q.frames().map(Bytes::len).sum::<usize>() - q.offset as usize
 }
 
+/// What a queued frame costs beside its shared bytes: the `Bytes` handle,
+/// the tag and the id. (Before the policies it was the handle alone, 32 B;
+/// an idle connection's queue holds no storage either way.)
+#[test]
+fn a_queued_frame_costs_56_bytes() {
+    assert_eq!(std::mem::size_of::<Queued>(), 56);
+}
+
 #[test]
 fn close_policy_appends_within_the_bound_and_refuses_past_it() {
     let mut q = OutQueue::default();
