@@ -1049,4 +1049,53 @@ mod tests {
         assert!(rx0.try_recv().is_none());
         assert!(matches!(other0.try_recv(), Some(ShardMsg::Run { .. })));
     }
+
+    fn publish_keyed(b: &mut Log, t: &TopicName, key: &str) {
+        b.handle(Request::Publish {
+            reply: None,
+            topic: t.clone(),
+            event: None,
+            data: "1".into(),
+            key: Some(key.into()),
+        });
+    }
+
+    #[test]
+    fn a_topic_keeps_at_most_its_bound_of_keys_forgetting_the_oldest() {
+        let (mut b, _rx) = broker(10, Duration::from_secs(60));
+        let t = topic("orders:1");
+        for i in 0..=MAX_KEYS_PER_TOPIC {
+            publish_keyed(&mut b, &t, &format!("k{i}"));
+        }
+        assert!(
+            b.repeated(&t, Some("k0")).is_none(),
+            "the oldest is forgotten"
+        );
+        assert!(b.repeated(&t, Some("k1")).is_some());
+        let keys = b.inner.topics[&t].keys.as_ref().unwrap();
+        assert_eq!(
+            (keys.order.len(), keys.index.len()),
+            (MAX_KEYS_PER_TOPIC, MAX_KEYS_PER_TOPIC)
+        );
+        // A repeat is answered, not published: the id sequence stays.
+        let before = b.inner.last;
+        publish_keyed(&mut b, &t, "k1");
+        assert_eq!(b.inner.last, before);
+        assert!(b.repeated(&topic("orders:2"), Some("k1")).is_none());
+    }
+
+    #[test]
+    fn keys_outlive_the_history_for_their_window_only() {
+        let (mut b, _rx) = broker(10, Duration::from_secs(60));
+        let t = topic("jobs:1");
+        publish_keyed(&mut b, &t, "k");
+        // The history is gone; the key is within its window: kept.
+        b.inner.sweep(|_| now_ms() + 1, 0);
+        assert!(b.inner.topics[&t].entries.is_empty());
+        assert!(b.repeated(&t, Some("k")).is_some());
+        // Past its window too: the topic goes.
+        b.inner.sweep(|_| now_ms() + 1, now_ms() + 1);
+        assert!(!b.inner.topics.contains_key(&t));
+        assert!(b.repeated(&t, Some("k")).is_none());
+    }
 }
