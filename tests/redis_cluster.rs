@@ -532,3 +532,37 @@ fn a_burst_trimmed_past_a_cluster_reader_closes_only_that_partition() {
         server.log()
     );
 }
+
+#[test]
+fn keyed_publishes_on_a_cluster_are_appended_once_whatever_the_master() {
+    // The idempotency key shares its stream's hash tag, so the script that
+    // checks it and appends runs on the stream's master (one slot).
+    let cluster = TestCluster::start();
+    let a = TestServer::start(&["--redis", &cluster.url()]);
+    let b = TestServer::start(&["--redis", &cluster.url()]);
+    let mut sub = Client::connect(&b.url()).unwrap();
+    for t in TOPICS {
+        sub.subscribe(t, None).unwrap();
+    }
+    let mut on_a = Client::connect(&a.url()).unwrap();
+    let mut on_b = Client::connect(&b.url()).unwrap();
+    for t in TOPICS {
+        let first = on_a.publish_keyed(t, &json!(1), Some("k")).unwrap();
+        assert_eq!(
+            on_b.publish_keyed(t, &json!(1), Some("k")).unwrap(),
+            first,
+            "{t}"
+        );
+        assert_eq!(
+            on_a.publish_keyed(t, &json!(1), Some("k")).unwrap(),
+            first,
+            "{t}"
+        );
+        assert_eq!(stream_ids(&cluster, t), [first], "{t}: one entry");
+    }
+    let got = recv_by_topic(&mut sub, TOPICS.len());
+    for t in TOPICS {
+        assert_eq!(got[t].len(), 1, "{t}");
+    }
+    assert_quiet(&mut sub);
+}
