@@ -377,3 +377,62 @@ fn redis_node_restart_inside_the_window_keeps_the_promise_for_ringcast_publisher
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_recovery_leaves_out_the_duplicates_the_live_path_skipped() {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    // From the recent-entry cache, and from XRANGE (no cache).
+    let cached = TestServer::start(&["--redis", &url]);
+    let uncached = TestServer::start(&["--redis", &url, "--redis-cache-size", "0"]);
+    let mut on_cached = subscriber(&cached, "feed:5");
+    let mut on_uncached = subscriber(&uncached, "feed:5");
+    let mut conn = redis.conn();
+    let first = xadd(
+        &mut conn,
+        "feed:5",
+        &[("topic", "feed:5"), ("data", "1"), ("key", "k")],
+    );
+    assert_eq!(
+        drain(&mut on_cached, Duration::from_millis(500)),
+        std::slice::from_ref(&first)
+    );
+    assert_eq!(
+        drain(&mut on_uncached, Duration::from_millis(100)),
+        std::slice::from_ref(&first)
+    );
+    // Disconnected meanwhile: a retry of the producer, then a new message.
+    let _dup = xadd(
+        &mut conn,
+        "feed:5",
+        &[("topic", "feed:5"), ("data", "1"), ("key", "k")],
+    );
+    let next = xadd(
+        &mut conn,
+        "feed:5",
+        &[("topic", "feed:5"), ("data", "2"), ("key", "k2")],
+    );
+    for node in [&cached, &uncached] {
+        node.wait_for("both entries read", Duration::from_secs(5), |s| {
+            s.metric(r#"ringcast_broker_entries_skipped_total{reason="duplicate"}"#) == 1.0
+        });
+        let mut c = Client::connect(&node.url()).unwrap();
+        let epoch = c.subscribe("feed:5", None).unwrap().epoch;
+        let mut again = Client::connect(&node.url()).unwrap();
+        let ok = again.subscribe("feed:5", Some((&first, &epoch))).unwrap();
+        assert_eq!(ok.recovered, Some(true));
+        let replayed: Vec<String> = ok
+            .replayed
+            .iter()
+            .map(|e| match e {
+                Event::Msg { id, .. } => id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            replayed,
+            std::slice::from_ref(&next),
+            "the duplicate is not replayed"
+        );
+    }
+}

@@ -87,15 +87,15 @@ pub(crate) struct Task {
 /// A worker's answer.
 #[derive(Debug)]
 pub(crate) enum Done {
-    /// The topic's frames in the range, or `None` when some of it is no
-    /// longer retained.
+    /// The topic's frames in the range with their ids, or `None` when
+    /// some of it is no longer retained.
     Range {
         /// As in the job.
         id: u64,
         /// As in the job.
         topic: TopicName,
         /// What was read.
-        result: Result<Option<Vec<Bytes>>, RedisError>,
+        result: Result<Option<Vec<(MsgId, Bytes)>>, RedisError>,
     },
     /// The stream's newest id (`None`: the stream is empty or missing).
     Probe {
@@ -233,7 +233,7 @@ fn range(
     topic: &TopicName,
     (from, upto): (MsgId, MsgId),
     limit: usize,
-) -> Result<Option<Vec<Bytes>>, RedisError> {
+) -> Result<Option<Vec<(MsgId, Bytes)>>, RedisError> {
     let end = upto.to_string();
     let mut start = from;
     let mut frames = Vec::new();
@@ -264,7 +264,7 @@ fn range(
                 Ok(e) if e.topic == *topic => {
                     let frame = encode_msg(&e.topic, id, e.event.as_deref(), &e.data);
                     bytes += frame.len();
-                    frames.push(frame);
+                    frames.push((id, frame));
                 }
                 _ => {}
             }

@@ -5,9 +5,11 @@
 //! Deterministic across nodes: the table is per partition, fed in stream
 //! order and aged by the ids of that stream alone (never by a clock), and
 //! every node reads every partition in the same order, so every node skips
-//! the same entries. What a node cannot know is an entry from before it
-//! started reading (it starts at each stream's newest entry): a duplicate
-//! of one is delivered by a node that restarted between the two. Keyed
+//! the same entries, and a recovery (an `XRANGE` of the stream, where the
+//! skipped entries still are) leaves out the ones this node skipped. What
+//! a node cannot know is an entry from before it started reading (it
+//! starts at each stream's newest entry): a duplicate of one is delivered
+//! by a node that restarted between the two. Keyed
 //! publishes through ringcast itself never append a duplicate (the check
 //! is in Redis, `KEYED_XADD`), so this only concerns plain `XADD`s.
 
@@ -25,11 +27,18 @@ pub(crate) const MAX_KEYS_PER_PARTITION: usize = 100_000;
 /// A topic and a key, shared by the table's order and its index.
 type TopicKey = Arc<(TopicName, Box<str>)>;
 
-/// One partition's keyed entries within the window, oldest first.
+/// Ids of skipped duplicates a partition remembers, so a recovery (which
+/// reads the stream, where they still are) leaves them out as well.
+pub(crate) const MAX_SKIPPED_PER_PARTITION: usize = 100_000;
+
+/// One partition's keyed entries within the window, oldest first, and the
+/// ids of the entries skipped as repeats.
 #[derive(Debug, Default)]
 pub(crate) struct Keys {
     order: VecDeque<(TopicKey, MsgId)>,
     index: HashMap<TopicKey, MsgId>,
+    /// In stream order, so sorted.
+    skipped: VecDeque<MsgId>,
 }
 
 impl Keys {
@@ -52,6 +61,10 @@ impl Keys {
         }
         let probe = (topic.clone(), Box::<str>::from(key));
         if self.index.contains_key(&probe) {
+            if self.skipped.len() >= MAX_SKIPPED_PER_PARTITION {
+                self.skipped.pop_front();
+            }
+            self.skipped.push_back(id);
             return true;
         }
         if self.order.len() >= MAX_KEYS_PER_PARTITION {
@@ -61,6 +74,16 @@ impl Keys {
         self.index.insert(k.clone(), id);
         self.order.push_back((k, id));
         false
+    }
+
+    /// `frames` (a recovery's range, with ids) without the entries this
+    /// partition skipped as repeats.
+    pub(crate) fn without_skipped<T>(&self, frames: Vec<(MsgId, T)>) -> Vec<T> {
+        frames
+            .into_iter()
+            .filter(|(id, _)| self.skipped.binary_search(id).is_err())
+            .map(|(_, f)| f)
+            .collect()
     }
 
     fn forget_oldest(&mut self) {
@@ -89,5 +112,11 @@ mod tests {
         assert!(!k.repeats(&t, "b", id(1100), 100), "another key");
         assert!(!k.repeats(&t, "a", id(1101), 100), "past the window");
         assert!(k.repeats(&t, "a", id(1150), 100), "the new first one");
+        // The two repeats are left out of a range that holds them.
+        let range: Vec<(MsgId, u64)> = [1000, 1100, 1101, 1150]
+            .iter()
+            .map(|&m| (id(m), m))
+            .collect();
+        assert_eq!(k.without_skipped(range), [1000, 1101]);
     }
 }

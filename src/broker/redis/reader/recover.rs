@@ -254,7 +254,7 @@ impl Reader {
 
     /// A range was read (`None`: not all of it is retained, or the read
     /// failed): replay it and the tail, or read on.
-    fn range_done(&mut self, id: u64, topic: &TopicName, frames: Option<Vec<Bytes>>) {
+    fn range_done(&mut self, id: u64, topic: &TopicName, frames: Option<Vec<(MsgId, Bytes)>>) {
         let Some(rs) = self.recoveries.get_mut(topic) else {
             return;
         };
@@ -269,6 +269,9 @@ impl Reader {
         self.tail_bytes -= r.tail_bytes;
         let p = self.local(topic);
         let part = &self.parts[p];
+        // What the live path skipped as a repeated key is not replayed
+        // either: a recovering client sees what a connected one saw.
+        let frames = frames.map(|f| part.keys.without_skipped(f));
         let replay = match frames {
             // Redis lost the history meanwhile: the range is of another epoch.
             _ if *part.epoch != *r.epoch => None,
