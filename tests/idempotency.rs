@@ -197,11 +197,18 @@ fn the_window_is_a_setting_with_a_default_of_two_minutes() {
     let (help, _) = common::serve_help();
     assert!(help.contains("--idempotency-window"), "{help}");
     assert!(help.contains("[default: 2m]"), "{help}");
-    let out = ringcast(&["serve", "--idempotency-window", "soon"], &[]);
+    for bad in ["soon", "0s"] {
+        let out = ringcast(&["serve", "--idempotency-window", bad], &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("idempotency"), "{bad}: {err}");
+    }
+    // The environment variable, as for every setting.
+    let out = ringcast(&["serve"], &[("RINGCAST_IDEMPOTENCY_WINDOW", "48h")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("idempotency-window") || err.contains("idempotency_window"),
+        err.contains("idempotency_window: must be 1s to 24h"),
         "{err}"
     );
 }

@@ -126,6 +126,13 @@ impl Config {
             self.outbound_queue >= 4096,
             "outbound_queue: must be at least 4KiB",
         );
+        // Under a second no retry fits in it; over a day the tables hold
+        // what no producer's retry needs.
+        need(
+            self.idempotency_window >= std::time::Duration::from_secs(1)
+                && self.idempotency_window <= std::time::Duration::from_secs(86_400),
+            "idempotency_window: must be 1s to 24h",
+        );
         need(
             self.history_size <= 10_000_000,
             "history_size: must be at most 10000000",

@@ -595,6 +595,22 @@ mod tests {
     }
 
     #[test]
+    fn the_idempotency_window_comes_from_the_file_and_is_bounded() {
+        assert_eq!(
+            Config::default().idempotency_window,
+            Duration::from_secs(120)
+        );
+        let file = Layer::from_toml("idempotency_window = \"30s\"").unwrap();
+        let c = Config::from_layer(file.over(anon())).unwrap();
+        assert_eq!(c.idempotency_window, Duration::from_secs(30));
+        for bad in ["500ms", "25h"] {
+            let file = Layer::from_toml(&format!("idempotency_window = \"{bad}\"")).unwrap();
+            let err = Config::from_layer(file.over(anon())).unwrap_err();
+            assert_eq!(err.0, ["idempotency_window: must be 1s to 24h"], "{bad}");
+        }
+    }
+
+    #[test]
     fn file_values_lose_to_higher_layers() {
         let file = Layer::from_toml(
             "heartbeat = \"5s\"\nshards = 3\noutbound_queue = \"2MiB\"\nallow_anonymous = true",
