@@ -313,6 +313,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.event.as_deref(), Some("created"));
+        assert_eq!(e.key, None);
+    }
+
+    #[test]
+    fn a_key_field_is_1_to_128_bytes_of_utf8_or_the_entry_is_skipped() {
+        let p = partition("news", 16);
+        let with = |key: &[u8]| fields(&[("topic", b"news"), ("data", b"1"), ("key", key)]);
+        let e = decode_entry(with("order-7 shipped é".as_bytes()), p, 16).unwrap();
+        assert_eq!(e.key.as_deref(), Some("order-7 shipped é"));
+        assert_eq!(
+            decode_entry(with(&[b'k'; 128]), p, 16)
+                .unwrap()
+                .key
+                .map(|k| k.len()),
+            Some(128)
+        );
+        for bad in [
+            &b""[..],
+            &[b'k'; 129][..],
+            &[b'k'; 1 << 20][..],
+            b"\xff\xfe",
+        ] {
+            assert_eq!(
+                decode_entry(with(bad), p, 16),
+                Err(Skip::InvalidKey),
+                "{} bytes",
+                bad.len()
+            );
+        }
+        let not_a_string = Value::Array(vec![
+            bulk("topic"),
+            bulk("news"),
+            bulk("data"),
+            bulk("1"),
+            bulk("key"),
+            Value::Array(vec![bulk("k")]),
+        ]);
+        assert_eq!(decode_entry(not_a_string, p, 16), Err(Skip::InvalidKey));
     }
 
     #[test]
