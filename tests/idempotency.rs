@@ -443,3 +443,42 @@ fn a_recovery_leaves_out_the_duplicates_the_live_path_skipped() {
         );
     }
 }
+
+#[test]
+fn a_node_started_between_an_entry_and_its_repeat_skips_the_repeat_too() {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    let a = TestServer::start(&["--redis", &url]);
+    let mut on_a = subscriber(&a, "feed:6");
+    let mut conn = redis.conn();
+    let first = xadd(
+        &mut conn,
+        "feed:6",
+        &[("topic", "feed:6"), ("data", "1"), ("key", "k")],
+    );
+    // Other topics with the same key, in the same and other partitions.
+    for i in 0..50 {
+        let t = format!("other:{i}");
+        xadd(&mut conn, &t, &[("topic", &t), ("data", "0"), ("key", "k")]);
+    }
+    // Started after the first entry: it learns the window's keys at boot.
+    let b = TestServer::start(&["--redis", &url]);
+    let mut on_b = subscriber(&b, "feed:6");
+    let _dup = xadd(
+        &mut conn,
+        "feed:6",
+        &[("topic", "feed:6"), ("data", "1"), ("key", "k")],
+    );
+    let next = xadd(&mut conn, "feed:6", &[("topic", "feed:6"), ("data", "2")]);
+    assert_eq!(
+        drain(&mut on_a, Duration::from_millis(500)),
+        [first, next.clone()]
+    );
+    assert_eq!(drain(&mut on_b, Duration::from_millis(100)), [next]);
+    for node in [&a, &b] {
+        assert_eq!(
+            node.metric(r#"ringcast_broker_entries_skipped_total{reason="duplicate"}"#),
+            1.0
+        );
+    }
+}

@@ -40,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use ::redis::{RedisError, Value};
 use crossbeam_channel::{Receiver, Sender};
-use tracing::{info, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::entry::{
-    decode_entry, epoch_key, parse_id, stream_key, xread_streams, Cached, Retained,
+    decode_entry, epoch_key, parse_id, range_entries, stream_key, xread_streams, Cached, Retained,
 };
 use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
@@ -256,7 +256,46 @@ impl Reader {
         };
         let mut conn = reader.connect()?;
         reader.start_position(&mut conn)?;
+        reader.learn_recent_keys(&mut conn)?;
         Ok((reader, conn))
+    }
+
+    /// Feeds each partition's idempotency table with the keyed entries of
+    /// the last `--idempotency-window` before the start position (at most
+    /// the newest [`dedup::BOOT_ENTRIES`] of them), oldest first, as a node
+    /// that was reading then did: a node that (re)starts skips the same
+    /// repeats as the others. One `XREVRANGE` per partition, at boot only.
+    fn learn_recent_keys(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
+        let window = self.settings.idempotency_window.as_millis() as u64;
+        let partitions = self.settings.partitions;
+        for (i, part) in self.parts.iter_mut().enumerate() {
+            if !part.exists {
+                continue;
+            }
+            let from = part.last.ms.saturating_sub(window);
+            let v: Value = ::redis::cmd("XREVRANGE")
+                .arg(&part.key)
+                .arg(part.last.to_string())
+                .arg(from.to_string())
+                .arg("COUNT")
+                .arg(dedup::BOOT_ENTRIES)
+                .query(conn)?;
+            let entries = range_entries(v).unwrap_or_default();
+            let mut learned = 0usize;
+            for (id, fields) in entries.into_iter().rev() {
+                let Some(id) = parse_id(id) else { continue };
+                if let Ok(e) = decode_entry(fields, self.base + i as u32, partitions) {
+                    if let Some(key) = &e.key {
+                        part.keys.repeats(&e.topic, key, id, window);
+                        learned += 1;
+                    }
+                }
+            }
+            if learned > 0 {
+                debug!(stream = %part.key, learned, "idempotency keys learned at boot");
+            }
+        }
+        Ok(())
     }
 
     /// `$` resolved to concrete ids once, so a reconnect resumes exactly:

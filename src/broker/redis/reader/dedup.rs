@@ -6,10 +6,11 @@
 //! order and aged by the ids of that stream alone (never by a clock), and
 //! every node reads every partition in the same order, so every node skips
 //! the same entries, and a recovery (an `XRANGE` of the stream, where the
-//! skipped entries still are) leaves out the ones this node skipped. What
-//! a node cannot know is an entry from before it started reading (it
-//! starts at each stream's newest entry): a duplicate of one is delivered
-//! by a node that restarted between the two. Keyed
+//! skipped entries still are) leaves out the ones this node skipped. A
+//! node that starts reads the newest [`BOOT_ENTRIES`] of each partition's
+//! window first, so it knows the keys written just before it started; a
+//! first entry older than those, or trimmed from the stream, it cannot
+//! know, and it delivers that one's repeat. Keyed
 //! publishes through ringcast itself never append a duplicate (the check
 //! is in Redis, `KEYED_XADD`), so this only concerns plain `XADD`s.
 
@@ -26,6 +27,11 @@ pub(crate) const MAX_KEYS_PER_PARTITION: usize = 100_000;
 
 /// A topic and a key, shared by the table's order and its index.
 type TopicKey = Arc<(TopicName, Box<str>)>;
+
+/// Entries of a partition read at boot to learn the keys of the window
+/// before it (`Reader::learn_recent_keys`): past it, the oldest of the
+/// window stay unknown to a restarted node. Bounds the boot's read.
+pub(crate) const BOOT_ENTRIES: usize = 1000;
 
 /// Ids of skipped duplicates a partition remembers, so a recovery (which
 /// reads the stream, where they still are) leaves them out as well.
