@@ -347,6 +347,96 @@ mod tests {
     }
 
     #[test]
+    fn presence_entries_decode_without_data_and_bad_ones_are_named() {
+        let p = partition("chat:1", 16);
+        let e = decode_entry(
+            fields(&[
+                ("topic", b"chat:1"),
+                ("presence", b"join"),
+                ("user", b"u\xc3\xa9"),
+                ("node", b"n-1"),
+            ]),
+            p,
+            16,
+        )
+        .unwrap();
+        let want = PresenceEvent {
+            join: true,
+            user: "u\u{e9}".into(),
+        };
+        assert_eq!((e.topic.as_str(), e.presence), ("chat:1", Some(want)));
+        let leave = decode_entry(
+            fields(&[("presence", b"leave"), ("user", b"u"), ("topic", b"chat:1")]),
+            p,
+            16,
+        )
+        .unwrap();
+        assert_eq!(leave.presence.map(|e| e.join), Some(false));
+        let long = vec![b'u'; MAX_USER_LEN + 1];
+        let cases: [(&[(&str, &[u8])], Skip); 8] = [
+            (&[("presence", b"join"), ("user", b"u")], Skip::MissingTopic),
+            (
+                &[
+                    ("topic", b"chat:1"),
+                    ("presence", b"joined"),
+                    ("user", b"u"),
+                ],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join")],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join"), ("user", b"")],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join"), ("user", &long)],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[
+                    ("topic", b"chat:1"),
+                    ("presence", b"join"),
+                    ("user", b"\xff"),
+                ],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[
+                    ("topic", b"bad topic"),
+                    ("presence", b"join"),
+                    ("user", b"u"),
+                ],
+                Skip::InvalidTopic,
+            ),
+            (
+                &[("topic", b"other"), ("presence", b"join"), ("user", b"u")],
+                Skip::WrongPartition,
+            ),
+        ];
+        for (kv, why) in cases {
+            let got = decode_entry(fields(kv), p, 16);
+            // "other" may share chat:1's partition; then it is valid.
+            if why == Skip::WrongPartition && partition("other", 16) == p {
+                continue;
+            }
+            assert_eq!(got, Err(why), "{kv:?}");
+        }
+        // A `presence` field that is not a string is invalid, not missing.
+        let nested = Value::Array(vec![
+            bulk("topic"),
+            bulk("chat:1"),
+            bulk("presence"),
+            Value::Array(vec![]),
+            bulk("user"),
+            bulk("u"),
+        ]);
+        assert_eq!(decode_entry(nested, p, 16), Err(Skip::InvalidPresence));
+    }
+
+    #[test]
     fn bad_entries_are_skipped_with_a_reason() {
         let p = partition("news", 16);
         let cases: [(Value, Skip); 14] = [
