@@ -407,16 +407,16 @@ impl Remote {
             if got.is_none() {
                 continue; // another node is at it
             }
-            let ghosts = self.take_out(dead)?;
+            let ghosts = self.take_out(dead, true)?;
             self.eval(&format!("{NOW}{UNLIST}"), &[&nodes], &[dead])?;
-            self.metrics.presence_ghosts.fetch_add(ghosts, Relaxed);
             warn!(node = %dead, members = ghosts, "presence: a node stopped renewing its liveness; its members were removed");
         }
         Ok(())
     }
 
-    /// Runs [`LEAVE`] for every member `node` has in Redis; returns how many.
-    fn take_out(&mut self, node: &str) -> Result<u64, RedisError> {
+    /// Runs [`LEAVE`] for every member `node` has in Redis; returns how
+    /// many. `dead`: they are a dead node's, counted as ghosts one by one.
+    fn take_out(&mut self, node: &str, dead: bool) -> Result<u64, RedisError> {
         let mut n = 0u64;
         for p in 0..self.settings.partitions {
             let stream = stream_key(&self.settings.key_prefix, p);
@@ -433,6 +433,10 @@ impl Remote {
                 for m in &batch {
                     match split_member(m) {
                         Some((topic, user)) => {
+                            if dead {
+                                // Before the `leave` can reach anyone.
+                                self.metrics.presence_ghosts.fetch_add(1, Relaxed);
+                            }
                             self.change(LEAVE, (&topic, &user), node)?;
                             n += 1;
                         }
@@ -450,7 +454,7 @@ impl Remote {
     /// The node stops: its members go now.
     pub(super) fn stop(&mut self, node: &Arc<str>) {
         let nodes = nodes_key(&self.settings.key_prefix);
-        let result = self.take_out(node).and_then(|n| {
+        let result = self.take_out(node, false).and_then(|n| {
             let conn = self.connection()?;
             let _: i64 = ::redis::cmd("ZREM").arg(&nodes).arg(&**node).query(conn)?;
             Ok(n)
