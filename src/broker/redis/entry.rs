@@ -373,7 +373,8 @@ mod tests {
         .unwrap();
         assert_eq!(leave.presence.map(|e| e.join), Some(false));
         let long = vec![b'u'; MAX_USER_LEN + 1];
-        let cases: [(&[(&str, &[u8])], Skip); 8] = [
+        type Fields<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: [(Fields, Skip); 8] = [
             (&[("presence", b"join"), ("user", b"u")], Skip::MissingTopic),
             (
                 &[
