@@ -177,7 +177,11 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
     let result = supervise(&exit_rx, config.shards, &draining, &bus);
     if let Some(p) = presence {
-        p.stop(std::time::Duration::from_secs(3));
+        // Clients were told to reconnect within the drain window: hold
+        // their leaves past it, so one that reconnects elsewhere never
+        // leaves.
+        let hold = config.drain_window + config.presence_leave_delay;
+        p.stop(hold, std::time::Duration::from_secs(3));
     }
     result
 }

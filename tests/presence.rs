@@ -365,6 +365,51 @@ fn two_nodes_share_presence_and_a_user_on_both_joins_once() {
 }
 
 #[test]
+fn a_drained_node_users_who_reconnect_elsewhere_never_leave() {
+    let redis = TestRedis::start();
+    let flags = [
+        "--presence-ttl",
+        "3s",
+        "--presence-leave-delay",
+        "1s",
+        "--drain-window",
+        "1s",
+    ];
+    let survivor = redis_node(&redis, &flags);
+    let mut drained = redis_node(&redis, &flags);
+    let mut w = connect(&survivor, "w");
+    w.subscribe("chat:d", None).unwrap();
+    let mut mover = connect(&drained, "mover");
+    mover.subscribe("chat:d", None).unwrap();
+    let mut goer = connect(&drained, "goer");
+    goer.subscribe("chat:d", None).unwrap();
+    expect_event(&mut w, "join", "chat:d", "mover");
+    expect_event(&mut w, "join", "chat:d", "goer");
+    let drain = Instant::now();
+    drained.server.signal_term();
+    // "mover" reconnects to the survivor as its `drain` frame says;
+    // "goer" does not come back.
+    let _ = mover.recv(Duration::from_secs(5));
+    let mut mover = connect(&survivor, "mover");
+    mover.subscribe("chat:d", None).unwrap();
+    assert!(drained.server.wait_exit(Duration::from_secs(10)).is_some());
+    drop(goer);
+    expect_event(&mut w, "leave", "chat:d", "goer");
+    let after = drain.elapsed();
+    // Held for the drain window plus the delay (2 s), then found by the
+    // survivor within half a second.
+    assert!(
+        after >= Duration::from_millis(1800),
+        "leave after {after:?}"
+    );
+    expect_none(&mut w, Duration::from_millis(1500));
+    assert_eq!(
+        presence(&mut w, "chat:d"),
+        (list(&["mover", "w"]), 2, false)
+    );
+}
+
+#[test]
 fn a_killed_node_users_leave_within_the_ttl() {
     let redis = TestRedis::start();
     let ttl = ["--presence-ttl", "3s", "--presence-leave-delay", "0s"];

@@ -293,7 +293,7 @@ pub(super) const DEFS: &[Def] = &[
         PRESENCE_GHOSTS,
         Counter,
         &[],
-        "Presence: members of nodes that stopped renewing their liveness, removed by this node.",
+        "Presence: members of nodes that stopped renewing their liveness (killed, or drained with leaves held), removed by this node.",
     ),
     def(
         PRESENCE_REDIS_CALLS,

@@ -55,8 +55,8 @@ enum Cmd {
         topic: TopicName,
         cap: u32,
     },
-    /// The node is stopping: take its members out now (no delay).
-    Stop,
+    /// The node is stopping: its members leave after `hold`.
+    Stop(Duration),
 }
 
 /// The node's presence, as its shards see it.
@@ -116,7 +116,6 @@ impl Presence {
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut state = Node {
-            node: node.clone(),
             leave_delay: settings.leave_delay,
             namespaces,
             bus,
@@ -157,11 +156,12 @@ impl Presence {
         let _ = self.tx.send(Cmd::Query { reply, topic, cap });
     }
 
-    /// Takes the node's members out (their `leave`s go now, not after the
-    /// delay: the node will not hold them) and waits for the thread, at
-    /// most `within`.
-    pub fn stop(&self, within: Duration) {
-        let _ = self.tx.send(Cmd::Stop);
+    /// The node is stopping: its members leave `hold` from now (with
+    /// Redis, a surviving node sends their `leave`s then, so a user who
+    /// reconnects elsewhere meanwhile never leaves). Waits for the thread
+    /// at most `within`.
+    pub fn stop(&self, hold: Duration, within: Duration) {
+        let _ = self.tx.send(Cmd::Stop(hold));
         let Some(thread) = self
             .thread
             .lock()
@@ -198,7 +198,6 @@ enum Backend {
 
 /// The presence thread's state.
 struct Node {
-    node: Arc<str>,
     leave_delay: Duration,
     namespaces: Namespaces,
     bus: Bus,
@@ -228,14 +227,15 @@ impl Node {
                 .front()
                 .map_or(TICK, |(at, ..)| at.saturating_duration_since(now).min(TICK));
             match rx.recv_timeout(wait) {
-                Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(),
+                Ok(Cmd::Stop(hold)) => return self.stop(hold),
+                Err(RecvTimeoutError::Disconnected) => return self.stop(self.leave_delay),
                 Ok(cmd) => self.take(cmd),
                 Err(RecvTimeoutError::Timeout) => {}
             }
             // What else waits, without a timer look per message.
             while let Ok(cmd) = rx.try_recv() {
-                if matches!(cmd, Cmd::Stop) {
-                    return self.stop();
+                if let Cmd::Stop(hold) = cmd {
+                    return self.stop(hold);
                 }
                 self.take(cmd);
             }
@@ -247,7 +247,7 @@ impl Node {
             Cmd::Join(topic, user) => self.join(topic, user),
             Cmd::Leave(topic, user) => self.leave(topic, user),
             Cmd::Query { reply, topic, cap } => self.query(reply, &topic, cap),
-            Cmd::Stop => {}
+            Cmd::Stop(_) => {}
         }
     }
 
@@ -366,9 +366,9 @@ impl Node {
             .send_to(reply.shard, ShardMsg::Answer { reply, frame });
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self, hold: Duration) {
         if let Backend::Redis(remote) = &mut self.backend {
-            remote.stop(&self.node);
+            remote.stop(self.topics.is_empty(), hold);
         }
     }
 }

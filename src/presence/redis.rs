@@ -451,18 +451,35 @@ impl Remote {
         Ok(n)
     }
 
-    /// The node stops: its members go now.
-    pub(super) fn stop(&mut self, node: &Arc<str>) {
+    /// The node stops. Without members it unlists itself; with some (the
+    /// `leave`s it was holding for clients that may reconnect elsewhere) it
+    /// renews its liveness one last time to expire `hold` from now, and a
+    /// surviving node removes them then, writing the `leave`s of users that
+    /// did not come back anywhere. Exiting never waits for the hold.
+    pub(super) fn stop(&mut self, empty: bool, hold: Duration) {
         let nodes = nodes_key(&self.settings.key_prefix);
-        let result = self.take_out(node, false).and_then(|n| {
-            let conn = self.connection()?;
-            let _: i64 = ::redis::cmd("ZREM").arg(&nodes).arg(&**node).query(conn)?;
-            Ok(n)
-        });
+        let node = self.node.clone();
+        let result = if empty {
+            self.connection().and_then(|conn| {
+                ::redis::cmd("ZREM")
+                    .arg(&nodes)
+                    .arg(&*node)
+                    .query::<i64>(conn)
+                    .map(drop)
+            })
+        } else {
+            let hold = hold.as_millis().to_string();
+            self.eval(&format!("{NOW}{BEAT}"), &[&nodes], &[&node, &hold])
+                .map(drop)
+        };
         match result {
-            Ok(n) => info!(members = n, "presence: this node's members removed"),
+            Ok(()) if empty => info!("presence: node unlisted"),
+            Ok(()) => info!(
+                ?hold,
+                "presence: the node's members leave after the hold, removed by a surviving node"
+            ),
             Err(e) => {
-                warn!(error = %e, "presence: members not removed at exit; a surviving node will")
+                warn!(error = %e, "presence: could not hand over at exit; the node's members leave when its liveness expires")
             }
         }
     }
