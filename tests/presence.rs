@@ -442,3 +442,32 @@ fn a_killed_node_users_leave_within_the_ttl() {
     );
     drop((ghost, both_d, both_s));
 }
+
+#[test]
+fn token_refreshes_join_a_guest_and_leave_a_narrowed_user() {
+    let n = node(&["--presence-leave-delay", "0s"]);
+    let mut w = connect(&n, "w");
+    w.subscribe("chat:t", None).unwrap();
+    // A guest (anonymous namespace) is nobody until its `auth` names a user.
+    let mut guest = Client::connect(&n.server.url()).unwrap();
+    guest.subscribe("chat:t", None).unwrap();
+    settle(&mut guest, &["w"]);
+    expect_none(&mut w, Duration::from_millis(300));
+    let (ok, _) = guest
+        .request(json!({"op": "auth", "token": token_with("gina", &["#"])}))
+        .unwrap();
+    assert_eq!(ok["op"], "ok");
+    expect_event(&mut w, "join", "chat:t", "gina");
+    // A refresh whose `subs` no longer allow a topic (of a namespace that
+    // admits no guests) ends the subscription: the user leaves.
+    w.subscribe("room:t", None).unwrap();
+    let mut u = connect(&n, "ursula");
+    u.subscribe("room:t", None).unwrap();
+    expect_event(&mut w, "join", "room:t", "ursula");
+    let (ok, _) = u
+        .request(json!({"op": "auth", "token": token_with("ursula", &["news"])}))
+        .unwrap();
+    assert_eq!(ok["op"], "ok");
+    expect_event(&mut w, "leave", "room:t", "ursula");
+    assert_eq!(presence(&mut w, "room:t"), (list(&["w"]), 1, false));
+}
