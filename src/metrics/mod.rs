@@ -318,6 +318,9 @@ pub enum Skip {
     InvalidEvent,
     /// The entry id or layout is not what Redis streams return.
     Malformed,
+    /// A presence entry (`presence` field) whose `presence` is not `join`
+    /// or `leave`, or whose `user` is missing, empty, too long or not UTF-8.
+    InvalidPresence,
     /// (v1.2) `key` is not 1 to 128 bytes of UTF-8.
     InvalidKey,
     /// (v1.2) An earlier entry of the partition had the same topic and
@@ -327,7 +330,7 @@ pub enum Skip {
 }
 
 impl Skip {
-    pub(crate) const ALL: [Skip; 9] = [
+    pub(crate) const ALL: [Skip; 10] = [
         Skip::MissingTopic,
         Skip::MissingData,
         Skip::InvalidTopic,
@@ -335,6 +338,7 @@ impl Skip {
         Skip::InvalidData,
         Skip::InvalidEvent,
         Skip::Malformed,
+        Skip::InvalidPresence,
         Skip::InvalidKey,
         Skip::Duplicate,
     ];
@@ -349,6 +353,7 @@ impl Skip {
             Skip::InvalidData => "invalid_data",
             Skip::InvalidEvent => "invalid_event",
             Skip::Malformed => "malformed",
+            Skip::InvalidPresence => "invalid_presence",
             Skip::InvalidKey => "invalid_key",
             Skip::Duplicate => "duplicate",
         }
@@ -384,6 +389,17 @@ pub struct BrokerMetrics {
     pub gap_checks: AtomicU64,
     /// Messages published through the admin endpoint's `POST /publish`.
     pub published_http: AtomicU64,
+    /// Presence: (topic, user) pairs this node holds (gauge).
+    pub presence_users: AtomicI64,
+    /// Presence: `join`s this node sent (or wrote to Redis).
+    pub presence_joins: AtomicU64,
+    /// Presence: `leave`s this node sent (or wrote to Redis), dead nodes'
+    /// included.
+    pub presence_leaves: AtomicU64,
+    /// Presence: members of dead nodes this node removed.
+    pub presence_ghosts: AtomicU64,
+    /// Presence: round trips to Redis (scripts and commands).
+    pub presence_redis_calls: AtomicU64,
     pub(crate) skipped: [AtomicU64; Skip::ALL.len()],
     /// Per partition (the Redis reader's): how old the newest entry of the
     /// reader's last `XREAD` batch of the partition was when it was read,
@@ -408,6 +424,11 @@ impl Default for BrokerMetrics {
             gaps: AtomicU64::new(0),
             gap_checks: AtomicU64::new(0),
             published_http: AtomicU64::new(0),
+            presence_users: AtomicI64::new(0),
+            presence_joins: AtomicU64::new(0),
+            presence_leaves: AtomicU64::new(0),
+            presence_ghosts: AtomicU64::new(0),
+            presence_redis_calls: AtomicU64::new(0),
             skipped: Default::default(),
             read_lag_ms: OnceLock::new(),
         }
