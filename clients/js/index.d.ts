@@ -78,6 +78,18 @@ export interface ClientEvents {
   error: Error | RingcastError;
 }
 
+/** Options of `publish` (protocol v1.2). */
+export interface PublishOptions {
+  /**
+   * Idempotency key, 1 to 128 bytes: the server delivers a publish with the
+   * same topic and key within its `--idempotency-window` once and answers
+   * every repeat with the first `mid`; a keyed publish in flight when the
+   * connection drops is sent again after the reconnect, not rejected as
+   * "outcome_unknown".
+   */
+  key?: string;
+}
+
 export interface SubscribedInfo {
   epoch: string;
   /** The position the subscription became live at (docs/PROTOCOL.md: `last`). */
@@ -151,7 +163,7 @@ export class Ringcast {
   /** Throws a RingcastError "already_subscribed" when the topic is subscribed. */
   subscribe<T = unknown>(topic: string, fn: MessageHandler<T>, options?: SubscribeOptions): Subscription<T>;
   /** Resolves with the new message's id (`mid`); rejects with the server's error, "queue_full", "outcome_unknown" or "closed". */
-  publish(topic: string, data: unknown): Promise<string>;
+  publish(topic: string, data: unknown, options?: PublishOptions): Promise<string>;
   /** Who is subscribed to `topic` on every node (namespaces with presence); rejects with the server's error (4403, 4004, 4503). */
   presence(topic: string): Promise<PresenceInfo>;
   /** The `ping` op; resolves on `pong`. */

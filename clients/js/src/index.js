@@ -192,14 +192,22 @@ export class Ringcast extends Emitter {
     return sub;
   }
 
-  /** Publishes `data`; resolves with the message id (`mid`). */
-  publish(topic, data) {
+  /**
+   * Publishes `data`; resolves with the message id (`mid`). With
+   * `options.key` (v1.2, 1 to 128 bytes) the server delivers a repeat of
+   * the topic and key within its idempotency window only once and answers
+   * it with the first `mid`, so a keyed publish in flight when the link
+   * drops is sent again after the reconnect instead of rejecting as
+   * "outcome unknown".
+   */
+  publish(topic, data, options = {}) {
+    const key = options.key;
     return new Promise((resolve, reject) => {
       if (this.state === "closed") return reject(new RingcastError("closed", "client closed"));
       if (this._queue.length >= this.options.maxQueuedPublishes) {
         return reject(new RingcastError("queue_full", `publish queue full: ${this._queue.length} publishes wait for a connection`, topic));
       }
-      this._queue.push({ topic, data, resolve, reject });
+      this._queue.push({ topic, data, key, resolve, reject });
       this._pump();
     });
   }
@@ -404,6 +412,7 @@ export class Ringcast extends Emitter {
       else {
         this._queue.shift();
         item.frame = { op: "pub", topic: item.topic, data: item.data };
+        if (item.key !== undefined) item.frame.key = item.key;
         item.kind = "pub";
         item.timer = this._clock.setTimeout(() => {
           this._pending.delete(item.id);
@@ -555,14 +564,23 @@ export class Ringcast extends Emitter {
 
   // Rejects what can no longer be answered; subscriptions wait to resubscribe.
   _settle(code, reason) {
+    // Keyed publishes in flight are safe to send again (the server answers
+    // a repeat with the first mid): ahead of the never-sent ones, in order.
+    const again = [];
     for (const [id, p] of this._pending) {
       this._clock.clearTimeout(p.timer);
       if (p.sub) continue;
+      if (p.kind === "pub" && p.key !== undefined) {
+        again.push(p);
+        this._pending.delete(id);
+        continue;
+      }
       const what = p.kind === "pub" ? `publish outcome unknown: the connection closed (${code}) before the server answered` : `connection closed (${code}) before the ${p.frame.op} was answered`;
       p.reject(new RingcastError(p.kind === "pub" ? "outcome_unknown" : "disconnected", what, p.topic));
       this._pending.delete(id);
     }
     this._pending.clear();
+    this._queue.unshift(...again);
     // Requests never sent wait for the next connection (or their timeout).
     this._outbox = this._outbox.filter((it) => it.resolve);
     for (const sub of this._subs.values()) {

@@ -125,3 +125,23 @@ test("ping() resolves on pong", async () => {
   ws.receive({ op: "pong", id: ws.last("ping").id });
   assert.equal(await p, undefined);
 });
+
+test("a keyed publish in flight when the link drops is sent again with its key, not rejected", async () => {
+  const c = await setup();
+  let ws = await c.connect();
+  const keyed = c.rc.publish("t", "sent", { key: "order-7/shipped" });
+  const plain = c.rc.publish("t", "plain");
+  await c.clock.advance(0);
+  assert.deepEqual(ws.ops("pub").map((f) => f.key), ["order-7/shipped", undefined]);
+  ws.serverClose(1006);
+  await assert.rejects(plain, (e) => e.code === "outcome_unknown");
+  await c.clock.advance(c.clock.nextDelay());
+  ws = c.ws;
+  ws.open();
+  ws.welcome();
+  await c.clock.advance(0);
+  const again = ws.ops("pub");
+  assert.deepEqual(again.map((f) => [f.data, f.key]), [["sent", "order-7/shipped"]]);
+  ws.receive({ op: "ok", id: again[0].id, topic: "t", mid: "1-0" });
+  assert.equal(await keyed, "1-0");
+});
