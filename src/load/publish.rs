@@ -78,8 +78,11 @@ impl Publisher {
                 let d = crate::config::Config::default();
                 let settings = crate::broker::redis::Settings {
                     url: url.clone(),
-                    partitions: d.redis_partitions,
-                    key_prefix: d.redis_key_prefix,
+                    keys: crate::broker::redis::Keys::new(
+                        &d.redis_key_prefix,
+                        d.redis_partitions,
+                        d.redis_key_layout,
+                    ),
                     maxlen: d.redis_maxlen,
                     cache_size: 0,
                 };
