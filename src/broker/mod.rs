@@ -109,6 +109,11 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// costs only deliveries the shard ignores until the next withdrawal.
     fn withdraw(&self, topic: TopicName, shard: ShardId);
 
+    /// `shard` holds a pattern subscription (`on`), or no longer does:
+    /// deliver it every topic from now on, or only the ones it announced
+    /// (see [`Bus::want_every_topic`]).
+    fn want_every_topic(&self, shard: ShardId, on: bool);
+
     /// Called on each shard's thread before it serves: the embedded broker
     /// hands the thread its part (the topics it keeps).
     fn attach(&self, _shard: ShardId) {}

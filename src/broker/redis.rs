@@ -415,6 +415,10 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn want_every_topic(&self, shard: ShardId, on: bool) {
+        self.bus.want_every_topic(shard, on);
+    }
+
     fn withdraw(&self, topic: TopicName, shard: ShardId) {
         // Not urgent: the reader takes it before its next read. Dropped
         // when full (see `Broker::withdraw`).
