@@ -245,9 +245,10 @@ settings! {
     #[help = "Deflate level, 1 (fastest) to 9 (smallest)"]
     compression_level: u32 => u32 = 1;
 
-    /// Subscriptions per connection; past it error 4013.
+    /// Subscriptions per connection, topics and patterns alike; past it
+    /// error 4013.
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS")]
-    #[help = "Subscriptions per connection; past it error 4013"]
+    #[help = "Subscriptions (topics and patterns) per connection; past it error 4013"]
     max_subscriptions: usize => usize = 1024;
 
     /// Frames per second one connection may send, refilling a token bucket

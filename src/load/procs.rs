@@ -57,6 +57,9 @@ impl Workers {
             if args.deflate {
                 cmd.arg("--deflate");
             }
+            if args.wildcard {
+                cmd.arg("--wildcard");
+            }
             if let Some(secret) = &args.token_secret {
                 cmd.args(["--token-secret", secret]);
             }
