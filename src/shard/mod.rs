@@ -39,6 +39,9 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+/// The wildcard trie, public only for `benches/patterns.rs`.
+#[doc(hidden)]
+pub use patterns::PatternTrie;
 pub use runtime::{spawn, ShardFailure};
 #[cfg(debug_assertions)]
 pub use runtime::{

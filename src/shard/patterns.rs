@@ -131,9 +131,10 @@ impl Shard {
     }
 }
 
-/// Distinct patterns, by namespace, as segment tries.
+/// Distinct patterns, by namespace, as segment tries. Public (hidden from
+/// the docs) only for `benches/patterns.rs`; not a stable API.
 #[derive(Debug, Default)]
-pub(crate) struct PatternTrie {
+pub struct PatternTrie {
     spaces: HashMap<Box<str>, Node>,
     len: usize,
 }
@@ -172,19 +173,18 @@ fn next_segment(rest: &str) -> (&str, Option<&str>) {
 
 impl PatternTrie {
     /// Distinct patterns held.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether it holds none.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Adds `pattern` (valid, from [`TopicName::filter`]); false if it was
     /// there already.
-    pub(crate) fn insert(&mut self, pattern: &TopicName) -> bool {
+    pub fn insert(&mut self, pattern: &TopicName) -> bool {
         let (ns, rest) = split_namespace(pattern.as_str());
         let mut node = self.spaces.entry(ns.into()).or_default();
         let mut left = Some(rest);
@@ -211,7 +211,7 @@ impl PatternTrie {
     }
 
     /// Removes `pattern` and the nodes only it needed; false if it was not there.
-    pub(crate) fn remove(&mut self, pattern: &TopicName) -> bool {
+    pub fn remove(&mut self, pattern: &TopicName) -> bool {
         let (ns, rest) = split_namespace(pattern.as_str());
         let Some(root) = self.spaces.get_mut(ns) else {
             return false;
@@ -227,7 +227,7 @@ impl PatternTrie {
     }
 
     /// Calls `f` with every pattern `topic` matches, each once.
-    pub(crate) fn for_each_match(&self, topic: &str, mut f: impl FnMut(&TopicName)) {
+    pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&TopicName)) {
         let (ns, rest) = split_namespace(topic);
         if let Some(root) = self.spaces.get(ns) {
             walk(root, Some(rest), &mut f);
