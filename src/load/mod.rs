@@ -122,7 +122,7 @@ pub struct LoadArgs {
     pub rounds: usize,
     /// Publish by `XADD` straight to this Redis, as a producer does,
     /// instead of the WebSocket `pub` op; the server must read the same
-    /// Redis with the default partitions and key prefix.
+    /// Redis with the default partitions, key prefix and key layout.
     #[arg(long)]
     pub redis: Option<String>,
     /// A token for every connection (`?token=`), for servers that require one.
