@@ -1,5 +1,5 @@
-//! The command line: `serve`, `publish`, `subscribe`, `token`, `load`,
-//! `doctor`. Doc comments here are the `--help` text, except `serve`'s
+//! The command line: `serve`, `publish`, `subscribe`, `token`, `keys`,
+//! `load`, `doctor`. Doc comments here are the `--help` text, except `serve`'s
 //! settings: those are [`Layer`], declared with their defaults in
 //! [`crate::config`], which also validates them.
 
