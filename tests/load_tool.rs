@@ -456,3 +456,28 @@ fn topics_with_wildcard_subscribes_by_pattern_and_gets_the_same_deliveries() {
     );
     std::fs::remove_file(file).unwrap();
 }
+
+#[test]
+fn fanout_by_xadd_follows_the_even_key_layout() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url(), "--redis-key-layout", "even"]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "fanout",
+        "--target",
+        &target,
+        "--connections",
+        "10",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--redis",
+        &redis.url(),
+        "--redis-key-layout",
+        "even",
+    ])[0];
+    let published = r["published"].as_u64().unwrap();
+    assert!(published >= 150, "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), published * 10, "{r}");
+}

@@ -122,9 +122,13 @@ pub struct LoadArgs {
     pub rounds: usize,
     /// Publish by `XADD` straight to this Redis, as a producer does,
     /// instead of the WebSocket `pub` op; the server must read the same
-    /// Redis with the default partitions, key prefix and key layout.
+    /// Redis with the default partitions and key prefix, and the key
+    /// layout of `--redis-key-layout`.
     #[arg(long)]
     pub redis: Option<String>,
+    /// With `--redis`: the servers' `--redis-key-layout`.
+    #[arg(long, default_value = "legacy")]
+    pub redis_key_layout: crate::broker::redis::KeyLayout,
     /// A token for every connection (`?token=`), for servers that require one.
     #[arg(long)]
     pub token: Option<String>,
