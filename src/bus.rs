@@ -114,6 +114,25 @@ pub enum ShardMsg {
         /// The node's partition count.
         partitions: u32,
     },
+    /// A presence event (`join` or `leave`) for the topic's local
+    /// subscribers, in order with its messages; never to a connection of
+    /// `user` itself.
+    Presence {
+        /// The topic.
+        topic: TopicName,
+        /// Whose event it is.
+        user: Arc<str>,
+        /// The `join`/`leave` frame, shared.
+        frame: Bytes,
+    },
+    /// A reply made off the shard (a `presence` answer): queue `frame` to
+    /// the connection, if it is still there.
+    Answer {
+        /// Who asked.
+        reply: ReplyTo,
+        /// The reply frame.
+        frame: Bytes,
+    },
     /// The answer to a `pub`.
     Published {
         /// Who asked.
@@ -350,13 +369,35 @@ impl Bus {
     /// `topic` on (to the only shard, with one). The frame is shared, not
     /// copied.
     pub fn deliver(&self, topic: &TopicName, id: MsgId, frame: &Bytes, interest: &Interest) {
-        let send = |shard: &ShardSender| {
+        self.each_interested(topic, interest, |shard| {
             shard.send(ShardMsg::Deliver {
                 topic: topic.clone(),
                 id,
                 frame: frame.clone(),
             })
-        };
+        });
+    }
+
+    /// Sends a presence event of `user` on `topic` the way [`Bus::deliver`]
+    /// sends a message: to the shards with a subscriber of the topic.
+    pub fn presence(&self, topic: &TopicName, user: &Arc<str>, frame: &Bytes, interest: &Interest) {
+        self.each_interested(topic, interest, |shard| {
+            shard.send(ShardMsg::Presence {
+                topic: topic.clone(),
+                user: user.clone(),
+                frame: frame.clone(),
+            })
+        });
+    }
+
+    /// Calls `send` with every shard `interest` has a subscriber for
+    /// `topic` on (every shard, with one).
+    fn each_interested(
+        &self,
+        topic: &TopicName,
+        interest: &Interest,
+        mut send: impl FnMut(&ShardSender),
+    ) {
         if !interest.tracked() {
             return self.shards.iter().for_each(send);
         }

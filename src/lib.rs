@@ -20,6 +20,8 @@
 //! - [`topic`]: topic names and their validation; [`namespace`]: policy per topic family.
 //! - [`broker`]: the seam between publishing and delivery; [`broker::memory`]
 //!   is the embedded, single-node broker with per-topic history.
+//! - [`presence`]: who is subscribed to presence topics, counted per shard,
+//!   then per node, then (with Redis) across nodes; `join`/`leave`.
 //! - [`bus`]: the cross-shard hand-off: a bounded inbox per shard plus a waker.
 //! - [`metrics`]: shard-local counters summed at scrape time, Prometheus text.
 //! - [`admin`]: the admin HTTP endpoint on a thread of its own (`/metrics`,
@@ -45,6 +47,7 @@ pub mod id;
 pub mod load;
 pub mod metrics;
 pub mod namespace;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod shard;

@@ -20,6 +20,15 @@ pub struct NamespaceConfig {
     /// Presence (`join`/`leave`, `presence` op) for this namespace. Default false.
     #[serde(default)]
     pub presence: bool,
+    /// Users listed in a `presence` reply at most (`count` says how many
+    /// there are). Default 1000.
+    pub presence_max_users: Option<u32>,
+    /// Whether subscribers get `join` and `leave`. Default: the value of
+    /// `presence`.
+    pub join_leave: Option<bool>,
+    /// Above this many users on a topic its `join`/`leave` are not sent (the
+    /// `presence` reply still works). Default 1000.
+    pub join_leave_max_users: Option<u32>,
     /// Clients whose token grants it may publish. Default true.
     #[serde(default = "yes")]
     pub allow_publish: bool,
@@ -41,6 +50,14 @@ fn yes() -> bool {
     true
 }
 
+/// Default of `presence_max_users`.
+pub const DEFAULT_PRESENCE_MAX_USERS: u32 = 1000;
+/// Default of `join_leave_max_users`.
+pub const DEFAULT_JOIN_LEAVE_MAX_USERS: u32 = 1000;
+/// Largest `presence_max_users`: a reply of this many ids stays well under
+/// the default `max_message_size` of clients (1 MiB at 100-byte ids).
+pub const MAX_PRESENCE_MAX_USERS: u32 = 10_000;
+
 /// A namespace's policy, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -48,6 +65,12 @@ pub struct Namespace {
     pub name: String,
     /// See [`NamespaceConfig::presence`].
     pub presence: bool,
+    /// See [`NamespaceConfig::presence_max_users`].
+    pub presence_max_users: u32,
+    /// Whether `join`/`leave` are sent (presence on and `join_leave` not off).
+    pub join_leave: bool,
+    /// See [`NamespaceConfig::join_leave_max_users`].
+    pub join_leave_max_users: u32,
     /// See [`NamespaceConfig::allow_publish`].
     pub allow_publish: bool,
     /// See [`NamespaceConfig::anonymous`].
@@ -65,6 +88,9 @@ impl Namespace {
         Namespace {
             name: String::new(),
             presence: false,
+            presence_max_users: DEFAULT_PRESENCE_MAX_USERS,
+            join_leave: false,
+            join_leave_max_users: DEFAULT_JOIN_LEAVE_MAX_USERS,
             allow_publish: true,
             anonymous: false,
             history_size: None,
@@ -111,9 +137,28 @@ impl Namespaces {
                     t.name
                 ));
             }
+            let presence_max_users = t.presence_max_users.unwrap_or(DEFAULT_PRESENCE_MAX_USERS);
+            if !(1..=MAX_PRESENCE_MAX_USERS).contains(&presence_max_users) {
+                errs.push(format!(
+                    "namespaces.{}: presence_max_users must be between 1 and {MAX_PRESENCE_MAX_USERS}",
+                    t.name
+                ));
+            }
+            let join_leave = t.join_leave.unwrap_or(t.presence);
+            if join_leave && !t.presence {
+                errs.push(format!(
+                    "namespaces.{}: join_leave needs presence = true",
+                    t.name
+                ));
+            }
             list.push(Namespace {
                 name: t.name.clone(),
                 presence: t.presence,
+                presence_max_users,
+                join_leave: join_leave && t.presence,
+                join_leave_max_users: t
+                    .join_leave_max_users
+                    .unwrap_or(DEFAULT_JOIN_LEAVE_MAX_USERS),
                 allow_publish: t.allow_publish,
                 anonymous: t.anonymous,
                 history_size: t.history_size,
@@ -141,6 +186,11 @@ impl Namespaces {
         self.list.iter().find(|n| n.name == name)
     }
 
+    /// Whether any namespace has presence on.
+    pub fn any_presence(&self) -> bool {
+        self.list.iter().any(|n| n.presence)
+    }
+
     /// Whether any namespace admits clients without a token.
     pub fn any_anonymous(&self) -> bool {
         self.list.iter().any(|n| n.anonymous)
@@ -160,6 +210,9 @@ mod tests {
         NamespaceConfig {
             name: name.into(),
             presence: false,
+            presence_max_users: None,
+            join_leave: None,
+            join_leave_max_users: None,
             allow_publish: true,
             anonymous: false,
             history_size: None,
@@ -185,5 +238,34 @@ mod tests {
         let errs = Namespaces::from_config(&[table("a:b"), table("x"), table("x")]).unwrap_err();
         assert!(errs[0].contains("\"a:b\""), "{errs:?}");
         assert!(errs[1].contains("configured twice"), "{errs:?}");
+    }
+
+    #[test]
+    fn presence_keys_have_defaults_and_bounds() {
+        let mut chat = table("chat");
+        chat.presence = true;
+        let ns = Namespaces::from_config(&[chat.clone(), table("news")]).unwrap();
+        let c = ns.of("chat:1").unwrap();
+        assert!(c.presence && c.join_leave);
+        assert_eq!((c.presence_max_users, c.join_leave_max_users), (1000, 1000));
+        let n = ns.of("news:1").unwrap();
+        assert!(!n.presence && !n.join_leave);
+        chat.join_leave = Some(false);
+        chat.presence_max_users = Some(5);
+        let ns = Namespaces::from_config(&[chat.clone()]).unwrap();
+        let c = ns.of("chat:1").unwrap();
+        assert!(c.presence && !c.join_leave && c.presence_max_users == 5);
+        chat.presence_max_users = Some(0);
+        let mut news = table("news");
+        news.join_leave = Some(true);
+        let errs = Namespaces::from_config(&[chat, news]).unwrap_err();
+        assert!(
+            errs[0].contains("namespaces.chat: presence_max_users must be between 1 and 10000"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("namespaces.news: join_leave needs presence = true"),
+            "{errs:?}"
+        );
     }
 }

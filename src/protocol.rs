@@ -578,6 +578,41 @@ pub fn encode_pong(id: Option<u64>) -> Bytes {
     text_frame(&s)
 }
 
+/// `{"op":"presence","id":..,"topic":..,"users":[..],"count":..,"truncated":..}`:
+/// the answer to a `presence` request. `users` are at most the namespace's
+/// `presence_max_users`; `count` is how many there are in all.
+pub fn encode_presence(id: Option<u64>, topic: &TopicName, users: &[String], count: u64) -> Bytes {
+    let mut s = String::from("{\"op\":\"presence\"");
+    push_id(&mut s, id);
+    s.push_str(",\"topic\":\"");
+    s.push_str(topic.as_str());
+    s.push_str("\",\"users\":[");
+    for (i, u) in users.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        push_json_str(&mut s, u);
+    }
+    let truncated = (users.len() as u64) < count;
+    s.push_str(&format!("],\"count\":{count},\"truncated\":{truncated}}}"));
+    text_frame(&s)
+}
+
+/// `{"op":"join"|"leave","topic":..,"user":..}`: a user's first connection
+/// subscribed to the topic, or its last one left.
+pub fn encode_presence_event(topic: &TopicName, join: bool, user: &str) -> Bytes {
+    let mut s = String::from(if join {
+        "{\"op\":\"join\",\"topic\":\""
+    } else {
+        "{\"op\":\"leave\",\"topic\":\""
+    });
+    s.push_str(topic.as_str());
+    s.push_str("\",\"user\":");
+    push_json_str(&mut s, user);
+    s.push('}');
+    text_frame(&s)
+}
+
 /// `{"op":"drain","reconnect_in_ms":..}`.
 pub fn encode_drain(reconnect_in_ms: u64) -> Bytes {
     text_frame(&format!(

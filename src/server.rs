@@ -59,7 +59,8 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
     // here, never replaced by the implicit namespace.
     let namespaces = crate::namespace::Namespaces::from_config(&config.namespaces)
         .map_err(|e| anyhow::anyhow!("invalid namespaces: {}", e.join("; ")))?;
-    let broker: Arc<dyn Broker> = match redis_settings(&config) {
+    let redis = redis_settings(&config);
+    let broker: Arc<dyn Broker> = match redis.clone() {
         Some(settings) => {
             warn_ignored_history(&config);
             Arc::new(
@@ -76,6 +77,28 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             MemoryBroker::start(bus.clone(), retention, &namespaces)
                 .context("starting the embedded broker")?,
         ),
+    };
+    let presence = if namespaces.any_presence() {
+        let world = match redis {
+            Some(settings) => crate::presence::World::Redis(settings),
+            None => crate::presence::World::Embedded(broker.clone()),
+        };
+        let settings = crate::presence::Settings {
+            node_name: config.node_name.clone(),
+            ttl: config.presence_ttl,
+            leave_delay: config.presence_leave_delay,
+        };
+        let p = crate::presence::Presence::start(
+            settings,
+            world,
+            namespaces.clone(),
+            bus.clone(),
+            broker_metrics.clone(),
+        )
+        .context("starting presence")?;
+        Some(p)
+    } else {
+        None
     };
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if !config.stats_log_interval.is_zero() {
@@ -117,6 +140,7 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
             auth: auth.clone(),
             node_connections: node_connections.clone(),
             namespaces: namespaces.clone(),
+            presence: presence.clone(),
         };
         let tx = exit_tx.clone();
         thread::Builder::new()
@@ -151,7 +175,15 @@ pub fn run(config: Arc<Config>) -> anyhow::Result<()> {
         );
     }
     let _ = std::io::stdout().flush();
-    supervise(&exit_rx, config.shards, &draining, &bus)
+    let result = supervise(&exit_rx, config.shards, &draining, &bus);
+    if let Some(p) = presence {
+        // Clients were told to reconnect within the drain window: hold
+        // their leaves past it, so one that reconnects elsewhere never
+        // leaves.
+        let hold = config.drain_window + config.presence_leave_delay;
+        p.stop(hold, std::time::Duration::from_secs(3));
+    }
+    result
 }
 
 /// Logs one `stats` line (info) every `interval`: connections and

@@ -622,3 +622,101 @@ fn the_even_key_layout_spreads_partitions_over_every_master_and_delivers() {
         assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
     }
 }
+
+/// Presence on a cluster: the scripts' keys share each partition's hash
+/// tag, so they run on whichever master owns the partition. Users on two
+/// nodes, topics on two masters; a node killed, its users leave.
+#[test]
+fn presence_works_across_masters_and_a_killed_node_users_leave() {
+    use ringcast::auth::{mint_hmac, now_secs, Claims};
+    const SECRET: &str = "cluster-presence-secret-0123456789abcdef";
+    let cluster = TestCluster::start();
+    // Two presence topics whose partitions live on different masters.
+    let topics: Vec<String> = {
+        let first = "chat:0".to_string();
+        let owner = cluster.owner(&key(&first));
+        let other = (1..200)
+            .map(|i| format!("chat:{i}"))
+            .find(|t| cluster.owner(&key(t)) != owner)
+            .unwrap();
+        vec![first, other]
+    };
+    let file = std::env::temp_dir().join(format!(
+        "ringcast-cluster-presence-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&file, "[[namespaces]]\nname = \"chat\"\npresence = true\n").unwrap();
+    let args = [
+        "--redis",
+        &cluster.url(),
+        "--config",
+        file.to_str().unwrap(),
+        "--auth-hmac-secret",
+        SECRET,
+        "--presence-ttl",
+        "3s",
+        "--presence-leave-delay",
+        "0s",
+    ];
+    let a = TestServer::start(&args);
+    let mut b = TestServer::start(&args);
+    std::fs::remove_file(&file).unwrap();
+    let connect = |s: &TestServer, user: &str| {
+        let claims = Claims {
+            sub: user.into(),
+            exp: now_secs() + 600,
+            subs: vec!["#".into()],
+            pubs: vec![],
+        };
+        let url = format!(
+            "{}?token={}",
+            s.url(),
+            mint_hmac(SECRET.as_bytes(), &claims)
+        );
+        Client::connect(&url).unwrap()
+    };
+    let next = |c: &mut Client| loop {
+        match c.recv(Duration::from_secs(10)) {
+            Ok(Event::Frame(v)) if v["op"] == "join" || v["op"] == "leave" => {
+                return (
+                    v["op"].as_str().unwrap().to_string(),
+                    v["topic"].as_str().unwrap().to_string(),
+                    v["user"].as_str().unwrap().to_string(),
+                )
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut w = connect(&a, "watcher");
+    for t in &topics {
+        w.subscribe(t, None).unwrap();
+    }
+    let mut on_b = connect(&b, "bea");
+    for t in &topics {
+        on_b.subscribe(t, None).unwrap();
+    }
+    let mut seen: Vec<_> = (0..2).map(|_| next(&mut w)).collect();
+    seen.sort();
+    let want: Vec<_> = topics
+        .iter()
+        .map(|t| ("join".to_string(), t.clone(), "bea".to_string()))
+        .collect();
+    assert_eq!(seen, want);
+    for t in &topics {
+        let (v, _) = w.request(json!({"op": "presence", "topic": t})).unwrap();
+        assert_eq!(v["count"], 2, "{v}");
+    }
+    // Node B dies: a survivor (A) takes its members out.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let mut seen: Vec<_> = (0..2).map(|_| next(&mut w)).collect();
+    seen.sort();
+    let want: Vec<_> = topics
+        .iter()
+        .map(|t| ("leave".to_string(), t.clone(), "bea".to_string()))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(a.metric("ringcast_presence_ghosts_total"), 2.0);
+    drop(on_b);
+}

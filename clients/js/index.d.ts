@@ -94,7 +94,7 @@ export interface SubscriptionEvents {
   unrecovered: SubscribedInfo;
   /** A refusal or an end by the server; `willRetry` tells whether the client tries again. */
   error: RingcastError;
-  /** Not sent by ringcast yet (presence is not built). */
+  /** Presence namespaces: a user's first connection subscribed, or its last one left (never your own user). */
   join: { topic: string; user: string };
   leave: { topic: string; user: string };
 }
@@ -155,7 +155,7 @@ export class Ringcast {
   subscribe<T = unknown>(topic: string, fn: MessageHandler<T>, options?: SubscribeOptions): Subscription<T>;
   /** Resolves with the new message's id (`mid`); rejects with the server's error, "queue_full", "outcome_unknown" or "closed". */
   publish(topic: string, data: unknown): Promise<string>;
-  /** Rejects with the server's error until presence is built (docs/PROTOCOL.md). */
+  /** Who is subscribed to `topic` on every node (namespaces with presence); rejects with the server's error (4403, 4004, 4503). */
   presence(topic: string): Promise<PresenceInfo>;
   /** The `ping` op; resolves on `pong`. */
   ping(): Promise<void>;

@@ -101,6 +101,12 @@ enum Request {
     },
     Subscribe(SubscribeRequest),
     Withdraw(TopicName, ShardId),
+    /// A presence event, sent in order with the topic's messages.
+    Presence {
+        topic: TopicName,
+        user: Arc<str>,
+        join: bool,
+    },
 }
 
 /// One shard's part of the broker: the history of the topics it owns, their
@@ -271,6 +277,10 @@ impl Log {
             } => self.publish(reply, topic, event.as_deref(), &data),
             Request::Subscribe(req) => self.subscribe(req),
             Request::Withdraw(topic, shard) => self.interest.remove(&topic, shard),
+            Request::Presence { topic, user, join } => {
+                let frame = crate::protocol::encode_presence_event(&topic, join, &user);
+                self.bus.presence(&topic, &user, &frame, &self.interest);
+            }
         }
     }
 
@@ -469,6 +479,28 @@ impl Broker for MemoryBroker {
     fn withdraw(&self, topic: TopicName, shard: ShardId) {
         // Dropped when the owner's inbox is full: see `Broker::withdraw`.
         let _ = self.route(&topic.clone(), Request::Withdraw(topic, shard));
+    }
+
+    fn presence_event(&self, topic: TopicName, user: Arc<str>, join: bool) {
+        let req = Request::Presence {
+            topic: topic.clone(),
+            user,
+            join,
+        };
+        if let Err(req) = self.route(&topic, req) {
+            // The owner's inbox is full: `send_to` counts it as dropped and
+            // flags the shard lagged, so its subscribers recover.
+            let job = Job {
+                broker: self.id,
+                owner: self.owner(&topic),
+                req,
+            };
+            let msg = ShardMsg::Run {
+                job: Box::new(job),
+                run: run_job,
+            };
+            self.bus.send_to(self.owner(&topic), msg);
+        }
     }
 
     fn attach(&self, shard: ShardId) {

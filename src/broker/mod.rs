@@ -114,6 +114,12 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// (see [`Bus::want_every_topic`]).
     fn want_every_topic(&self, shard: ShardId, on: bool);
 
+    /// Sends a presence event (`join` or `leave` of `user` on `topic`) to
+    /// the topic's subscribers, in order with its messages. The embedded
+    /// broker does; the Redis broker's events are stream entries that the
+    /// presence thread writes and the readers deliver, so it ignores this.
+    fn presence_event(&self, _topic: TopicName, _user: std::sync::Arc<str>, _join: bool) {}
+
     /// Called on each shard's thread before it serves: the embedded broker
     /// hands the thread its part (the topics it keeps).
     fn attach(&self, _shard: ShardId) {}

@@ -51,8 +51,8 @@ use tracing::{info, warn};
 /// Reply and entry decoding, public only for `tests/fuzz_redis.rs`.
 #[doc(hidden)]
 pub use entry::{
-    decode_entry, parse_id, range_entries, xread_streams, Entry, RawEntries, Retained,
-    MAX_EVENT_LEN,
+    decode_entry, parse_id, range_entries, xread_streams, Entry, PresenceEvent, RawEntries,
+    Retained, MAX_EVENT_LEN, MAX_USER_LEN,
 };
 pub use entry::{epoch_key, partition, stream_key};
 pub use keys::{key_slot, target_slot, KeyLayout, Keys, SLOTS};

@@ -131,6 +131,14 @@ impl Config {
             "history_size: must be at most 10000000",
         );
         need(
+            (Duration::from_secs(3)..=Duration::from_secs(3600)).contains(&self.presence_ttl),
+            "presence_ttl: must be between 3s and 1h",
+        );
+        need(
+            self.presence_leave_delay <= Duration::from_secs(600),
+            "presence_leave_delay: must be at most 10m",
+        );
+        need(
             !self.node_name.is_empty() && self.node_name.len() <= 64,
             "node_name: must be 1 to 64 characters",
         );

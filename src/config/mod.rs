@@ -334,6 +334,22 @@ settings! {
     #[help = "Window over which `drain` spreads reconnects on shutdown"]
     drain_window: HumanDuration => Duration = Duration::from_secs(10);
 
+    /// Presence: how long a node's users stay listed after it stops
+    /// renewing its liveness (it renews every third of this); a node killed
+    /// without a drain has its users' `leave`s sent by a survivor within
+    /// this plus a second.
+    #[arg(long, env = "RINGCAST_PRESENCE_TTL")]
+    #[help = "Presence: a dead node's users leave within this plus 1s"]
+    presence_ttl: HumanDuration => Duration = Duration::from_secs(30);
+
+    /// Presence: a user's `leave` after a clean departure (its last
+    /// connection to the topic on this node went) waits this long, and is
+    /// not sent if the user comes back meanwhile: a page reload or a
+    /// reconnect after a drain does not flap. 0 sends it at once.
+    #[arg(long, env = "RINGCAST_PRESENCE_LEAVE_DELAY")]
+    #[help = "Presence: hold a clean departure's `leave` this long"]
+    presence_leave_delay: HumanDuration => Duration = Duration::from_secs(5);
+
     /// Messages the embedded broker keeps per topic.
     #[arg(long, env = "RINGCAST_HISTORY_SIZE")]
     #[help = "Messages kept per topic for recovery (embedded broker)"]

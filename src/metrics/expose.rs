@@ -48,6 +48,13 @@ fn broker_samples(b: &BrokerMetrics, name: &str) -> Vec<Sample> {
                 .enumerate()
                 .map(|(i, d)| (d.label(), b.skipped[i].load(Relaxed) as f64)),
         ),
+        PRESENCE_USERS => one(b.presence_users.load(Relaxed) as f64),
+        PRESENCE_EVENTS => each([
+            ("join", b.presence_joins.load(Relaxed) as f64),
+            ("leave", b.presence_leaves.load(Relaxed) as f64),
+        ]),
+        PRESENCE_GHOSTS => one(b.presence_ghosts.load(Relaxed) as f64),
+        PRESENCE_REDIS_CALLS => one(b.presence_redis_calls.load(Relaxed) as f64),
         BROKER_READ_LAG => each(
             b.read_lags()
                 .into_iter()

@@ -311,10 +311,13 @@ pub enum Skip {
     InvalidEvent,
     /// The entry id or layout is not what Redis streams return.
     Malformed,
+    /// A presence entry (`presence` field) whose `presence` is not `join`
+    /// or `leave`, or whose `user` is missing, empty, too long or not UTF-8.
+    InvalidPresence,
 }
 
 impl Skip {
-    pub(crate) const ALL: [Skip; 7] = [
+    pub(crate) const ALL: [Skip; 8] = [
         Skip::MissingTopic,
         Skip::MissingData,
         Skip::InvalidTopic,
@@ -322,6 +325,7 @@ impl Skip {
         Skip::InvalidData,
         Skip::InvalidEvent,
         Skip::Malformed,
+        Skip::InvalidPresence,
     ];
 
     /// The `reason` label.
@@ -334,6 +338,7 @@ impl Skip {
             Skip::InvalidData => "invalid_data",
             Skip::InvalidEvent => "invalid_event",
             Skip::Malformed => "malformed",
+            Skip::InvalidPresence => "invalid_presence",
         }
     }
 }
@@ -367,7 +372,18 @@ pub struct BrokerMetrics {
     pub gap_checks: AtomicU64,
     /// Messages published through the admin endpoint's `POST /publish`.
     pub published_http: AtomicU64,
-    pub(crate) skipped: [AtomicU64; 7],
+    /// Presence: (topic, user) pairs this node holds (gauge).
+    pub presence_users: AtomicI64,
+    /// Presence: `join`s this node sent (or wrote to Redis).
+    pub presence_joins: AtomicU64,
+    /// Presence: `leave`s this node sent (or wrote to Redis), dead nodes'
+    /// included.
+    pub presence_leaves: AtomicU64,
+    /// Presence: members of dead nodes this node removed.
+    pub presence_ghosts: AtomicU64,
+    /// Presence: round trips to Redis (scripts and commands).
+    pub presence_redis_calls: AtomicU64,
+    pub(crate) skipped: [AtomicU64; 8],
     /// Per partition (the Redis reader's): how old the newest entry of the
     /// reader's last `XREAD` batch of the partition was when it was read,
     /// in ms; [`NOT_READ`] until then. Sized on the first write.
@@ -391,6 +407,11 @@ impl Default for BrokerMetrics {
             gaps: AtomicU64::new(0),
             gap_checks: AtomicU64::new(0),
             published_http: AtomicU64::new(0),
+            presence_users: AtomicI64::new(0),
+            presence_joins: AtomicU64::new(0),
+            presence_leaves: AtomicU64::new(0),
+            presence_ghosts: AtomicU64::new(0),
+            presence_redis_calls: AtomicU64::new(0),
             skipped: Default::default(),
             read_lag_ms: OnceLock::new(),
         }

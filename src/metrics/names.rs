@@ -71,6 +71,14 @@ pub const BROKER_PUBLISH_ROUND_TRIPS: &str = "ringcast_broker_publish_round_trip
 pub const BROKER_GAPS: &str = "ringcast_broker_gaps_total";
 /// XINFO STREAM reads looking for gaps (counter).
 pub const BROKER_GAP_CHECKS: &str = "ringcast_broker_gap_checks_total";
+/// Presence: (topic, user) pairs this node holds (gauge).
+pub const PRESENCE_USERS: &str = "ringcast_presence_users";
+/// Presence: `join`/`leave` this node sent (counter, `kind`).
+pub const PRESENCE_EVENTS: &str = "ringcast_presence_events_total";
+/// Presence: dead nodes' members this node removed (counter).
+pub const PRESENCE_GHOSTS: &str = "ringcast_presence_ghosts_total";
+/// Presence: round trips to Redis (counter).
+pub const PRESENCE_REDIS_CALLS: &str = "ringcast_presence_redis_calls_total";
 
 /// The kind of a metric family.
 #[derive(Debug, Clone, Copy)]
@@ -277,6 +285,30 @@ pub(super) const DEFS: &[Def] = &[
         Counter,
         REASON,
         "Malformed stream entries skipped, by reason.",
+    ),
+    def(
+        PRESENCE_USERS,
+        Gauge,
+        &[],
+        "Presence: (topic, user) pairs this node holds, leaves waiting for --presence-leave-delay included.",
+    ),
+    def(
+        PRESENCE_EVENTS,
+        Counter,
+        &["kind"],
+        "Presence: join and leave events this node sent (embedded broker) or wrote to Redis, dead nodes' leaves included.",
+    ),
+    def(
+        PRESENCE_GHOSTS,
+        Counter,
+        &[],
+        "Presence: members of nodes that stopped renewing their liveness (killed, or drained with leaves held), removed by this node.",
+    ),
+    def(
+        PRESENCE_REDIS_CALLS,
+        Counter,
+        &[],
+        "Presence: round trips to Redis (one per node-level join or leave, liveness, the look for dead nodes).",
     ),
     def(
         BROKER_READ_LAG,

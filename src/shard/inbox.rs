@@ -50,6 +50,12 @@ impl Shard {
                 partitions,
             } => self.on_partition_gap(partition, partitions),
             ShardMsg::Run { job, run } => run(job),
+            ShardMsg::Presence { topic, user, frame } => self.on_presence(&topic, &user, &frame),
+            ShardMsg::Answer { reply, frame } => {
+                if let Some(conn) = self.conn(reply.conn) {
+                    self.queue(&conn, frame);
+                }
+            }
             ShardMsg::Published {
                 reply,
                 topic,
@@ -138,11 +144,13 @@ impl Shard {
         self.queue(&conn, answer);
         if wanted && conn.phase() == Phase::Open {
             // Pending becomes live: the entry (and the announcement) stays.
+            let user = self.presence_user(&conn, &topic);
             let mut topics = self.topics.borrow_mut();
             let local = topics.entry(topic.clone()).or_default();
             local.pending = local.pending.saturating_sub(1);
-            conn.add_live(topic, local.live.len() as u32);
+            conn.add_live(topic.clone(), local.live.len() as u32);
             local.live.push(conn);
+            self.count_in(local, &topic, user);
             drop(topics);
             self.metrics
                 .subscriptions_active
@@ -157,6 +165,7 @@ impl Shard {
     /// returns whether the topic had any here. Subscribers past their queue
     /// bound are closed after the topic index is released: closing never
     /// runs under its borrow.
+    ///
     /// A shard holding patterns takes the wildcard path (`patterns.rs`),
     /// which also reaches each connection once.
     pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) -> bool {
@@ -181,6 +190,37 @@ impl Shard {
     /// afterwards.
     pub(super) fn deliver_to<'a>(&self, conns: impl Iterator<Item = &'a Rc<Conn>>, frame: &Bytes) {
         for conn in &self.queue_each(conns, frame) {
+            self.overflow(conn);
+        }
+    }
+
+    /// A `join`/`leave` of `user` for every local subscriber of `topic`
+    /// but `user`'s own connections. Past its queue bound a subscriber is
+    /// closed (4009) like for a `msg`.
+    fn on_presence(&self, topic: &TopicName, user: &str, frame: &Bytes) {
+        let mut slow = Vec::new();
+        {
+            let topics = self.topics.borrow();
+            let Some(local) = topics.get(topic) else {
+                return;
+            };
+            for conn in &local.live {
+                let own = conn
+                    .identity
+                    .borrow()
+                    .as_deref()
+                    .is_some_and(|i| !i.is_guest() && &*i.user == user);
+                if own || conn.phase() != Phase::Open {
+                    continue;
+                }
+                if self.fits(conn, frame) {
+                    self.queue_unbounded(conn, frame.clone());
+                } else {
+                    slow.push(conn.clone());
+                }
+            }
+        }
+        for conn in &slow {
             self.overflow(conn);
         }
     }

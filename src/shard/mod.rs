@@ -93,6 +93,8 @@ pub struct ShardSetup {
     pub node_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Policy per namespace, validated from `config.namespaces`.
     pub namespaces: crate::namespace::Namespaces,
+    /// The node's presence, when some namespace has it on.
+    pub presence: Option<Arc<crate::presence::Presence>>,
 }
 
 /// Shard-local state, shared by the shard's tasks through `Rc`.
@@ -112,6 +114,8 @@ pub(crate) struct Shard {
     pub(crate) guest: Rc<crate::auth::Identity>,
     /// Policy per namespace.
     pub(crate) namespaces: crate::namespace::Namespaces,
+    /// The node's presence, when some namespace has it on.
+    pub(crate) presence: Option<Arc<crate::presence::Presence>>,
     /// Connections of the whole node, from accept to close.
     node_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Connections of this shard, from accept to close (upgrade requests

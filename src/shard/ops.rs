@@ -123,18 +123,26 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         ClientOp::Ping => shard.queue(conn, encode_pong(id)),
         ClientOp::Auth { token } => refresh_auth(shard, conn, id, &identity, &token),
         ClientOp::Presence { topic } => {
-            let (c, reason) = match shard.namespaces.of(topic.as_str()) {
-                None => {
+            let (c, reason) = match (shard.namespaces.of(topic.as_str()), &shard.presence) {
+                (None, _) => {
                     let reason = format!("unknown namespace {:?}", topic.namespace());
                     (code::UNKNOWN_NAMESPACE, reason)
                 }
-                Some(ns) if !ns.presence => {
+                (Some(ns), _) if !ns.presence => {
                     let reason = format!("presence is off in namespace {:?}", ns.name);
                     (code::FORBIDDEN_TOPIC, reason)
                 }
-                Some(_) => (
-                    code::BAD_REQUEST,
-                    "presence is not implemented yet".to_string(),
+                // The token's `subs`, not an anonymous namespace, must allow it.
+                (Some(_), _) if !identity.may_subscribe(topic.as_str()) => (
+                    code::FORBIDDEN_TOPIC,
+                    format!("presence of {topic} not allowed by token"),
+                ),
+                (Some(ns), Some(presence)) => {
+                    return presence.query(reply, topic, ns.presence_max_users);
+                }
+                (Some(_), None) => (
+                    code::UNAVAILABLE,
+                    "presence is not running on this node".to_string(),
                 ),
             };
             shard.queue(conn, encode_error(id, c, &reason));
@@ -176,7 +184,18 @@ pub(super) fn refresh_auth(
         }
         Ok(fresh) => {
             end_forbidden(shard, conn, &fresh);
+            let was_guest = current.is_guest() && !fresh.is_guest();
             *conn.identity.borrow_mut() = Some(Rc::new(fresh));
+            if was_guest {
+                // A guest's subscriptions counted for nobody; now they count
+                // for the token's user.
+                for topic in conn.live_topics() {
+                    let user = shard.presence_user(conn, &topic);
+                    if let Some(local) = shard.topics.borrow_mut().get_mut(&topic) {
+                        shard.count_in(local, &topic, user);
+                    }
+                }
+            }
             shard.queue(conn, encode_ok(id, None, OkExtra::default()));
         }
         Err(e) => shard.queue(conn, encode_error(id, code::AUTH_REFUSED, e.reason())),

@@ -107,6 +107,7 @@ async fn run(setup: ShardSetup) -> Result<(), ShardFailure> {
         anonymous: Rc::new(crate::auth::Identity::anonymous()),
         guest: Rc::new(crate::auth::Identity::guest()),
         namespaces: setup.namespaces,
+        presence: setup.presence,
         node_connections: setup.node_connections,
         shard_connections: Cell::new(0),
         per_ip: RefCell::new(HashMap::new()),

@@ -106,6 +106,7 @@ impl Harness {
             anonymous: Rc::new(crate::auth::Identity::anonymous()),
             guest: Rc::new(crate::auth::Identity::guest()),
             namespaces,
+            presence: None,
             node_connections: Arc::default(),
             shard_connections: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use super::conn::Conn;
 use super::Shard;
@@ -59,7 +60,12 @@ impl Shard {
             }
             return pending;
         };
-        if detach(&mut self.topics.borrow_mut(), topic, slot) {
+        let user = self.presence_user(conn, topic);
+        let mut topics = self.topics.borrow_mut();
+        self.count_out(&mut topics, topic, user);
+        let left = detach(&mut topics, topic, slot);
+        drop(topics);
+        if left {
             self.withdraw(topic);
         }
         self.sync_gauges();
@@ -85,6 +91,8 @@ impl Shard {
             }
             let left = if sub.is_live() {
                 live += 1;
+                let user = self.presence_user(conn, &sub.topic);
+                self.count_out(&mut topics, &sub.topic, user);
                 detach(&mut topics, &sub.topic, sub.slot())
             } else {
                 release_pending(&mut topics, &sub.topic)
@@ -99,6 +107,60 @@ impl Shard {
         }
         self.sync_gauges();
         self.metrics.subscriptions_active.fetch_sub(live, Relaxed);
+    }
+
+    /// The user a subscription of `conn` to `topic` counts for in
+    /// presence: a token's user, on a topic of a presence namespace
+    /// (anonymous connections are neither listed nor announced).
+    pub(super) fn presence_user(&self, conn: &Conn, topic: &TopicName) -> Option<Arc<str>> {
+        self.presence.as_ref()?;
+        if !self.namespaces.of(topic.as_str())?.presence {
+            return None;
+        }
+        let identity = conn.identity.borrow();
+        let identity = identity.as_deref()?;
+        (!identity.is_guest() && !identity.user.is_empty()).then(|| identity.user.clone())
+    }
+
+    /// A live subscription of `user` to `topic` began: the shard's first
+    /// one of that user is news for the node.
+    pub(super) fn count_in(&self, local: &mut Local, topic: &TopicName, user: Option<Arc<str>>) {
+        let (Some(user), Some(presence)) = (user, &self.presence) else {
+            return;
+        };
+        let n = local
+            .users
+            .get_or_insert_with(Box::default)
+            .entry(user.clone())
+            .or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            presence.join(topic.clone(), user);
+        }
+    }
+
+    /// A live subscription of `user` to `topic` ended: the shard's last
+    /// one of that user is news for the node.
+    fn count_out(
+        &self,
+        topics: &mut HashMap<TopicName, Local>,
+        topic: &TopicName,
+        user: Option<Arc<str>>,
+    ) {
+        let (Some(user), Some(presence)) = (user, &self.presence) else {
+            return;
+        };
+        let Some(users) = topics.get_mut(topic).and_then(|l| l.users.as_mut()) else {
+            return;
+        };
+        let Some(n) = users.get_mut(&user) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            users.remove(&user);
+            presence.leave(topic.clone(), user);
+        }
     }
 
     /// Publishes the sizes of the registry and the topic index as gauges,
@@ -124,6 +186,10 @@ impl Shard {
 pub(crate) struct Local {
     pub(super) live: Vec<Rc<Conn>>,
     pub(super) pending: u32,
+    /// Presence topics: live subscriptions per user (boxed: most topics
+    /// have no presence and pay one pointer, not a map's 48 bytes).
+    #[allow(clippy::box_collection)]
+    pub(super) users: Option<Box<HashMap<Arc<str>, u32>>>,
 }
 
 impl Local {

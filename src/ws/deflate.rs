@@ -211,23 +211,27 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
     out
 }
 
-/// Safari 15.0 to 15.3 offer the extension and then mishandle
-/// `no_context_takeover`: decline them by their User-Agent.
+/// WebKit 15.0 to 15.3 offers the extension and then mishandles
+/// `no_context_takeover`: decline it by its User-Agent. That is Safari
+/// 15.0-15.3 on macOS (`Version/15.x`), and on iOS and iPadOS 15.0-15.3
+/// every browser, since all of them run the system's WebKit (Chrome's
+/// `CriOS`, Firefox's `FxiOS`, ... carry no `Version/`, only the OS's).
 fn broken_safari(ua: &str) -> bool {
+    let webkit = ua.contains("AppleWebKit/");
     let safari = ua.contains("Safari/") && !ua.contains("Chrome/") && !ua.contains("Chromium/");
-    safari
-        && [
-            "Version/15.0",
-            "Version/15.1",
-            "Version/15.2",
-            "Version/15.3",
-        ]
-        .iter()
-        .any(|v| {
-            ua.contains(v)
-                && !ua[ua.find(v).map_or(0, |i| i + v.len())..]
-                    .starts_with(|c: char| c.is_ascii_digit())
-        })
+    let ios = webkit && ["iPhone", "iPad", "iPod"].iter().any(|d| ua.contains(d));
+    let minor = ["0", "1", "2", "3"];
+    (safari
+        && minor
+            .iter()
+            .any(|m| version_is(ua, &format!("Version/15.{m}"))))
+        || (ios && minor.iter().any(|m| version_is(ua, &format!(" OS 15_{m}"))))
+}
+
+/// Whether `ua` holds `v` not followed by another digit (`15.1` is not `15.10`).
+fn version_is(ua: &str, v: &str) -> bool {
+    ua.match_indices(v)
+        .any(|(i, _)| !ua[i + v.len()..].starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// One shard's compressor: raw deflate at a fixed level, reset for every
@@ -494,8 +498,29 @@ mod tests {
             safari_15_2.replace("Version/15.2", "Version/15.4"),
             safari_15_2.replace("Version/15.2", "Version/15.10"),
             "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36 Version/15.2".into(),
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 15_4 like Mac OS X) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) CriOS/100.0.4896.85 Mobile/15E148 Safari/604.1"
+                .into(),
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 15_10 like Mac OS X) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) FxiOS/40.0 Mobile/15E148 Safari/605.1.15"
+                .into(),
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) Version/16.0 Safari/605.1.15"
+                .into(),
         ] {
             assert!(negotiate(&["permessage-deflate"], Some(&ok), true).agreed.is_some(), "{ok}");
+        }
+        // iOS 15.0-15.3: every browser is the system's WebKit.
+        for broken in [
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 15_2 like Mac OS X) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) CriOS/96.0.4664.53 Mobile/15E148 Safari/604.1",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 15_3_1 like Mac OS X) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) FxiOS/39.0 Mobile/15E148 Safari/605.1.15",
+            "Mozilla/5.0 (iPad; CPU OS 15_0 like Mac OS X) AppleWebKit/605.1.15 \
+             (KHTML, like Gecko) Version/15.0 Mobile/15E148 Safari/604.1",
+        ] {
+            let n = negotiate(&["permessage-deflate"], Some(broken), true);
+            assert_eq!(n.declined, vec![Decline::BrokenClient], "{broken}");
         }
     }
 

@@ -227,7 +227,7 @@ export class Ringcast extends Emitter {
     });
   }
 
-  /** Asks who is subscribed to `topic`; rejects with the server's error while presence is not built. */
+  /** Asks who is subscribed to `topic` (namespaces with presence): `{ topic, users, count, truncated }`. */
   presence(topic) {
     return this._request({ op: "presence", topic }).then(({ op, id, ...rest }) => rest);
   }

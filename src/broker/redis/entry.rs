@@ -36,9 +36,24 @@ pub struct Entry {
     pub topic: TopicName,
     /// The `event` field: 1 to [`MAX_EVENT_LEN`] bytes of UTF-8.
     pub event: Option<String>,
-    /// The `data` field: one JSON document.
+    /// The `data` field: one JSON document (empty in a presence entry).
     pub data: String,
+    /// A presence entry (`presence` and `user` fields; docs/PROTOCOL.md
+    /// section 6): delivered as `join`/`leave`, never replayed.
+    pub presence: Option<PresenceEvent>,
 }
+
+/// A presence entry's event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// `join` (true) or `leave`.
+    pub join: bool,
+    /// The `user` field: 1 to [`MAX_USER_LEN`] bytes of UTF-8.
+    pub user: String,
+}
+
+/// Longest `user` of a presence entry (user ids are JWT `sub` claims).
+pub const MAX_USER_LEN: usize = 1024;
 
 fn bytes(v: Value) -> Option<Vec<u8>> {
     match v {
@@ -79,24 +94,42 @@ pub(crate) fn peek_id(v: &Value) -> Option<MsgId> {
 pub fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Skip> {
     let fields = items(fields).ok_or(Skip::Malformed)?;
     let (mut topic, mut data, mut event) = (None, None, None);
+    let (mut presence, mut user) = (None, None);
     let mut it = fields.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         match bytes(k).as_deref() {
             Some(b"topic") => topic = Some(bytes(v).ok_or(Skip::InvalidTopic)),
             Some(b"data") => data = Some(bytes(v).ok_or(Skip::InvalidData)),
             Some(b"event") => event = Some(bytes(v).ok_or(Skip::InvalidEvent)),
+            Some(b"presence") => presence = Some(bytes(v)),
+            Some(b"user") => user = Some(bytes(v)),
             _ => {}
         }
     }
-    // Precedence: missing topic, missing data, then each field in turn.
+    // Precedence: missing topic, missing data (not in a presence entry),
+    // then each field in turn.
     let topic = topic.ok_or(Skip::MissingTopic)?;
-    let data = data.ok_or(Skip::MissingData)?;
-    let topic = topic?;
-    let topic = std::str::from_utf8(&topic).map_err(|_| Skip::InvalidTopic)?;
-    let topic = TopicName::new(topic).map_err(|_| Skip::InvalidTopic)?;
-    if partition(topic.as_str(), partitions) != p {
-        return Err(Skip::WrongPartition);
+    if let Some(kind) = presence {
+        let topic = entry_topic(topic?, p, partitions)?;
+        let join = match kind.as_deref() {
+            Some(b"join") => true,
+            Some(b"leave") => false,
+            _ => return Err(Skip::InvalidPresence),
+        };
+        let user = user.flatten().ok_or(Skip::InvalidPresence)?;
+        if user.is_empty() || user.len() > MAX_USER_LEN {
+            return Err(Skip::InvalidPresence);
+        }
+        let user = String::from_utf8(user).map_err(|_| Skip::InvalidPresence)?;
+        return Ok(Entry {
+            topic,
+            event: None,
+            data: String::new(),
+            presence: Some(PresenceEvent { join, user }),
+        });
     }
+    let data = data.ok_or(Skip::MissingData)?;
+    let topic = entry_topic(topic?, p, partitions)?;
     let data = String::from_utf8(data?).map_err(|_| Skip::InvalidData)?;
     // The rules a client `pub` meets: one JSON document, not nested deeper
     // than subscribers' parsers go, numbers in range (found by
@@ -108,7 +141,22 @@ pub fn decode_entry(fields: Value, p: u32, partitions: u32) -> Result<Entry, Ski
         Some(e) if e.is_empty() || e.len() > MAX_EVENT_LEN => return Err(Skip::InvalidEvent),
         Some(e) => Some(String::from_utf8(e).map_err(|_| Skip::InvalidEvent)?),
     };
-    Ok(Entry { topic, event, data })
+    Ok(Entry {
+        topic,
+        event,
+        data,
+        presence: None,
+    })
+}
+
+/// The `topic` field of an entry found in partition `p`, checked.
+fn entry_topic(topic: Vec<u8>, p: u32, partitions: u32) -> Result<TopicName, Skip> {
+    let topic = std::str::from_utf8(&topic).map_err(|_| Skip::InvalidTopic)?;
+    let topic = TopicName::new(topic).map_err(|_| Skip::InvalidTopic)?;
+    if partition(topic.as_str(), partitions) != p {
+        return Err(Skip::WrongPartition);
+    }
+    Ok(topic)
 }
 
 /// Whether an entry's field list has a `topic` field equal to `topic`: a
@@ -298,6 +346,97 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.event.as_deref(), Some("created"));
+    }
+
+    #[test]
+    fn presence_entries_decode_without_data_and_bad_ones_are_named() {
+        let p = partition("chat:1", 16);
+        let e = decode_entry(
+            fields(&[
+                ("topic", b"chat:1"),
+                ("presence", b"join"),
+                ("user", b"u\xc3\xa9"),
+                ("node", b"n-1"),
+            ]),
+            p,
+            16,
+        )
+        .unwrap();
+        let want = PresenceEvent {
+            join: true,
+            user: "u\u{e9}".into(),
+        };
+        assert_eq!((e.topic.as_str(), e.presence), ("chat:1", Some(want)));
+        let leave = decode_entry(
+            fields(&[("presence", b"leave"), ("user", b"u"), ("topic", b"chat:1")]),
+            p,
+            16,
+        )
+        .unwrap();
+        assert_eq!(leave.presence.map(|e| e.join), Some(false));
+        let long = vec![b'u'; MAX_USER_LEN + 1];
+        type Fields<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: [(Fields, Skip); 8] = [
+            (&[("presence", b"join"), ("user", b"u")], Skip::MissingTopic),
+            (
+                &[
+                    ("topic", b"chat:1"),
+                    ("presence", b"joined"),
+                    ("user", b"u"),
+                ],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join")],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join"), ("user", b"")],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[("topic", b"chat:1"), ("presence", b"join"), ("user", &long)],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[
+                    ("topic", b"chat:1"),
+                    ("presence", b"join"),
+                    ("user", b"\xff"),
+                ],
+                Skip::InvalidPresence,
+            ),
+            (
+                &[
+                    ("topic", b"bad topic"),
+                    ("presence", b"join"),
+                    ("user", b"u"),
+                ],
+                Skip::InvalidTopic,
+            ),
+            (
+                &[("topic", b"other"), ("presence", b"join"), ("user", b"u")],
+                Skip::WrongPartition,
+            ),
+        ];
+        for (kv, why) in cases {
+            let got = decode_entry(fields(kv), p, 16);
+            // "other" may share chat:1's partition; then it is valid.
+            if why == Skip::WrongPartition && partition("other", 16) == p {
+                continue;
+            }
+            assert_eq!(got, Err(why), "{kv:?}");
+        }
+        // A `presence` field that is not a string is invalid, not missing.
+        let nested = Value::Array(vec![
+            bulk("topic"),
+            bulk("chat:1"),
+            bulk("presence"),
+            Value::Array(vec![]),
+            bulk("user"),
+            bulk("u"),
+        ]);
+        assert_eq!(decode_entry(nested, p, 16), Err(Skip::InvalidPresence));
     }
 
     #[test]

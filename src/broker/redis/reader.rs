@@ -556,6 +556,16 @@ impl Reader {
                 return;
             }
         };
+        if let Some(p) = entry.presence {
+            // Delivered in order with the topic's messages; never cached,
+            // so never replayed by a recovery.
+            let frame = crate::protocol::encode_presence_event(&entry.topic, p.join, &p.user);
+            let user: std::sync::Arc<str> = p.user.into();
+            self.bus
+                .presence(&entry.topic, &user, &frame, &self.interest);
+            self.metrics.entries_read.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let frame = encode_msg(&entry.topic, id, entry.event.as_deref(), &entry.data);
         trace!(topic = %entry.topic, id = %id, "deliver");
         self.bus.deliver(&entry.topic, id, &frame, &self.interest);

@@ -261,7 +261,8 @@ fn range(
                 continue;
             }
             match decode_entry(fields, part.0, part.1) {
-                Ok(e) if e.topic == *topic => {
+                // Presence entries are never replayed.
+                Ok(e) if e.topic == *topic && e.presence.is_none() => {
                     let frame = encode_msg(&e.topic, id, e.event.as_deref(), &e.data);
                     bytes += frame.len();
                     frames.push(frame);
@@ -335,7 +336,11 @@ fn warm_page(
         page.oldest = Some(id);
         // Invalid entries were (or will be) counted by whichever reader
         // delivered them live; here they are only left out.
-        if let Ok(e) = decode_entry(fields, part.0, part.1) {
+        // Presence entries are never replayed, so never cached.
+        if let Ok(e) =
+            decode_entry(fields, part.0, part.1).map(|e| e.presence.is_none().then_some(e))
+        {
+            let Some(e) = e else { continue };
             let frame = encode_msg(&e.topic, id, e.event.as_deref(), &e.data);
             page.entries.push(Cached {
                 id,
