@@ -607,6 +607,46 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_that_wants_every_topic_gets_each_message_once() {
+        for shards in [2usize, 65, 130] {
+            let (bus, rx) = inboxes(shards);
+            let mut interest = bus.interest();
+            let a = TopicName::new("user.a").expect("a valid topic");
+            let last = ShardId((shards - 1) as u16);
+            interest.add(&a, last);
+            // A clone, as a broker thread holds: the same set.
+            bus.clone().want_every_topic(last, true);
+            bus.want_every_topic(ShardId(0), true);
+            bus.want_every_topic(ShardId(shards as u16), true); // no such shard
+            let b = TopicName::new("nobody.asked").expect("a valid topic");
+            for t in [&a, &b] {
+                bus.deliver(
+                    t,
+                    MsgId { ms: 1, seq: 0 },
+                    &Bytes::from_static(b"x"),
+                    &interest,
+                );
+            }
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[0] = 2;
+            want[shards - 1] = 2; // announced and every topic: once per message
+            assert_eq!(got, want, "{shards} shards");
+            bus.want_every_topic(ShardId(0), false);
+            bus.deliver(
+                &b,
+                MsgId { ms: 2, seq: 0 },
+                &Bytes::from_static(b"x"),
+                &interest,
+            );
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[shards - 1] = 1;
+            assert_eq!(got, want, "{shards} shards, shard 0 withdrew");
+        }
+    }
+
+    #[test]
     fn one_shard_gets_everything_without_announcing() {
         let (bus, rx) = inboxes(1);
         let t = TopicName::new("t").expect("a valid topic");
