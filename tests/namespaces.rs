@@ -7,22 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{config_file, TestServer};
 use ringcast::auth::{mint_hmac, now_secs, Claims};
 use ringcast::client::{Client, ClientError, Event};
 use serde_json::json;
 
 const SECRET: &str = "namespace-secret-0123456789abcdef0123";
-
-fn config_file(body: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "ringcast-ns-{}-{}.toml",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::write(&path, body).unwrap();
-    path
-}
 
 const POLICY: &str = r#"
 [[namespaces]]

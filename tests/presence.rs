@@ -8,22 +8,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::TestRedis;
-use common::TestServer;
+use common::{config_file, TestServer};
 use ringcast::auth::{mint_hmac, now_secs, Claims};
 use ringcast::client::{Client, ClientError, Event};
 use serde_json::{json, Value};
 
 const SECRET: &str = "presence-secret-0123456789abcdef012345";
-
-fn config_file(body: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "ringcast-presence-{}-{}.toml",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::write(&path, body).unwrap();
-    path
-}
 
 /// `chat` has presence; `room` has presence with small caps; `quiet` lists
 /// users but sends no join/leave; `news` has none.

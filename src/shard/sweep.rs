@@ -77,6 +77,9 @@ impl Shard {
                 Due::CloseTimeout => conn.shut(),
             }
         }
+        // Freed pages go back once a second: an idle server's RSS is its
+        // connections, not what a burst of messages left in the allocator.
+        crate::sys::heap_collect();
     }
 
     pub(super) fn start_drain(&self, window_ms: u64) {

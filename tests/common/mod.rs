@@ -110,6 +110,18 @@ pub fn metric_in(text: &str, selector: &str) -> Option<f64> {
     (!matching.is_empty()).then(|| matching.iter().sum())
 }
 
+/// Writes `body` to a new file in the temp directory (a TOML settings file
+/// for `--config`); the caller removes it.
+pub fn config_file(body: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "ringcast-config-{}-{}.toml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
 /// A running `ringcast serve`.
 pub struct TestServer {
     pub child: Child,
