@@ -39,6 +39,11 @@ pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     /// How long they are kept (embedded broker); default: `history_ttl`.
     pub history_ttl: Option<HumanDuration>,
+    /// Clients may subscribe to topic patterns (`chat:*`) here, as far as
+    /// their token's `subs` cover them. Default true; false refuses every
+    /// pattern `sub` in the namespace with 4403.
+    #[serde(default = "yes")]
+    pub wildcards: bool,
 }
 
 fn yes() -> bool {
@@ -74,6 +79,8 @@ pub struct Namespace {
     pub history_size: Option<usize>,
     /// Retention override, age.
     pub history_ttl: Option<Duration>,
+    /// See [`NamespaceConfig::wildcards`].
+    pub wildcards: bool,
 }
 
 impl Namespace {
@@ -88,6 +95,7 @@ impl Namespace {
             anonymous: false,
             history_size: None,
             history_ttl: None,
+            wildcards: true,
         }
     }
 }
@@ -155,6 +163,7 @@ impl Namespaces {
                 anonymous: t.anonymous,
                 history_size: t.history_size,
                 history_ttl: t.history_ttl.map(|d| d.0),
+                wildcards: t.wildcards,
             });
         }
         if !errs.is_empty() {
@@ -208,6 +217,7 @@ mod tests {
             anonymous: false,
             history_size: None,
             history_ttl: None,
+            wildcards: true,
         }
     }
 

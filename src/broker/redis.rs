@@ -34,6 +34,7 @@
 //! the partition's subscribers recover (`reader/check.rs`).
 
 mod entry;
+mod keys;
 mod link;
 mod reader;
 mod worker;
@@ -54,6 +55,7 @@ pub use entry::{
     Retained, MAX_EVENT_LEN, MAX_USER_LEN,
 };
 pub use entry::{epoch_key, partition, stream_key};
+pub use keys::{key_slot, target_slot, KeyLayout, Keys, SLOTS};
 pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 
 use crate::broker::{Broker, Replier, SubscribeRequest};
@@ -97,14 +99,20 @@ const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 pub struct Settings {
     /// `redis://HOST:PORT/DB`, or `redis+cluster://HOST:PORT,HOST:PORT`.
     pub url: String,
-    /// Partition streams.
-    pub partitions: u32,
-    /// Key prefix.
-    pub key_prefix: String,
+    /// Every partition's stream and epoch key (prefix, partition count,
+    /// layout).
+    pub keys: Keys,
     /// Approximate `MAXLEN ~` per stream.
     pub maxlen: u64,
     /// Recent-entry cache budget in bytes, over all partitions.
     pub cache_size: usize,
+}
+
+impl Settings {
+    /// Partition streams (as many as [`Settings::keys`] names).
+    pub fn partitions(&self) -> u32 {
+        self.keys.partitions()
+    }
 }
 
 /// Why the Redis broker could not start or publish.
@@ -138,9 +146,9 @@ pub(crate) use link::{open as connect, Blocker, Conn};
 
 /// The `XADD` of one message: `MAXLEN ~ maxlen`, auto id.
 pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &str) -> ::redis::Cmd {
-    let p = partition(topic, settings.partitions);
+    let p = partition(topic, settings.partitions());
     let mut cmd = ::redis::cmd("XADD");
-    cmd.arg(stream_key(&settings.key_prefix, p))
+    cmd.arg(settings.keys.stream(p))
         .arg("MAXLEN")
         .arg("~")
         .arg(settings.maxlen)
@@ -262,7 +270,7 @@ impl RedisBroker {
                     source,
                 })
         };
-        let n = settings.partitions;
+        let n = settings.partitions();
         // One server: one reader over every partition. A cluster: one per
         // partition, since each partition is its own slot.
         let groups: Vec<(u32, u32)> = if cluster_seeds(&settings.url).is_some() {
@@ -282,7 +290,7 @@ impl RedisBroker {
             readers.push(ReaderHandle {
                 wanted: AtomicBool::new(false),
                 blocker: blocker.clone(),
-                key: stream_key(&settings.key_prefix, base),
+                key: settings.keys.stream(base).to_string(),
                 pending: sub_rx.clone(),
                 done: done_rx.clone(),
             });
@@ -322,7 +330,7 @@ impl RedisBroker {
         worker::spawn(
             RECOVERY_WORKERS,
             &settings.url,
-            settings.partitions,
+            settings.partitions(),
             &task_rx,
             &wakes,
         )
@@ -346,9 +354,10 @@ impl RedisBroker {
         )?;
         info!(
             url = %settings.url,
-            partitions = settings.partitions,
+            partitions = settings.partitions(),
             readers = subs.len(),
-            prefix = %settings.key_prefix,
+            prefix = %settings.keys.prefix(),
+            layout = %settings.keys.layout(),
             maxlen = settings.maxlen,
             "redis streams broker started"
         );
@@ -404,6 +413,10 @@ impl Broker for RedisBroker {
                 );
             }
         }
+    }
+
+    fn want_every_topic(&self, shard: ShardId, on: bool) {
+        self.bus.want_every_topic(shard, on);
     }
 
     fn withdraw(&self, topic: TopicName, shard: ShardId) {

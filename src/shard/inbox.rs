@@ -165,34 +165,33 @@ impl Shard {
     /// returns whether the topic had any here. Subscribers past their queue
     /// bound are closed after the topic index is released: closing never
     /// runs under its borrow.
+    ///
+    /// A shard holding patterns takes the wildcard path (`patterns.rs`),
+    /// which also reaches each connection once.
     pub(super) fn deliver(&self, topic: &TopicName, frame: &Bytes) -> bool {
-        let mut slow = Vec::new();
-        {
+        if !self.wild.borrow().trie.is_empty() {
+            return self.deliver_wild(topic, frame);
+        }
+        let slow = {
             let topics = self.topics.borrow();
             let Some(local) = topics.get(topic).filter(|l| !l.live.is_empty()) else {
                 return false;
             };
-            // The compressed variant, made by the first subscriber that
-            // takes it and shared by every other: once per shard.
-            let mut compressed: Option<Option<Bytes>> = None;
-            for conn in &local.live {
-                let bits = conn.deflate.get();
-                let chosen = match bits {
-                    0 => frame,
-                    bits => match compressed.get_or_insert_with(|| self.compress(frame)) {
-                        Some(z) if fits_window(frame, bits) => &*z,
-                        _ => frame,
-                    },
-                };
-                if !self.queue_msg_or_defer(conn, chosen) {
-                    slow.push(conn.clone());
-                }
-            }
-        }
+            self.queue_each(local.live.iter(), frame)
+        };
         for conn in &slow {
             self.overflow(conn);
         }
         true
+    }
+
+    /// Queues `frame` to each of `conns` (a subscriber list the caller
+    /// keeps borrowed, or a copy of one), closing those past their bound
+    /// afterwards.
+    pub(super) fn deliver_to<'a>(&self, conns: impl Iterator<Item = &'a Rc<Conn>>, frame: &Bytes) {
+        for conn in &self.queue_each(conns, frame) {
+            self.overflow(conn);
+        }
     }
 
     /// A `join`/`leave` of `user` for every local subscriber of `topic`
@@ -224,6 +223,33 @@ impl Shard {
         for conn in &slow {
             self.overflow(conn);
         }
+    }
+
+    /// Queues `frame` to each of `conns`; returns those past their queue
+    /// bound, for the caller to close once no index is borrowed.
+    fn queue_each<'a>(
+        &self,
+        conns: impl Iterator<Item = &'a Rc<Conn>>,
+        frame: &Bytes,
+    ) -> Vec<Rc<Conn>> {
+        let mut slow = Vec::new();
+        // The compressed variant, made by the first subscriber that
+        // takes it and shared by every other: once per shard.
+        let mut compressed: Option<Option<Bytes>> = None;
+        for conn in conns {
+            let bits = conn.deflate.get();
+            let chosen = match bits {
+                0 => frame,
+                bits => match compressed.get_or_insert_with(|| self.compress(frame)) {
+                    Some(z) if fits_window(frame, bits) => &*z,
+                    _ => frame,
+                },
+            };
+            if !self.queue_msg_or_defer(conn, chosen) {
+                slow.push(conn.clone());
+            }
+        }
+        slow
     }
 
     /// The permessage-deflate variant of a `msg` frame (RSV1 set), or
@@ -261,15 +287,19 @@ impl Shard {
     /// subscriber of a topic in it has a hole. Close them with 4009, like
     /// a lagged shard; their `since` is from before the gap, so recovery
     /// answers `recovered:false` (the reader refuses it) and they refetch.
-    /// A scan of this shard's topics, once per gap (rare), never per message.
+    /// Every holder of a pattern too: any topic of the partition may have
+    /// matched it. A scan of this shard's topics, once per gap (rare),
+    /// never per message.
     pub(super) fn on_partition_gap(&self, partition: u32, partitions: u32) {
-        let conns: Vec<Rc<Conn>> = self
+        let mut conns: Vec<Rc<Conn>> = self
             .topics
             .borrow()
             .iter()
             .filter(|(t, _)| t.partition(partitions) == partition)
             .flat_map(|(_, local)| local.live.iter().cloned())
             .collect();
+        // Any topic of the partition may have matched a pattern.
+        conns.extend(self.pattern_holders());
         let mut closed = 0usize;
         // A connection with several topics in the partition is listed once
         // per topic; `close` leaves one already closing alone.

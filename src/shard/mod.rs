@@ -16,6 +16,8 @@
 //! - `rate.rs`: the inbound token buckets and the 4008 policy;
 //! - `ops.rs`: one branch per client op, and the token rules;
 //! - `topics.rs`: the topic index and its announcement to the broker side;
+//! - `patterns.rs`: wildcard subscriptions: a segment trie of the shard's
+//!   patterns, and each message's recipients counted once;
 //! - `inbox.rs`: what other threads send (deliveries, broker answers);
 //! - `sweep.rs`: deadlines, heartbeats and the drain;
 //! - this file: the `Shard` itself and its outbound queues: every frame a
@@ -27,6 +29,7 @@ mod conn;
 mod inbox;
 mod input;
 mod ops;
+mod patterns;
 mod rate;
 mod runtime;
 mod sweep;
@@ -36,6 +39,9 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+/// The wildcard trie, public only for `benches/patterns.rs`.
+#[doc(hidden)]
+pub use patterns::PatternTrie;
 pub use runtime::{spawn, ShardFailure};
 #[cfg(debug_assertions)]
 pub use runtime::{
@@ -124,6 +130,10 @@ pub(crate) struct Shard {
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
+    /// The wildcard subscriptions: their trie and subscribers (`patterns.rs`).
+    pub(crate) wild: RefCell<patterns::Wildcards>,
+    /// Deliveries that went through a wildcard match, for [`Conn::seen`].
+    stamp: Cell<u64>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// Readiness of every connection of this shard.
