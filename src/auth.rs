@@ -113,6 +113,34 @@ impl Pattern {
     }
 }
 
+impl Pattern {
+    /// Whether every topic `other` matches, `self` matches too (pattern
+    /// contains pattern): what allows a wildcard `sub` of `other` under a
+    /// token pattern `self`. Walks both segment by segment: `#` covers any
+    /// rest of at least one segment; `*` covers a literal or a `*`; a
+    /// literal covers only itself; and a `#` in `other` (any number of
+    /// segments) is covered only by a `#`. Exact, not an approximation:
+    /// tests/fuzz_auth.rs checks it against enumerating topics.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let (mine, theirs) = (&self.0, &other.0);
+        for (i, seg) in mine.iter().enumerate() {
+            match (seg, theirs.get(i)) {
+                (Segment::Rest, Some(_)) => return true,
+                (_, None) | (_, Some(Segment::Rest)) => return false,
+                (Segment::One, Some(_)) => {}
+                (Segment::Literal(a), Some(Segment::Literal(b))) if a == b => {}
+                (Segment::Literal(_), Some(_)) => return false,
+            }
+        }
+        theirs.len() == mine.len()
+    }
+
+    /// Whether this is a single topic (no `*` or `#`).
+    pub fn is_literal(&self) -> bool {
+        self.0.iter().all(|s| matches!(s, Segment::Literal(_)))
+    }
+}
+
 /// What a token allows: its `subs` and `pubs` patterns, parsed. The
 /// connections whose tokens carry the same patterns share one
 /// ([`GrantsCache`]): users differ, their roles mostly do not.
@@ -226,6 +254,12 @@ impl Identity {
     /// Whether this client may subscribe to `topic`.
     pub fn may_subscribe(&self, topic: &str) -> bool {
         self.grants.subs.iter().any(|p| p.matches(topic))
+    }
+
+    /// Whether this client may subscribe to the wildcard `pattern`: one
+    /// of its `subs` covers every topic the pattern matches.
+    pub fn may_subscribe_pattern(&self, pattern: &Pattern) -> bool {
+        self.grants.subs.iter().any(|p| p.covers(pattern))
     }
 
     /// Whether this client may publish to `topic`.
@@ -527,6 +561,26 @@ mod tests {
         assert!(!pat("news").matches("newsroom"));
         assert!(pat("#").matches("anything:at.all"));
         assert!(pat("a.*.c").matches("a:b.c"));
+    }
+
+    #[test]
+    fn a_pattern_covers_what_it_matches_all_of() {
+        let covers = |a: &str, b: &str| pat(a).covers(&pat(b));
+        assert!(covers("user.#", "user.42.*"));
+        assert!(covers("user.#", "user.#"));
+        assert!(covers("user.#", "user.*.x.#"));
+        assert!(covers("#", "chat:*"));
+        assert!(covers("user.*.*", "user.42.*"));
+        assert!(
+            covers("chat:*", "chat.*"),
+            "`.` and `:` are both separators"
+        );
+        assert!(!covers("user.*", "user.#"), "# is more than one segment");
+        assert!(!covers("user.42.*", "user.*.*"));
+        assert!(!covers("user.#", "user"));
+        assert!(!covers("user.*", "user.*.x"));
+        assert!(!covers("*.x", "#"));
+        assert!(pat("a.b").is_literal() && !pat("a.*").is_literal());
     }
 
     #[test]

@@ -18,6 +18,18 @@
 //! keeps the [`Interest`] map as it takes them, in order with everything
 //! else: nothing is shared or locked between shards and brokers.
 //!
+//! Wildcards: a shard with a pattern subscription must see every topic,
+//! since any topic may match (a pattern spans topics of every owner and
+//! every partition). Such a shard sets its bit in the bus's
+//! `every_topic` set before it answers the pattern's `sub`, and every
+//! `Deliver` goes to the shards of that set as well as to the topic's
+//! announced ones, once per shard. It is the one thing the delivery path
+//! reads from shared memory: one atomic word per 64 shards, written only
+//! when a shard's first pattern comes or its last goes, so it stays in
+//! every core's cache. Announcing to each topic owner instead would need
+//! every owner (each embedded broker part, each Redis reader) to answer
+//! before the `ok`, for a gain only when patterns are rare on a shard.
+//!
 //! The drain signal does not travel through the channel: a full inbox must
 //! not lose it, or that shard would never drain and the process would hang.
 //! It is a flag beside the channel (like `lagged`), set by
@@ -318,12 +330,34 @@ impl Interest {
 #[derive(Debug, Clone, Default)]
 pub struct Bus {
     shards: Vec<ShardSender>,
+    /// Shards that hold a pattern subscription, one bit each: they get
+    /// every topic (module docs).
+    every_topic: Arc<[AtomicU64]>,
 }
 
 impl Bus {
     /// A bus over these shards, indexed by shard number.
     pub fn new(shards: Vec<ShardSender>) -> Self {
-        Self { shards }
+        let words = shards.len().div_ceil(64);
+        Self {
+            shards,
+            every_topic: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// From now on `shard` gets every topic (`on`), or only those it
+    /// announced. Set before a pattern's `sub` is answered, so every
+    /// message published after the `ok` reaches the shard.
+    pub fn want_every_topic(&self, shard: ShardId, on: bool) {
+        let i = shard.index();
+        let Some(word) = self.every_topic.get(i / 64) else {
+            return;
+        };
+        let bit = 1u64 << (i % 64);
+        match on {
+            true => word.fetch_or(bit, Ordering::SeqCst),
+            false => word.fetch_and(!bit, Ordering::SeqCst),
+        };
     }
 
     /// An empty [`Interest`] map for this bus's shards, for a topic's owner.
@@ -367,11 +401,9 @@ impl Bus {
         if !interest.tracked() {
             return self.shards.iter().for_each(send);
         }
-        let Some(words) = interest.map.get(topic) else {
-            return;
-        };
-        for (w, &word) in words.iter().enumerate() {
-            let mut bits = word;
+        let announced = interest.map.get(topic);
+        for (w, every) in self.every_topic.iter().enumerate() {
+            let mut bits = every.load(Ordering::SeqCst) | announced.map_or(0, |a| a[w]);
             while bits != 0 {
                 let shard = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
@@ -571,6 +603,46 @@ mod tests {
             interest.remove(&b, ShardId(0));
             interest.remove(&b, ShardId(0)); // twice is once
             assert_eq!(interest.topics(), 0);
+        }
+    }
+
+    #[test]
+    fn a_shard_that_wants_every_topic_gets_each_message_once() {
+        for shards in [2usize, 65, 130] {
+            let (bus, rx) = inboxes(shards);
+            let mut interest = bus.interest();
+            let a = TopicName::new("user.a").expect("a valid topic");
+            let last = ShardId((shards - 1) as u16);
+            interest.add(&a, last);
+            // A clone, as a broker thread holds: the same set.
+            bus.clone().want_every_topic(last, true);
+            bus.want_every_topic(ShardId(0), true);
+            bus.want_every_topic(ShardId(shards as u16), true); // no such shard
+            let b = TopicName::new("nobody.asked").expect("a valid topic");
+            for t in [&a, &b] {
+                bus.deliver(
+                    t,
+                    MsgId { ms: 1, seq: 0 },
+                    &Bytes::from_static(b"x"),
+                    &interest,
+                );
+            }
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[0] = 2;
+            want[shards - 1] = 2; // announced and every topic: once per message
+            assert_eq!(got, want, "{shards} shards");
+            bus.want_every_topic(ShardId(0), false);
+            bus.deliver(
+                &b,
+                MsgId { ms: 2, seq: 0 },
+                &Bytes::from_static(b"x"),
+                &interest,
+            );
+            let got: Vec<usize> = rx.iter().map(delivered).collect();
+            let mut want = vec![0; shards];
+            want[shards - 1] = 1;
+            assert_eq!(got, want, "{shards} shards, shard 0 withdrew");
         }
     }
 

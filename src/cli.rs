@@ -1,5 +1,5 @@
-//! The command line: `serve`, `publish`, `subscribe`, `token`, `load`,
-//! `doctor`. Doc comments here are the `--help` text, except `serve`'s
+//! The command line: `serve`, `publish`, `subscribe`, `token`, `keys`,
+//! `load`, `doctor`. Doc comments here are the `--help` text, except `serve`'s
 //! settings: those are [`Layer`], declared with their defaults in
 //! [`crate::config`], which also validates them.
 
@@ -32,6 +32,10 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// Mint an HS256 token (development and tests).
     Token(TokenArgs),
+    /// Print the Redis stream and epoch key of every partition, as `serve`
+    /// with the same settings (flags, environment, --config) names them:
+    /// what producers XADD to, one line per partition.
+    Keys(Box<KeysArgs>),
     /// Generate load against a server and report deliveries and latency.
     Load(crate::load::LoadArgs),
     /// Check this host for N connections: one line per check (ok, warn,
@@ -52,6 +56,19 @@ pub struct ServeArgs {
     /// Every setting, as given by flags and the environment.
     #[command(flatten)]
     pub settings: Layer,
+}
+
+/// `ringcast keys`: the settings of `serve`, of which it reads
+/// `redis_partitions`, `redis_key_prefix` and `redis_key_layout`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Print a JSON array of `{partition, slot, stream, epoch}` instead of
+    /// tab-separated lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The server's settings.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// `ringcast publish`.
@@ -76,6 +93,10 @@ pub struct PublishArgs {
     /// Redis key prefix, as the servers use [default: ringcast].
     #[arg(long, env = "RINGCAST_REDIS_KEY_PREFIX", default_value = "ringcast")]
     pub redis_key_prefix: String,
+    /// Hash tags of the partition keys, as the servers use [default:
+    /// legacy].
+    #[arg(long, env = "RINGCAST_REDIS_KEY_LAYOUT", default_value = "legacy")]
+    pub redis_key_layout: crate::broker::redis::KeyLayout,
     /// Approximate MAXLEN of the partition stream [default: 100000].
     #[arg(long, env = "RINGCAST_REDIS_MAXLEN", default_value_t = 100_000)]
     pub redis_maxlen: u64,
@@ -169,6 +190,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Publish(args) => publish(&args).map_err(Failure::Runtime),
         Command::Subscribe(args) => subscribe(&args).map_err(Failure::Runtime),
         Command::Token(args) => token(&args).map_err(Failure::Usage),
+        Command::Keys(args) => {
+            let KeysArgs { json, serve } = *args;
+            let config = Config::from_sources(serve.settings, serve.config.as_deref())
+                .map_err(|e| Failure::Usage(e.into()))?;
+            print_keys(&config, json);
+            Ok(())
+        }
         Command::Load(args) => {
             init_tracing(LogFormat::Text);
             crate::load::run(&args).map_err(Failure::Runtime)
@@ -179,6 +207,40 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 "{n} check(s) warn; each says what fixes it (tuning/README.md)"
             ))),
         },
+    }
+}
+
+/// `ringcast keys`: one line per partition, `partition slot stream epoch`
+/// separated by tabs after a `#` header, or one JSON array.
+fn print_keys(config: &Config, json: bool) {
+    use crate::broker::redis::{key_slot, Keys};
+    let keys = Keys::new(
+        &config.redis_key_prefix,
+        config.redis_partitions,
+        config.redis_key_layout,
+    );
+    let rows = (0..keys.partitions()).map(|p| {
+        let (stream, epoch) = (keys.stream(p), keys.epoch(p));
+        (p, key_slot(stream.as_bytes()), stream, epoch)
+    });
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .map(|(p, slot, stream, epoch)| {
+                serde_json::json!({"partition": p, "slot": slot, "stream": stream, "epoch": epoch})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return;
+    }
+    println!(
+        "# prefix {} partitions {} layout {}; partition = crc32(topic) mod partitions",
+        keys.prefix(),
+        keys.partitions(),
+        keys.layout()
+    );
+    println!("# partition\tslot\tstream\tepoch");
+    for (p, slot, stream, epoch) in rows {
+        println!("{p}\t{slot}\t{stream}\t{epoch}");
     }
 }
 
@@ -231,8 +293,11 @@ fn publish(args: &PublishArgs) -> anyhow::Result<()> {
         crate::topic::TopicName::new(&args.topic).context("--topic")?;
         let settings = crate::broker::redis::Settings {
             url: url.clone(),
-            partitions: args.redis_partitions.max(1),
-            key_prefix: args.redis_key_prefix.clone(),
+            keys: crate::broker::redis::Keys::new(
+                &args.redis_key_prefix,
+                args.redis_partitions,
+                args.redis_key_layout,
+            ),
             maxlen: args.redis_maxlen,
             cache_size: 0,
             idempotency_window: args.idempotency_window.0,

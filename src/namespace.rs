@@ -39,6 +39,11 @@ pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     /// How long they are kept (embedded broker); default: `history_ttl`.
     pub history_ttl: Option<HumanDuration>,
+    /// Clients may subscribe to topic patterns (`chat:*`) here, as far as
+    /// their token's `subs` cover them. Default true; false refuses every
+    /// pattern `sub` in the namespace with 4403.
+    #[serde(default = "yes")]
+    pub wildcards: bool,
     /// What a subscriber too slow for its `--outbound-queue` loses on this
     /// namespace's topics: `close` (default), `conflate` or `drop_oldest`
     /// ([`SlowConsumer`]). Read as text so a wrong value is reported with
@@ -123,6 +128,8 @@ pub struct Namespace {
     pub history_ttl: Option<Duration>,
     /// See [`NamespaceConfig::slow_consumer`].
     pub slow_consumer: SlowConsumer,
+    /// See [`NamespaceConfig::wildcards`].
+    pub wildcards: bool,
 }
 
 impl Namespace {
@@ -138,6 +145,7 @@ impl Namespace {
             history_size: None,
             history_ttl: None,
             slow_consumer: SlowConsumer::Close,
+            wildcards: true,
         }
     }
 }
@@ -218,6 +226,7 @@ impl Namespaces {
                 history_size: t.history_size,
                 history_ttl: t.history_ttl.map(|d| d.0),
                 slow_consumer,
+                wildcards: t.wildcards,
             });
         }
         if !errs.is_empty() {
@@ -272,6 +281,7 @@ mod tests {
             history_size: None,
             history_ttl: None,
             slow_consumer: None,
+            wildcards: true,
         }
     }
 

@@ -179,14 +179,14 @@ impl Close {
 pub enum ClientOp<'a> {
     /// `sub`: subscribe, optionally recovering from `since`.
     Sub {
-        /// The topic.
+        /// The topic, or a topic pattern ([`TopicName::is_pattern`]).
         topic: TopicName,
         /// Where to recover from.
         since: Option<Since>,
     },
     /// `unsub`.
     Unsub {
-        /// The topic.
+        /// The topic, or a pattern subscribed before.
         topic: TopicName,
     },
     /// `pub`: `data` is the raw JSON text, already validated.
@@ -306,16 +306,22 @@ impl<'a> ClientOp<'a> {
             .op
             .as_deref()
             .ok_or_else(|| bad("missing field: op".into()))?;
-        let topic = || -> Result<TopicName, OpError> {
+        // `sub` and `unsub` take a topic or a pattern; the other ops one topic.
+        let named = |pattern: bool| -> Result<TopicName, OpError> {
             let t = env
                 .topic
                 .as_deref()
                 .ok_or_else(|| bad("missing field: topic".into()))?;
-            TopicName::new(t).map_err(|e: TopicError| bad(format!("topic: {e}")))
+            let parsed = match pattern {
+                true => TopicName::filter(t),
+                false => TopicName::new(t),
+            };
+            parsed.map_err(|e: TopicError| bad(format!("topic: {e}")))
         };
+        let topic = || named(false);
         let op = match op {
             "sub" => ClientOp::Sub {
-                topic: topic()?,
+                topic: named(true)?,
                 since: match env.since.as_deref() {
                     None => None,
                     Some(s) => Some(Since {
@@ -324,7 +330,9 @@ impl<'a> ClientOp<'a> {
                     }),
                 },
             },
-            "unsub" => ClientOp::Unsub { topic: topic()? },
+            "unsub" => ClientOp::Unsub {
+                topic: named(true)?,
+            },
             "pub" => {
                 let data = env.data.ok_or_else(|| bad("missing field: data".into()))?;
                 check_data(data.get()).map_err(|e| bad(format!("data: {e}")))?;

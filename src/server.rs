@@ -255,8 +255,11 @@ const FAILURE_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2
 fn redis_settings(config: &Config) -> Option<redis::Settings> {
     Some(redis::Settings {
         url: config.redis.clone()?,
-        partitions: config.redis_partitions,
-        key_prefix: config.redis_key_prefix.clone(),
+        keys: redis::Keys::new(
+            &config.redis_key_prefix,
+            config.redis_partitions,
+            config.redis_key_layout,
+        ),
         maxlen: config.redis_maxlen,
         cache_size: config.redis_cache_size,
         idempotency_window: config.idempotency_window,

@@ -2,6 +2,11 @@
 //! before the first `:` is its namespace. [`TopicName`] is validated on
 //! construction, so every layer past the parser can trust it, and it is an
 //! `Arc<str>` so the shard index and every queued message share one copy.
+//!
+//! A `sub` (and `unsub`) may name a topic pattern instead ([`TopicName::filter`]):
+//! the claims' grammar (`*` one segment, `#` one or more trailing ones),
+//! whose namespace, when it has one, is written out (`chat:*`, never
+//! `*:x`), so a pattern never reaches into another namespace's policy.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -22,6 +27,9 @@ pub enum TopicError {
         /// Length of the rejected name.
         len: usize,
     },
+    /// A topic pattern that does not follow the grammar.
+    #[error("topic pattern {0}")]
+    BadPattern(&'static str),
     /// The name held a byte outside `[A-Za-z0-9_.:@/-]`.
     #[error(
         "topic has invalid byte 0x{byte:02x} at offset {at}; allowed: A-Z a-z 0-9 _ . : @ / -"
@@ -55,6 +63,37 @@ impl TopicName {
     pub fn new(name: &str) -> Result<Self, TopicError> {
         validate(name)?;
         Ok(Self(Arc::from(name)))
+    }
+
+    /// Validates a topic or a topic pattern (`user.42.*`, `chat:#`) and
+    /// wraps it. A pattern must parse as a claims pattern, and its
+    /// namespace (before the first `:`) must be literal.
+    pub fn filter(name: &str) -> Result<Self, TopicError> {
+        if !name.contains(['*', '#']) {
+            return Self::new(name);
+        }
+        let plain = name.replace(['*', '#'], "x");
+        validate(&plain)?;
+        if crate::auth::Pattern::parse(name).is_none() {
+            return Err(TopicError::BadPattern(
+                "is malformed: `*` and `#` must be whole segments, `#` only the last",
+            ));
+        }
+        if name
+            .split_once(':')
+            .is_some_and(|(ns, _)| ns.contains(['*', '#']))
+        {
+            return Err(TopicError::BadPattern(
+                "must name its namespace (the part before the first `:`) without `*` or `#`",
+            ));
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// Whether this is a pattern (made by [`TopicName::filter`]) rather
+    /// than one topic.
+    pub fn is_pattern(&self) -> bool {
+        self.0.contains(['*', '#'])
     }
 
     /// The name as a string slice.
@@ -118,6 +157,28 @@ mod tests {
         assert_eq!(t.namespace(), "chat");
         assert_eq!(TopicName::new("news").unwrap().namespace(), "");
         assert!(TopicName::new(&"x".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn patterns_are_accepted_only_where_asked_and_well_formed() {
+        for ok in ["user.42.*", "chat:#", "#", "a.*.c", "chat:room.*"] {
+            let p = TopicName::filter(ok).unwrap();
+            assert!(p.is_pattern(), "{ok}");
+            assert!(TopicName::new(ok).is_err(), "{ok}: not a topic");
+        }
+        let plain = TopicName::filter("news").unwrap();
+        assert!(!plain.is_pattern());
+        for (bad, why) in [
+            ("user.4*", "malformed"),
+            ("#.x", "malformed"),
+            ("a..*", "malformed"),
+            ("*:x", "namespace"),
+            ("*.a:b", "namespace"),
+            ("a b.*", "0x20"),
+        ] {
+            let err = TopicName::filter(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

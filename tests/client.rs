@@ -387,6 +387,43 @@ fn a_connection_cut_while_the_server_runs_is_recovered_without_gap_or_duplicate(
     }
 }
 
+#[test]
+fn a_pattern_resubscribed_after_a_cut_is_reported_unrecovered_and_goes_live() {
+    let server = TestServer::start(&[]);
+    let proxy = Proxy::start(server.addr);
+    let mut client = Reconnecting::connect(&proxy.url()).unwrap();
+    client.backoff = (Duration::from_millis(20), Duration::from_millis(100));
+    client.subscribe("user.*").unwrap();
+    let mut publisher = Client::connect(&server.url()).unwrap();
+    publisher.publish("user.1", &json!(0)).unwrap();
+    let next = |client: &mut Reconnecting| loop {
+        match client.recv(Instant::now() + Duration::from_secs(10)) {
+            Ok(Event::Msg { topic, data, .. }) => return (topic, data),
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(next(&mut client), ("user.1".to_string(), json!(0)));
+    assert!(client.unrecovered.is_empty());
+    proxy.cut(0);
+    server.wait_for("the cut connection closed", Duration::from_secs(5), |s| {
+        s.metric("ringcast_connections_active") == 1.0
+    });
+    // Lost while away: a pattern cannot be recovered, and the client says so.
+    publisher.publish("user.2", &json!(1)).unwrap();
+    // `recv` reconnects and resubscribes; user.2 is not among what it gets.
+    match client.recv(Instant::now() + Duration::from_millis(1500)) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected nothing while reconnecting, got {other:?}"),
+    }
+    server.wait_for("the pattern back", Duration::from_secs(10), |s| {
+        s.metric("ringcast_wildcard_subscriptions_active") == 1.0
+    });
+    publisher.publish("user.3", &json!(2)).unwrap();
+    assert_eq!(next(&mut client), ("user.3".to_string(), json!(2)));
+    assert_eq!(client.unrecovered, vec!["user.*".to_string()]);
+}
+
 fn sub(id: u64, topic: &str, since: Option<(&str, &str)>) -> serde_json::Value {
     let mut v = json!({"op": "sub", "id": id, "topic": topic});
     if let Some((since, epoch)) = since {

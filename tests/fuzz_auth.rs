@@ -43,8 +43,62 @@ fn segment() -> impl Strategy<Value = String> {
     prop_oneof![Just("*".to_string()), "[a-c]{1,2}"]
 }
 
+/// Every topic of 1 to `max` segments over `a`, `b`, `c` (a segment no
+/// pattern below names) and the empty segment, joined by `.`.
+fn topics_up_to(max: usize) -> Vec<String> {
+    let mut all: Vec<Vec<&str>> = vec![vec![]];
+    let mut out = Vec::new();
+    for _ in 0..max {
+        all = all
+            .iter()
+            .flat_map(|t| {
+                ["a", "b", "c", ""].into_iter().map(move |s| {
+                    let mut t = t.clone();
+                    t.push(s);
+                    t
+                })
+            })
+            .collect();
+        out.extend(all.iter().map(|t| t.join(".")));
+    }
+    out
+}
+
+/// A pattern of 1 to 4 segments over `a`, `b`, `*`, ending with `#` or not.
+fn small_pattern() -> impl Strategy<Value = String> {
+    (
+        proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("*")], 1..=4),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(segs, rest, colon)| {
+            let mut segs: Vec<&str> = segs;
+            if rest {
+                *segs.last_mut().unwrap() = "#";
+            }
+            // Either separator: they are the same to a pattern.
+            segs.join(if colon { ":" } else { "." })
+        })
+}
+
 proptest! {
     #![proptest_config(fuzz_support::config(512))]
+
+    /// `covers` is exactly "every topic the inner pattern matches, the
+    /// outer matches": checked by brute force over every topic of up to 6
+    /// segments (patterns here have at most 4, so a topic that tells them
+    /// apart, if any, has at most 5).
+    #[test]
+    fn covers_agrees_with_enumerating_every_topic(outer in small_pattern(), inner in small_pattern()) {
+        thread_local! {
+            static TOPICS: Vec<String> = topics_up_to(6);
+        }
+        let (p, q) = (Pattern::parse(&outer).unwrap(), Pattern::parse(&inner).unwrap());
+        let brute = TOPICS.with(|all| {
+            all.iter().all(|t| !reference_match(&inner, t) || reference_match(&outer, t))
+        });
+        prop_assert_eq!(p.covers(&q), brute, "{} covers {}?", outer, inner);
+    }
 
     #[test]
     fn any_string_is_refused_or_accepted_without_panic(token in ".{0,300}") {

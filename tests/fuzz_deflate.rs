@@ -133,14 +133,19 @@ fn model_params(params: &[String]) -> Result<Option<u8>, Decline> {
     Ok(server_window)
 }
 
-/// Safari 15.0 to 15.3 (macOS or iOS), not Chrome or Chromium.
+/// WebKit 15.0 to 15.3: Safari by its `Version/` (not Chrome or
+/// Chromium), and any browser on iOS or iPadOS 15.0-15.3 by the OS.
 fn model_broken_client(ua: &str) -> bool {
-    let safari = ua.contains("Safari/") && !ua.contains("Chrome/") && !ua.contains("Chromium/");
-    safari
-        && ua.match_indices("Version/15.").any(|(i, m)| {
+    let minor_0_to_3 = |prefix: &str| {
+        ua.match_indices(prefix).any(|(i, m)| {
             let mut rest = ua[i + m.len()..].chars();
             matches!(rest.next(), Some('0'..='3')) && !matches!(rest.next(), Some('0'..='9'))
         })
+    };
+    let safari = ua.contains("Safari/") && !ua.contains("Chrome/") && !ua.contains("Chromium/");
+    let ios = ua.contains("AppleWebKit/")
+        && (ua.contains("iPhone") || ua.contains("iPad") || ua.contains("iPod"));
+    (safari && minor_0_to_3("Version/15.")) || (ios && minor_0_to_3(" OS 15_"))
 }
 
 fn model(headers: &[&str], user_agent: Option<&str>, enabled: bool) -> Expected {
@@ -411,14 +416,20 @@ fn hostile_line() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Safari on macOS or iOS, any version, sometimes with Chrome in it.
+/// Safari on macOS or iOS, any version, sometimes with Chrome (or, on
+/// iOS, Chrome's `CriOS`) in it.
 fn safari_ua() -> impl Strategy<Value = String> {
     (
         any::<bool>(),
         13u32..=19,
         0u32..=12,
         proptest::option::of(0u32..=3),
-        prop_oneof![4 => Just(""), 1 => Just(" Chrome/120.0.0.0"), 1 => Just(" Chromium/120.0")],
+        prop_oneof![
+            4 => Just(""),
+            1 => Just(" Chrome/120.0.0.0"),
+            1 => Just(" Chromium/120.0"),
+            1 => Just(" CriOS/96.0.4664.53"),
+        ],
     )
         .prop_map(|(ios, major, minor, patch, chrome)| {
             let version = match patch {
@@ -802,13 +813,9 @@ proptest! {
         prop_assert_eq!(n.agreed.map(|a| a.response()), Some(format!("{ANSWER}{suffix}")));
         prop_assert_eq!(n.agreed.map(|a| a.server_window_bits), Some(window.unwrap_or(15)));
         prop_assert!(n.declined.is_empty());
-        // Safari 15.0-15.3 is declined whatever it offers; any other version takes it.
+        // WebKit 15.0-15.3 is declined whatever it offers; any other version takes it.
         let n = negotiate(&[&offer], Some(&ua), true);
-        let broken = ["15.0", "15.1", "15.2", "15.3"].iter().any(|v| {
-            ua.contains(&format!("Version/{v} ")) || ua.contains(&format!("Version/{v}."))
-        }) && !ua.contains("Chrome/")
-            && !ua.contains("Chromium/");
-        if broken {
+        if model_broken_client(&ua) {
             prop_assert_eq!((n.agreed, n.declined), (None, vec![Decline::BrokenClient]), "{}", ua);
         } else {
             prop_assert!(n.agreed.is_some() && n.declined.is_empty(), "{ua}");

@@ -495,3 +495,33 @@ fn transparent_huge_pages_are_off_unless_asked_for() {
     let env = TestServer::start_with_env(&[], &[("RINGCAST_HUGE_PAGES", "true")]);
     assert_eq!(thp_enabled(env.child.id()), Some(true));
 }
+
+/// `ringcast keys` reads the settings as `serve` does (flags, environment,
+/// `--config`) and prints every partition's keys; bad settings exit 2
+/// naming the setting, as `serve` does.
+#[test]
+fn keys_prints_every_partitions_keys_from_the_servers_settings() {
+    let out = common::ringcast(
+        &["keys", "--json", "--redis-key-prefix", "app"],
+        &[("RINGCAST_REDIS_PARTITIONS", "3")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[2]["stream"], "app:stream:{2}");
+    assert_eq!(rows[2]["epoch"], "app:epoch:{2}");
+    let even = common::ringcast(&["keys", "--redis-key-layout", "even"], &[]);
+    let text = String::from_utf8(even.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(lines.len(), 16, "{text}");
+    assert!(text.contains("layout even"), "{text}");
+    // Partition 0 of 16 sits on slot 512, the middle of the first sixteenth.
+    assert!(lines[0].starts_with("0\t512\tringcast:stream:{"), "{text}");
+    let bad = common::ringcast(&["keys", "--redis-partitions", "0"], &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("redis_partitions: must be between 1 and 1024"),
+        "{err}"
+    );
+}

@@ -403,3 +403,81 @@ fn idle_and_connect_count_what_they_hold() {
         300.0 + 600.0
     );
 }
+
+#[test]
+fn topics_with_wildcard_subscribes_by_pattern_and_gets_the_same_deliveries() {
+    let args = |target: &str| -> Vec<String> {
+        [
+            "topics",
+            "--target",
+            target,
+            "--connections",
+            "20",
+            "--topics",
+            "10",
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--wildcard",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let server = TestServer::start(&[]);
+    let a = args(&server.addr.to_string());
+    let r = &load(&a.iter().map(String::as_str).collect::<Vec<_>>())[0];
+    assert_eq!(r["wildcard"], true, "{r}");
+    let published = r["published"].as_u64().unwrap();
+    assert!(published >= 150, "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), published * 2, "{r}");
+    assert_eq!(
+        (r["out_of_order"].as_u64(), r["missing"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    // They were patterns: a server whose namespace forbids them refuses all.
+    let file = std::env::temp_dir().join(format!("ringcast-loadwild-{}.toml", std::process::id()));
+    std::fs::write(&file, "[[namespaces]]\nname = \"\"\nwildcards = false\n").unwrap();
+    let strict = TestServer::start(&["--config", file.to_str().unwrap()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .arg("load")
+        .args(args(&strict.addr.to_string()))
+        .args(["--timeout", "60s"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ringcast load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not allow wildcard subscriptions"),
+        "{stderr}"
+    );
+    std::fs::remove_file(file).unwrap();
+}
+
+#[test]
+fn fanout_by_xadd_follows_the_even_key_layout() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url(), "--redis-key-layout", "even"]);
+    let target = server.addr.to_string();
+    let r = &load(&[
+        "fanout",
+        "--target",
+        &target,
+        "--connections",
+        "10",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+        "--redis",
+        &redis.url(),
+        "--redis-key-layout",
+        "even",
+    ])[0];
+    let published = r["published"].as_u64().unwrap();
+    assert!(published >= 150, "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), published * 10, "{r}");
+}

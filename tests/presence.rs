@@ -461,3 +461,30 @@ fn token_refreshes_join_a_guest_and_leave_a_narrowed_user() {
     expect_event(&mut w, "leave", "room:t", "ursula");
     assert_eq!(presence(&mut w, "room:t"), (list(&["w"]), 1, false));
 }
+
+/// With `--redis-key-layout even`, presence keeps its keys beside the
+/// partition's even stream key (so in its slot on a cluster), and works
+/// across nodes as with the legacy keys.
+#[test]
+fn presence_follows_the_even_key_layout() {
+    use ringcast::broker::redis::{partition, KeyLayout, Keys};
+    let redis = TestRedis::start();
+    let even = ["--redis-key-layout", "even", "--presence-leave-delay", "0s"];
+    let a = redis_node(&redis, &even);
+    let b = redis_node(&redis, &even);
+    let mut wa = connect(&a, "wa");
+    wa.subscribe("chat:e", None).unwrap();
+    let mut wb = connect(&b, "wb");
+    wb.subscribe("chat:e", None).unwrap();
+    expect_event(&mut wa, "join", "chat:e", "wb");
+    assert_eq!(presence(&mut wb, "chat:e"), (list(&["wa", "wb"]), 2, false));
+    let keys = Keys::new("ringcast", 16, KeyLayout::Even);
+    let stream = keys.stream(partition("chat:e", 16));
+    let users: usize = redis::cmd("HLEN")
+        .arg(format!("{stream}:presence:chat:e"))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(users, 2, "presence hash beside {stream}");
+    drop(wb);
+    expect_event(&mut wa, "leave", "chat:e", "wb");
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::spawn_redis;
 use common::TestServer;
-use ringcast::broker::redis::{partition, stream_key};
+use ringcast::broker::redis::{key_slot, partition, stream_key, KeyLayout, Keys};
 use ringcast::client::{Client, ClientError, Event};
 use serde_json::json;
 
@@ -565,6 +565,96 @@ fn keyed_publishes_on_a_cluster_are_appended_once_whatever_the_master() {
         assert_eq!(got[t].len(), 1, "{t}");
     }
     assert_quiet(&mut sub);
+}
+
+/// How many of the 16 partitions' streams each master holds, under `keys`;
+/// the slot of every key is also asked of the cluster, so our CRC16 is
+/// checked against Redis's own.
+fn partitions_per_master(cluster: &TestCluster, keys: &Keys) -> Vec<usize> {
+    let mut per: HashMap<u16, usize> = cluster.ports.iter().map(|&p| (p, 0)).collect();
+    for p in 0..keys.partitions() {
+        let (stream, epoch) = (keys.stream(p), keys.epoch(p));
+        for key in [stream, epoch] {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query(&mut cluster.node(cluster.ports[0]))
+                .unwrap();
+            assert_eq!(slot, key_slot(key.as_bytes()), "{key}");
+        }
+        assert_eq!(cluster.owner(stream), cluster.owner(epoch));
+        *per.get_mut(&cluster.owner(stream)).unwrap() += 1;
+    }
+    let mut counts: Vec<usize> = per.into_values().collect();
+    counts.sort_unstable();
+    counts
+}
+
+#[test]
+fn the_even_key_layout_spreads_partitions_over_every_master_and_delivers() {
+    let cluster = TestCluster::start();
+    let legacy = Keys::new("ringcast", 16, KeyLayout::Legacy);
+    let even = Keys::new("ringcast", 16, KeyLayout::Even);
+    // Today's `{P}` tags: 6/6/4 on three masters. Even tags: 5/6/5.
+    assert_eq!(partitions_per_master(&cluster, &legacy), [4, 6, 6]);
+    assert_eq!(partitions_per_master(&cluster, &even), [5, 5, 6]);
+
+    let url = cluster.url();
+    let a = TestServer::start(&["--redis", &url, "--redis-key-layout", "even"]);
+    let mut sub = Client::connect(&a.url()).unwrap();
+    let mut p = Client::connect(&a.url()).unwrap();
+    for t in TOPICS {
+        sub.subscribe(t, None).unwrap();
+    }
+    // A producer's XADD to the key `ringcast keys` prints, and a client
+    // `pub` (which the node writes to the same key), both arrive.
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    for t in TOPICS {
+        let k = even.stream(partition(t, 16));
+        let id: String = cluster.query_owner(
+            redis::cmd("XADD")
+                .arg(k)
+                .arg("*")
+                .arg("topic")
+                .arg(t)
+                .arg("data")
+                .arg("1"),
+        );
+        let mid = p.publish(t, &json!(2)).unwrap();
+        let stored: Vec<(String, HashMap<String, String>)> =
+            cluster.query_owner(redis::cmd("XRANGE").arg(k).arg("-").arg("+"));
+        assert!(stored.iter().any(|(i, _)| *i == mid), "{t}: pub not in {k}");
+        sent.insert(t.to_string(), vec![id, mid]);
+        // The node keeps the partition's epoch beside its stream.
+        let epoch: Option<String> =
+            cluster.query_owner(redis::cmd("GET").arg(even.epoch(partition(t, 16))));
+        assert!(
+            epoch.is_some(),
+            "{t}: no epoch at {}",
+            even.epoch(partition(t, 16))
+        );
+    }
+    assert_eq!(recv_by_topic(&mut sub, 2 * TOPICS.len()), sent);
+    assert_quiet(&mut sub);
+    // Nothing was written under the legacy keys.
+    for t in TOPICS {
+        let n: usize = cluster.query_owner(redis::cmd("XLEN").arg(legacy.stream(partition(t, 16))));
+        assert_eq!(n, 0, "{t}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["keys", "--redis-key-layout", "even"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for p in 0..16 {
+        let line = format!(
+            "{p}\t{}\t{}\t{}",
+            key_slot(even.stream(p).as_bytes()),
+            even.stream(p),
+            even.epoch(p)
+        );
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
 }
 
 /// Presence on a cluster: the scripts' keys share each partition's hash

@@ -260,3 +260,36 @@ fn a_reader_in_step_with_a_tiny_maxlen_reports_no_gap() {
     assert_eq!(server.metric("ringcast_broker_gaps_total"), 0.0);
     assert!(server.metric("ringcast_broker_gap_checks_total") > 0.0);
 }
+
+#[test]
+fn a_gap_closes_the_pattern_subscribers_too() {
+    let redis = TestRedis::start();
+    let server = TestServer::start(&["--redis", &redis.url(), "--redis-maxlen", "10"]);
+    let (hit, other) = two_partitions();
+    // `gap:*` matches topics of both partitions: any of them may have lost
+    // an entry it matched, so it recovers like a subscriber of `hit`.
+    let mut w = Client::connect(&server.url()).unwrap();
+    w.subscribe("gap:*", None).unwrap();
+    let mut b = Client::connect(&server.url()).unwrap();
+    b.subscribe(other, None).unwrap();
+    let mut producer = redis.conn();
+    let seen = xadd(&mut producer, hit, &[("topic", hit), ("data", "0")]);
+    assert_eq!(recv_ids(&mut w, 1), [seen]);
+    burst(&redis, hit, 300, 10, true);
+    let (code, reason) = expect_closed(&mut w);
+    assert_eq!(code, 4009, "{reason}");
+    // The other partition's plain subscriber stays.
+    let next = xadd(&mut producer, other, &[("topic", other), ("data", "1")]);
+    assert_eq!(recv_ids(&mut b, 1), [next]);
+    assert_eq!(server.metric("ringcast_broker_gaps_total"), 1.0);
+    // Nothing read after the gap was queued to the closing connection
+    // (the 101 kept entries matched `gap:*`), and once it is gone so is
+    // its pattern.
+    assert!(
+        server.metric("ringcast_messages_dropped_total{reason=\"connection_closed\"}") >= 101.0
+    );
+    drop(w);
+    server.wait_for("the closed pattern gone", Duration::from_secs(5), |s| {
+        s.metric("ringcast_wildcard_subscriptions_active") == 0.0
+    });
+}

@@ -318,6 +318,59 @@ fn partitions_and_key_prefix_are_settings_producers_must_match() {
 }
 
 #[test]
+fn the_even_key_layout_is_what_the_node_reads_publish_writes_and_recovery_replays() {
+    use ringcast::broker::redis::{partition, stream_key, KeyLayout, Keys};
+    let redis = TestRedis::start();
+    let layout = ["--redis-key-layout", "even"];
+    let server = TestServer::start(&["--redis", &redis.url(), layout[0], layout[1]]);
+    let keys = Keys::new("ringcast", 16, KeyLayout::Even);
+    let p = partition("news", 16);
+    let mut c = Client::connect(&server.url()).unwrap();
+    let epoch = c.subscribe("news", None).unwrap().epoch;
+    // `ringcast publish --redis` with the same layout XADDs to the even key.
+    let out = common::ringcast(
+        &[
+            "publish",
+            "--redis",
+            &redis.url(),
+            layout[0],
+            layout[1],
+            "--topic",
+            "news",
+            "--data",
+            "1",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let first = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // The legacy key is not read any more.
+    let mut producer = redis.conn();
+    xadd(&mut producer, "news", &[("topic", "news"), ("data", "2")]);
+    let second = c.publish("news", &json!(3)).unwrap();
+    let got = recv_msgs(&mut c, 2);
+    assert_eq!(
+        got.iter().map(|(_, id, _)| id.clone()).collect::<Vec<_>>(),
+        [first.clone(), second]
+    );
+    assert_quiet(&mut c);
+    let len: usize = redis::cmd("XLEN")
+        .arg(keys.stream(p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(len, 2);
+    let stored: String = redis::cmd("GET")
+        .arg(keys.epoch(p))
+        .query(&mut producer)
+        .unwrap();
+    assert_eq!(stored, epoch);
+    assert_ne!(keys.stream(p), stream_key("ringcast", p));
+    let mut r = Client::connect(&server.url()).unwrap();
+    let sub = r.subscribe("news", Some((&first, &epoch))).unwrap();
+    assert_eq!((sub.recovered, sub.replayed.len()), (Some(true), 1));
+}
+
+#[test]
 fn a_freshly_booted_node_does_not_deliver_entries_written_before_it_booted() {
     let redis = TestRedis::start();
     let mut producer = redis.conn();

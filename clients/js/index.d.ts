@@ -134,7 +134,10 @@ export interface SubscribeOptions {
 export type MessageHandler<T = unknown> = (data: T, meta: MessageMeta) => void;
 
 export class Subscription<T = unknown> {
+  /** The topic, or a topic pattern (`user.42.*`, `chat:#`): then each message's `meta.topic` is its own topic. */
   readonly topic: string;
+  /** Whether `topic` is a pattern: it has no position, and a resubscribe after a reconnect emits "unrecovered". */
+  readonly pattern: boolean;
   readonly state: "pending" | "subscribing" | "subscribed" | "ended";
   /** Where to resume from: store it and pass it to subscribe() to recover after a page reload. */
   readonly position: Position;
@@ -178,6 +181,8 @@ export class Ringcast {
 
 /** Compares two `MS-SEQ` message ids. */
 export function compareIds(a: string, b: string): number;
+/** Whether `topic` matches the topic pattern `pattern` as the server applies it (same namespace; `*` one segment, `#` one or more). */
+export function matches(pattern: string, topic: string): boolean;
 /** `exp` of a JWT in seconds, read without verifying it. */
 export function tokenExpiry(token: string): number | undefined;
 /** Full-jitter backoff: random in [0, min(max, min * 2^attempt)). */

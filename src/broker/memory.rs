@@ -558,6 +558,10 @@ impl Broker for MemoryBroker {
         }
     }
 
+    fn want_every_topic(&self, shard: ShardId, on: bool) {
+        self.bus.want_every_topic(shard, on);
+    }
+
     fn withdraw(&self, topic: TopicName, shard: ShardId) {
         // Dropped when the owner's inbox is full: see `Broker::withdraw`.
         let _ = self.route(&topic.clone(), Request::Withdraw(topic, shard));

@@ -121,6 +121,11 @@ pub trait Broker: Send + Sync + fmt::Debug {
     /// costs only deliveries the shard ignores until the next withdrawal.
     fn withdraw(&self, topic: TopicName, shard: ShardId);
 
+    /// `shard` holds a pattern subscription (`on`), or no longer does:
+    /// deliver it every topic from now on, or only the ones it announced
+    /// (see [`Bus::want_every_topic`]).
+    fn want_every_topic(&self, shard: ShardId, on: bool);
+
     /// Sends a presence event (`join` or `leave` of `user` on `topic`) to
     /// the topic's subscribers, in order with its messages. The embedded
     /// broker does; the Redis broker's events are stream entries that the

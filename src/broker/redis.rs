@@ -34,6 +34,7 @@
 //! the partition's subscribers recover (`reader/check.rs`).
 
 mod entry;
+mod keys;
 mod link;
 mod reader;
 mod worker;
@@ -54,6 +55,7 @@ pub use entry::{
     Retained, MAX_EVENT_LEN, MAX_USER_LEN,
 };
 pub use entry::{epoch_key, partition, stream_key};
+pub use keys::{key_slot, target_slot, KeyLayout, Keys, SLOTS};
 pub use link::{check_url, cluster_seeds, CLUSTER_SCHEME};
 
 use crate::broker::{Broker, Replier, SubscribeRequest};
@@ -97,10 +99,9 @@ const PUBLISH_RETRY_AFTER: Duration = Duration::from_millis(200);
 pub struct Settings {
     /// `redis://HOST:PORT/DB`, or `redis+cluster://HOST:PORT,HOST:PORT`.
     pub url: String,
-    /// Partition streams.
-    pub partitions: u32,
-    /// Key prefix.
-    pub key_prefix: String,
+    /// Every partition's stream and epoch key (prefix, partition count,
+    /// layout).
+    pub keys: Keys,
     /// Approximate `MAXLEN ~` per stream.
     pub maxlen: u64,
     /// Recent-entry cache budget in bytes, over all partitions.
@@ -109,6 +110,13 @@ pub struct Settings {
     /// (`--idempotency-window`): in Redis for keyed publishes of ringcast's
     /// own publishers, in each reader for entries carrying a `key` field.
     pub idempotency_window: Duration,
+}
+
+impl Settings {
+    /// Partition streams (as many as [`Settings::keys`] names).
+    pub fn partitions(&self) -> u32 {
+        self.keys.partitions()
+    }
 }
 
 /// Why the Redis broker could not start or publish.
@@ -142,9 +150,9 @@ pub(crate) use link::{open as connect, Blocker, Conn};
 
 /// The `XADD` of one message: `MAXLEN ~ maxlen`, auto id.
 pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &str) -> ::redis::Cmd {
-    let p = partition(topic, settings.partitions);
+    let p = partition(topic, settings.partitions());
     let mut cmd = ::redis::cmd("XADD");
-    cmd.arg(stream_key(&settings.key_prefix, p))
+    cmd.arg(settings.keys.stream(p))
         .arg("MAXLEN")
         .arg("~")
         .arg(settings.maxlen)
@@ -160,12 +168,13 @@ pub fn xadd_cmd(settings: &Settings, topic: &str, event: Option<&str>, data: &st
 }
 
 /// Where the first id of a keyed publish is kept for the window:
-/// `{prefix}:idem:{P}:TOPIC KEY`. The partition's hash tag puts it in the
-/// stream's cluster slot (a script may touch only one); topics have no
-/// spaces, so the first space ends the topic.
+/// `STREAM:idem:TOPIC KEY`, after the topic's stream key, so its hash tag
+/// puts it in the stream's cluster slot whatever the key layout (a script
+/// may touch only one slot); topics have no spaces, so the first space
+/// ends the topic.
 pub fn idempotency_key(settings: &Settings, topic: &str, key: &str) -> String {
-    let p = partition(topic, settings.partitions);
-    format!("{}:idem:{{{p}}}:{topic} {key}", settings.key_prefix)
+    let p = partition(topic, settings.partitions());
+    format!("{}:idem:{topic} {key}", settings.keys.stream(p))
 }
 
 /// A keyed publish, atomically in Redis: the first id of the topic and key
@@ -190,11 +199,11 @@ pub fn publish_cmd(
     let Some(key) = key else {
         return xadd_cmd(settings, topic, event, data);
     };
-    let p = partition(topic, settings.partitions);
+    let p = partition(topic, settings.partitions());
     let mut cmd = ::redis::cmd("EVAL");
     cmd.arg(KEYED_XADD)
         .arg(2)
-        .arg(stream_key(&settings.key_prefix, p))
+        .arg(settings.keys.stream(p))
         .arg(idempotency_key(settings, topic, key))
         .arg(settings.maxlen)
         .arg(settings.idempotency_window.as_millis().max(1) as u64)
@@ -320,7 +329,7 @@ impl RedisBroker {
                     source,
                 })
         };
-        let n = settings.partitions;
+        let n = settings.partitions();
         // One server: one reader over every partition. A cluster: one per
         // partition, since each partition is its own slot.
         let groups: Vec<(u32, u32)> = if cluster_seeds(&settings.url).is_some() {
@@ -340,7 +349,7 @@ impl RedisBroker {
             readers.push(ReaderHandle {
                 wanted: AtomicBool::new(false),
                 blocker: blocker.clone(),
-                key: stream_key(&settings.key_prefix, base),
+                key: settings.keys.stream(base).to_string(),
                 pending: sub_rx.clone(),
                 done: done_rx.clone(),
             });
@@ -380,7 +389,7 @@ impl RedisBroker {
         worker::spawn(
             RECOVERY_WORKERS,
             &settings.url,
-            settings.partitions,
+            settings.partitions(),
             &task_rx,
             &wakes,
         )
@@ -404,9 +413,10 @@ impl RedisBroker {
         )?;
         info!(
             url = %settings.url,
-            partitions = settings.partitions,
+            partitions = settings.partitions(),
             readers = subs.len(),
-            prefix = %settings.key_prefix,
+            prefix = %settings.keys.prefix(),
+            layout = %settings.keys.layout(),
             maxlen = settings.maxlen,
             "redis streams broker started"
         );
@@ -464,6 +474,10 @@ impl Broker for RedisBroker {
                 );
             }
         }
+    }
+
+    fn want_every_topic(&self, shard: ShardId, on: bool) {
+        self.bus.want_every_topic(shard, on);
     }
 
     fn withdraw(&self, topic: TopicName, shard: ShardId) {

@@ -533,7 +533,14 @@ impl Reconnecting {
             .get(topic)
             .and_then(|p| Some((p.id.as_deref()?, p.epoch.as_str())));
         match client.subscribe(topic, since) {
-            Ok(sub) => self.settle(topic, sub),
+            Ok(sub) => {
+                self.settle(topic, sub);
+                // A pattern has no position to recover from: what it
+                // matched while disconnected is lost, and said so.
+                if topic.contains(['*', '#']) && !self.unrecovered.iter().any(|t| t == topic) {
+                    self.unrecovered.push(topic.to_string());
+                }
+            }
             Err(ClientError::Server { code, .. }) if RETRY_SUB_CODES.contains(&code) => {
                 self.retry_later(topic, attempt);
             }

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::broker::redis::KeyLayout;
 use crate::namespace::NamespaceConfig;
 use value::Value;
 
@@ -244,9 +245,10 @@ settings! {
     #[help = "Deflate level, 1 (fastest) to 9 (smallest)"]
     compression_level: u32 => u32 = 1;
 
-    /// Subscriptions per connection; past it error 4013.
+    /// Subscriptions per connection, topics and patterns alike; past it
+    /// error 4013.
     #[arg(long, env = "RINGCAST_MAX_SUBSCRIPTIONS")]
-    #[help = "Subscriptions per connection; past it error 4013"]
+    #[help = "Subscriptions (topics and patterns) per connection; past it error 4013"]
     max_subscriptions: usize => usize = 1024;
 
     /// Frames per second one connection may send, refilling a token bucket
@@ -479,6 +481,19 @@ settings! {
     #[arg(long, env = "RINGCAST_REDIS_KEY_PREFIX")]
     #[help = "Prefix of every Redis key ringcast uses"]
     redis_key_prefix: String => String = "ringcast".into();
+
+    /// Hash tags of the partition keys. `legacy` is `{P}` (the partition
+    /// number), what producers have always written to; on a Redis Cluster
+    /// those tags land on slots unrelated to each other, so 16 partitions
+    /// spread 6/6/4 over three masters and leave some of eight empty.
+    /// `even` gives partition P of N the tag whose slot is P * 16384 / N,
+    /// so masters with even slot ranges get even shares; producers must
+    /// then take the keys `ringcast keys` prints. Switching moves every
+    /// partition to new keys: what the old streams hold is not recovered.
+    #[arg(long, env = "RINGCAST_REDIS_KEY_LAYOUT")]
+    #[help = "Hash tags of partition keys: legacy ({P}) or even (evenly spaced cluster slots; \
+              see `ringcast keys`)"]
+    redis_key_layout: KeyLayout => KeyLayout = KeyLayout::Legacy;
 
     /// Approximate `MAXLEN ~` of each partition stream on `pub`: how far back
     /// `since` recovery reaches, against Redis memory.

@@ -122,9 +122,13 @@ pub struct LoadArgs {
     pub rounds: usize,
     /// Publish by `XADD` straight to this Redis, as a producer does,
     /// instead of the WebSocket `pub` op; the server must read the same
-    /// Redis with the default partitions and key prefix.
+    /// Redis with the default partitions and key prefix, and the key
+    /// layout of `--redis-key-layout`.
     #[arg(long)]
     pub redis: Option<String>,
+    /// With `--redis`: the servers' `--redis-key-layout`.
+    #[arg(long, default_value = "legacy")]
+    pub redis_key_layout: crate::broker::redis::KeyLayout,
     /// A token for every connection (`?token=`), for servers that require one.
     #[arg(long)]
     pub token: Option<String>,
@@ -142,6 +146,13 @@ pub struct LoadArgs {
     /// one allowed every topic. What real users' tokens look like.
     #[arg(long, hide_env_values = true)]
     pub token_secret: Option<String>,
+    /// Subscribers subscribe to a pattern that matches only their topic
+    /// (the topic with its first segment as `*`: `*.5` for `load.5`)
+    /// instead of the topic itself: the same load as without it, through
+    /// the server's wildcard matching. Tokens (`--token-secret`) then also
+    /// carry `#`.
+    #[arg(long)]
+    pub wildcard: bool,
     /// Offer permessage-deflate (as browsers do) and inflate what comes
     /// compressed; `wire_bytes_per_delivery` then tells what it saved.
     #[arg(long)]
@@ -225,15 +236,24 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
 /// the patterns a real subscriber's token carries. Every token of a run
 /// has the same length (fixed-width user, one `exp`), so a worker writes
 /// each one into the same upgrade request.
-pub(super) fn connection_token(secret: &str, topic: &str, global: usize, exp: u64) -> String {
+pub(super) fn connection_token(
+    secret: &str,
+    topic: &str,
+    global: usize,
+    (exp, wildcard): (u64, bool),
+) -> String {
+    let mut subs = vec![
+        topic.to_string(),
+        format!("{topic}.*"),
+        "news.#".to_string(),
+    ];
+    if wildcard {
+        subs.push("#".to_string());
+    }
     let claims = crate::auth::Claims {
         sub: format!("user-{global:08}"),
         exp,
-        subs: vec![
-            topic.to_string(),
-            format!("{topic}.*"),
-            "news.#".to_string(),
-        ],
+        subs,
         pubs: vec![topic.to_string()],
     };
     crate::auth::mint_hmac_for(secret.as_bytes(), &claims, None, None)
@@ -291,6 +311,16 @@ fn topic_count(args: &LoadArgs) -> usize {
         _ => args.topics.unwrap_or(1),
     };
     n.clamp(1, args.connections.max(1))
+}
+
+/// What a subscriber of `topic` sends in its `sub`: the topic, or with
+/// `--wildcard` the pattern that matches only it among the run's topics.
+fn sub_target(topic: &str, wildcard: bool) -> String {
+    match (wildcard, topic.split_once('.')) {
+        (false, _) => topic.to_string(),
+        (true, Some((_, rest))) => format!("*.{rest}"),
+        (true, None) => "*".to_string(),
+    }
 }
 
 /// Subscribers of each topic: connection i is on topic i mod T.

@@ -57,6 +57,9 @@ impl Workers {
             if args.deflate {
                 cmd.arg("--deflate");
             }
+            if args.wildcard {
+                cmd.arg("--wildcard");
+            }
             if let Some(secret) = &args.token_secret {
                 cmd.args(["--token-secret", secret]);
             }
@@ -159,7 +162,7 @@ pub(super) struct Publishers {
 impl Publishers {
     pub(super) fn connect(args: &LoadArgs, topics: usize) -> anyhow::Result<Publishers> {
         let via = match &args.redis {
-            Some(url) => Via::Redis(url.clone()),
+            Some(url) => Via::Redis(url.clone(), args.redis_key_layout),
             None => Via::WebSocket {
                 target: args.target,
                 token: args.token.clone(),

@@ -24,8 +24,9 @@ pub(super) enum Via {
         target: SocketAddr,
         token: Option<String>,
     },
-    /// `XADD` to this Redis URL (default partitions and key prefix).
-    Redis(String),
+    /// `XADD` to this Redis URL (default partitions and key prefix, this
+    /// key layout).
+    Redis(String, crate::broker::redis::KeyLayout),
 }
 
 /// One publishing connection, held open across the steps of a run.
@@ -72,14 +73,17 @@ impl Publisher {
                     next_seq: Vec::new(),
                 })
             }
-            Via::Redis(url) => {
+            Via::Redis(url, layout) => {
                 let conn = crate::broker::redis::connect(url, Some(Duration::from_secs(5)))
                     .with_context(|| format!("connecting to {url}"))?;
                 let d = crate::config::Config::default();
                 let settings = crate::broker::redis::Settings {
                     url: url.clone(),
-                    partitions: d.redis_partitions,
-                    key_prefix: d.redis_key_prefix,
+                    keys: crate::broker::redis::Keys::new(
+                        &d.redis_key_prefix,
+                        d.redis_partitions,
+                        *layout,
+                    ),
                     maxlen: d.redis_maxlen,
                     cache_size: 0,
                     idempotency_window: d.idempotency_window,

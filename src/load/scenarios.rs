@@ -32,9 +32,10 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
         _ => "fanout",
     };
     out!(
-        "{scenario}  subscribers={} topics={} publishers={} rate={}/s size={}B duration={:?} via={}",
+        "{scenario}  subscribers={} topics={}{} publishers={} rate={}/s size={}B duration={:?} via={}",
         args.connections,
         names.len(),
+        if args.wildcard { " (as patterns)" } else { "" },
         pubs.pubs.len(),
         args.rate,
         args.size,
@@ -90,6 +91,7 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "scenario": scenario, "subscribers": args.connections, "topics": names.len(),
+            "wildcard": args.wildcard,
             "rate": args.rate, "size": args.size, "duration_s": args.duration.0.as_secs_f64(),
             "published": sent.total(), "expected": expected, "received": tally.received,
             "deliveries_per_s": rate.round(), "settle_s": waited.as_secs_f64(),

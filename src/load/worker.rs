@@ -143,10 +143,9 @@ impl<'a> Worker<'a> {
         // With --token-secret every connection writes its own token over
         // the first one's (all are the same length).
         let exp = crate::auth::now_secs() + 86_400;
-        let first = args
-            .token_secret
-            .as_deref()
-            .map(|secret| super::connection_token(secret, &args.topic, args.worker_first, exp));
+        let first = args.token_secret.as_deref().map(|secret| {
+            super::connection_token(secret, &args.topic, args.worker_first, (exp, args.wildcard))
+        });
         let token = first.as_deref().or(args.token.as_deref());
         let (request, key_at) = upgrade_request(args.target, token, args.deflate);
         let token_at = first.as_ref().map(|t| {
@@ -161,7 +160,10 @@ impl<'a> Worker<'a> {
             epoll: sys::Epoll::new().context("creating the epoll instance")?,
             clients: Vec::with_capacity(args.connections),
             scratch: vec![0; SCRATCH],
-            topics: super::topic_names(args),
+            topics: super::topic_names(args)
+                .iter()
+                .map(|t| super::sub_target(t, args.wildcard))
+                .collect(),
             tally: Tally::new()?,
             received_total: 0,
             open: 0,
@@ -357,8 +359,12 @@ impl<'a> Worker<'a> {
         }
         self.request[self.key_at..self.key_at + c.key.len()].copy_from_slice(&c.key);
         if let (Some((at, len, exp)), Some(secret)) = (self.token_at, &self.args.token_secret) {
-            let token =
-                super::connection_token(secret, &self.args.topic, self.args.worker_first + i, exp);
+            let token = super::connection_token(
+                secret,
+                &self.args.topic,
+                self.args.worker_first + i,
+                (exp, self.args.wildcard),
+            );
             if token.len() != len {
                 bail!(
                     "connection {i}'s token is {} bytes, the first one's {len}",

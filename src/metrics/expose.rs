@@ -191,6 +191,7 @@ impl View<'_> {
         match name {
             CONNECTIONS_ACTIVE => gauge(|m| &m.connections_active),
             SUBSCRIPTIONS_ACTIVE => gauge(|m| &m.subscriptions_active),
+            WILDCARD_SUBSCRIPTIONS_ACTIVE => gauge(|m| &m.wildcard_subscriptions_active),
             REGISTRY_CONNECTIONS => gauge(|m| &m.registry_connections),
             TOPIC_INDEX_ENTRIES => gauge(|m| &m.topic_index_entries),
             TOPICS_ANNOUNCED => gauge(|m| &m.topics_announced),

@@ -133,8 +133,11 @@ pub struct ShardMetrics {
     pub connections_active: AtomicI64,
     /// TCP connections accepted.
     pub connections_accepted: AtomicU64,
-    /// Active subscriptions (connection x topic).
+    /// Active subscriptions (connection x topic or pattern).
     pub subscriptions_active: AtomicI64,
+    /// Active wildcard subscriptions (connection x pattern), also in
+    /// `subscriptions_active`.
+    pub wildcard_subscriptions_active: AtomicI64,
     /// Connections in the shard's registry, in any phase: handshake,
     /// open, closing. Written by the shard from the registry's own size,
     /// so a connection that is never forgotten shows here (a leak).

@@ -6,6 +6,9 @@
 pub const CONNECTIONS_ACTIVE: &str = "ringcast_connections_active";
 /// Active subscriptions, per shard (gauge, `shard`).
 pub const SUBSCRIPTIONS_ACTIVE: &str = "ringcast_subscriptions_active";
+/// Active wildcard (pattern) subscriptions, per shard (gauge, `shard`);
+/// also counted in [`SUBSCRIPTIONS_ACTIVE`].
+pub const WILDCARD_SUBSCRIPTIONS_ACTIVE: &str = "ringcast_wildcard_subscriptions_active";
 /// Connections a shard holds in any phase (gauge, `shard`).
 pub const REGISTRY_CONNECTIONS: &str = "ringcast_registry_connections";
 /// Topics in a shard's topic index (gauge, `shard`).
@@ -117,6 +120,12 @@ const REASON: &[&str] = &["reason"];
 pub(super) const DEFS: &[Def] = &[
     def(CONNECTIONS_ACTIVE, Gauge, SHARD, "Open WebSocket connections."),
     def(SUBSCRIPTIONS_ACTIVE, Gauge, SHARD, "Active subscriptions."),
+    def(
+        WILDCARD_SUBSCRIPTIONS_ACTIVE,
+        Gauge,
+        SHARD,
+        "Active wildcard (topic pattern) subscriptions, also counted in ringcast_subscriptions_active.",
+    ),
     def(
         REGISTRY_CONNECTIONS,
         Gauge,

@@ -41,7 +41,7 @@ use ::redis::{RedisError, Value};
 use tracing::{info, warn};
 
 use super::Member;
-use crate::broker::redis::{connect, stream_key, Conn, Settings};
+use crate::broker::redis::{connect, Conn, Settings};
 use crate::metrics::BrokerMetrics;
 use crate::namespace::Namespaces;
 use crate::topic::TopicName;
@@ -195,8 +195,8 @@ impl Remote {
     }
 
     fn stream(&self, topic: &str) -> String {
-        let p = crate::topic::partition(topic, self.settings.partitions);
-        stream_key(&self.settings.key_prefix, p)
+        let p = crate::topic::partition(topic, self.settings.partitions());
+        self.settings.keys.stream(p).to_string()
     }
 
     /// Runs one script (one round trip).
@@ -326,7 +326,7 @@ impl Remote {
     /// Renews this node's liveness; finding itself unlisted (taken for
     /// dead, its members removed) it mends its members.
     fn beat(&mut self, now: Instant) -> Result<(), RedisError> {
-        let key = nodes_key(&self.settings.key_prefix);
+        let key = nodes_key(self.settings.keys.prefix());
         let ttl = self.ttl.as_millis().to_string();
         let node = self.node.clone();
         let v = self.eval(&format!("{NOW}{BEAT}"), &[&key], &[&node, &ttl])?;
@@ -347,7 +347,7 @@ impl Remote {
         members: &HashMap<TopicName, HashMap<Arc<str>, Member>>,
     ) -> Result<(), RedisError> {
         let node = self.node.clone();
-        let partitions = self.settings.partitions;
+        let partitions = self.settings.partitions();
         let mut ours: Vec<HashSet<(TopicName, Arc<str>)>> =
             vec![HashSet::new(); partitions as usize];
         for (topic, users) in members {
@@ -356,7 +356,7 @@ impl Remote {
         }
         let (mut joined, mut left) = (0, 0);
         for (p, want) in ours.iter().enumerate() {
-            let stream = stream_key(&self.settings.key_prefix, p as u32);
+            let stream = self.settings.keys.stream(p as u32).to_string();
             let set = node_set_key(&stream, &node);
             let conn = self.connection()?;
             let have: Vec<Vec<u8>> = ::redis::cmd("SMEMBERS").arg(&set).query(conn)?;
@@ -388,12 +388,12 @@ impl Remote {
     /// Looks for dead nodes and removes the members of those whose lock it
     /// gets.
     fn reap(&mut self) -> Result<(), RedisError> {
-        let nodes = nodes_key(&self.settings.key_prefix);
+        let nodes = nodes_key(self.settings.keys.prefix());
         let v = self.eval(&format!("{NOW}{EXPIRED}"), &[&nodes], &[])?;
         let dead: Vec<String> = ::redis::from_redis_value(v).unwrap_or_default();
         let me = self.node.clone();
         for dead in dead.iter().filter(|d| **d != *me) {
-            let lock = format!("{}:presence:reaping:{dead}", self.settings.key_prefix);
+            let lock = format!("{}:presence:reaping:{dead}", self.settings.keys.prefix());
             let ttl = self.ttl.as_millis() as u64;
             let me = self.node.to_string();
             let conn = self.connection()?;
@@ -418,8 +418,8 @@ impl Remote {
     /// many. `dead`: they are a dead node's, counted as ghosts one by one.
     fn take_out(&mut self, node: &str, dead: bool) -> Result<u64, RedisError> {
         let mut n = 0u64;
-        for p in 0..self.settings.partitions {
-            let stream = stream_key(&self.settings.key_prefix, p);
+        for p in 0..self.settings.partitions() {
+            let stream = self.settings.keys.stream(p).to_string();
             let set = node_set_key(&stream, node);
             loop {
                 let conn = self.connection()?;
@@ -457,7 +457,7 @@ impl Remote {
     /// surviving node removes them then, writing the `leave`s of users that
     /// did not come back anywhere. Exiting never waits for the hold.
     pub(super) fn stop(&mut self, empty: bool, hold: Duration) {
-        let nodes = nodes_key(&self.settings.key_prefix);
+        let nodes = nodes_key(self.settings.keys.prefix());
         let node = self.node.clone();
         let result = if empty {
             self.connection().and_then(|conn| {
@@ -509,6 +509,7 @@ fn int(v: &Value) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::redis::stream_key;
 
     #[test]
     fn members_split_at_the_first_newline() {

@@ -136,6 +136,10 @@ pub(crate) struct Conn {
     /// second. In [`centis`] (wrapping: only spans of seconds are compared).
     pub(super) over_since: Cell<u32>,
     pub(super) last_refused: Cell<u32>,
+    /// The shard's delivery stamp of the last message queued here through
+    /// a wildcard match: a message several of the connection's
+    /// subscriptions match is queued once (`patterns.rs`).
+    pub(super) seen: Cell<u64>,
 }
 
 impl Conn {
@@ -169,6 +173,7 @@ impl Conn {
             refilled: Cell::new(now),
             over_since: Cell::new(0),
             last_refused: Cell::new(0),
+            seen: Cell::new(0),
         }
     }
 

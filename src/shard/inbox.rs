@@ -167,34 +167,38 @@ impl Shard {
     /// runs under its borrow. The namespace's `slow_consumer` policy comes
     /// with the index entry ([`super::topics::Local::tag`]), looked up once
     /// per topic, not per message.
+    ///
+    /// A shard holding patterns takes the wildcard path (`patterns.rs`),
+    /// which also reaches each connection once.
     pub(super) fn deliver(&self, topic: &TopicName, id: crate::id::MsgId, frame: &Bytes) -> bool {
-        let mut slow = Vec::new();
-        {
+        if !self.wild.borrow().trie.is_empty() {
+            return self.deliver_wild(topic, id, frame);
+        }
+        let slow = {
             let topics = self.topics.borrow();
             let Some(local) = topics.get(topic).filter(|l| !l.live.is_empty()) else {
                 return false;
             };
-            // The compressed variant, made by the first subscriber that
-            // takes it and shared by every other: once per shard.
-            let mut compressed: Option<Option<Bytes>> = None;
-            for conn in &local.live {
-                let bits = conn.deflate.get();
-                let chosen = match bits {
-                    0 => frame,
-                    bits => match compressed.get_or_insert_with(|| self.compress(frame)) {
-                        Some(z) if fits_window(frame, bits) => &*z,
-                        _ => frame,
-                    },
-                };
-                if !self.queue_msg_or_defer(conn, chosen, local.tag.as_ref(), id) {
-                    slow.push(conn.clone());
-                }
-            }
-        }
+            self.queue_each(local.live.iter(), frame, local.tag.as_ref(), id)
+        };
         for conn in &slow {
             self.overflow(conn);
         }
         true
+    }
+
+    /// Queues `frame` to each of `conns` (a subscriber list the caller
+    /// keeps borrowed, or a copy of one), closing those past their bound
+    /// afterwards.
+    pub(super) fn deliver_to<'a>(
+        &self,
+        conns: impl Iterator<Item = &'a Rc<Conn>>,
+        frame: &Bytes,
+        (tag, id): (Option<&Rc<super::queue::Tag>>, crate::id::MsgId),
+    ) {
+        for conn in &self.queue_each(conns, frame, tag, id) {
+            self.overflow(conn);
+        }
     }
 
     /// A `join`/`leave` of `user` for every local subscriber of `topic`
@@ -226,6 +230,35 @@ impl Shard {
         for conn in &slow {
             self.overflow(conn);
         }
+    }
+
+    /// Queues `frame` to each of `conns`; returns those past their queue
+    /// bound, for the caller to close once no index is borrowed.
+    fn queue_each<'a>(
+        &self,
+        conns: impl Iterator<Item = &'a Rc<Conn>>,
+        frame: &Bytes,
+        tag: Option<&Rc<super::queue::Tag>>,
+        id: crate::id::MsgId,
+    ) -> Vec<Rc<Conn>> {
+        let mut slow = Vec::new();
+        // The compressed variant, made by the first subscriber that
+        // takes it and shared by every other: once per shard.
+        let mut compressed: Option<Option<Bytes>> = None;
+        for conn in conns {
+            let bits = conn.deflate.get();
+            let chosen = match bits {
+                0 => frame,
+                bits => match compressed.get_or_insert_with(|| self.compress(frame)) {
+                    Some(z) if fits_window(frame, bits) => &*z,
+                    _ => frame,
+                },
+            };
+            if !self.queue_msg_or_defer(conn, chosen, tag, id) {
+                slow.push(conn.clone());
+            }
+        }
+        slow
     }
 
     /// The permessage-deflate variant of a `msg` frame (RSV1 set), or
@@ -263,15 +296,19 @@ impl Shard {
     /// subscriber of a topic in it has a hole. Close them with 4009, like
     /// a lagged shard; their `since` is from before the gap, so recovery
     /// answers `recovered:false` (the reader refuses it) and they refetch.
-    /// A scan of this shard's topics, once per gap (rare), never per message.
+    /// Every holder of a pattern too: any topic of the partition may have
+    /// matched it. A scan of this shard's topics, once per gap (rare),
+    /// never per message.
     pub(super) fn on_partition_gap(&self, partition: u32, partitions: u32) {
-        let conns: Vec<Rc<Conn>> = self
+        let mut conns: Vec<Rc<Conn>> = self
             .topics
             .borrow()
             .iter()
             .filter(|(t, _)| t.partition(partitions) == partition)
             .flat_map(|(_, local)| local.live.iter().cloned())
             .collect();
+        // Any topic of the partition may have matched a pattern.
+        conns.extend(self.pattern_holders());
         let mut closed = 0usize;
         // A connection with several topics in the partition is listed once
         // per topic; `close` leaves one already closing alone.

@@ -16,6 +16,8 @@
 //! - `rate.rs`: the inbound token buckets and the 4008 policy;
 //! - `ops.rs`: one branch per client op, and the token rules;
 //! - `topics.rs`: the topic index and its announcement to the broker side;
+//! - `patterns.rs`: wildcard subscriptions: a segment trie of the shard's
+//!   patterns, and each message's recipients counted once;
 //! - `inbox.rs`: what other threads send (deliveries, broker answers);
 //! - `sweep.rs`: deadlines, heartbeats and the drain;
 //! - `queue.rs`: one connection's outbound queue, and the namespace's
@@ -29,6 +31,7 @@ mod conn;
 mod inbox;
 mod input;
 mod ops;
+mod patterns;
 pub mod queue;
 mod rate;
 mod runtime;
@@ -39,6 +42,9 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+/// The wildcard trie, public only for `benches/patterns.rs`.
+#[doc(hidden)]
+pub use patterns::PatternTrie;
 pub use runtime::{spawn, ShardFailure};
 #[cfg(debug_assertions)]
 pub use runtime::{
@@ -127,6 +133,10 @@ pub(crate) struct Shard {
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
+    /// The wildcard subscriptions: their trie and subscribers (`patterns.rs`).
+    pub(crate) wild: RefCell<patterns::Wildcards>,
+    /// Deliveries that went through a wildcard match, for [`Conn::seen`].
+    stamp: Cell<u64>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
     /// Readiness of every connection of this shard.

@@ -32,6 +32,17 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             let refusal = if shard.namespaces.of(topic.as_str()).is_none() {
                 let reason = format!("unknown namespace {:?}", topic.namespace());
                 Some((code::UNKNOWN_NAMESPACE, reason))
+            } else if topic.is_pattern()
+                && shard
+                    .namespaces
+                    .of(topic.as_str())
+                    .is_some_and(|ns| !ns.wildcards)
+            {
+                let reason = format!(
+                    "namespace {:?} does not allow wildcard subscriptions",
+                    topic.namespace()
+                );
+                Some((code::FORBIDDEN_TOPIC, reason))
             } else if !allows(shard, &identity, &topic) {
                 Some((
                     code::FORBIDDEN_TOPIC,
@@ -55,6 +66,17 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             };
             match refusal {
                 Some((c, reason)) => shard.queue(conn, encode_error(id, c, &reason)),
+                None if topic.is_pattern() => {
+                    // Live at once: the broker side sends this shard every
+                    // topic before the `ok` goes out. Nothing is replayed:
+                    // a pattern spans topics with positions of their own.
+                    shard.add_pattern(conn, &topic);
+                    let extra = OkExtra {
+                        recovered: since.map(|_| false),
+                        ..OkExtra::default()
+                    };
+                    shard.queue(conn, encode_ok(id, Some(&topic), extra));
+                }
                 None => {
                     // Indexed before the broker hears of it; the first
                     // `sub` of a topic here announces it.
@@ -185,11 +207,19 @@ pub(super) fn refresh_auth(
 
 /// Whether `identity` may hold a subscription to `topic`: its namespace
 /// exists and admits anonymous subscribers, or the token's `subs` allow it.
+/// A pattern also needs its namespace to allow wildcards, and one of the
+/// token's `subs` to cover every topic it matches.
 pub(super) fn allows(shard: &Shard, identity: &Identity, topic: &TopicName) -> bool {
-    shard
-        .namespaces
-        .of(topic.as_str())
-        .is_some_and(|ns| ns.anonymous || identity.may_subscribe(topic.as_str()))
+    let Some(ns) = shard.namespaces.of(topic.as_str()) else {
+        return false;
+    };
+    if !topic.is_pattern() {
+        return ns.anonymous || identity.may_subscribe(topic.as_str());
+    }
+    ns.wildcards
+        && (ns.anonymous
+            || crate::auth::Pattern::parse(topic.as_str())
+                .is_some_and(|p| identity.may_subscribe_pattern(&p)))
 }
 
 /// Whether the connection's current identity may hold a subscription to

@@ -53,6 +53,13 @@ impl Tag {
         &self.topic
     }
 
+    /// Whether `self` and `other` tag messages of one topic: the same tag
+    /// (the usual case, a pointer comparison), or two made for one topic
+    /// (a topic only patterns match gets a tag per message).
+    fn same_topic(&self, other: &Tag) -> bool {
+        std::ptr::eq(self, other) || (!self.notice && !other.notice && self.topic == other.topic)
+    }
+
     /// Whether a message tagged `self` may be dropped to make room for one
     /// tagged `newer`: both `drop_oldest`, in the same namespace.
     fn yields_to(&self, newer: &Tag) -> bool {
@@ -201,7 +208,7 @@ impl OutQueue {
             self.frames[i]
                 .tag
                 .as_ref()
-                .is_some_and(|t| Rc::ptr_eq(t, tag))
+                .is_some_and(|t| t.same_topic(tag))
         });
         let Some(i) = older else {
             if !self.fits(&frame, bound) {
@@ -242,7 +249,7 @@ impl OutQueue {
             let Some(t) = entry.tag.as_ref().filter(|t| t.yields_to(tag)) else {
                 continue;
             };
-            if let Some(ep) = episodes.iter_mut().find(|e| Rc::ptr_eq(&e.tag, t)) {
+            if let Some(ep) = episodes.iter_mut().find(|e| e.tag.same_topic(t)) {
                 ep.to = entry.id;
             } else {
                 let notice = self.open_notice(&t.topic, start);

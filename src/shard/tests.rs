@@ -115,6 +115,8 @@ impl Harness {
             handshakes: RefCell::new(HashMap::new()),
             conns: RefCell::new(HashMap::new()),
             topics: RefCell::new(HashMap::new()),
+            wild: RefCell::new(super::patterns::Wildcards::default()),
+            stamp: Cell::new(0),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0; super::SCRATCH_SIZE]),
             next_conn: Cell::new(0),

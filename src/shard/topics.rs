@@ -52,8 +52,16 @@ impl Shard {
         self.sync_gauges();
     }
 
-    /// Unsubscribes one connection from one topic; false if it was not subscribed.
+    /// Unsubscribes one connection from one topic or pattern; false if it
+    /// was not subscribed.
     pub(crate) fn unsubscribe(&self, conn: &Rc<Conn>, topic: &TopicName) -> bool {
+        if topic.is_pattern() {
+            let slot = conn.take_live(topic);
+            if let Some(slot) = slot {
+                self.detach_pattern(topic, slot);
+            }
+            return slot.is_some();
+        }
         let Some(slot) = conn.take_live(topic) else {
             let pending = conn.take_pending(topic);
             if pending {
@@ -85,6 +93,11 @@ impl Shard {
         let mut live = 0;
         let mut gone = Vec::new();
         for sub in &subs {
+            if sub.topic.is_pattern() {
+                // Counted off by `detach_pattern` itself.
+                self.detach_pattern(&sub.topic, sub.slot());
+                continue;
+            }
             let left = if sub.is_live() {
                 live += 1;
                 let user = self.presence_user(conn, &sub.topic);

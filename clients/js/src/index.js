@@ -77,11 +77,30 @@ class Emitter {
 }
 
 /** One topic's subscription: survives reconnects until unsubscribed or ended. */
+/**
+ * Whether `topic` matches the topic pattern `pattern` as the server applies
+ * it (docs/PROTOCOL.md section 2): the same namespace (before the first
+ * ":"), then segments split on "." or ":", "*" one, "#" one or more.
+ */
+export function matches(pattern, topic) {
+  const ns = (s) => s.slice(0, Math.max(s.indexOf(":"), 0));
+  if (ns(pattern) !== ns(topic)) return false;
+  const p = pattern.split(/[.:]/);
+  const t = topic.split(/[.:]/);
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === "#") return t.length > i;
+    if (i >= t.length || (p[i] !== "*" && p[i] !== t[i])) return false;
+  }
+  return t.length === p.length;
+}
+
 export class Subscription extends Emitter {
   constructor(client, topic, fn, opts) {
     super();
     this._client = client;
     this.topic = topic;
+    /** A wildcard subscription (`user.*`, `chat:#`): its messages carry their own topics. */
+    this.pattern = /[*#]/.test(topic);
     this._fn = fn;
     /** "pending" | "subscribing" | "subscribed" | "ended" */
     this.state = "pending";
@@ -110,6 +129,10 @@ export class Subscription extends Emitter {
   }
 
   _ok(m) {
+    // A pattern has no position: resubscribed after a reconnect, what it
+    // matched meanwhile is lost, and said so with "unrecovered".
+    const again = this._okOnce;
+    this._okOnce = true;
     const fresh = m.recovered === false || m.epoch !== this.epoch || this.since === undefined;
     this.epoch = m.epoch;
     // Replayed messages came before this ok and are at or before `last`;
@@ -120,7 +143,7 @@ export class Subscription extends Emitter {
     const info = { epoch: m.epoch, last: m.last, recovered: m.recovered };
     this._emit("subscribed", info);
     if (m.recovered === true) this._emit("recovered", info);
-    if (m.recovered === false) this._emit("unrecovered", info);
+    if (m.recovered === false || (this.pattern && again)) this._emit("unrecovered", info);
   }
 
   _msg(m) {
@@ -290,6 +313,11 @@ export class Ringcast extends Emitter {
     switch (m.op) {
       case "msg":
         if (sub && sub.state !== "ended") sub._msg(m);
+        // The server sends a message once per connection; every
+        // subscription it matches gets it here.
+        for (const p of this._subs.values()) {
+          if (p.pattern && p !== sub && p.state !== "ended" && matches(p.topic, m.topic)) p._msg(m);
+        }
         return;
       case "welcome":
         return this._welcome(m);

@@ -17,12 +17,14 @@ pub const MAX_EVENT_LEN: usize = 64;
 
 pub use crate::topic::partition;
 
-/// `{prefix}:stream:{P}`: the braces are a Redis Cluster hash tag.
+/// `{prefix}:stream:{P}`, the legacy layout's stream key: the braces are a
+/// Redis Cluster hash tag. Every layout's keys: [`super::Keys`].
 pub fn stream_key(prefix: &str, p: u32) -> String {
     format!("{prefix}:stream:{{{p}}}")
 }
 
-/// `{prefix}:epoch:{P}`, in the same hash slot as its stream.
+/// `{prefix}:epoch:{P}`, the legacy layout's epoch key, in the same hash
+/// slot as its stream.
 pub fn epoch_key(prefix: &str, p: u32) -> String {
     format!("{prefix}:epoch:{{{p}}}")
 }

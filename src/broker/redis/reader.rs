@@ -42,9 +42,7 @@ use ::redis::{RedisError, Value};
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{debug, info, trace, warn};
 
-use super::entry::{
-    decode_entry, epoch_key, parse_id, range_entries, stream_key, xread_streams, Cached, Retained,
-};
+use super::entry::{decode_entry, parse_id, range_entries, xread_streams, Cached, Retained};
 use super::worker::{Done, Task};
 use super::{connect, Blocker, Conn, Settings};
 use crate::broker::SubscribeRequest;
@@ -202,7 +200,7 @@ impl Reader {
         let (base, len) = group;
         let parts = (base..base + len)
             .map(|p| Part {
-                key: stream_key(&settings.key_prefix, p),
+                key: settings.keys.stream(p).to_string(),
                 epoch: Arc::from(""),
                 last: MsgId::default(),
                 floor: MsgId::default(),
@@ -227,7 +225,7 @@ impl Reader {
             .map(|(i, p)| (p.key.as_bytes().to_vec(), i))
             .collect();
         let mut reader = Reader {
-            cache_budget: settings.cache_size / settings.partitions.max(1) as usize,
+            cache_budget: settings.cache_size / settings.partitions().max(1) as usize,
             replay_limit: usize::MAX,
             settings,
             interest: bus.interest(),
@@ -267,7 +265,7 @@ impl Reader {
     /// repeats as the others. One `XREVRANGE` per partition, at boot only.
     fn learn_recent_keys(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let window = self.settings.idempotency_window.as_millis() as u64;
-        let partitions = self.settings.partitions;
+        let partitions = self.settings.partitions();
         for (i, part) in self.parts.iter_mut().enumerate() {
             if !part.exists {
                 continue;
@@ -376,13 +374,13 @@ impl Reader {
     fn sync_epochs(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let mut pipe = ::redis::pipe();
         for i in 0..self.parts.len() as u32 {
-            let key = epoch_key(&self.settings.key_prefix, self.base + i);
+            let key = self.settings.keys.epoch(self.base + i);
             pipe.cmd("SET")
-                .arg(&key)
+                .arg(key)
                 .arg(&*mint_epoch())
                 .arg("NX")
                 .ignore();
-            pipe.cmd("GET").arg(&key);
+            pipe.cmd("GET").arg(key);
         }
         let epochs: Vec<String> = pipe.query(conn)?;
         for (i, (part, epoch)) in self.parts.iter_mut().zip(epochs).enumerate() {
@@ -580,7 +578,7 @@ impl Reader {
             // ringcast_broker_read_lag_seconds: how old the newest entry
             // of this read was, once per partition per batch.
             if let Some(id) = newest {
-                let partitions = self.settings.partitions;
+                let partitions = self.settings.partitions();
                 self.metrics
                     .read_up_to(self.base + p as u32, partitions, id.ms);
             }
@@ -589,7 +587,7 @@ impl Reader {
     }
 
     fn deliver(&mut self, p: usize, id: MsgId, fields: Value) {
-        let partitions = self.settings.partitions;
+        let partitions = self.settings.partitions();
         let global = self.base + p as u32;
         let part = &mut self.parts[p];
         part.last = id;

@@ -161,3 +161,24 @@ test("join and leave reach the subscription", async () => {
   ws.receive({ op: "leave", topic: "chat:1", user: "u1" });
   assert.deepEqual(seen, [["join", "u1"], ["leave", "u1"]]);
 });
+
+test("a pattern subscription gets every matching topic of its namespace; a resubscribe is unrecovered", async () => {
+  const c = await setup();
+  const got = { pattern: [], exact: [] };
+  const wild = c.rc.subscribe("user.42.*", (d, m) => got.pattern.push(m.topic));
+  c.rc.subscribe("user.42.a", (d, m) => got.exact.push(m.topic));
+  c.rc.subscribe("chat:#", (d, m) => got.pattern.push(m.topic));
+  const seen = [];
+  wild.on("unrecovered", () => seen.push("unrecovered"));
+  let ws = await c.connect();
+  okSubs(ws, { epoch: "E1", last: "1-0" });
+  for (const [i, topic] of ["user.42.a", "user.42.b", "user.43.a", "user.42", "chat:1.x", "chat.1", "other:1"].entries()) {
+    ws.receive({ op: "msg", topic, id: `${i + 2}-0`, data: i });
+  }
+  assert.deepEqual(got.exact, ["user.42.a"]);
+  assert.deepEqual(got.pattern, ["user.42.a", "user.42.b", "chat:1.x"]);
+  assert.deepEqual(seen, []);
+  ws = await reconnect(c);
+  okSubs(ws, { epoch: "E1", last: "9-0" });
+  assert.deepEqual(seen, ["unrecovered"]);
+});

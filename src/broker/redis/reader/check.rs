@@ -345,7 +345,7 @@ impl Reader {
     /// and refuse recoveries that span it.
     fn report(&mut self, p: usize, gap: Gap) {
         self.metrics.gaps.fetch_add(1, Ordering::Relaxed);
-        let partitions = self.settings.partitions;
+        let partitions = self.settings.partitions();
         let global = self.base + p as u32;
         let part = &mut self.parts[p];
         warn!(

@@ -150,7 +150,7 @@ impl Reader {
     /// The index in `parts` of `topic`'s partition, which this reader
     /// reads (the broker routes each `sub` to its partition's reader).
     pub(super) fn local(&self, topic: &TopicName) -> usize {
-        (partition(topic.as_str(), self.settings.partitions) - self.base) as usize
+        (partition(topic.as_str(), self.settings.partitions()) - self.base) as usize
     }
 
     /// Hands `job` to the workers; false when their queue is full.
