@@ -482,3 +482,18 @@ fn a_node_started_between_an_entry_and_its_repeat_skips_the_repeat_too() {
         );
     }
 }
+
+#[test]
+fn keyed_publishes_follow_the_even_key_layout() {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    let a = TestServer::start(&["--redis", &url, "--redis-key-layout", "even"]);
+    let mut sub = subscriber(&a, "orders:3");
+    let mut p = Client::connect(&a.url()).unwrap();
+    let first = p.publish_keyed("orders:3", &json!(1), Some("k")).unwrap();
+    assert_eq!(
+        p.publish_keyed("orders:3", &json!(1), Some("k")).unwrap(),
+        first
+    );
+    assert_eq!(drain(&mut sub, Duration::from_millis(500)), [first]);
+}

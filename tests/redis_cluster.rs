@@ -535,36 +535,59 @@ fn a_burst_trimmed_past_a_cluster_reader_closes_only_that_partition() {
 
 #[test]
 fn keyed_publishes_on_a_cluster_are_appended_once_whatever_the_master() {
-    // The idempotency key shares its stream's hash tag, so the script that
-    // checks it and appends runs on the stream's master (one slot).
+    // The idempotency key follows its stream's key, hash tag included, so
+    // the script that checks it and appends runs on the stream's master
+    // (one slot), under either key layout (each its own prefix here).
     let cluster = TestCluster::start();
-    let a = TestServer::start(&["--redis", &cluster.url()]);
-    let b = TestServer::start(&["--redis", &cluster.url()]);
-    let mut sub = Client::connect(&b.url()).unwrap();
-    for t in TOPICS {
-        sub.subscribe(t, None).unwrap();
+    for (layout, name, prefix) in [
+        (KeyLayout::Legacy, "legacy", "ringcast"),
+        (KeyLayout::Even, "even", "ev"),
+    ] {
+        let args = [
+            "--redis",
+            &cluster.url(),
+            "--redis-key-layout",
+            name,
+            "--redis-key-prefix",
+            prefix,
+        ];
+        let a = TestServer::start(&args);
+        let b = TestServer::start(&args);
+        let keys = Keys::new(prefix, 16, layout);
+        let mut sub = Client::connect(&b.url()).unwrap();
+        for t in TOPICS {
+            sub.subscribe(t, None).unwrap();
+        }
+        let mut on_a = Client::connect(&a.url()).unwrap();
+        let mut on_b = Client::connect(&b.url()).unwrap();
+        for t in TOPICS {
+            let first = on_a.publish_keyed(t, &json!(1), Some("k")).unwrap();
+            assert_eq!(
+                on_b.publish_keyed(t, &json!(1), Some("k")).unwrap(),
+                first,
+                "{name} {t}"
+            );
+            assert_eq!(
+                on_a.publish_keyed(t, &json!(1), Some("k")).unwrap(),
+                first,
+                "{name} {t}"
+            );
+            let stream = keys.stream(partition(t, 16));
+            let entries: Vec<(String, HashMap<String, String>)> =
+                cluster.query_owner(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"));
+            let ids: Vec<&String> = entries
+                .iter()
+                .filter(|(_, f)| f.get("topic").map(String::as_str) == Some(t))
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(ids, [&first], "{name} {t}: one entry");
+        }
+        let got = recv_by_topic(&mut sub, TOPICS.len());
+        for t in TOPICS {
+            assert_eq!(got[t].len(), 1, "{name} {t}");
+        }
+        assert_quiet(&mut sub);
     }
-    let mut on_a = Client::connect(&a.url()).unwrap();
-    let mut on_b = Client::connect(&b.url()).unwrap();
-    for t in TOPICS {
-        let first = on_a.publish_keyed(t, &json!(1), Some("k")).unwrap();
-        assert_eq!(
-            on_b.publish_keyed(t, &json!(1), Some("k")).unwrap(),
-            first,
-            "{t}"
-        );
-        assert_eq!(
-            on_a.publish_keyed(t, &json!(1), Some("k")).unwrap(),
-            first,
-            "{t}"
-        );
-        assert_eq!(stream_ids(&cluster, t), [first], "{t}: one entry");
-    }
-    let got = recv_by_topic(&mut sub, TOPICS.len());
-    for t in TOPICS {
-        assert_eq!(got[t].len(), 1, "{t}");
-    }
-    assert_quiet(&mut sub);
 }
 
 /// How many of the 16 partitions' streams each master holds, under `keys`;

@@ -415,3 +415,15 @@ fn next_payload(buf: &mut bytes::BytesMut) -> Option<Vec<u8>> {
     let frame = buf.split_to(head + len);
     Some(frame[head..].to_vec())
 }
+
+#[test]
+fn two_tags_made_for_one_topic_conflate_alike() {
+    // A topic only patterns match gets a tag per message.
+    let mut q = OutQueue::default();
+    let bound = 1 << 20;
+    for n in 1..=3 {
+        let tag = Tag::new(&topic("p:a"), SlowConsumer::Conflate);
+        q.push_msg(msg("p:a", n), tag.as_ref(), id(n), bound);
+    }
+    assert_eq!(shown(&q), ["p:a#3-0"]);
+}
