@@ -188,7 +188,7 @@ redis.call('SET', KEYS[2], id, 'PX', ARGV[2]) \
 return id";
 
 /// The publish of one message: a plain `XADD`, or with a `key` the
-/// [`KEYED_XADD`] script. Both answer the entry id.
+/// `KEYED_XADD` script. Both answer the entry id.
 pub fn publish_cmd(
     settings: &Settings,
     topic: &str,
