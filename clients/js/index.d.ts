@@ -109,6 +109,8 @@ export interface SubscriptionEvents {
   /** Presence namespaces: a user's first connection subscribed, or its last one left (never your own user). */
   join: { topic: string; user: string };
   leave: { topic: string; user: string };
+  /** `slow_consumer = "drop_oldest"` namespaces: the server dropped this topic's messages `from`..`to` (ids) for this slow connection; fetch them from your backend, or resubscribe with `since` just before `from` while they are retained. */
+  lost: { topic: string; from: string; to: string };
 }
 
 export interface MessageMeta {

@@ -328,6 +328,16 @@ export class Ringcast extends Emitter {
       case "leave":
         if (sub) sub._emit(m.op, { user: m.user, topic: m.topic });
         return;
+      case "lost": {
+        // drop_oldest namespaces: messages from..to of the topic were
+        // dropped for this slow connection (docs/PROTOCOL.md, v1.2).
+        const lost = { topic: m.topic, from: m.from, to: m.to };
+        if (sub && sub.state !== "ended") sub._emit("lost", lost);
+        for (const p of this._subs.values()) {
+          if (p.pattern && p !== sub && p.state !== "ended" && matches(p.topic, m.topic)) p._emit("lost", lost);
+        }
+        return;
+      }
     }
     if (m.id !== undefined) return this._reply(m);
     if (m.op === "error") {

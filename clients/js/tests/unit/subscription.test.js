@@ -162,6 +162,24 @@ test("join and leave reach the subscription", async () => {
   assert.deepEqual(seen, [["join", "u1"], ["leave", "u1"]]);
 });
 
+test("a lost notice reaches the topic's subscription and the patterns that match it", async () => {
+  const c = await setup();
+  const sub = c.rc.subscribe("feed:1", () => {});
+  const pat = c.rc.subscribe("feed:*", () => {});
+  const other = c.rc.subscribe("feed:2", () => {});
+  const seen = [];
+  sub.on("lost", (l) => seen.push(["sub", l.topic, l.from, l.to]));
+  pat.on("lost", (l) => seen.push(["pattern", l.topic, l.from, l.to]));
+  other.on("lost", () => seen.push(["other"]));
+  const ws = await c.connect();
+  okSubs(ws);
+  ws.receive({ op: "lost", topic: "feed:1", from: "5-0", to: "9-0" });
+  assert.deepEqual(seen, [
+    ["sub", "feed:1", "5-0", "9-0"],
+    ["pattern", "feed:1", "5-0", "9-0"],
+  ]);
+});
+
 test("a pattern subscription gets every matching topic of its namespace; a resubscribe is unrecovered", async () => {
   const c = await setup();
   const got = { pattern: [], exact: [] };
