@@ -152,23 +152,31 @@ fn a_bad_key_is_refused_naming_the_field_and_the_limit() {
     assert_eq!(status, 400, "{body}");
 }
 
+/// Publishes `data: i` with `key` to `topic` from one client per URL,
+/// all released at once; the `mid` each was answered with.
+fn publish_at_once(urls: &[String], topic: &'static str, key: &'static str) -> Vec<String> {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(urls.len()));
+    let threads: Vec<_> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let mut c = Client::connect(url).unwrap();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                c.publish_keyed(topic, &json!(i), Some(key)).unwrap()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 #[test]
 fn embedded_concurrent_duplicates_deliver_exactly_one() {
     let server = TestServer::start(&[]);
     let mut sub = subscriber(&server, "jobs:9");
     // Publishers on both shards, released together.
-    let start = std::sync::Arc::new(std::sync::Barrier::new(8));
-    let threads: Vec<_> = (0..8)
-        .map(|i| {
-            let mut c = Client::connect(&server.url()).unwrap();
-            let start = start.clone();
-            std::thread::spawn(move || {
-                start.wait();
-                c.publish_keyed("jobs:9", &json!(i), Some("once")).unwrap()
-            })
-        })
-        .collect();
-    let mids: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mids = publish_at_once(&vec![server.url(); 8], "jobs:9", "once");
     assert!(mids.iter().all(|m| *m == mids[0]), "{mids:?}");
     assert_eq!(
         drain(&mut sub, Duration::from_millis(500)),
@@ -282,19 +290,10 @@ fn redis_concurrent_duplicates_on_two_nodes_deliver_exactly_one() {
     let b = TestServer::start(&["--redis", &url]);
     let mut on_a = subscriber(&a, "jobs:9");
     let mut on_b = subscriber(&b, "jobs:9");
-    let start = std::sync::Arc::new(std::sync::Barrier::new(10));
-    let threads: Vec<_> = (0..10)
-        .map(|i| {
-            let node = if i % 2 == 0 { &a } else { &b };
-            let mut c = Client::connect(&node.url()).unwrap();
-            let start = start.clone();
-            std::thread::spawn(move || {
-                start.wait();
-                c.publish_keyed("jobs:9", &json!(i), Some("once")).unwrap()
-            })
-        })
+    let urls: Vec<String> = (0..10)
+        .map(|i| if i % 2 == 0 { a.url() } else { b.url() })
         .collect();
-    let mids: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mids = publish_at_once(&urls, "jobs:9", "once");
     assert!(mids.iter().all(|m| *m == mids[0]), "{mids:?}");
     assert_eq!(
         drain(&mut on_a, Duration::from_millis(500)),
