@@ -24,20 +24,26 @@
 //! thread wake-ups (benches/RESULTS.md, 2026-12-04). Here a publish whose
 //! topic the publisher's shard owns, which is every publish on one shard,
 //! costs no hand-off at all.
+//!
+//! A part's data (each topic's history and idempotency keys, the id
+//! sequence) is in `memory/history.rs`; this file routes requests to their
+//! owner and answers them.
+
+mod history;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use bytes::Bytes;
 
 use crate::broker::{Broker, Replier, SubscribeRequest};
 use crate::bus::{Bus, Interest, ShardMsg};
 use crate::id::{mint_epoch, MsgId, ShardId, Since};
 use crate::protocol::encode_msg;
 use crate::topic::TopicName;
+
+use history::{Entry, Inner};
 
 /// Retention of the embedded broker, per topic.
 #[derive(Debug, Clone, Copy)]
@@ -128,68 +134,6 @@ struct Log {
     by_namespace: HashMap<String, Retention>,
     interest: Interest,
     inner: Inner,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// The newest id of any topic this part keeps: its position, sent as `last` in
-    /// the `ok` of every `sub`.
-    last: MsgId,
-    topics: HashMap<TopicName, TopicLog>,
-    /// The newest id of every topic whose whole history expired and was
-    /// removed: a `since` at or past it lost nothing of such a topic.
-    swept_through: MsgId,
-    publishes_since_sweep: u32,
-}
-
-#[derive(Debug, Default)]
-struct TopicLog {
-    entries: VecDeque<Entry>,
-    /// The newest id this topic ever had.
-    last: MsgId,
-    /// The newest id dropped from history: recovery from before it is impossible.
-    trimmed_through: Option<MsgId>,
-    /// Idempotency keys of the topic's recent publishes; `None` until the
-    /// first keyed one, so a topic without keys pays one word.
-    keys: Option<Box<Keys>>,
-}
-
-/// A topic's idempotency keys within the window, oldest first, each with
-/// the id of the publish that first carried it.
-#[derive(Debug, Default)]
-struct Keys {
-    order: VecDeque<(Arc<str>, MsgId)>,
-    index: HashMap<Arc<str>, MsgId>,
-}
-
-impl Keys {
-    /// Forgets the keys of publishes before `oldest_ms`.
-    fn expire(&mut self, oldest_ms: u64) {
-        while self.order.front().is_some_and(|(_, id)| id.ms < oldest_ms) {
-            if let Some((key, _)) = self.order.pop_front() {
-                self.index.remove(&key);
-            }
-        }
-    }
-
-    /// Remembers `key` for the publish `id`, forgetting the oldest past
-    /// [`MAX_KEYS_PER_TOPIC`].
-    fn insert(&mut self, key: &str, id: MsgId) {
-        if self.order.len() >= MAX_KEYS_PER_TOPIC {
-            if let Some((old, _)) = self.order.pop_front() {
-                self.index.remove(&old);
-            }
-        }
-        let key: Arc<str> = key.into();
-        self.index.insert(key.clone(), id);
-        self.order.push_back((key, id));
-    }
-}
-
-#[derive(Debug)]
-struct Entry {
-    id: MsgId,
-    frame: Bytes,
 }
 
 /// Every this many publishes, topics whose whole history has expired are removed.
@@ -357,96 +301,6 @@ impl Log {
             .get(topic.namespace())
             .copied()
             .unwrap_or(self.retention)
-    }
-}
-
-impl Inner {
-    /// The next id: Redis semantics, time-based and strictly increasing even
-    /// if the clock steps back.
-    fn next_id(&mut self, now: u64) -> MsgId {
-        self.last = if now > self.last.ms {
-            MsgId { ms: now, seq: 0 }
-        } else {
-            MsgId {
-                ms: self.last.ms,
-                seq: self.last.seq + 1,
-            }
-        };
-        self.last
-    }
-
-    /// Drops expired history everywhere; `oldest_kept` gives each topic's
-    /// cut-off (retention differs by namespace). A topic whose history is
-    /// gone stays while it has idempotency keys from `keys_from` on.
-    fn sweep(&mut self, oldest_kept: impl Fn(&TopicName) -> u64, keys_from: u64) {
-        let mut swept = self.swept_through;
-        self.topics.retain(|topic, log| {
-            log.expire(oldest_kept(topic));
-            if let Some(keys) = log.keys.as_mut() {
-                keys.expire(keys_from);
-                if keys.order.is_empty() {
-                    log.keys = None;
-                }
-            }
-            let keep = !log.entries.is_empty() || log.keys.is_some();
-            if !keep {
-                swept = swept.max(log.last);
-            }
-            keep
-        });
-        self.swept_through = swept;
-    }
-
-    /// The replay of `topic` after the position `since` (at most the
-    /// node's `last`), or `None` when some of it is no longer retained.
-    fn replay_after(
-        &mut self,
-        topic: &TopicName,
-        since: MsgId,
-        oldest_kept: u64,
-    ) -> Option<Vec<Bytes>> {
-        match self.topics.get_mut(topic) {
-            Some(log) => {
-                log.expire(oldest_kept);
-                log.replay_after(since)
-            }
-            // Never published, or its whole history expired and was
-            // swept: complete (empty) only if `since` is past all of it.
-            None => (since >= self.swept_through).then(Vec::new),
-        }
-    }
-}
-
-impl TopicLog {
-    fn trim_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
-            self.trimmed_through = Some(e.id);
-        }
-    }
-
-    fn expire(&mut self, oldest_kept_ms: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|e| e.id.ms < oldest_kept_ms)
-        {
-            self.trim_front();
-        }
-    }
-
-    /// The frames after the position `since`, or `None` when they are not
-    /// all retained.
-    fn replay_after(&self, since: MsgId) -> Option<Vec<Bytes>> {
-        if self.trimmed_through.is_some_and(|t| since < t) {
-            return None;
-        }
-        let start = self.entries.partition_point(|e| e.id <= since);
-        Some(
-            self.entries
-                .range(start..)
-                .map(|e| e.frame.clone())
-                .collect(),
-        )
     }
 }
 
