@@ -729,6 +729,23 @@ mod tests {
     }
 
     #[test]
+    fn presence_durations_are_bounded() {
+        let file =
+            Layer::from_toml("presence_ttl = \"2s\"\npresence_leave_delay = \"11m\"").unwrap();
+        let err = Config::from_layer(file.over(anon())).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "presence_ttl: must be between 3s and 1h",
+                "presence_leave_delay: must be at most 10m"
+            ]
+        );
+        let file =
+            Layer::from_toml("presence_ttl = \"1h\"\npresence_leave_delay = \"0s\"").unwrap();
+        assert!(Config::from_layer(file.over(anon())).is_ok());
+    }
+
+    #[test]
     fn redis_settings_default_parse_and_validate() {
         let c = Config::from_layer(anon()).unwrap();
         assert_eq!(c.redis, None);

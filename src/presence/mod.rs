@@ -40,8 +40,6 @@ use crate::namespace::Namespaces;
 use crate::protocol::{code, encode_error, encode_presence};
 use crate::topic::TopicName;
 
-pub use self::redis::{node_set_key, nodes_key, topic_key};
-
 /// What a shard tells the presence thread.
 #[derive(Debug)]
 enum Cmd {
@@ -63,7 +61,6 @@ enum Cmd {
 #[derive(Debug)]
 pub struct Presence {
     tx: Sender<Cmd>,
-    node: Arc<str>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -130,14 +127,8 @@ impl Presence {
         info!(node = %node, "presence started");
         Ok(Arc::new(Presence {
             tx,
-            node,
             thread: Mutex::new(Some(thread)),
         }))
-    }
-
-    /// This node's id.
-    pub fn node(&self) -> &Arc<str> {
-        &self.node
     }
 
     /// `user`'s first connection on a shard subscribed to `topic`.

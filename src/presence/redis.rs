@@ -124,17 +124,17 @@ return 0
 ";
 
 /// `{prefix}:presence:nodes`: every live node and when its liveness expires.
-pub fn nodes_key(prefix: &str) -> String {
+fn nodes_key(prefix: &str) -> String {
     format!("{prefix}:presence:nodes")
 }
 
 /// The users of `topic` (a hash in its partition's slot).
-pub fn topic_key(stream: &str, topic: &str) -> String {
+fn topic_key(stream: &str, topic: &str) -> String {
     format!("{stream}:presence:{topic}")
 }
 
 /// What `node` holds in the partition of `stream`.
-pub fn node_set_key(stream: &str, node: &str) -> String {
+fn node_set_key(stream: &str, node: &str) -> String {
     format!("{stream}:members:{node}")
 }
 
