@@ -1,10 +1,11 @@
 //! The few system calls the shards make directly on a socket's fd, outside
 //! the runtime's owned-buffer ops: non-blocking `recv` into a shared scratch
 //! buffer (so an idle connection owns no read buffer), vectored `sendmsg` of
-//! shared frames (so a frame is never copied per subscriber), `shutdown`, and
-//! CPU pinning. Every call passes `MSG_DONTWAIT`, so it never blocks a shard
-//! whatever mode the runtime left the fd in. This is the crate's only
-//! `unsafe`; each block says why it is sound.
+//! shared frames on the epoll data path (so a frame is never copied per
+//! subscriber), `shutdown`, and CPU pinning. Every call passes
+//! `MSG_DONTWAIT`, so it never blocks a shard whatever mode the runtime left
+//! the fd in. With `crate::ring` (the io_uring data path's entries), this
+//! is the crate's only `unsafe`; each block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice};

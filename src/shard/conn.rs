@@ -4,10 +4,10 @@
 //! file never names the shard.
 //!
 //! A connection owns no task and, while idle, no buffer: it is an entry in
-//! the shard's registry and a registration in the shard's epoll instance.
-//! Frames are queued as shared `Bytes` and written with one vectored
-//! `sendmsg` per flush; only when the socket is full does the connection
-//! also wait for EPOLLOUT.
+//! the shard's registry and a readiness request in the shard's data ring
+//! (or epoll set). Frames are queued as shared `Bytes` and written with one
+//! vectored send per flush (`super::io`): a send of the data ring, or a
+//! `sendmsg` on epoll, where a full socket also waits for EPOLLOUT.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice};
@@ -100,7 +100,8 @@ pub(crate) struct Conn {
     pub(super) out: RefCell<OutQueue>,
     /// Queued since the last flush (already on the shard's dirty list).
     pub(super) dirty: Cell<bool>,
-    /// The socket is full: registered for EPOLLOUT until it drains.
+    /// Writing is under way: the socket is full and registered for
+    /// EPOLLOUT until it drains (epoll), or a send is in flight (the ring).
     pub(super) write_blocked: Cell<bool>,
     /// What to do to the socket once the queue is written.
     pub(super) after_flush: Cell<AfterFlush>,
