@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod namespace;
 pub mod presence;
 pub mod protocol;
+pub mod ring;
 pub mod server;
 pub mod shard;
 pub mod sys;

@@ -246,7 +246,7 @@ impl Epoll {
     }
 
     /// A second fd for the same epoll instance, for the runtime to poll
-    /// (see [`EpollWaiter`]).
+    /// (see [`FdWaiter`]).
     pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
         self.fd.try_clone()
     }
@@ -308,31 +308,33 @@ impl Epoll {
     }
 }
 
-/// Waits, through the shard's runtime, until an [`Epoll`] has ready events.
+/// Waits, through the shard's runtime, until an fd is readable: the
+/// shard's [`Epoll`] set has ready events, or its data ring
+/// ([`crate::ring::DataRing`]) has completions.
 ///
 /// monoio 0.2.4 has no public type for "any pollable fd" (an `AsyncFd` is
 /// proposed upstream, not released): every readiness wait it offers
 /// belongs to a socket type, and each does the same for any fd, a one-shot
 /// `IORING_OP_POLL_ADD` on io_uring, a registration and a zero-timeout
 /// `poll(2)` on the epoll driver. This type is the one place that relies on
-/// it, wrapping a second fd of the epoll instance as a `UnixStream`, which
-/// holds nothing but the fd (a `TcpStream` would also set socket options on
-/// it). monoio is pinned to that version in Cargo.toml, so an upgrade that
-/// changes this is a deliberate step, and a test waits on both drivers.
-/// Create and drop it on the shard's thread, inside its runtime.
+/// it, wrapping a second fd of the epoll set or ring as a `UnixStream`,
+/// which holds nothing but the fd (a `TcpStream` would also set socket
+/// options on it). monoio is pinned to that version in Cargo.toml, so an
+/// upgrade that changes this is a deliberate step, and tests wait on both
+/// drivers. Create and drop it on the shard's thread, inside its runtime.
 #[derive(Debug)]
-pub struct EpollWaiter(monoio::net::UnixStream);
+pub struct FdWaiter(monoio::net::UnixStream);
 
-impl EpollWaiter {
-    /// A waiter for `epoll`'s readiness.
-    pub fn new(epoll: &Epoll) -> io::Result<Self> {
-        let fd = epoll.try_clone_fd()?;
+impl FdWaiter {
+    /// A waiter for `fd`'s readability (a second fd of an epoll set or a
+    /// ring: the waiter closes it when dropped).
+    pub fn new(fd: std::os::fd::OwnedFd) -> io::Result<Self> {
         monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).map(Self)
     }
 
-    /// Resolves once the epoll instance has events to harvest with
-    /// [`Epoll::wait`]. (`readable(false)`: the runtime checks readiness
-    /// again and clears it when stale, so the loop never spins.)
+    /// Resolves once the fd is readable. (`readable(false)`: the runtime
+    /// checks readiness again and clears it when stale, so the loop never
+    /// spins.)
     pub async fn ready(&self) -> io::Result<()> {
         self.0.readable(false).await
     }
@@ -375,7 +377,7 @@ mod tests {
         let epoll = Epoll::new().unwrap();
         let event = std::rc::Rc::new(eventfd());
         epoll.add(event.as_raw_fd(), EPOLLIN, 42).unwrap();
-        let waiter = EpollWaiter::new(&epoll).unwrap();
+        let waiter = FdWaiter::new(epoll.try_clone_fd().unwrap()).unwrap();
         let mut events = vec![empty_event(); 4];
         for round in 0..3 {
             let early = monoio::time::timeout(Duration::from_millis(50), waiter.ready()).await;

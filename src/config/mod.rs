@@ -55,6 +55,29 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// How shards watch and write their connections' sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum DataPath {
+    /// Each shard's own io_uring: one standing poll per connection, a
+    /// flush round's sends submitted together. Falls back to epoll where
+    /// the kernel lacks it (or `MONOIO_FORCE_LEGACY_DRIVER` is set).
+    #[serde(rename = "io_uring")]
+    #[value(name = "io_uring")]
+    IoUring,
+    /// An epoll set per shard; one `recv` / `sendmsg` call per socket.
+    #[serde(rename = "epoll")]
+    Epoll,
+}
+
+impl fmt::Display for DataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataPath::IoUring => "io_uring",
+            DataPath::Epoll => "epoll",
+        })
+    }
+}
+
 /// Declares every setting once; see the module doc and the list below.
 ///
 /// An entry is the setting's doc, its `#[arg(...)]` (clap), its `#[help =
@@ -181,6 +204,13 @@ settings! {
     #[arg(long, env = "RINGCAST_PIN_CORES", num_args = 0..=1, default_missing_value = "true")]
     #[help = "Pin shard N to core N"]
     pin_cores: bool => bool = false;
+
+    /// How connections' sockets are watched and written: `io_uring` (each
+    /// shard's own ring; epoll where the kernel lacks it) or `epoll`.
+    #[arg(long, env = "RINGCAST_DATA_PATH")]
+    #[help = "Socket readiness and writes: io_uring (a ring per shard, sends of a round \
+              submitted together; epoll where unavailable) or epoll"]
+    data_path: DataPath => DataPath = DataPath::IoUring;
 
     /// Let the heap use transparent huge pages. The allocator then asks for
     /// them, and every shard's heap grows in 2 MiB steps (at 19,000 idle

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ByteSize, Cidr, HumanDuration, KeyLayout, LogFormat, MAX_DURATION};
+use super::{ByteSize, Cidr, DataPath, HumanDuration, KeyLayout, LogFormat, MAX_DURATION};
 use crate::namespace::NamespaceConfig;
 
 /// A type [`Config`] holds, for a setting read as `R`: how `--help` shows
@@ -28,7 +28,7 @@ macro_rules! shown_as_read {
     )*};
 }
 
-shown_as_read!(usize, u32, u64, bool, String, LogFormat, KeyLayout);
+shown_as_read!(usize, u32, u64, bool, String, LogFormat, KeyLayout, DataPath);
 
 impl Value<HumanDuration> for Duration {
     fn show(&self) -> String {

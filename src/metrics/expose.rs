@@ -205,6 +205,7 @@ impl View<'_> {
             MESSAGES_DELIVERED => self.sum(|m| m.messages_delivered.load(Relaxed)),
             SOCKET_WRITES => self.sum(|m| m.socket_writes.load(Relaxed)),
             BYTES_SENT => self.sum(|m| m.bytes_sent.load(Relaxed)),
+            RING_SUBMITS => self.sum(|m| m.ring_submits.load(Relaxed)),
             MESSAGES_COMPRESSED => self.sum(|m| m.messages_compressed.load(Relaxed)),
             COMPRESSION_BYTES_IN => self.sum(|m| m.compression_bytes_in.load(Relaxed)),
             COMPRESSION_BYTES_OUT => self.sum(|m| m.compression_bytes_out.load(Relaxed)),

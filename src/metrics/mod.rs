@@ -158,6 +158,9 @@ pub struct ShardMetrics {
     pub socket_writes: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_sent: AtomicU64,
+    /// `io_uring_enter` calls that submitted the data ring's entries
+    /// (sends, readiness requests): writes per submit is the batching.
+    pub ring_submits: AtomicU64,
     /// Nanoseconds the shard's loops spent working (between their waits),
     /// since start: `ringcast_shard_busy_seconds_total`.
     pub busy_ns: AtomicU64,

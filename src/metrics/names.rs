@@ -31,6 +31,8 @@ pub const MESSAGES_PUBLISHED: &str = "ringcast_messages_published_total";
 pub const SOCKET_WRITES: &str = "ringcast_socket_writes_total";
 /// Bytes written to client sockets (counter).
 pub const BYTES_SENT: &str = "ringcast_bytes_sent_total";
+/// Submissions (`io_uring_enter`) of the shards' data rings (counter).
+pub const RING_SUBMITS: &str = "ringcast_io_uring_submits_total";
 /// `msg` frames compressed (once per shard per message).
 pub const MESSAGES_COMPRESSED: &str = "ringcast_messages_compressed_total";
 /// Payload bytes that went into the compressor.
@@ -170,8 +172,19 @@ pub(super) const DEFS: &[Def] = &[
         &["source"],
         "Publishes accepted by the broker, by where this node saw them: client (a WebSocket pub on this node), http (POST /publish on this node), redis (stream entries this node's Redis reader read and delivered: every publish through Redis, this node's own included).",
     ),
-    def(SOCKET_WRITES, Counter, &[], "Vectored socket writes."),
+    def(
+        SOCKET_WRITES,
+        Counter,
+        &[],
+        "Vectored socket writes (sendmsg calls, or sends completed by the data ring).",
+    ),
     def(BYTES_SENT, Counter, &[], "Bytes written to client sockets."),
+    def(
+        RING_SUBMITS,
+        Counter,
+        &[],
+        "io_uring_enter calls that submitted the shards' data rings (sends and readiness requests of a flush round together); 0 on the epoll data path.",
+    ),
     def(
         MESSAGES_COMPRESSED,
         Counter,

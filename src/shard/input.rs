@@ -1,6 +1,7 @@
-//! What a readable socket brings: one read into the shard's scratch
-//! buffer, then the upgrade request or WebSocket frames, each decoded and
-//! answered; and the end of a connection. Nothing here panics on input.
+//! What a readable socket brings: reads into the shard's scratch buffer
+//! until one comes back short, each followed by the upgrade request or
+//! WebSocket frames, decoded and answered; and the end of a connection.
+//! Nothing here panics on input.
 
 use std::io;
 use std::rc::Rc;
@@ -16,26 +17,45 @@ use crate::protocol::{close, code, encode_error, Close};
 use crate::sys;
 use crate::ws::frame::{encode_close, encode_frame, Message, OpCode};
 
-/// The socket is readable (or hung up): read once, then act on what came.
-/// Returns false when the connection is over and must be [`finish`]ed.
+/// What one read did.
+enum Read {
+    /// The connection is over.
+    Over,
+    /// The read came back short: the socket has nothing more for now.
+    Drained,
+    /// The read filled the scratch buffer: more may be waiting.
+    More,
+}
+
+/// The socket is readable (or hung up): read and act on what came until a
+/// read comes back short, so nothing is left behind for a readiness
+/// request that fires on new input only (the data ring's). Returns false
+/// when the connection is over and must be [`finish`]ed.
 pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
-    let mut buf = {
+    loop {
+        match read_once(shard, conn) {
+            Read::Over => return false,
+            Read::Drained => return true,
+            Read::More if conn.phase() == Phase::Closed => return true,
+            Read::More => {}
+        }
+    }
+}
+
+fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
+    let (mut buf, filled) = {
         let mut scratch = shard.scratch.borrow_mut();
         match sys::recv(conn.fd(), &mut scratch) {
-            Ok(0) => return false,
+            Ok(0) => return Read::Over,
             Ok(n) => {
                 let held = conn.inbuf.borrow_mut().take();
                 let mut buf = held.map_or_else(BytesMut::new, |b| *b);
                 buf.extend_from_slice(&scratch[..n]);
-                buf
+                (buf, n == scratch.len())
             }
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                return true
-            }
-            Err(_) => return false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Drained,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Read::More,
+            Err(_) => return Read::Over,
         }
     };
     conn.last_rx.set(shard.now_ms());
@@ -55,7 +75,11 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     if !buf.is_empty() {
         *conn.inbuf.borrow_mut() = Some(Box::new(buf));
     }
-    true
+    if filled {
+        Read::More
+    } else {
+        Read::Drained
+    }
 }
 
 /// The connection is over: the shard forgets it and counts what was lost.

@@ -8,7 +8,8 @@
 //! Following one connection:
 //!
 //! - `runtime.rs`: the thread, and the loops that call everything else:
-//!   accept, readiness (one epoll set per shard, no task per connection),
+//!   accept, readiness (the data ring's completions or the epoll set's
+//!   events, no task per connection),
 //!   the sweep, and the inbox;
 //! - `caps.rs`: the connection caps, counted from accept;
 //! - `upgrade.rs`: the HTTP upgrade, checked in docs/PROTOCOL.md order;
@@ -20,6 +21,9 @@
 //!   patterns, and each message's recipients counted once;
 //! - `inbox.rs`: what other threads send (deliveries, broker answers);
 //! - `sweep.rs`: deadlines, heartbeats and the drain;
+//! - `io.rs`: how sockets are watched and written: the shard's data ring
+//!   (io_uring: one multishot poll per connection, a round's sends in one
+//!   submission) or, as the fallback, an epoll set and plain calls;
 //! - `queue.rs`: one connection's outbound queue, and the namespace's
 //!   `slow_consumer` policy when it is full (close, conflate, drop_oldest);
 //! - this file: the `Shard` itself and its outbound queues: every frame a
@@ -30,6 +34,7 @@ mod caps;
 mod conn;
 mod inbox;
 mod input;
+mod io;
 mod ops;
 mod patterns;
 pub mod queue;
@@ -68,7 +73,7 @@ use crate::id::{ConnId, ShardId};
 use crate::metrics::{ShardMetrics, Undelivered};
 use crate::protocol::Close;
 use crate::topic::TopicName;
-use conn::{Conn, Flushed, Phase};
+use conn::{Conn, Phase};
 use topics::Local;
 
 /// Bytes read from a socket per `recv`, into the shard's one scratch buffer.
@@ -139,8 +144,9 @@ pub(crate) struct Shard {
     stamp: Cell<u64>,
     /// Connections with frames queued since the last flush.
     dirty: RefCell<Vec<Rc<Conn>>>,
-    /// Readiness of every connection of this shard.
-    pub(crate) epoll: crate::sys::Epoll,
+    /// Readiness and writes of every connection of this shard: the data
+    /// ring or an epoll set (`io.rs`).
+    pub(crate) io: io::Io,
     /// The one read buffer every connection of this shard reads into.
     pub(crate) scratch: RefCell<Vec<u8>>,
     next_conn: Cell<u64>,
@@ -295,12 +301,14 @@ impl Shard {
         }
     }
 
-    /// Writes every dirty connection's queue, one vectored write each.
+    /// Writes every dirty connection's queue, one vectored write each (on
+    /// the data ring: one send each, all submitted together).
     pub(crate) fn flush_dirty(&self) {
         let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
         for conn in dirty {
             self.flush(&conn);
         }
+        self.submit();
     }
 
     /// Starts a server-initiated close: the close frame goes after what is
@@ -315,48 +323,5 @@ impl Shard {
             .saturating_add(self.config.close_timeout.as_millis() as u64);
         conn.set_closing(deadline);
         self.queue_unbounded(conn, crate::ws::frame::encode_close(why.code(), why.text()));
-    }
-
-    /// Adds or removes EPOLLOUT for a connection whose socket is full.
-    pub(crate) fn watch_writable(&self, conn: &Conn, on: bool) {
-        let events = if on {
-            crate::sys::EPOLLIN | crate::sys::EPOLLOUT
-        } else {
-            crate::sys::EPOLLIN
-        };
-        if self.epoll.modify(conn.fd(), events, conn.id.0).is_err() {
-            conn.shut();
-        }
-    }
-
-    /// Writes a dirty connection's queue now; when the socket is full, waits
-    /// for EPOLLOUT ([`Shard::on_writable`]).
-    fn flush(&self, conn: &Rc<Conn>) {
-        conn.dirty.set(false);
-        if conn.write_blocked.get() {
-            return;
-        }
-        match conn::write_queue(&self.metrics, conn) {
-            Flushed::Done => conn.flushed(),
-            Flushed::Blocked => {
-                conn.write_blocked.set(true);
-                self.watch_writable(conn, true);
-            }
-            Flushed::Failed => conn.shut(),
-        }
-    }
-
-    /// The socket takes data again: write what waits.
-    fn on_writable(&self, conn: &Rc<Conn>) {
-        if !conn.write_blocked.get() {
-            return;
-        }
-        match conn::write_queue(&self.metrics, conn) {
-            Flushed::Blocked => return,
-            Flushed::Done => conn.flushed(),
-            Flushed::Failed => conn.shut(),
-        }
-        conn.write_blocked.set(false);
-        self.watch_writable(conn, false);
     }
 }

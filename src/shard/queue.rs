@@ -112,8 +112,12 @@ pub struct OutQueue {
     pub(crate) frames: VecDeque<Queued>,
     /// Bytes of the front frame already written.
     pub(crate) offset: u32,
-    /// Unwritten bytes in the queue.
+    /// Unwritten bytes in the queue, and in its send in flight.
     pub(crate) bytes: u32,
+    /// Bytes of the frames the data ring holds in a send not yet completed
+    /// (`super::io`): out of `frames`, so never replaced, dropped or sent
+    /// twice, but still within the bound.
+    pub(crate) sending: u32,
 }
 
 /// A topic's drops in one [`OutQueue::push_msg`] under `drop_oldest`.
@@ -330,8 +334,8 @@ impl OutQueue {
     }
 
     /// Drops every frame not yet started (a slow consumer about to be
-    /// closed); a half-written front frame stays so the stream stays valid.
-    /// Returns how many were dropped.
+    /// closed); a half-written front frame stays so the stream stays valid
+    /// (a send in flight is the data ring's). Returns how many were dropped.
     pub fn discard_unsent(&mut self) -> u64 {
         let keep = self.first_unstarted();
         let dropped = self.frames.len().saturating_sub(keep);
@@ -340,8 +344,33 @@ impl OutQueue {
             .frames
             .front()
             .map_or(0, |f| f.frame.len() - self.offset as usize);
-        self.bytes = left as u32;
+        self.bytes = left as u32 + self.sending;
         dropped as u64
+    }
+
+    /// Takes up to `max` front frames out for a send of the data ring:
+    /// the front one's written offset, and the frames.
+    pub(crate) fn take_for_send(
+        &mut self,
+        max: usize,
+    ) -> (usize, impl Iterator<Item = Bytes> + '_) {
+        let offset = std::mem::take(&mut self.offset) as usize;
+        let n = self.frames.len().min(max);
+        (offset, self.frames.drain(..n).map(|q| q.frame))
+    }
+
+    /// The send in flight completed: its bytes leave the count (what it
+    /// did not write comes back through [`OutQueue::put_back`]).
+    pub(crate) fn send_done(&mut self) {
+        self.bytes = self.bytes.saturating_sub(std::mem::take(&mut self.sending));
+    }
+
+    /// A frame of a completed send that was not written whole goes back to
+    /// the front, `sent` bytes of it already written (call last first).
+    pub(crate) fn put_back(&mut self, frame: Bytes, sent: usize) {
+        self.add(frame.len() - sent);
+        self.offset = sent as u32;
+        self.frames.push_front(Queued::plain(frame));
     }
 
     /// Forgets `n` written bytes from the front.

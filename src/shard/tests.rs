@@ -97,7 +97,7 @@ impl Harness {
         let per_ip_limit = config.max_connections_per_ip.div_ceil(config.shards).max(1) as u32;
         let compression_level = config.compression_level;
         let shard = Rc::new(Shard {
-            epoll: crate::sys::Epoll::new().expect("an epoll instance"),
+            io: super::io::Io::Epoll(crate::sys::Epoll::new().expect("an epoll instance")),
             id: ShardId(0),
             config,
             broker: broker.clone(),
@@ -173,8 +173,11 @@ impl Harness {
     /// The readiness loop's pass: every ready connection, then the flush.
     fn poll(&self) {
         let mut events = vec![crate::sys::empty_event(); 64];
+        let super::io::Io::Epoll(epoll) = &self.shard.io else {
+            unreachable!("the harness builds its shard on epoll");
+        };
         loop {
-            let n = self.shard.epoll.wait(&mut events).expect("epoll_wait");
+            let n = epoll.wait(&mut events).expect("epoll_wait");
             for ev in &events[..n] {
                 let (token, bits) = (ev.u64, ev.events);
                 self.shard.on_ready(ConnId(token), bits);
