@@ -282,7 +282,8 @@ impl<'a> Worker<'a> {
             let i = self.churn_next % self.clients.len();
             self.churn_next += 1;
             match self.clients.get_mut(i) {
-                Some(Some(c)) if c.state == State::Open => c.churned_at = now,
+                // A drained one (its 1001 still to read) follows its drain.
+                Some(Some(c)) if c.state == State::Open && c.drain.is_none() => c.churned_at = now,
                 _ => continue,
             }
             // The old socket closes with no close frame: a phone that
