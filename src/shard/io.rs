@@ -32,6 +32,9 @@ use crate::ring::{Completion, DataRing, Op};
 /// round with more pushes submits more than once.
 pub(super) const RING_ENTRIES: u32 = 4096;
 
+/// Rounds of submit-then-reap per [`Shard::flush_dirty`].
+pub(super) const RING_ROUNDS: usize = 8;
+
 /// Which way the shard's sockets are watched and written.
 pub(crate) enum Io {
     /// An epoll set; reads and writes are plain non-blocking calls.

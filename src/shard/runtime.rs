@@ -271,10 +271,6 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
 /// Ready events harvested per `epoll_wait`.
 const EVENTS_BATCH: usize = 1024;
 
-/// Rounds of the data ring's completions handled per wake-up before the
-/// loop lets the shard's other tasks run.
-const RING_ROUNDS: usize = 8;
-
 /// Waits for connection readiness (and, on the data ring, completed sends)
 /// and acts on it: the only place a connection's socket is read.
 async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::FdWaiter) {
@@ -300,17 +296,8 @@ async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::FdWaiter) {
                     break;
                 }
             },
-            // What a round submits often completes at once (a send with
-            // room): handle it now rather than after another wake-up.
-            super::io::Io::Ring(_) => {
-                for _ in 0..RING_ROUNDS {
-                    let n = shard.reap();
-                    shard.flush_dirty();
-                    if n == 0 {
-                        break;
-                    }
-                }
-            }
+            // Reaps the completions, acts on them, sends what they leave.
+            super::io::Io::Ring(_) => shard.flush_dirty(),
         }
         shard.metrics.add_busy(busy);
     }

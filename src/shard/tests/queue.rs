@@ -69,7 +69,12 @@ fn a_client_that_stops_reading_gets_whole_frames_then_4009_and_every_message_is_
             let id = MsgId { ms: sent, seq: 0 };
             let frame = encode_msg(&topic, id, None, &data);
             let fits = conn.queued_bytes() + frame.len() <= h.shard.config.outbound_queue;
-            let front_started = conn.out.borrow().offset > 0;
+            // On epoll the queue's front frame is cut; on the data ring the
+            // send in flight holds it (its frames are out of the queue).
+            let front_started = {
+                let out = conn.out.borrow();
+                out.offset > 0 || out.sending > 0
+            };
             h.handle(vec![ShardMsg::Deliver {
                 topic: topic.clone(),
                 id,
