@@ -10,8 +10,6 @@
 
 mod common;
 
-#[path = "deploy/crowd.rs"]
-mod crowd;
 #[path = "deploy/drain.rs"]
 mod drain;
 #[path = "deploy/proxy.rs"]

@@ -1,12 +1,14 @@
 //! One client connection of a load worker: where it is (connect, upgrade,
-//! welcome, sub, open), and what its server's frames mean: deliveries
-//! (timed by their stamp, checked in order by their sequence number),
-//! replies, closes. No IO but the `sub` it sends; the worker owns the loop.
+//! welcome, sub, open, or waiting to reconnect), and what its server's
+//! frames mean: deliveries (timed by their stamp, checked in order by their
+//! sequence number), replies, a `drain`, closes. No IO but the `sub` it
+//! sends and the pongs; the worker owns the loop and decides, from what
+//! this module reports, when a subscriber reconnects.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::frames::{error_code, has_op, seq, server_frame, stamp};
+use super::frames::{drain_wait, error_code, has_op, seq, server_frame, stamp};
 use super::tally::Tally;
 use crate::client::check_accept;
 use crate::sys;
@@ -25,8 +27,20 @@ pub(super) enum State {
     Subscribing,
     /// Ready; counting messages.
     Open,
-    /// Finished (closed by either side).
-    Closed,
+    /// Between two connections of a subscriber that follows the server:
+    /// its next socket is made (not connected) and it reconnects when its
+    /// timer fires (a `drain`'s `reconnect_in_ms`, or a backoff).
+    Waiting,
+}
+
+impl State {
+    /// A connection attempt under way: connected or not, no `ok` yet.
+    pub(super) fn attempting(self) -> bool {
+        matches!(
+            self,
+            State::Connecting | State::Upgrading | State::Welcome | State::Subscribing
+        )
+    }
 }
 
 /// One client connection of the worker.
@@ -49,8 +63,22 @@ pub(super) struct Client {
     pub(super) pos_len: u8,
     /// The epoch of its `ok`, sent back with `since` when it resubscribes.
     pub(super) epoch: Option<Box<str>>,
-    /// When it was dropped to come back (churn), µs; 0 otherwise.
+    /// When its reconnect started (churn drop, a close, the end of a
+    /// drain's wait), µs, until its `ok`; 0 otherwise.
     pub(super) churned_at: u64,
+    /// A `drain` received on this connection: when (µs) and its
+    /// `reconnect_in_ms`, kept until the reconnect starts.
+    pub(super) drain: Option<(u64, u64)>,
+    /// Whether its last `sub` carried `since` (its `ok` must then say
+    /// `recovered:true`).
+    pub(super) since_sent: bool,
+    /// The `node` of the `welcome` of its current (or last) connection.
+    pub(super) node: Option<Box<str>>,
+    /// Bumped at every change of connection or wait: a timer set for an
+    /// earlier one is stale.
+    pub(super) attempt: u32,
+    /// Failed attempts in a row (the backoff doubles with each).
+    pub(super) failures: u8,
 }
 
 impl Client {
@@ -67,7 +95,17 @@ impl Client {
             pos_len: 0,
             epoch: None,
             churned_at: 0,
+            drain: None,
+            since_sent: false,
+            node: None,
+            attempt: 0,
+            failures: 0,
         }
+    }
+
+    /// Whether its next `sub` carries `since` and `epoch`.
+    fn resumes(&self) -> bool {
+        self.pos_len > 0 && self.epoch.is_some()
     }
 
     /// Takes `id` (the bytes of a message id) as its position.
@@ -139,8 +177,12 @@ pub(super) enum Outcome {
     Nothing,
     /// The connection moved from one state to another.
     Progress(State, State),
-    /// The server sent a close frame with this code.
+    /// The server sent a close frame with this code. The state is left as
+    /// it was: the worker decides what comes next.
     Closed(u16),
+    /// The upgrade was answered with something other than 101 (the status
+    /// line, then the body): this attempt failed.
+    Refused(String, String),
     /// The run cannot go on.
     Fatal(String),
 }
@@ -166,10 +208,7 @@ pub(super) fn process(
             let head = String::from_utf8_lossy(&data[..end]);
             let first = head.lines().next().unwrap_or_default().to_string();
             let body = String::from_utf8_lossy(data.get(end + 4..).unwrap_or_default());
-            return (
-                data.len(),
-                Outcome::Fatal(format!("upgrade refused: {first}: {}", body.trim())),
-            );
+            return (data.len(), Outcome::Refused(first, body.trim().to_string()));
         }
         at = end + 4;
         if let Err(e) = check_accept(&data[..at], &c.key) {
@@ -204,7 +243,6 @@ pub(super) fn process(
                 let code = payload
                     .get(..2)
                     .map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
-                c.state = State::Closed;
                 return (at, Outcome::Closed(code));
             }
             0x9 => {
@@ -248,6 +286,24 @@ fn on_text(
 ) -> Option<Outcome> {
     // Read once: every delivery comes through here.
     let stamped = stamp(payload);
+    if stamped.is_none() {
+        match drain_wait(payload) {
+            Ok(None) => {}
+            Ok(Some(ms)) => {
+                // Close 1001 follows at once; the worker waits `ms` from now.
+                c.drain = Some((now, ms));
+                tally.drains += 1;
+                let _ = tally.drain_wait_ms.record(ms.max(1));
+                return None;
+            }
+            Err(why) => {
+                return Some(Outcome::Fatal(format!(
+                    "the server sent {why}: {}",
+                    String::from_utf8_lossy(&payload[..payload.len().min(200)])
+                )))
+            }
+        }
+    }
     match (c.state, stamped) {
         // A message, live or (before the `ok`) replayed.
         (State::Open | State::Subscribing, Some(sent)) => {
@@ -273,12 +329,20 @@ fn on_text(
             None
         }
         (State::Welcome, _) if has_op(payload, "welcome") => {
+            if let Some(node) = str_field(payload, b"\"node\":\"") {
+                let node = String::from_utf8_lossy(node);
+                *tally.landed.entry(node.to_string()).or_default() += 1;
+                if c.node.as_deref() != Some(&*node) {
+                    c.node = Some(node.into());
+                }
+            }
             match c.topic.and_then(|t| topics.get(t)) {
                 Some(topic) => {
                     let frame = c.sub_frame(topic);
                     if sys::send(c.fd.as_raw_fd(), &frame).is_err() {
                         return Some(Outcome::Fatal("sending sub failed".into()));
                     }
+                    c.since_sent = c.resumes();
                     c.state = State::Subscribing;
                 }
                 None => c.state = State::Open,
@@ -300,11 +364,14 @@ fn on_text(
                     .recovery_us
                     .record(now.saturating_sub(c.churned_at).max(1));
                 c.churned_at = 0;
-                let unrecovered = b"\"recovered\":false";
-                if payload.windows(unrecovered.len()).any(|w| w == unrecovered) {
-                    tally.unrecovered += 1;
-                }
             }
+            // docs/PROTOCOL.md: `recovered` answers a `since`; anything but
+            // `true` means the subscriber may have missed messages.
+            let recovered = b"\"recovered\":true";
+            if c.since_sent && !payload.windows(recovered.len()).any(|w| w == recovered) {
+                tally.unrecovered += 1;
+            }
+            c.failures = 0;
             c.state = State::Open;
             None
         }
@@ -445,6 +512,7 @@ mod tests {
         assert!(sub.contains(r#""since":"18-0","epoch":"ep1""#), "{sub}");
         // An unrecovered comeback is counted.
         c.state = State::Subscribing;
+        c.since_sent = true;
         c.churned_at = 6_000;
         let ok = frame(
             r#"{"op":"ok","id":1,"topic":"load","epoch":"ep2","last":"19-0","recovered":false}"#,
@@ -460,6 +528,171 @@ mod tests {
         );
         assert_eq!((tally.reconnects, tally.unrecovered), (2, 1));
         assert_eq!(c.epoch.as_deref(), Some("ep2"));
+    }
+
+    #[test]
+    fn a_drain_frame_gives_its_wait_and_a_malformed_one_a_reason() {
+        use super::super::frames::drain_wait;
+        assert_eq!(
+            drain_wait(br#"{"op":"drain","reconnect_in_ms":1800}"#),
+            Ok(Some(1800))
+        );
+        assert_eq!(
+            drain_wait(br#"{"reconnect_in_ms":0,"op":"drain"}"#),
+            Ok(Some(0))
+        );
+        // Not a drain: other ops, and "op":"drain" inside a message's data.
+        assert_eq!(drain_wait(br#"{"op":"ok","id":1}"#), Ok(None));
+        assert_eq!(
+            drain_wait(br#"{"op":"msg","topic":"t","id":"1-0","data":{"op":"drain"}}"#),
+            Ok(None)
+        );
+        for (frame, why) in [
+            (&br#"{"op":"drain"}"#[..], "without reconnect_in_ms"),
+            (br#"{"op":"drain","reconnect_in_ms":null}"#, "without"),
+            (
+                br#"{"op":"drain","reconnect_in_ms":-5}"#,
+                "not a whole number",
+            ),
+            (
+                br#"{"op":"drain","reconnect_in_ms":1.5}"#,
+                "not a whole number",
+            ),
+            (
+                br#"{"op":"drain","reconnect_in_ms":"1800"}"#,
+                "not a whole number",
+            ),
+            (
+                br#"{"op":"drain","reconnect_in_ms":99999999999}"#,
+                "over an hour",
+            ),
+            (br#"{"op":"drain","reconnect_in_ms":"#, "not JSON"),
+        ] {
+            let got = drain_wait(frame);
+            assert!(
+                got.is_err_and(|e| e.contains(why)),
+                "{}: {got:?}",
+                String::from_utf8_lossy(frame)
+            );
+        }
+    }
+
+    /// A text frame from the server carrying `json`.
+    fn text(json: &str) -> Vec<u8> {
+        let mut f = vec![0x81, json.len() as u8];
+        f.extend_from_slice(json.as_bytes());
+        f
+    }
+
+    #[test]
+    fn a_drain_then_1001_leaves_the_client_to_the_worker_with_its_wait() {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let mut c = Client::new(fd, Some(0));
+        c.state = State::Open;
+        let (mut tally, mut total) = (Tally::new().unwrap(), 0);
+        let mut close = vec![0x88, 2];
+        close.extend_from_slice(&1001u16.to_be_bytes());
+        let data = [text(r#"{"op":"drain","reconnect_in_ms":1800}"#), close].concat();
+        let (used, outcome) = process(
+            &mut c,
+            &data,
+            42,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
+        assert_eq!(used, data.len());
+        assert!(matches!(outcome, Outcome::Closed(1001)));
+        assert_eq!((c.state, c.drain), (State::Open, Some((42, 1800))));
+        assert_eq!((tally.drains, tally.drain_wait_ms.max()), (1, 1800));
+        // A malformed drain is a clear error, not a panic and not a wait.
+        let mut c = Client::new(
+            OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
+            Some(0),
+        );
+        c.state = State::Subscribing;
+        let (_, outcome) = process(
+            &mut c,
+            &text(r#"{"op":"drain","reconnect_in_ms":"soon"}"#),
+            0,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
+        let Outcome::Fatal(why) = outcome else {
+            panic!("a malformed drain was taken")
+        };
+        assert!(
+            why.contains("not a whole number") && why.contains("soon"),
+            "{why}"
+        );
+        assert_eq!((c.drain, tally.drains), (None, 1));
+    }
+
+    #[test]
+    fn welcome_names_the_node_and_a_resumed_sub_must_be_recovered() {
+        let (mut tally, mut total) = (Tally::new().unwrap(), 0);
+        let mut c = Client::new(
+            OwnedFd::from(std::fs::File::open("/dev/null").unwrap()),
+            None,
+        );
+        c.state = State::Welcome;
+        let welcome = text(r#"{"op":"welcome","conn":"c-1-2","node":"b","heartbeat":25}"#);
+        let run = |c: &mut Client, data: &[u8], tally: &mut Tally, total: &mut u64| {
+            process(c, data, 0, tally, total, &[], &mut Codec::default()).1
+        };
+        run(&mut c, &welcome, &mut tally, &mut total);
+        assert_eq!((c.state, c.node.as_deref()), (State::Open, Some("b")));
+        assert_eq!(tally.landed["b"], 1);
+        // A `sub` with `since` answered without `recovered` (or false) may
+        // have missed messages; without `since`, no `recovered` is due.
+        for (since, ok, unrecovered) in [
+            (true, r#"{"op":"ok","id":1,"epoch":"e","last":"1-0"}"#, 1),
+            (
+                true,
+                r#"{"op":"ok","id":1,"epoch":"e","last":"1-0","recovered":true}"#,
+                1,
+            ),
+            (false, r#"{"op":"ok","id":1,"epoch":"e","last":"1-0"}"#, 1),
+            (
+                true,
+                r#"{"op":"ok","id":1,"epoch":"e","last":"1-0","recovered":false}"#,
+                2,
+            ),
+        ] {
+            c.state = State::Subscribing;
+            c.since_sent = since;
+            c.failures = 3;
+            run(&mut c, &text(ok), &mut tally, &mut total);
+            assert_eq!((c.state, c.failures), (State::Open, 0), "{ok}");
+            assert_eq!(tally.unrecovered, unrecovered, "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_refused_upgrade_is_an_attempt_that_failed() {
+        let (mut tally, mut total) = (Tally::new().unwrap(), 0);
+        let mut c = upgrading();
+        let data = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\ndraining\n";
+        let (used, outcome) = process(
+            &mut c,
+            data,
+            0,
+            &mut tally,
+            &mut total,
+            &[],
+            &mut Codec::default(),
+        );
+        assert_eq!(used, data.len());
+        let Outcome::Refused(status, body) = outcome else {
+            panic!("a 503 was taken")
+        };
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 503 Service Unavailable", "draining")
+        );
     }
 
     fn answer(accept: &str) -> Vec<u8> {

@@ -97,3 +97,32 @@ pub(super) fn error_code(payload: &[u8]) -> u64 {
             n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
         })
 }
+
+/// Longest `reconnect_in_ms` the tool will wait: a node's `--drain-window`
+/// is seconds (default 10 s), so a longer wait is a broken frame, not a
+/// drain to follow.
+pub(super) const MAX_DRAIN_WAIT_MS: u64 = 3_600_000;
+
+/// The `reconnect_in_ms` of a server's `drain` frame (docs/PROTOCOL.md §3:
+/// `{"op":"drain","reconnect_in_ms":1800}`, then close 1001): `Ok(None)`
+/// when the frame is not a `drain`; an error when it is one the tool cannot
+/// follow. Parsed as JSON: it comes once per connection, not per message.
+pub(super) fn drain_wait(payload: &[u8]) -> Result<Option<u64>, &'static str> {
+    if !has_op(payload, "drain") {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|_| "a drain frame that is not JSON")?;
+    if v["op"] != "drain" {
+        // `"op":"drain"` nested somewhere else in the frame.
+        return Ok(None);
+    }
+    match &v["reconnect_in_ms"] {
+        serde_json::Value::Null => Err("a drain frame without reconnect_in_ms"),
+        n => match n.as_u64() {
+            Some(ms) if ms <= MAX_DRAIN_WAIT_MS => Ok(Some(ms)),
+            Some(_) => Err("a drain frame whose reconnect_in_ms is over an hour"),
+            None => Err("a drain frame whose reconnect_in_ms is not a whole number of ms"),
+        },
+    }
+}

@@ -23,7 +23,13 @@
 //!   frame, as a phone losing its network) and come back, resubscribing
 //!   with `since` and `epoch` from their position: reconnects per second,
 //!   recovery latency (drop to `ok`, replay included), and every
-//!   subscriber must end with every message exactly once.
+//!   subscriber must end with every message exactly once. Its subscribers
+//!   also follow the server as docs/PROTOCOL.md asks of a client: after a
+//!   `drain` they reconnect when its `reconnect_in_ms` says, after any
+//!   other close or a failed attempt after a backoff, and resubscribe the
+//!   same way; the report counts drains, failed attempts and the `node` of
+//!   every `welcome`. `--churn 0` drops none: with a node drained behind a
+//!   proxy, the drain-at-scale test (tests/deploy/drain.rs).
 //!
 //! Every payload carries `"q"`, its number in its topic (one publisher per
 //! topic, from 0 across a run's steps); each subscriber takes only the next
@@ -162,8 +168,10 @@ pub struct LoadArgs {
     /// than padding, which compresses unrealistically well.
     #[arg(long)]
     pub json: bool,
-    /// Churn: the share of subscribers that drop their connection and
-    /// come back (resubscribing with `since` and `epoch`) each second.
+    /// Churn: the share of subscribers (0 to 1) that drop their connection
+    /// and come back (resubscribing with `since` and `epoch`) each second.
+    /// 0 drops none: the subscribers then only follow the server (a
+    /// `drain`, a close).
     #[arg(long, default_value_t = 0.1)]
     pub churn: f64,
     /// Ramp: rate multiplier per step.
@@ -187,6 +195,10 @@ pub struct LoadArgs {
     /// Worker only: run connect-then-close rounds, one per `next` command.
     #[arg(long, hide = true)]
     pub rounds_mode: bool,
+    /// Worker only: subscribers follow the server's `drain` and closes
+    /// (reconnect and resubscribe) instead of ending.
+    #[arg(long, hide = true)]
+    pub worker_follow: bool,
 }
 
 /// Load scenarios.
@@ -203,8 +215,10 @@ pub enum Scenario {
     /// Rising publish rates until delivery falls behind: the maximum sustained rate.
     Ramp,
     /// Fanout (or topics, with `--topics`) while `--churn` of the
-    /// subscribers drop and resubscribe from their position every second:
-    /// every subscriber must end with every message exactly once.
+    /// subscribers drop and resubscribe from their position every second,
+    /// and every subscriber follows the server's `drain` (reconnecting
+    /// after its `reconnect_in_ms`) and closes (after a backoff): every
+    /// subscriber must end with every message exactly once.
     Churn,
     /// A worker process, started by the others (not for direct use).
     #[value(hide = true)]
@@ -222,6 +236,12 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     }
     let needed = args.connections.div_ceil(PER_SOURCE_IP).clamp(1, 254) as u8;
     args.source_ips = args.source_ips.max(needed);
+    if !(0.0..=1.0).contains(&args.churn) {
+        bail!(
+            "--churn {} is not a share of the subscribers (0 to 1)",
+            args.churn
+        );
+    }
     watchdog(args.timeout.0);
     match args.scenario {
         Scenario::Fanout | Scenario::Topics | Scenario::Churn => deliver(&args),

@@ -51,6 +51,9 @@ impl Workers {
             if rounds_mode {
                 cmd.arg("--rounds-mode");
             }
+            if args.scenario == Scenario::Churn {
+                cmd.arg("--worker-follow");
+            }
             if let Some(t) = &args.token {
                 cmd.args(["--token", t]);
             }

@@ -82,6 +82,17 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
             tally.recovery_us.max() as f64 / 1000.0,
             tally.unrecovered
         );
+        out!(
+            "follow      {} drains, {} followed (reconnect_in_ms {}..{}), {} failed attempts; \
+             connections by node {:?}, subscribers now on {:?}",
+            tally.drains,
+            tally.drains_followed,
+            tally.drain_wait_ms.min(),
+            tally.drain_wait_ms.max(),
+            tally.failed_connects.values().sum::<u64>(),
+            tally.landed,
+            tally.ended_on
+        );
     }
     let notes = tally.anomalies();
     if !notes.is_empty() || pub_errors > 0 {
@@ -104,6 +115,15 @@ pub(super) fn deliver(args: &LoadArgs) -> anyhow::Result<()> {
             "wire_bytes_per_delivery": (tally.wire_bytes as f64 / tally.received.max(1) as f64).round(),
             "recovery_p50_ms": tally.recovery_us.value_at_quantile(0.5) as f64 / 1000.0,
             "recovery_p99_ms": tally.recovery_us.value_at_quantile(0.99) as f64 / 1000.0,
+            "recovery_max_ms": tally.recovery_us.max() as f64 / 1000.0,
+            "reconnects_per_s": tally.reconnects as f64 / args.duration.0.as_secs_f64(),
+            "drains": tally.drains, "drains_followed": tally.drains_followed,
+            "drain_wait_ms": {
+                "min": tally.drain_wait_ms.min(), "mean": tally.drain_wait_ms.mean().round(),
+                "max": tally.drain_wait_ms.max(),
+            },
+            "failed_connects": tally.failed_connects, "landed": tally.landed,
+            "ended_on": tally.ended_on,
         })
     );
     in_order(&tally)?;

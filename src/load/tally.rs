@@ -26,13 +26,32 @@ pub(super) struct Tally {
     /// Messages a subscriber never got although a later one of its topic
     /// came (gaps in the sequence); a loss at the end shows in `received`.
     pub(super) missing: u64,
-    /// Subscribers that came back (churn) and got their `ok`.
+    /// Subscribers that came back (churn, or following the server: a
+    /// `drain`, a close) and got their `ok`.
     pub(super) reconnects: u64,
-    /// Of those, the ones answered `recovered:false`.
+    /// Of those, the ones that sent `since` and were not answered
+    /// `recovered:true`.
     pub(super) unrecovered: u64,
-    /// From dropping the connection to the `ok` of the resubscription
-    /// (its replay included), µs.
+    /// From losing the connection (or, after a `drain`, from the end of
+    /// the wait the server asked for) to the `ok` of the resubscription
+    /// (failed attempts, backoff and replay included), µs.
     pub(super) recovery_us: Histogram<u64>,
+    /// `drain` frames the server sent.
+    pub(super) drains: u64,
+    /// Drains followed: the subscriber waited the frame's
+    /// `reconnect_in_ms` and started reconnecting.
+    pub(super) drains_followed: u64,
+    /// The `reconnect_in_ms` of every `drain`, ms (0 recorded as 1).
+    pub(super) drain_wait_ms: Histogram<u64>,
+    /// Connection attempts (first or reconnect) that failed and were
+    /// retried after a backoff, by reason: a refused connect, an upgrade
+    /// answered other than 101, a close before `ok`, a timeout.
+    pub(super) failed_connects: BTreeMap<String, u64>,
+    /// Connections that got a `welcome`, by its `node`.
+    pub(super) landed: BTreeMap<String, u64>,
+    /// Open subscribers by the `node` of their current connection, as of
+    /// the report (a snapshot the worker fills, not a count of events).
+    pub(super) ended_on: BTreeMap<String, u64>,
     /// Bytes the subscribers read off their sockets (frames as sent, so
     /// compressed ones count compressed).
     pub(super) wire_bytes: u64,
@@ -51,6 +70,12 @@ impl Tally {
             reconnects: 0,
             unrecovered: 0,
             recovery_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
+            drains: 0,
+            drains_followed: 0,
+            drain_wait_ms: Histogram::new_with_bounds(1, super::frames::MAX_DRAIN_WAIT_MS, 3)?,
+            failed_connects: BTreeMap::new(),
+            landed: BTreeMap::new(),
+            ended_on: BTreeMap::new(),
             wire_bytes: 0,
         })
     }
@@ -75,6 +100,12 @@ impl Tally {
             "reconnects": self.reconnects,
             "unrecovered": self.unrecovered,
             "recovery_us": pairs(&self.recovery_us),
+            "drains": self.drains,
+            "drains_followed": self.drains_followed,
+            "drain_wait_ms": pairs(&self.drain_wait_ms),
+            "failed_connects": self.failed_connects,
+            "landed": self.landed,
+            "ended_on": self.ended_on,
             "wire_bytes": self.wire_bytes,
         })
         .to_string()
@@ -89,9 +120,12 @@ impl Tally {
         self.reconnects += v["reconnects"].as_u64().unwrap_or(0);
         self.wire_bytes += v["wire_bytes"].as_u64().unwrap_or(0);
         self.unrecovered += v["unrecovered"].as_u64().unwrap_or(0);
+        self.drains += v["drains"].as_u64().unwrap_or(0);
+        self.drains_followed += v["drains_followed"].as_u64().unwrap_or(0);
         for (hist, key) in [
             (&mut self.latency_us, "latency_us"),
             (&mut self.recovery_us, "recovery_us"),
+            (&mut self.drain_wait_ms, "drain_wait_ms"),
         ] {
             for pair in v[key].as_array().into_iter().flatten() {
                 let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
@@ -100,7 +134,13 @@ impl Tally {
                 hist.record_n(value.max(1), count)?;
             }
         }
-        for (map, key) in [(&mut self.closes, "closes"), (&mut self.errors, "errors")] {
+        for (map, key) in [
+            (&mut self.closes, "closes"),
+            (&mut self.errors, "errors"),
+            (&mut self.failed_connects, "failed_connects"),
+            (&mut self.landed, "landed"),
+            (&mut self.ended_on, "ended_on"),
+        ] {
             for (code, n) in v[key].as_object().into_iter().flatten() {
                 *map.entry(code.clone()).or_default() += n.as_u64().unwrap_or(0);
             }
@@ -134,6 +174,18 @@ impl Tally {
         }
         if self.missing > 0 {
             notes.push(format!("{} missing (gaps)", self.missing));
+        }
+        if !self.failed_connects.is_empty() {
+            notes.push(format!(
+                "failed connection attempts (retried): {:?}",
+                self.failed_connects
+            ));
+        }
+        if self.drains > self.drains_followed {
+            notes.push(format!(
+                "{} drains not followed",
+                self.drains - self.drains_followed
+            ));
         }
         if self.unrecovered > 0 {
             notes.push(format!(
@@ -183,5 +235,26 @@ mod tests {
         assert!(t
             .add(&serde_json::json!({"latency_us": [["x", 1]]}))
             .is_err());
+        // Following the server: drains, failed attempts and nodes add up.
+        let mut w = Tally::new().unwrap();
+        (w.drains, w.drains_followed) = (3, 2);
+        w.drain_wait_ms.record(1800).unwrap();
+        *w.failed_connects
+            .entry("timed out while Welcome".into())
+            .or_default() += 1;
+        *w.landed.entry("a".into()).or_default() += 2;
+        *w.ended_on.entry("b".into()).or_default() += 2;
+        let mut t = Tally::new().unwrap();
+        for v in [w.to_json(0), w.to_json(0)] {
+            t.add(&serde_json::from_str(&v).unwrap()).unwrap();
+        }
+        assert_eq!(
+            (t.drains, t.drains_followed, t.drain_wait_ms.len()),
+            (6, 4, 2)
+        );
+        assert_eq!(t.failed_connects["timed out while Welcome"], 2);
+        assert_eq!((t.landed["a"], t.ended_on["b"]), (4, 4));
+        assert!(t.anomalies().contains("2 drains not followed"));
+        assert!(t.anomalies().contains("timed out while Welcome"));
     }
 }

@@ -14,7 +14,17 @@
 //! closes every connection and exits; so does the parent dying. In the
 //! `connect` scenario the worker instead prints one `round {json}` per round
 //! of connect-then-close and exits.
+//!
+//! With `--worker-follow` (the `churn` scenario) its subscribers also
+//! follow the server as docs/PROTOCOL.md asks of a client
+//! (`worker/follow.rs`): after a `drain` they reconnect when it says, after
+//! any other close or a failed attempt after a backoff, and resubscribe
+//! from their position. Without it a server close ends a subscriber.
 
+mod follow;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -24,7 +34,6 @@ use anyhow::{bail, Context as _};
 use super::client::{process, upgrade_request, Client, Outcome, State};
 use super::tally::Tally;
 use super::LoadArgs;
-use crate::client::new_key;
 use crate::sys;
 use crate::ws::frame::{encode_masked, OpCode};
 
@@ -73,6 +82,15 @@ struct Worker<'a> {
     /// `--token-secret`: where the token is in `request`, its length, and
     /// the `exp` of every token of this run.
     token_at: Option<(usize, usize, u64)>,
+    /// `--worker-follow`: subscribers follow the server's drains and
+    /// closes instead of ending.
+    follow: bool,
+    /// When to act on a client: (µs, index, its `attempt` then). A
+    /// waiting client reconnects; an attempt still under way has timed
+    /// out. An entry whose attempt has moved on is stale and skipped.
+    timers: BinaryHeap<Reverse<(u64, usize, u32)>>,
+    /// Jitter for backoffs.
+    rng: fastrand::Rng,
 }
 
 /// Runs a worker process (`ringcast load worker ...`, started by the parent).
@@ -125,6 +143,7 @@ pub(crate) fn run(args: &LoadArgs) -> anyhow::Result<()> {
                     serde_json::json!({"received_total": w.received_total, "open": w.open})
                 )?,
                 "report" => {
+                    w.snapshot_nodes();
                     writeln!(out, "report {}", w.tally.to_json(w.received_total))?;
                     w.tally = Tally::new()?;
                 }
@@ -179,6 +198,9 @@ impl<'a> Worker<'a> {
             token_at,
             churn_next: 0,
             codec: Default::default(),
+            follow: args.worker_follow,
+            timers: BinaryHeap::new(),
+            rng: fastrand::Rng::new(),
         })
     }
 
@@ -219,11 +241,23 @@ impl<'a> Worker<'a> {
         self.clients.push(Some(Client::new(fd, topic)));
         self.next += 1;
         self.in_flight += 1;
+        self.time_attempt(token as usize, sys::monotonic_us());
         Ok(())
     }
 
     /// A socket connecting (non-blocking) from connection `global`'s source address.
     fn connect_socket(&self, global: usize) -> anyhow::Result<OwnedFd> {
+        let fd = self.new_socket(global)?;
+        start_connect(&fd, self.args.target).with_context(|| {
+            let source = super::round_source(self.round, global, self.args.source_ips);
+            format!("connecting to {} from {source}", self.args.target)
+        })?;
+        Ok(fd)
+    }
+
+    /// A non-blocking socket bound to connection `global`'s source address
+    /// (the port is chosen at connect), not yet connected.
+    fn new_socket(&self, global: usize) -> anyhow::Result<OwnedFd> {
         let source = super::round_source(self.round, global, self.args.source_ips);
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .context("creating a socket (is the open-file limit too low?)")?;
@@ -232,14 +266,6 @@ impl<'a> Worker<'a> {
             .with_context(|| format!("binding {source}"))?;
         sock.set_nodelay(true)?;
         sock.set_nonblocking(true)?;
-        match sock.connect(&self.args.target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("connecting to {} from {source}", self.args.target))
-            }
-        }
         Ok(OwnedFd::from(sock))
     }
 
@@ -255,36 +281,31 @@ impl<'a> Worker<'a> {
             }
             let i = self.churn_next % self.clients.len();
             self.churn_next += 1;
-            let fd = match self.clients.get(i) {
-                Some(Some(c)) if c.state == State::Open => {
-                    self.connect_socket(self.args.worker_first + i)?
-                }
+            match self.clients.get_mut(i) {
+                // A drained one (its 1001 still to read) follows its drain.
+                Some(Some(c)) if c.state == State::Open && c.drain.is_none() => c.churned_at = now,
                 _ => continue,
-            };
-            let Some(Some(c)) = self.clients.get_mut(i) else {
-                continue;
-            };
-            let _ = self.epoll.delete(c.fd.as_raw_fd());
-            // The old socket closes here, with no close frame: a phone
-            // that loses its network sends none.
-            c.fd = fd;
-            c.state = State::Connecting;
-            c.pending.clear();
-            c.key = new_key();
-            c.churned_at = now;
-            self.epoll
-                .add(c.fd.as_raw_fd(), sys::EPOLLOUT, i as u64)
-                .context("watching a connection")?;
-            self.open -= 1;
-            self.in_flight += 1;
+            }
+            // The old socket closes with no close frame: a phone that
+            // loses its network sends none.
+            self.leave(i, now)?;
+            self.reconnect(i, now)?;
             done += 1;
         }
         Ok(())
     }
 
-    /// Waits up to `timeout_ms` for readiness and handles what is ready.
+    /// Waits up to `timeout_ms` (less when a timer is due sooner) for
+    /// readiness, handles what is ready, then the timers that are due.
     fn poll(&mut self, timeout_ms: i32) -> anyhow::Result<()> {
         let mut events = [sys::empty_event(); 1024];
+        let timeout_ms = match self.timers.peek() {
+            Some(Reverse((at, ..))) => {
+                let ms = at.saturating_sub(sys::monotonic_us()).div_ceil(1000);
+                timeout_ms.min(i32::try_from(ms).unwrap_or(i32::MAX))
+            }
+            None => timeout_ms,
+        };
         let n = self.epoll.wait_timeout(&mut events, timeout_ms)?;
         for ev in &events[..n] {
             let (token, bits) = (ev.u64, ev.events);
@@ -294,7 +315,7 @@ impl<'a> Worker<'a> {
             }
             self.on_event(token as usize, bits)?;
         }
-        Ok(())
+        self.fire_timers(sys::monotonic_us())
     }
 
     fn read_stdin(&mut self) {
@@ -342,7 +363,7 @@ impl<'a> Worker<'a> {
         };
         match c.state {
             State::Connecting => self.on_connected(i),
-            State::Closed => Ok(()),
+            State::Waiting => Ok(()),
             _ if bits & sys::EPOLLIN != 0 || bits & !sys::EPOLLOUT != 0 => self.on_readable(i),
             _ => Ok(()),
         }
@@ -355,6 +376,9 @@ impl<'a> Worker<'a> {
         let fd = c.fd.as_raw_fd();
         let sock = socket2::SockRef::from(&c.fd);
         if let Some(e) = sock.take_error()? {
+            if self.follow {
+                return self.attempt_failed(i, format!("connect: {e}"), sys::monotonic_us());
+            }
             bail!("connecting to {}: {e}", self.args.target);
         }
         self.request[self.key_at..self.key_at + c.key.len()].copy_from_slice(&c.key);
@@ -435,14 +459,41 @@ impl<'a> Worker<'a> {
             }
             Outcome::Closed(code) => {
                 *self.tally.closes.entry(code.to_string()).or_default() += 1;
-                self.on_eof(i)
+                if self.follow {
+                    return self.on_server_close(i, Some(code), now);
+                }
+                self.on_close_frame(i, code)
             }
+            Outcome::Refused(status, _) if self.follow => {
+                self.attempt_failed(i, format!("upgrade refused: {status}"), now)
+            }
+            Outcome::Refused(status, body) => bail!("upgrade refused: {status}: {body}"),
             Outcome::Fatal(why) => bail!("{why}"),
+        }
+    }
+
+    /// Not following the server: a close frame ends the subscriber.
+    fn on_close_frame(&mut self, i: usize, code: u16) -> anyhow::Result<()> {
+        let Some(c) = self.clients.get_mut(i).and_then(Option::take) else {
+            return Ok(());
+        };
+        let _ = self.epoll.delete(c.fd.as_raw_fd());
+        match c.state {
+            State::Open => {
+                self.open -= 1;
+                Ok(())
+            }
+            other => bail!(
+                "the server closed a connection ({code}) while it was {other:?} (see its log)"
+            ),
         }
     }
 
     /// The server closed a connection (or it failed).
     fn on_eof(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.follow {
+            return self.on_server_close(i, None, sys::monotonic_us());
+        }
         let Some(slot) = self.clients.get_mut(i) else {
             return Ok(());
         };
@@ -455,7 +506,6 @@ impl<'a> Worker<'a> {
                 self.open -= 1;
                 Ok(())
             }
-            State::Closed => Ok(()),
             other => bail!(
                 "the server closed a connection while it was {other:?} (see its log; \
                  raise --max-handshakes-per-ip / --max-connections-per-ip for load runs)"
@@ -474,5 +524,15 @@ impl<'a> Worker<'a> {
         }
         self.open = 0;
         self.in_flight = 0;
+        // Their indexes will be the next round's clients'.
+        self.timers.clear();
+    }
+}
+
+/// Starts a non-blocking connect of `fd` to `target`.
+fn start_connect(fd: &OwnedFd, target: std::net::SocketAddr) -> io::Result<()> {
+    match socket2::SockRef::from(fd).connect(&target.into()) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+        _ => Ok(()),
     }
 }
