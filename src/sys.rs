@@ -222,6 +222,12 @@ pub struct Epoll {
 pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
 /// Readiness for writing.
 pub const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+/// The peer shut its side (the data ring's poll mask has the same bits).
+pub const EPOLLRDHUP: u32 = libc::EPOLLRDHUP as u32;
+/// Hung up.
+pub const EPOLLHUP: u32 = libc::EPOLLHUP as u32;
+/// An error is pending on the socket.
+pub const EPOLLERR: u32 = libc::EPOLLERR as u32;
 
 /// One readiness event: the token given at registration, and the events.
 pub type EpollEvent = libc::epoll_event;

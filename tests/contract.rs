@@ -350,6 +350,10 @@ const NOT_ON_THE_WIRE: &[(&str, &str)] = &[
         "threads; node and address limits are the flags' totals whatever their number",
     ),
     ("pin-cores", "CPU placement"),
+    (
+        "data-path",
+        "how the server's sockets are polled and written (io_uring or epoll), not what goes on them",
+    ),
     ("huge-pages", "memory placement"),
     ("log-format", "the server's log, not the wire"),
     ("stats-log-interval", "the server's log, not the wire"),

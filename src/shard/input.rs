@@ -21,23 +21,28 @@ use crate::ws::frame::{encode_close, encode_frame, Message, OpCode};
 enum Read {
     /// The connection is over.
     Over,
-    /// The read came back short: the socket has nothing more for now.
-    Drained,
+    /// Nothing to read (`EAGAIN`).
+    Empty,
+    /// The read came back short: what had arrived is read.
+    Short,
     /// The read filled the scratch buffer: more may be waiting.
     More,
 }
 
-/// The socket is readable (or hung up): read and act on what came until a
-/// read comes back short, so nothing is left behind for a readiness
-/// request that fires on new input only (the data ring's). Returns false
-/// when the connection is over and must be [`finish`]ed.
-pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
+/// The socket is readable (or hung up: `hangup`, the poll's
+/// `POLLRDHUP`/`POLLHUP`/`POLLERR`): read and act on what came until a read
+/// comes back short, so nothing is left behind for a readiness request
+/// that fires on new input only (the data ring's); after a hang-up, until
+/// the end of stream, which a short read may have stopped just before.
+/// Returns false when the connection is over and must be [`finish`]ed.
+pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>, hangup: bool) -> bool {
     loop {
         match read_once(shard, conn) {
             Read::Over => return false,
-            Read::Drained => return true,
-            Read::More if conn.phase() == Phase::Closed => return true,
-            Read::More => {}
+            Read::Empty => return true,
+            Read::Short if !hangup => return true,
+            _ if conn.phase() == Phase::Closed => return true,
+            Read::Short | Read::More => {}
         }
     }
 }
@@ -53,7 +58,7 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
                 buf.extend_from_slice(&scratch[..n]);
                 (buf, n == scratch.len())
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Drained,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Read::More,
             Err(_) => return Read::Over,
         }
@@ -78,7 +83,7 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
     if filled {
         Read::More
     } else {
-        Read::Drained
+        Read::Short
     }
 }
 

@@ -412,7 +412,11 @@ impl Shard {
         if events & crate::sys::EPOLLOUT != 0 {
             self.on_writable(&conn);
         }
-        if events & !crate::sys::EPOLLOUT != 0 && !super::input::on_readable(self, &conn) {
+        let hangup =
+            events & (crate::sys::EPOLLRDHUP | crate::sys::EPOLLHUP | crate::sys::EPOLLERR);
+        if events & !crate::sys::EPOLLOUT != 0
+            && !super::input::on_readable(self, &conn, hangup != 0)
+        {
             self.unwatch(&conn);
             super::input::finish(self, &conn);
         }
