@@ -16,10 +16,13 @@
 //!
 //! This file is the one place that builds submission entries, and it keeps
 //! alive what they point to: a send's slot owns its frames (moved in: a
-//! `Bytes` never moves its bytes), the vector the kernel reads, and the
-//! caller's owner (for the shard, the connection, so its fd stays open)
-//! until [`DataRing::finish_send`] after the completion, which hands back
-//! the frames the kernel did not take.
+//! `Bytes` never moves its bytes) and the caller's owner (for the shard,
+//! the connection, so its fd stays open) until [`DataRing::finish_send`]
+//! after the completion, which hands back the frames the kernel did not
+//! take. The vectors and message headers of vectored sends live in
+//! per-submission arenas: the kernel copies them when it takes the entry
+//! (`IORING_FEAT_SUBMIT_STABLE`, required), so they are reused after each
+//! submit and a connection holds none between sends.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -32,8 +35,9 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 pub const REAP_BATCH: usize = 1024;
 
 /// The oldest kernel whose io_uring has what the data path needs:
-/// multishot poll (5.13) and `IORING_OP_SEND` (5.6).
-const MIN_KERNEL: (u32, u32) = (5, 13);
+/// `IORING_SETUP_SUBMIT_ALL` (5.18), multishot poll (5.13) and
+/// `IORING_OP_SEND` (5.6).
+const MIN_KERNEL: (u32, u32) = (5, 18);
 
 /// What an entry does; its completion carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,26 +99,37 @@ pub struct DataRing<T> {
     unsubmitted: usize,
     /// `io_uring_enter` calls made to submit.
     submits: u64,
+    /// Completions moved out of a completion queue more than half full
+    /// (by [`DataRing::submit`], between reaps), handed out first.
+    backlog: Vec<Completion>,
     /// Sends in flight (and their waits for room), by slot.
     slots: Vec<Slot<T>>,
     /// Slots free for the next send.
     free: Vec<u32>,
+    /// The unsubmitted vectored sends' vectors and headers: never grown
+    /// past their capacity (a push that would is preceded by a submit), so
+    /// the addresses in queued entries stay valid until the kernel copies
+    /// them.
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::msghdr>,
 }
 
-/// One send in flight: its owner and fd, its frames (the first sent from
-/// `offset`), and the vector the kernel reads (`msg` is boxed: its address
-/// is in the submitted entry while `slots` may grow).
+/// One send in flight: its owner and fd, and its frames (the first sent
+/// from `offset`).
 struct Slot<T> {
     owner: Option<T>,
     fd: RawFd,
     offset: usize,
     frames: Vec<Bytes>,
-    iov: Vec<libc::iovec>,
-    msg: Box<libc::msghdr>,
 }
 
-/// A slot's vectors are shrunk back when a send left them larger.
-const SLOT_KEEP: usize = 16;
+/// A free slot keeps its frame list's room up to this many frames.
+const SLOT_KEEP: usize = 4;
+
+/// Room in the per-submission arenas: vectors (at least one send's worth,
+/// [`crate::sys::MAX_IOV`]) and headers.
+const ARENA_IOVS: usize = 4 * crate::sys::MAX_IOV;
+const ARENA_MSGS: usize = 512;
 
 impl<T> std::fmt::Debug for DataRing<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,17 +149,23 @@ impl<T> DataRing<T> {
         if kernel.is_some_and(|k| k < MIN_KERNEL) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("kernel {kernel:?} is older than {MIN_KERNEL:?} (multishot poll, send)"),
+                format!(
+                    "kernel {kernel:?} is older than {MIN_KERNEL:?} (submit-all, multishot poll)"
+                ),
             ));
         }
+        // Submit-all: an entry the kernel refuses gets its error completion
+        // and the rest are still taken (so the arenas can be reused).
         let ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(4))
+            .setup_submit_all()
             .build(entries)?;
-        // Completions beyond the queue are kept by the kernel, never lost.
-        if !ring.params().is_feature_nodrop() {
+        // Completions beyond the queue are kept by the kernel, never lost;
+        // what an entry points to is copied when the kernel takes it.
+        if !ring.params().is_feature_nodrop() || !ring.params().is_feature_submit_stable() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "io_uring without IORING_FEAT_NODROP",
+                "io_uring without IORING_FEAT_NODROP or IORING_FEAT_SUBMIT_STABLE",
             ));
         }
         let mut probe = io_uring::Probe::new();
@@ -166,8 +187,11 @@ impl<T> DataRing<T> {
             ring,
             unsubmitted: 0,
             submits: 0,
+            backlog: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
+            iovs: Vec::with_capacity(ARENA_IOVS),
+            msgs: Vec::with_capacity(ARENA_MSGS),
         })
     }
 
@@ -203,21 +227,48 @@ impl<T> DataRing<T> {
         }
     }
 
-    /// Hands every queued entry to the kernel: one `io_uring_enter`.
+    /// Hands every queued entry to the kernel: one `io_uring_enter`
+    /// (another only if the kernel took fewer).
     pub fn submit(&mut self) -> io::Result<()> {
         if self.unsubmitted == 0 {
             return Ok(());
         }
         loop {
             match self.ring.submit() {
-                Ok(_) => {
-                    self.unsubmitted = 0;
+                Ok(taken) => {
                     self.submits += 1;
+                    if !self.ring.submission().is_empty() {
+                        if taken == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::WouldBlock,
+                                "the kernel took no submission entry",
+                            ));
+                        }
+                        continue;
+                    }
+                    self.unsubmitted = 0;
+                    // The kernel has copied every queued entry's vectors.
+                    self.iovs.clear();
+                    self.msgs.clear();
+                    self.spill();
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Keeps the completion queue from overflowing while a round submits
+    /// more than it holds (the kernel would keep the rest, but on a slow
+    /// path): past half full, its completions move to the backlog.
+    fn spill(&mut self) {
+        let mut cq = self.ring.completion();
+        if cq.len() * 2 < cq.capacity() {
+            return;
+        }
+        for cqe in cq.by_ref() {
+            self.backlog.push(completion(&cqe));
         }
     }
 
@@ -259,34 +310,50 @@ impl<T> DataRing<T> {
         let i = self.take_slot();
         let slot = &mut self.slots[i];
         slot.frames.extend(frames);
+        slot.owner = Some(owner);
+        slot.fd = fd;
+        slot.offset = offset;
+        let n = slot.frames.len().min(crate::sys::MAX_IOV);
+        // Room first, so that pushing the entry never submits (which
+        // would reuse the arenas under it).
+        if self.ring.submission().is_full()
+            || self.iovs.len() + n > self.iovs.capacity()
+            || self.msgs.len() == self.msgs.capacity()
+        {
+            self.submit()?;
+        }
+        let slot = &self.slots[i];
+        let start = self.iovs.len();
         let mut total = 0;
-        for (n, frame) in slot.frames.iter().enumerate() {
+        for (k, frame) in slot.frames.iter().take(n).enumerate() {
             let part = frame
-                .get(if n == 0 { offset } else { 0 }..)
+                .get(if k == 0 { offset } else { 0 }..)
                 .unwrap_or_default();
-            slot.iov.push(libc::iovec {
+            self.iovs.push(libc::iovec {
                 iov_base: part.as_ptr() as *mut libc::c_void,
                 iov_len: part.len(),
             });
             total += part.len();
         }
-        slot.owner = Some(owner);
-        slot.fd = fd;
-        slot.offset = offset;
-        let sqe = if let [one] = slot.iov[..] {
+        let sqe = if let [one] = self.iovs[start..] {
             opcode::Send::new(types::Fd(fd), one.iov_base as *const u8, one.iov_len as u32)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
         } else {
-            slot.msg.msg_iov = slot.iov.as_mut_ptr();
-            slot.msg.msg_iovlen = slot.iov.len() as _;
-            opcode::SendMsg::new(types::Fd(fd), &*slot.msg)
+            // SAFETY: an all-zero msghdr is a valid empty one.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iovs[start..].as_ptr().cast_mut();
+            msg.msg_iovlen = n as _;
+            self.msgs.push(msg);
+            opcode::SendMsg::new(types::Fd(fd), &self.msgs[self.msgs.len() - 1])
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         };
-        // SAFETY: the slot owns every frame `iov` points into (their bytes
-        // never move), and `iov` and the boxed `msg`; none is touched until
-        // `finish_send` after the completion.
+        // SAFETY: the slot owns every frame the vectors point into (their
+        // bytes never move) until `finish_send` after the completion; the
+        // vectors and header stay where they are until the next submit
+        // (the arenas never grow past their capacity), when the kernel has
+        // copied them; the queue has room, so this push does not submit.
         unsafe { self.push(&sqe.user_data(user_data(Op::Send, i as u64))) }?;
         Ok(total)
     }
@@ -336,13 +403,20 @@ impl<T> DataRing<T> {
             rest(frame, if k == 0 { into } else { 0 });
         }
         s.frames.clear();
-        s.iov.clear();
         if s.frames.capacity() > SLOT_KEEP {
-            s.frames.shrink_to(SLOT_KEEP);
-            s.iov.shrink_to(SLOT_KEEP);
+            s.frames = Vec::new();
         }
         self.free.push(i as u32);
         Some(owner)
+    }
+
+    /// Gives back the memory of the slots once none is in flight (after a
+    /// burst of sends to every connection, an idle shard keeps none).
+    pub fn trim(&mut self) {
+        if self.free.len() == self.slots.len() {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
     }
 
     fn take_slot(&mut self) -> usize {
@@ -354,9 +428,6 @@ impl<T> DataRing<T> {
             fd: -1,
             offset: 0,
             frames: Vec::new(),
-            iov: Vec::new(),
-            // SAFETY: an all-zero msghdr is a valid empty one.
-            msg: Box::new(unsafe { std::mem::zeroed() }),
         });
         self.slots.len() - 1
     }
@@ -365,18 +436,25 @@ impl<T> DataRing<T> {
     /// returns how many.
     pub fn reap(&mut self, into: &mut Vec<Completion>) -> usize {
         into.clear();
+        if !self.backlog.is_empty() {
+            let n = self.backlog.len().min(REAP_BATCH);
+            into.extend(self.backlog.drain(..n));
+        }
         let mut cq = self.ring.completion();
-        cq.sync();
-        for cqe in cq.by_ref().take(REAP_BATCH) {
-            let data = cqe.user_data();
-            into.push(Completion {
-                op: Op::from_bits(data),
-                token: data >> 2,
-                result: cqe.result(),
-                more: cqueue::more(cqe.flags()),
-            });
+        for cqe in cq.by_ref().take(REAP_BATCH - into.len()) {
+            into.push(completion(&cqe));
         }
         into.len()
+    }
+}
+
+fn completion(cqe: &cqueue::Entry) -> Completion {
+    let data = cqe.user_data();
+    Completion {
+        op: Op::from_bits(data),
+        token: data >> 2,
+        result: cqe.result(),
+        more: cqueue::more(cqe.flags()),
     }
 }
 
@@ -524,6 +602,64 @@ mod tests {
             let want: Vec<_> = want.into_iter().map(|(s, n)| (s.to_owned(), n)).collect();
             assert_eq!(back, want, "offset {offset}, {written} written");
         }
+    }
+
+    /// More sends than the submission queue, the header arena and half
+    /// the completion queue hold, pushed before any reap: every one is
+    /// taken (submits in between), completes once, and the bytes arrive
+    /// in order.
+    #[test]
+    fn a_round_bigger_than_the_queues_submits_in_between_and_loses_nothing() {
+        let Ok(mut ring) = DataRing::<usize>::new(8) else {
+            eprintln!("no io_uring here: nothing to test");
+            return;
+        };
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        const SENDS: usize = ARENA_MSGS + 88;
+        // Hundreds of small writes outgrow a socket's buffer: read along.
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; SENDS * 5];
+            theirs.read_exact(&mut got).expect("read");
+            got
+        });
+        for i in 0..SENDS {
+            let frames = [Bytes::from(format!("{i:04}")), Bytes::from_static(b";")];
+            ring.send(ours.as_raw_fd(), i, 0, frames.into_iter())
+                .expect("send");
+        }
+        ring.submit().expect("submit");
+        let mut done = vec![false; SENDS];
+        let mut some = Vec::new();
+        let mut seen = 0;
+        while seen < SENDS {
+            if ring.reap(&mut some) == 0 {
+                ring.ring.submit_and_wait(1).expect("wait");
+                continue;
+            }
+            for c in &some {
+                assert_eq!((c.op, c.result), (Op::Send, 5));
+                let owner = ring.finish_send(c.token, 5, |_, _| panic!("all of it went"));
+                let i = owner.expect("a send in flight");
+                assert!(
+                    !std::mem::replace(&mut done[i], true),
+                    "send {i} completed twice"
+                );
+                seen += 1;
+            }
+        }
+        assert!(
+            ring.submits() >= (SENDS / 8) as u64,
+            "{} submits",
+            ring.submits()
+        );
+        let got = reader.join().expect("the reader");
+        let want: String = (0..SENDS).map(|i| format!("{i:04};")).collect();
+        assert_eq!(String::from_utf8(got).unwrap(), want);
+        ring.trim();
+        assert!(
+            ring.slots.is_empty() && ring.free.is_empty(),
+            "trim kept the slots"
+        );
     }
 
     /// A send bigger than the socket takes, to a peer that starts reading

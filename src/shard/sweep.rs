@@ -78,7 +78,9 @@ impl Shard {
             }
         }
         // Freed pages go back once a second: an idle server's RSS is its
-        // connections, not what a burst of messages left in the allocator.
+        // connections, not what a burst of messages left in the allocator
+        // or in the data ring's send slots.
+        self.trim_io();
         crate::sys::heap_collect();
     }
 
