@@ -69,6 +69,51 @@ fn fanout_delivers_every_message_to_every_subscriber_across_worker_processes() {
     );
 }
 
+/// Both data paths carry the same deliveries: every message to every
+/// subscriber once and in order, bigger messages too (so sends are cut by
+/// full sockets), and the ring's submissions show which path ran.
+#[test]
+fn both_data_paths_deliver_every_message_in_order() {
+    let legacy = std::env::var_os("MONOIO_FORCE_LEGACY_DRIVER").is_some_and(|v| v == "1");
+    for path in ["io_uring", "epoll"] {
+        let server = TestServer::start(&["--data-path", path]);
+        let target = server.addr.to_string();
+        let r = &load(&[
+            "fanout",
+            "--target",
+            &target,
+            "--connections",
+            "200",
+            "--rate",
+            "300",
+            "--size",
+            "20000",
+            "--duration",
+            "1s",
+        ])[0];
+        let published = r["published"].as_u64().unwrap();
+        assert!(published >= 200, "{path}: {r}");
+        assert_eq!(r["received"].as_u64(), Some(published * 200), "{path}: {r}");
+        assert_eq!(
+            (r["out_of_order"].as_u64(), r["missing"].as_u64()),
+            (Some(0), Some(0)),
+            "{path}: {r}"
+        );
+        let writes = server.metric("ringcast_socket_writes_total");
+        let submits = server.metric("ringcast_io_uring_submits_total");
+        assert!(writes >= 200.0, "{path}: {writes} writes");
+        if path == "io_uring" && !legacy {
+            // Many sends per submission: the point of the ring.
+            assert!(
+                submits > 0.0 && submits < writes,
+                "{path}: {submits} submits, {writes} writes"
+            );
+        } else {
+            assert_eq!(submits, 0.0, "{path}: the ring ran");
+        }
+    }
+}
+
 #[test]
 fn fanout_by_xadd_reaches_subscribers_through_redis() {
     // The producer path of benches/redis_load.sh: the tool XADDs, the node reads.

@@ -474,6 +474,14 @@ impl<'a> Worker<'a> {
 
     /// Not following the server: a close frame ends the subscriber.
     fn on_close_frame(&mut self, i: usize, code: u16) -> anyhow::Result<()> {
+        self.forget(i, |state| {
+            format!("the server closed a connection ({code}) while it was {state:?} (see its log)")
+        })
+    }
+
+    /// Forgets client `i`, whose connection ended: an open one is counted
+    /// off; one that was still connecting fails the run with `why`.
+    fn forget(&mut self, i: usize, why: impl FnOnce(State) -> String) -> anyhow::Result<()> {
         let Some(c) = self.clients.get_mut(i).and_then(Option::take) else {
             return Ok(());
         };
@@ -483,9 +491,7 @@ impl<'a> Worker<'a> {
                 self.open -= 1;
                 Ok(())
             }
-            other => bail!(
-                "the server closed a connection ({code}) while it was {other:?} (see its log)"
-            ),
+            other => bail!("{}", why(other)),
         }
     }
 
@@ -494,23 +500,12 @@ impl<'a> Worker<'a> {
         if self.follow {
             return self.on_server_close(i, None, sys::monotonic_us());
         }
-        let Some(slot) = self.clients.get_mut(i) else {
-            return Ok(());
-        };
-        let Some(c) = slot.take() else {
-            return Ok(());
-        };
-        let _ = self.epoll.delete(c.fd.as_raw_fd());
-        match c.state {
-            State::Open => {
-                self.open -= 1;
-                Ok(())
-            }
-            other => bail!(
-                "the server closed a connection while it was {other:?} (see its log; \
+        self.forget(i, |state| {
+            format!(
+                "the server closed a connection while it was {state:?} (see its log; \
                  raise --max-handshakes-per-ip / --max-connections-per-ip for load runs)"
-            ),
-        }
+            )
+        })
     }
 
     /// Closes every connection: with a close frame, or by dropping the socket.
