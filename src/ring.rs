@@ -221,8 +221,8 @@ impl<T> DataRing<T> {
             backlog: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            iovs: Vec::with_capacity(ARENA_IOVS),
-            msgs: Vec::with_capacity(ARENA_MSGS),
+            iovs: Vec::new(),
+            msgs: Vec::new(),
         })
     }
 
@@ -353,6 +353,11 @@ impl<T> DataRing<T> {
         {
             self.submit()?;
         }
+        if self.iovs.capacity() == 0 {
+            // Given back by `trim`: empty, so no queued entry points here.
+            self.iovs.reserve_exact(ARENA_IOVS);
+            self.msgs.reserve_exact(ARENA_MSGS);
+        }
         let slot = &self.slots[i];
         let start = self.iovs.len();
         let mut total = 0;
@@ -444,8 +449,9 @@ impl<T> DataRing<T> {
         Some(owner)
     }
 
-    /// Gives back the memory of the slots once none is in flight (after a
-    /// burst of sends to every connection, an idle shard keeps none).
+    /// Gives back the memory of the slots once none is in flight, and of
+    /// the arenas and backlog when empty (after a burst of sends to every
+    /// connection, an idle shard keeps none of it).
     pub fn trim(&mut self) {
         if self.free.len() == self.slots.len() {
             self.slots = Vec::new();
@@ -453,6 +459,10 @@ impl<T> DataRing<T> {
         }
         if self.backlog.is_empty() {
             self.backlog = Vec::new();
+        }
+        if self.unsubmitted == 0 {
+            self.iovs = Vec::new();
+            self.msgs = Vec::new();
         }
     }
 
@@ -638,6 +648,9 @@ mod tests {
             assert_eq!(owner, Some(5));
             let want: Vec<_> = want.into_iter().map(|(s, n)| (s.to_owned(), n)).collect();
             assert_eq!(back, want, "offset {offset}, {written} written");
+            // Nothing in flight: the arenas and slots go, and come back.
+            ring.trim();
+            assert_eq!((ring.iovs.capacity(), ring.slots.len()), (0, 0));
         }
     }
 

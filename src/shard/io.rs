@@ -332,6 +332,7 @@ impl Shard {
         if let Io::Ring(r) = &self.io {
             let mut r = r.borrow_mut();
             r.ring.trim();
+            r.reaped = Vec::new();
             if r.unwatching.is_empty() && r.unwatching.capacity() > 0 {
                 r.unwatching = HashMap::new();
             }
