@@ -91,6 +91,8 @@ pub(crate) struct Ring {
     unwatching: HashMap<ConnId, Rc<Conn>>,
     /// Completions being handled (kept for its capacity).
     reaped: Vec<Completion>,
+    /// Submits already added to `ringcast_io_uring_submits_total`.
+    counted: u64,
 }
 
 impl Ring {
@@ -99,6 +101,7 @@ impl Ring {
             ring,
             unwatching: HashMap::new(),
             reaped: Vec::new(),
+            counted: 0,
         }
     }
 }
@@ -168,11 +171,13 @@ impl Shard {
     pub(super) fn submit(&self) {
         if let Io::Ring(r) = &self.io {
             let mut r = r.borrow_mut();
-            let before = r.ring.submits();
             let done = r.ring.submit();
+            // Every submit since the last count: this one, and those a
+            // full queue made while the round pushed.
+            let total = r.ring.submits();
             self.metrics
                 .ring_submits
-                .fetch_add(r.ring.submits() - before, Relaxed);
+                .fetch_add(total - std::mem::replace(&mut r.counted, total), Relaxed);
             drop(r);
             if let Err(e) = done {
                 self.fail_ring(e);
