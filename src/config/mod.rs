@@ -20,6 +20,7 @@
 //! duration is bounded by [`MAX_DURATION`] without asking.
 
 mod check;
+mod choices;
 pub mod units;
 mod value;
 
@@ -34,49 +35,8 @@ use crate::broker::redis::KeyLayout;
 use crate::namespace::NamespaceConfig;
 use value::Value;
 
+pub use choices::{DataPath, LogFormat};
 pub use units::{ByteSize, Cidr, HumanDuration, ValueError, MAX_DURATION};
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        })
-    }
-}
-
-/// How shards watch and write their connections' sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-pub enum DataPath {
-    /// Each shard's own io_uring: one standing poll per connection, a
-    /// flush round's sends submitted together. Falls back to epoll where
-    /// the kernel lacks it (or `MONOIO_FORCE_LEGACY_DRIVER` is set).
-    #[serde(rename = "io_uring")]
-    #[value(name = "io_uring")]
-    IoUring,
-    /// An epoll set per shard; one `recv` / `sendmsg` call per socket.
-    #[serde(rename = "epoll")]
-    Epoll,
-}
-
-impl fmt::Display for DataPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DataPath::IoUring => "io_uring",
-            DataPath::Epoll => "epoll",
-        })
-    }
-}
 
 /// Declares every setting once; see the module doc and the list below.
 ///
