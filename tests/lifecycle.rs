@@ -241,6 +241,24 @@ fn invalid_settings_exit_2_naming_the_setting() {
     let out = ringcast(&["serve", "--allow-anonymous"], &[("RINGCAST_SHARDS", "0")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shards: must be between"));
+    // A closed list names what it takes: the flag, and the file's key.
+    let out = ringcast(&["serve", "--allow-anonymous", "--data-path", "uring"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data-path") && err.contains("io_uring") && err.contains("epoll"),
+        "{err}"
+    );
+    let file = std::env::temp_dir().join(format!("ringcast-dp-{}.toml", std::process::id()));
+    std::fs::write(&file, "allow_anonymous = true\ndata_path = \"uring\"\n").unwrap();
+    let out = ringcast(&["serve", "--config", file.to_str().unwrap()], &[]);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data_path") && err.contains("io_uring"),
+        "{err}"
+    );
     let out = ringcast(&["serve", "--auth-hmac-secret", "short"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth_hmac_secret: must be at least 32"));
