@@ -258,6 +258,12 @@ impl<T> DataRing<T> {
         }
     }
 
+    /// Queues an entry that points to no memory (a poll, a poll's removal).
+    fn push_plain(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: there is nothing for the kernel to read or write.
+        unsafe { self.push(sqe) }
+    }
+
     /// Hands every queued entry to the kernel: one `io_uring_enter`
     /// (another only if the kernel took fewer).
     pub fn submit(&mut self) -> io::Result<()> {
@@ -311,8 +317,7 @@ impl<T> DataRing<T> {
             .multi(true)
             .build()
             .user_data(user_data(Op::Watch, token));
-        // SAFETY: a poll points to no memory.
-        unsafe { self.push(&sqe) }
+        self.push_plain(&sqe)
     }
 
     /// Ends connection `token`'s readiness request; an [`Op::Unwatch`]
@@ -321,8 +326,7 @@ impl<T> DataRing<T> {
         let sqe = opcode::PollRemove::new(user_data(Op::Watch, token))
             .build()
             .user_data(user_data(Op::Unwatch, token));
-        // SAFETY: a poll removal points to no memory.
-        unsafe { self.push(&sqe) }
+        self.push_plain(&sqe)
     }
 
     /// Writes `frames` to `fd`, the first from byte `offset` (one
@@ -403,8 +407,7 @@ impl<T> DataRing<T> {
         let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
             .build()
             .user_data(user_data(Op::Writable, slot));
-        // SAFETY: a poll points to no memory.
-        unsafe { self.push(&sqe) }
+        self.push_plain(&sqe)
     }
 
     /// Ends send `slot` once its completion came, `written` bytes of it
