@@ -148,6 +148,9 @@ impl Pattern {
 pub struct Grants {
     subs: Vec<Pattern>,
     pubs: Vec<Pattern>,
+    /// The grants of a client without a token (kept here, not in every
+    /// [`Identity`], so an identity stays one 64-byte allocation).
+    guest: bool,
 }
 
 impl Grants {
@@ -160,6 +163,7 @@ impl Grants {
         Ok(Grants {
             subs: parse(subs, "subs")?,
             pubs: parse(pubs, "pubs")?,
+            guest: false,
         })
     }
 }
@@ -205,16 +209,69 @@ impl GrantsCache {
     }
 }
 
+/// A user id (the `sub` claim): up to [`UserId::INLINE`] bytes kept in
+/// place (numeric, Firebase, Auth0 and ObjectId ids fit), a longer one
+/// shared. Every connection with a token holds one: kept inline, its
+/// identity is one allocation, not two.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserId(UserRepr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum UserRepr {
+    /// `bytes[..len]` is the whole id (copied from a `str`), the rest zero.
+    Inline {
+        len: u8,
+        bytes: [u8; UserId::INLINE],
+    },
+    Shared(Arc<str>),
+}
+
+impl UserId {
+    /// The longest id kept inline.
+    pub const INLINE: usize = 30;
+
+    /// The id `user`.
+    pub fn new(user: &str) -> UserId {
+        if user.len() > Self::INLINE {
+            return UserId(UserRepr::Shared(Arc::from(user)));
+        }
+        let mut bytes = [0; Self::INLINE];
+        bytes[..user.len()].copy_from_slice(user.as_bytes());
+        UserId(UserRepr::Inline {
+            len: user.len() as u8,
+            bytes,
+        })
+    }
+}
+
+impl std::ops::Deref for UserId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match &self.0 {
+            // Always valid: `new` copied a whole `str` there.
+            UserRepr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            UserRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Debug for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// A verified client: who it is, until when, and what it may do.
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// The `sub` claim.
-    pub user: Arc<str>,
+    pub user: UserId,
     /// `exp`, seconds since the Unix epoch; `u64::MAX` for anonymous.
     pub expires_at: u64,
     grants: Arc<Grants>,
-    /// A client without a token, admitted only to anonymous namespaces.
-    guest: bool,
 }
 
 impl Identity {
@@ -222,32 +279,33 @@ impl Identity {
     /// subscribers: no patterns of its own, never expires.
     pub fn guest() -> Identity {
         Identity {
-            user: Arc::from(""),
+            user: UserId::new(""),
             expires_at: u64::MAX,
             grants: Arc::new(Grants {
                 subs: Vec::new(),
                 pubs: Vec::new(),
+                guest: true,
             }),
-            guest: true,
         }
     }
 
-    /// Whether this is a [`Identity::guest`].
+    /// Whether this is a [`Identity::guest`] (admitted only to anonymous
+    /// namespaces).
     pub fn is_guest(&self) -> bool {
-        self.guest
+        self.grants.guest
     }
 
     /// An anonymous client allowed every topic (`--allow-anonymous`).
     pub fn anonymous() -> Identity {
         let all = vec![Segment::Rest];
         Identity {
-            user: Arc::from(""),
+            user: UserId::new(""),
             expires_at: u64::MAX,
             grants: Arc::new(Grants {
                 subs: vec![Pattern(all.clone())],
                 pubs: vec![Pattern(all)],
+                guest: false,
             }),
-            guest: false,
         }
     }
 
@@ -464,10 +522,9 @@ impl Verifier {
             })?;
         let c = data.claims;
         Ok(Identity {
-            user: Arc::from(c.sub.as_str()),
+            user: UserId::new(&c.sub),
             expires_at: c.exp,
             grants: cache.get(c.subs, c.pubs)?,
-            guest: false,
         })
     }
 }
@@ -544,6 +601,29 @@ pub fn random_secret() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids up to 30 bytes stay inline, longer ones are shared; both read
+    /// back whole, compare by content, and an identity stays 48 bytes
+    /// (64 with its `Rc`'s counts: one allocation per connection).
+    #[test]
+    fn user_ids_inline_and_shared() {
+        let long = "0123456789abcdef0123456789abcdef-uuid";
+        for id in ["", "u1", "é-ü-日本", &"x".repeat(30), &"y".repeat(31), long] {
+            let u = UserId::new(id);
+            assert_eq!(&*u, id);
+            assert_eq!(u, UserId::new(id));
+            assert_eq!(format!("{u:?}"), format!("{id:?}"));
+            assert_eq!(
+                matches!(u.0, UserRepr::Inline { .. }),
+                id.len() <= 30,
+                "{id}"
+            );
+        }
+        assert_ne!(UserId::new("ann"), UserId::new("bob"));
+        assert!(std::mem::size_of::<Identity>() <= 48);
+        assert!(Identity::guest().is_guest());
+        assert!(!Identity::anonymous().is_guest());
+    }
 
     fn pat(s: &str) -> Pattern {
         Pattern::parse(s).unwrap()

@@ -410,6 +410,15 @@ impl<T> DataRing<T> {
         self.push_plain(&sqe)
     }
 
+    /// The bytes send `slot` carries (what [`DataRing::send`] returned; 0
+    /// for an unknown slot).
+    pub fn send_len(&self, slot: u64) -> usize {
+        self.slots.get(slot as usize).map_or(0, |s| {
+            let all: usize = s.frames.as_slice().iter().map(Bytes::len).sum();
+            all - s.offset
+        })
+    }
+
     /// Ends send `slot` once its completion came, `written` bytes of it
     /// sent: frees the slot, drops the frames sent whole, and hands each
     /// other frame to `rest`, **last first**, with how much of it was
@@ -601,6 +610,10 @@ mod tests {
         let got = reap_n(&mut ring, 2);
         let sends: Vec<_> = got.iter().map(|c| (c.op, c.token, c.result)).collect();
         assert_eq!(sends, [(Op::Send, 0, 13), (Op::Send, 1, 1)]);
+        assert_eq!(
+            (ring.send_len(0), ring.send_len(1), ring.send_len(9)),
+            (13, 1, 0)
+        );
         let mut back = Vec::new();
         assert_eq!(ring.finish_send(0, 13, |f, n| back.push((f, n))), Some(10));
         assert_eq!(ring.finish_send(1, 1, |f, n| back.push((f, n))), Some(20));

@@ -13,13 +13,14 @@ use std::os::fd::RawFd;
 
 /// Hands what this thread's mimalloc heap holds freed back to the system
 /// (free pages are otherwise kept a while for reuse, and an idle server's
-/// RSS counts them). Cheap: it walks the heap's page lists, not its blocks.
+/// RSS counts them). Forced, so pages whose purge waits for the heap's next
+/// use go too: 0.2-0.9 ms once a second during a 1,000 x 1,000 fan-out.
 /// Without mimalloc as the global allocator (the library's tests) it
 /// touches an unused heap.
 pub fn heap_collect() {
     // SAFETY: mi_collect takes no pointer and may be called from any
-    // thread at any time; `false` asks for a normal, not forced, collection.
-    unsafe { libmimalloc_sys::mi_collect(false) }
+    // thread at any time; `true` forces the purge of every free page.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Most iovecs passed to one `sendmsg` (Linux `IOV_MAX` is 1024).

@@ -146,9 +146,10 @@ impl Shard {
             // Pending becomes live: the entry (and the announcement) stays.
             let user = self.presence_user(&conn, &topic);
             let mut topics = self.topics.borrow_mut();
-            let local = topics.entry(topic.clone()).or_default();
+            let (shared, local) =
+                super::topics::entry(&mut topics, &topic, super::topics::Local::default);
             local.pending = local.pending.saturating_sub(1);
-            conn.add_live(topic.clone(), local.live.len() as u32);
+            conn.add_live(shared, local.live.len() as u32);
             local.live.push(conn);
             self.count_in(local, &topic, user);
             drop(topics);
@@ -213,9 +214,7 @@ impl Shard {
             };
             for conn in &local.live {
                 let own = conn
-                    .identity
-                    .borrow()
-                    .as_deref()
+                    .identity()
                     .is_some_and(|i| !i.is_guest() && &*i.user == user);
                 if own || conn.phase() != Phase::Open {
                     continue;

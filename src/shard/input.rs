@@ -53,7 +53,7 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
         match sys::recv(conn.fd(), &mut scratch) {
             Ok(0) => return Read::Over,
             Ok(n) => {
-                let held = conn.inbuf.borrow_mut().take();
+                let held = conn.inbuf.take();
                 let mut buf = held.map_or_else(BytesMut::new, |b| *b);
                 buf.extend_from_slice(&scratch[..n]);
                 (buf, n == scratch.len())
@@ -63,7 +63,7 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
             Err(_) => return Read::Over,
         }
     };
-    conn.last_rx.set(shard.now_ms());
+    conn.heard(shard.now_ms());
     if conn.phase() == Phase::Handshake {
         super::upgrade::handshake(shard, conn, &mut buf);
     }
@@ -78,7 +78,7 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
     }
     // Only an incomplete frame is kept; an idle connection holds no buffer.
     if !buf.is_empty() {
-        *conn.inbuf.borrow_mut() = Some(Box::new(buf));
+        conn.inbuf.set(Some(Box::new(buf)));
     }
     if filled {
         Read::More
@@ -117,7 +117,7 @@ pub(super) fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesM
         if conn.phase() == Phase::Closed {
             return;
         }
-        let decoded = conn.decoder.borrow_mut().decode(buf);
+        let decoded = conn.with_decoder(|d| d.decode(buf));
         match decoded {
             Ok(None) => return,
             Ok(Some(msg)) => on_message(shard, conn, msg),

@@ -310,10 +310,12 @@ impl Shard {
     /// for a finished connection they are counted as not delivered.
     fn finish_send(&self, r: &RefCell<Ring>, slot: u64, written: usize) -> Option<Rc<Conn>> {
         let mut back = Vec::new();
-        let conn = r
-            .borrow_mut()
+        let mut ring = r.borrow_mut();
+        let len = ring.ring.send_len(slot);
+        let conn = ring
             .ring
             .finish_send(slot, written, |frame, sent| back.push((frame, sent)))?;
+        drop(ring);
         conn.write_blocked.set(false);
         if !self.conns.borrow().contains_key(&conn.id) {
             self.metrics.dropped_n(
@@ -323,7 +325,7 @@ impl Shard {
             return None;
         }
         let mut out = conn.out.borrow_mut();
-        out.send_done();
+        out.send_done(len);
         for (frame, sent) in back {
             out.put_back(frame, sent);
         }
@@ -356,8 +358,7 @@ impl Shard {
 fn start_send(r: &mut Ring, conn: &Rc<Conn>) -> io::Result<()> {
     let mut out = conn.out.borrow_mut();
     let (offset, frames) = out.take_for_send(crate::sys::MAX_IOV);
-    let total = r.ring.send(conn.fd(), conn.clone(), offset, frames)?;
-    out.sending = total as u32;
+    r.ring.send(conn.fd(), conn.clone(), offset, frames)?;
     conn.write_blocked.set(true);
     Ok(())
 }

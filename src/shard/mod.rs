@@ -327,10 +327,7 @@ impl Shard {
             return;
         }
         self.metrics.disconnect(why.metric());
-        let deadline = self
-            .now_ms()
-            .saturating_add(self.config.close_timeout.as_millis() as u64);
-        conn.set_closing(deadline);
+        conn.set_closing(self.now_ms(), self.config.close_timeout);
         self.queue_unbounded(conn, crate::ws::frame::encode_close(why.code(), why.text()));
     }
 }

@@ -18,8 +18,7 @@ pub(super) fn on_op(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         Ok(parsed) => parsed,
         Err(e) => return shard.queue(conn, encode_error(e.id, e.code, &e.reason)),
     };
-    let identity = conn.identity.borrow().clone();
-    let Some(identity) = identity else {
+    let Some(identity) = conn.identity() else {
         return first_auth(shard, conn, op);
     };
     let reply = ReplyTo {
@@ -162,7 +161,7 @@ pub(super) fn first_auth(shard: &Rc<Shard>, conn: &Rc<Conn>, op: ClientOp<'_>) {
     let Some(verifier) = &shard.auth else { return };
     match verifier.verify_shared(&token, &shard.grants) {
         Ok(identity) => {
-            *conn.identity.borrow_mut() = Some(Rc::new(identity));
+            conn.set_identity(Some(Rc::new(identity)));
             super::upgrade::welcome(shard, conn);
         }
         Err(e) => shard.close(conn, Close::TokenRefused(e.reason())),
@@ -188,7 +187,7 @@ pub(super) fn refresh_auth(
         Ok(fresh) => {
             end_forbidden(shard, conn, &fresh);
             let was_guest = current.is_guest() && !fresh.is_guest();
-            *conn.identity.borrow_mut() = Some(Rc::new(fresh));
+            conn.set_identity(Some(Rc::new(fresh)));
             if was_guest {
                 // A guest's subscriptions counted for nobody; now they count
                 // for the token's user.
@@ -226,10 +225,7 @@ pub(super) fn allows(shard: &Shard, identity: &Identity, topic: &TopicName) -> b
 /// `topic` (checked again when the broker answers a `sub`, since a token
 /// refresh may have narrowed `subs` meanwhile).
 pub(crate) fn may_subscribe(shard: &Shard, conn: &Conn, topic: &TopicName) -> bool {
-    conn.identity
-        .borrow()
-        .as_deref()
-        .is_some_and(|id| allows(shard, id, topic))
+    conn.identity().is_some_and(|id| allows(shard, &id, topic))
 }
 
 /// A refreshed token may allow fewer topics: every subscription it does

@@ -51,8 +51,8 @@ impl Shard {
         let mut wild = self.wild.borrow_mut();
         let first = wild.trie.is_empty();
         wild.trie.insert(pattern);
-        let local = wild.subs.entry(pattern.clone()).or_default();
-        conn.add_live(pattern.clone(), local.live.len() as u32);
+        let (shared, local) = super::topics::entry(&mut wild.subs, pattern, Local::default);
+        conn.add_live(shared, local.live.len() as u32);
         local.live.push(conn.clone());
         drop(wild);
         if first {

@@ -112,12 +112,11 @@ pub struct OutQueue {
     pub(crate) frames: VecDeque<Queued>,
     /// Bytes of the front frame already written.
     pub(crate) offset: u32,
-    /// Unwritten bytes in the queue, and in its send in flight.
+    /// Unwritten bytes in the queue, and in its send in flight: the frames
+    /// the data ring holds in a send not yet completed (`super::io`) are
+    /// out of `frames`, so never replaced, dropped or sent twice, but
+    /// still within the bound (the send's slot knows how many bytes).
     pub(crate) bytes: u32,
-    /// Bytes of the frames the data ring holds in a send not yet completed
-    /// (`super::io`): out of `frames`, so never replaced, dropped or sent
-    /// twice, but still within the bound.
-    pub(crate) sending: u32,
 }
 
 /// A topic's drops in one [`OutQueue::push_msg`] under `drop_oldest`.
@@ -339,12 +338,8 @@ impl OutQueue {
     pub fn discard_unsent(&mut self) -> u64 {
         let keep = self.first_unstarted();
         let dropped = self.frames.len().saturating_sub(keep);
-        self.frames.truncate(keep);
-        let left = self
-            .frames
-            .front()
-            .map_or(0, |f| f.frame.len() - self.offset as usize);
-        self.bytes = left as u32 + self.sending;
+        let gone: usize = self.frames.drain(keep..).map(|q| q.frame.len()).sum();
+        self.bytes = self.bytes.saturating_sub(gone as u32);
         dropped as u64
     }
 
@@ -359,10 +354,11 @@ impl OutQueue {
         (offset, self.frames.drain(..n).map(|q| q.frame))
     }
 
-    /// The send in flight completed: its bytes leave the count (what it
-    /// did not write comes back through [`OutQueue::put_back`]).
-    pub(crate) fn send_done(&mut self) {
-        self.bytes = self.bytes.saturating_sub(std::mem::take(&mut self.sending));
+    /// The send in flight (`sent` bytes handed to the ring) completed:
+    /// they leave the count (what it did not write comes back through
+    /// [`OutQueue::put_back`]).
+    pub(crate) fn send_done(&mut self, sent: usize) {
+        self.bytes = self.bytes.saturating_sub(sent as u32);
     }
 
     /// A frame of a completed send that was not written whole goes back to

@@ -45,7 +45,9 @@ pub(super) fn charge(shard: &Shard, conn: &Conn, len: usize) -> Result<(), Over>
         return Ok(());
     }
     let now = shard.now_ms();
-    let elapsed = now.saturating_sub(conn.refilled.replace(now)) as f32 / 1000.0;
+    // Centiseconds, wrapping: a silence of 497 days (heartbeats off) would
+    // refill short once.
+    let elapsed = centis_since(now, conn.refilled.replace(centis(now))) as f32 / 1000.0;
     let frames =
         (conn.tokens.get() + elapsed * cfg.inbound_rate as f32).min(cfg.inbound_burst as f32);
     let bytes = (conn.byte_tokens.get() + elapsed * cfg.inbound_bytes_rate as f32)

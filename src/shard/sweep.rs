@@ -36,20 +36,18 @@ impl Shard {
             .values()
             .filter_map(|conn| {
                 let due = match conn.phase() {
-                    Phase::Handshake if now >= conn.deadline() => Due::HandshakeTimeout,
+                    Phase::Handshake if conn.deadline_passed(now) => Due::HandshakeTimeout,
                     Phase::Open => {
-                        let identity = conn.identity.borrow();
-                        match identity.as_ref() {
-                            None if now >= conn.deadline() => Due::AuthTimeout,
+                        let identity = conn.identity();
+                        match identity.as_deref() {
+                            None if conn.deadline_passed(now) => Due::AuthTimeout,
                             Some(i) if i.expires_at <= wall => Due::TokenExpired,
-                            _ if now.saturating_sub(conn.last_rx()) >= hb.saturating_mul(2) => {
-                                Due::Silent
-                            }
+                            _ if conn.silent_ms(now) >= hb.saturating_mul(2) => Due::Silent,
                             _ if (round.wrapping_add(conn.id.0)) % slots == 0 => Due::Ping,
                             _ => return None,
                         }
                     }
-                    Phase::Closing if now >= conn.deadline() => Due::CloseTimeout,
+                    Phase::Closing if conn.deadline_passed(now) => Due::CloseTimeout,
                     _ => return None,
                 };
                 Some((conn.clone(), due))
@@ -66,7 +64,7 @@ impl Shard {
                 Due::Silent => {
                     debug!(
                         conn = conn.id.0,
-                        silent_ms = now.saturating_sub(conn.last_rx()),
+                        silent_ms = conn.silent_ms(now),
                         "heartbeat timeout"
                     );
                     self.metrics.disconnect(Disconnect::Heartbeat);
@@ -79,7 +77,9 @@ impl Shard {
         }
         // Freed pages go back once a second: an idle server's RSS is its
         // connections, not what a burst of messages left in the allocator
-        // or in the data ring's send slots.
+        // or in the data ring's send slots. Forced: a normal collection
+        // leaves pages whose purge is delayed until the heap is used again,
+        // which an idle shard's is not (0.2-0.9 ms a second under fan-out).
         self.trim_io();
         crate::sys::heap_collect();
     }

@@ -4,6 +4,7 @@
 //! creates it announces the topic, and the shard withdraws it
 //! ([`crate::broker::Broker::withdraw`]) when the entry goes.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ impl Shard {
     pub(crate) fn add_pending(&self, conn: &Conn, topic: &TopicName) -> bool {
         let mut topics = self.topics.borrow_mut();
         let mut new = false;
-        let local = topics.entry(topic.clone()).or_insert_with(|| {
+        let (shared, local) = entry(&mut topics, topic, || {
             new = true;
             let policy = self
                 .namespaces
@@ -34,7 +35,7 @@ impl Shard {
         });
         local.pending += 1;
         drop(topics);
-        conn.add_pending(topic.clone());
+        conn.add_pending(shared);
         self.sync_gauges();
         new
     }
@@ -126,9 +127,8 @@ impl Shard {
         if !self.namespaces.of(topic.as_str())?.presence {
             return None;
         }
-        let identity = conn.identity.borrow();
-        let identity = identity.as_deref()?;
-        (!identity.is_guest() && !identity.user.is_empty()).then(|| identity.user.clone())
+        let identity = conn.identity()?;
+        (!identity.is_guest() && !identity.user.is_empty()).then(|| Arc::from(&*identity.user))
     }
 
     /// A live subscription of `user` to `topic` began: the shard's first
@@ -210,6 +210,20 @@ impl Local {
     }
 }
 
+/// `topic`'s entry, made by `make` when new, and the index's copy of its
+/// name: a connection keeps that one, not the one its `sub` was parsed
+/// into (one name per topic, not per subscriber).
+pub(super) fn entry<'a>(
+    topics: &'a mut HashMap<TopicName, Local>,
+    topic: &TopicName,
+    make: impl FnOnce() -> Local,
+) -> (TopicName, &'a mut Local) {
+    match topics.entry(topic.clone()) {
+        Entry::Occupied(e) => (e.key().clone(), e.into_mut()),
+        Entry::Vacant(e) => (topic.clone(), e.insert(make())),
+    }
+}
+
 /// Removes the subscriber at `slot` of `topic`'s list, and the topic once
 /// it has none, live or pending; true when the topic left the index. O(1):
 /// the last subscriber takes the slot and is told so.
@@ -259,6 +273,22 @@ mod tests {
         let local = topics.entry(topic.clone()).or_default();
         c.add_live(topic.clone(), local.live.len() as u32);
         local.live.push(c.clone());
+    }
+
+    /// Every subscriber of a topic keeps the index's copy of its name:
+    /// two `sub`s parsed into two names end up holding one.
+    #[test]
+    fn subscribers_share_the_index_copy_of_the_name() {
+        let mut topics = HashMap::new();
+        let first = TopicName::new("ns:t").unwrap();
+        let again = TopicName::new("ns:t").unwrap();
+        assert_ne!(first.as_str().as_ptr(), again.as_str().as_ptr());
+        let (a, _) = entry(&mut topics, &first, Local::default);
+        let (b, local) = entry(&mut topics, &again, || unreachable!("made twice"));
+        local.pending += 1;
+        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr());
+        assert_eq!(b.as_str().as_ptr(), first.as_str().as_ptr());
+        assert_eq!(topics[&again].pending, 1);
     }
 
     #[test]

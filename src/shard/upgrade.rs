@@ -71,7 +71,7 @@ pub(super) fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) 
                     let extension = negotiate_deflate(shard, conn, &req);
                     let resp = handshake::accept_response(&req.key, protocol, extension.as_deref());
                     shard.queue_unbounded(conn, Bytes::from(resp));
-                    *conn.identity.borrow_mut() = identity;
+                    conn.set_identity(identity);
                     open(shard, conn);
                 }
                 Err(e) => refuse(shard, conn, &e),
@@ -105,7 +105,7 @@ fn negotiate_deflate(shard: &Shard, conn: &Conn, req: &UpgradeRequest) -> Option
     }
     let agreed = n.agreed?;
     conn.deflate.set(agreed.server_window_bits);
-    conn.decoder.borrow_mut().allow_compressed();
+    conn.with_decoder(crate::ws::frame::Decoder::allow_compressed);
     Some(agreed.response())
 }
 
@@ -175,35 +175,28 @@ pub(crate) fn refuse(shard: &Shard, conn: &Rc<Conn>, err: &HandshakeError) {
     debug!(status = err.status(), reason = %err, "upgrade refused");
     shard.metrics.handshake_failed(err.status());
     shard.metrics.disconnect(Disconnect::Handshake);
-    let deadline = shard
-        .now_ms()
-        .saturating_add(shard.config.close_timeout.as_millis() as u64);
-    conn.set_closing(deadline);
+    conn.set_closing(shard.now_ms(), shard.config.close_timeout);
     conn.after_flush
         .set(conn.after_flush.get().then(AfterFlush::Shut));
-    *conn.inbuf.borrow_mut() = None;
+    conn.inbuf.set(None);
     shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
 }
 
 pub(super) fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.phase.set(Phase::Open);
     conn.opened.set(true);
-    conn.refilled.set(shard.now_ms());
+    conn.refilled.set(super::rate::centis(shard.now_ms()));
     shard.metrics.connections_active.fetch_add(1, Relaxed);
-    if conn.identity.borrow().is_none() && shard.namespaces.any_anonymous() {
+    if conn.identity().is_none() && shard.namespaces.any_anonymous() {
         // Some namespace admits clients without a token: serve it now; an
         // `auth` frame may still come later.
-        *conn.identity.borrow_mut() = Some(shard.guest.clone());
+        conn.set_identity(Some(shard.guest.clone()));
     }
-    if conn.identity.borrow().is_some() {
+    if conn.identity().is_some() {
         welcome(shard, conn);
     } else {
         // The first frame must be `auth`, within auth_timeout (the sweep checks).
-        conn.deadline.set(
-            shard
-                .now_ms()
-                .saturating_add(shard.config.auth_timeout.as_millis() as u64),
-        );
+        conn.set_deadline(shard.now_ms(), shard.config.auth_timeout);
     }
 }
 

@@ -73,7 +73,8 @@ fn a_client_that_stops_reading_gets_whole_frames_then_4009_and_every_message_is_
             // send in flight holds it (its frames are out of the queue).
             let front_started = {
                 let out = conn.out.borrow();
-                out.offset > 0 || out.sending > 0
+                let in_flight = conn.write_blocked.get() && h.shard.io.name() == "io_uring";
+                out.offset > 0 || in_flight
             };
             h.handle(vec![ShardMsg::Deliver {
                 topic: topic.clone(),
