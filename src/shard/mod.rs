@@ -39,6 +39,7 @@ mod ops;
 mod patterns;
 pub mod queue;
 mod rate;
+mod registry;
 mod runtime;
 mod sweep;
 mod topics;
@@ -135,7 +136,7 @@ pub(crate) struct Shard {
     per_ip_limit: u32,
     /// Upgrade budget per client address: (tokens, last refill ms).
     handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
-    pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
+    pub(crate) conns: RefCell<registry::Registry>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
     /// The wildcard subscriptions: their trie and subscribers (`patterns.rs`).

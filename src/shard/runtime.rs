@@ -120,7 +120,7 @@ async fn run(setup: ShardSetup, uring: bool) -> Result<(), ShardFailure> {
         per_ip: RefCell::new(HashMap::new()),
         per_ip_limit,
         handshakes: RefCell::new(HashMap::new()),
-        conns: RefCell::new(HashMap::new()),
+        conns: RefCell::default(),
         topics: RefCell::new(HashMap::new()),
         wild: RefCell::new(super::patterns::Wildcards::default()),
         stamp: Cell::new(0),
@@ -396,7 +396,7 @@ impl Shard {
             return;
         }
         debug!(conn = id.0, %peer, "accepted");
-        self.conns.borrow_mut().insert(id, conn.clone());
+        self.conns.borrow_mut().insert(conn.clone());
         self.sync_gauges();
         // Counted from now on, or refused at once: a socket that never
         // sends its upgrade request must not escape the caps. A trusted

@@ -113,7 +113,7 @@ impl Harness {
             per_ip: RefCell::new(HashMap::new()),
             per_ip_limit,
             handshakes: RefCell::new(HashMap::new()),
-            conns: RefCell::new(HashMap::new()),
+            conns: RefCell::default(),
             topics: RefCell::new(HashMap::new()),
             wild: RefCell::new(super::patterns::Wildcards::default()),
             stamp: Cell::new(0),

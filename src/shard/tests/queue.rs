@@ -45,6 +45,17 @@ fn the_queue_takes_exactly_its_bound_and_the_next_frame_closes_4009() {
     });
 }
 
+/// A subscriber of `t` whose socket holds a few KiB.
+async fn small_socket_subscriber(h: &Harness) -> (Client, Rc<Conn>) {
+    let mut c = h.accept_with(A, Some(4096));
+    c.write(UPGRADE.as_bytes());
+    h.poll();
+    assert_eq!(c.read(), ["http 101", "welcome"]);
+    h.subscribe(&mut c, "t").await;
+    let conn = h.conn(&c);
+    (c, conn)
+}
+
 #[test]
 fn a_client_that_stops_reading_gets_whole_frames_then_4009_and_every_message_is_counted() {
     on_both_drivers(|| async {
@@ -52,14 +63,8 @@ fn a_client_that_stops_reading_gets_whole_frames_then_4009_and_every_message_is_
             outbound_queue: 64 << 10,
             ..config()
         });
-        // A socket that holds a few KiB: each 20 KiB message fills it
-        // part of the way through.
-        let mut c = h.accept_with(A, Some(4096));
-        c.write(UPGRADE.as_bytes());
-        h.poll();
-        assert_eq!(c.read(), ["http 101", "welcome"]);
-        h.subscribe(&mut c, "t").await;
-        let conn = h.conn(&c);
+        // Each 20 KiB message fills the socket part of the way through.
+        let (mut c, conn) = small_socket_subscriber(&h).await;
         let topic = TopicName::new("t").expect("a valid topic");
         let data = format!("\"{}\"", "x".repeat(20 << 10));
         let mut sent = 0u64;
@@ -129,12 +134,7 @@ fn the_queue_count_returns_to_zero_after_sends_cut_mid_frame() {
             outbound_queue: 1 << 20,
             ..config()
         });
-        let mut c = h.accept_with(A, Some(4096));
-        c.write(UPGRADE.as_bytes());
-        h.poll();
-        assert_eq!(c.read(), ["http 101", "welcome"]);
-        h.subscribe(&mut c, "t").await;
-        let conn = h.conn(&c);
+        let (mut c, conn) = small_socket_subscriber(&h).await;
         for round in 0..3u64 {
             let batch = (1..=8)
                 .map(|n| deliver_sized("t", round * 8 + n, 20 << 10))
