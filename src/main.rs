@@ -7,7 +7,7 @@ use clap::Parser;
 use ringcast::cli::{Cli, Failure};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ringcast::sys::Allocator = ringcast::sys::Allocator;
 
 fn main() -> ExitCode {
     match ringcast::cli::run(Cli::parse()) {
