@@ -114,13 +114,14 @@ pub struct DataRing<T> {
     msgs: Vec<libc::msghdr>,
 }
 
-/// One send in flight: its owner and fd, and its frames (the first sent
-/// from `offset`).
+/// One send in flight: its owner and fd, its frames (the first sent from
+/// `offset`), and how many bytes it carries.
 struct Slot<T> {
     owner: Option<T>,
     fd: RawFd,
     offset: usize,
     frames: Frames,
+    len: usize,
 }
 
 /// A send's frames: most sends carry one (what came since the last send),
@@ -389,6 +390,7 @@ impl<T> DataRing<T> {
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         };
+        self.slots[i].len = total;
         // SAFETY: the slot owns every frame the vectors point into (their
         // bytes never move) until `finish_send` after the completion; the
         // vectors and header stay where they are until the next submit
@@ -413,10 +415,7 @@ impl<T> DataRing<T> {
     /// The bytes send `slot` carries (what [`DataRing::send`] returned; 0
     /// for an unknown slot).
     pub fn send_len(&self, slot: u64) -> usize {
-        self.slots.get(slot as usize).map_or(0, |s| {
-            let all: usize = s.frames.as_slice().iter().map(Bytes::len).sum();
-            all - s.offset
-        })
+        self.slots.get(slot as usize).map_or(0, |s| s.len)
     }
 
     /// Ends send `slot` once its completion came, `written` bytes of it
@@ -487,6 +486,7 @@ impl<T> DataRing<T> {
             fd: -1,
             offset: 0,
             frames: Frames::Empty,
+            len: 0,
         });
         self.slots.len() - 1
     }
