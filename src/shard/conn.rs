@@ -95,7 +95,7 @@ pub(crate) struct Conn {
     pub(super) phase: Cell<Phase>,
     /// Handshake, auth or close deadline, and when the client last sent
     /// anything: the shard's milliseconds in 32 bits, compared wrapping
-    /// (a deadline is at most ~24 days ahead, and the heartbeat ends a
+    /// (a deadline is at most ~12 days ahead, and the heartbeat ends a
     /// silence long before the count wraps).
     deadline: Cell<u32>,
     last_rx: Cell<u32>,
@@ -222,7 +222,7 @@ impl Conn {
     pub(crate) fn deadline_passed(&self, now: u64) -> bool {
         (now as u32).wrapping_sub(self.deadline.get()) as i32 >= 0
     }
-    /// The deadline is `after` from `now` (at most ~24 days: longer is
+    /// The deadline is `after` from `now` (at most ~12 days: longer is
     /// taken as that).
     pub(crate) fn set_deadline(&self, now: u64, after: std::time::Duration) {
         self.deadline.set(wrapping_ms(now, after));
@@ -239,11 +239,21 @@ impl Conn {
         self.phase.set(Phase::Closing);
         self.set_deadline(now, after);
     }
-    /// Who the client is (`None` until its `auth` is accepted).
+    /// Who the client is (`None` until its `auth` is accepted), to keep
+    /// while handling something that may replace it.
     pub(crate) fn identity(&self) -> Option<Rc<Identity>> {
         let identity = self.identity.take();
         self.identity.set(identity.clone());
         identity
+    }
+    /// Runs `f` on who the client is, without a new reference (the
+    /// sweep's and a presence event's look at every connection). `f` must
+    /// not reach this connection's identity again (it is out of its cell).
+    pub(crate) fn read_identity<R>(&self, f: impl FnOnce(Option<&Identity>) -> R) -> R {
+        let identity = self.identity.take();
+        let r = f(identity.as_deref());
+        self.identity.set(identity);
+        r
     }
     pub(crate) fn set_identity(&self, identity: Option<Rc<Identity>>) {
         self.identity.set(identity);
@@ -495,6 +505,17 @@ impl OutQueue {
 }
 
 #[cfg(test)]
+impl Conn {
+    /// A connection on `/dev/null` (default settings, peer 127.0.0.1), for
+    /// tests of the shard's bookkeeping that do no socket I/O.
+    pub(super) fn detached(id: u64, now: u64) -> Conn {
+        let fd = std::fs::File::open("/dev/null").expect("/dev/null").into();
+        let peer = IpAddr::from([127, 0, 0, 1]);
+        Conn::new(ConnId(id), fd, peer, now, &Config::default())
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -509,9 +530,7 @@ mod tests {
     }
 
     fn conn_at(now: u64) -> Conn {
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let config = Config::default();
-        Conn::new(ConnId(1), fd, IpAddr::from([127, 0, 0, 1]), now, &config)
+        Conn::detached(1, now)
     }
 
     /// The 32-bit times compare right across the wrap of the count (a
@@ -546,6 +565,8 @@ mod tests {
         c.set_identity(Some(Rc::new(Identity::guest())));
         assert!(c.identity().is_some_and(|i| i.is_guest()));
         assert!(c.identity().is_some(), "a read took it away");
+        assert!(c.read_identity(|i| i.is_some_and(Identity::is_guest)));
+        assert!(c.identity().is_some(), "a look took it away");
         assert!(format!("{c:?}").contains("Conn"));
     }
 

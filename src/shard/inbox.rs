@@ -213,9 +213,8 @@ impl Shard {
                 return;
             };
             for conn in &local.live {
-                let own = conn
-                    .identity()
-                    .is_some_and(|i| !i.is_guest() && &*i.user == user);
+                let own =
+                    conn.read_identity(|i| i.is_some_and(|i| !i.is_guest() && &*i.user == user));
                 if own || conn.phase() != Phase::Open {
                     continue;
                 }

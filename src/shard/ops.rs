@@ -225,7 +225,7 @@ pub(super) fn allows(shard: &Shard, identity: &Identity, topic: &TopicName) -> b
 /// `topic` (checked again when the broker answers a `sub`, since a token
 /// refresh may have narrowed `subs` meanwhile).
 pub(crate) fn may_subscribe(shard: &Shard, conn: &Conn, topic: &TopicName) -> bool {
-    conn.identity().is_some_and(|id| allows(shard, &id, topic))
+    conn.read_identity(|id| id.is_some_and(|id| allows(shard, id, topic)))
 }
 
 /// A refreshed token may allow fewer topics: every subscription it does

@@ -75,12 +75,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn conn(id: u64) -> Rc<Conn> {
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-        Rc::new(Conn::new(ConnId(id), fd, peer, 0, &Config::default()))
+        Rc::new(Conn::detached(id, 0))
     }
 
     #[test]

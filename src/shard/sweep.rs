@@ -38,10 +38,10 @@ impl Shard {
                 let due = match conn.phase() {
                     Phase::Handshake if conn.deadline_passed(now) => Due::HandshakeTimeout,
                     Phase::Open => {
-                        let identity = conn.identity();
-                        match identity.as_deref() {
+                        let expires = conn.read_identity(|i| i.map(|i| i.expires_at));
+                        match expires {
                             None if conn.deadline_passed(now) => Due::AuthTimeout,
-                            Some(i) if i.expires_at <= wall => Due::TokenExpired,
+                            Some(at) if at <= wall => Due::TokenExpired,
                             _ if conn.silent_ms(now) >= hb.saturating_mul(2) => Due::Silent,
                             _ if (round.wrapping_add(conn.id.0)) % slots == 0 => Due::Ping,
                             _ => return None,

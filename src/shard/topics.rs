@@ -127,8 +127,10 @@ impl Shard {
         if !self.namespaces.of(topic.as_str())?.presence {
             return None;
         }
-        let identity = conn.identity()?;
-        (!identity.is_guest() && !identity.user.is_empty()).then(|| Arc::from(&*identity.user))
+        conn.read_identity(|identity| {
+            let identity = identity?;
+            (!identity.is_guest() && !identity.user.is_empty()).then(|| Arc::from(&*identity.user))
+        })
     }
 
     /// A live subscription of `user` to `topic` began: the shard's first
@@ -260,13 +262,9 @@ pub(super) fn forget_if_empty(topics: &mut HashMap<TopicName, Local>, topic: &To
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::id::ConnId;
 
-    fn conn(id: u64, config: &Config) -> Rc<Conn> {
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let peer = std::net::IpAddr::from([127, 0, 0, 1]);
-        Rc::new(Conn::new(ConnId(id), fd, peer, 0, config))
+    fn conn(id: u64) -> Rc<Conn> {
+        Rc::new(Conn::detached(id, 0))
     }
 
     fn attach(topics: &mut HashMap<TopicName, Local>, topic: &TopicName, c: &Rc<Conn>) {
@@ -293,9 +291,8 @@ mod tests {
 
     #[test]
     fn a_topic_stays_indexed_while_it_has_a_live_or_pending_subscription() {
-        let config = Config::default();
         let t = TopicName::new("t").unwrap();
-        let c = conn(1, &config);
+        let c = conn(1);
         let mut topics: HashMap<TopicName, Local> = HashMap::new();
         topics.entry(t.clone()).or_default().pending = 2;
         attach(&mut topics, &t, &c);
@@ -315,9 +312,8 @@ mod tests {
 
     #[test]
     fn detaching_in_any_order_keeps_every_slot_true() {
-        let config = Config::default();
         let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
-        let conns: Vec<Rc<Conn>> = (0..50).map(|i| conn(i, &config)).collect();
+        let conns: Vec<Rc<Conn>> = (0..50).map(conn).collect();
         let mut topics = HashMap::new();
         for c in &conns {
             attach(&mut topics, &a, c);

@@ -187,12 +187,13 @@ pub(super) fn open(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.opened.set(true);
     conn.refilled.set(super::rate::centis(shard.now_ms()));
     shard.metrics.connections_active.fetch_add(1, Relaxed);
-    if conn.identity().is_none() && shard.namespaces.any_anonymous() {
+    let known = conn.read_identity(|i| i.is_some());
+    if !known && shard.namespaces.any_anonymous() {
         // Some namespace admits clients without a token: serve it now; an
         // `auth` frame may still come later.
         conn.set_identity(Some(shard.guest.clone()));
     }
-    if conn.identity().is_some() {
+    if conn.read_identity(|i| i.is_some()) {
         welcome(shard, conn);
     } else {
         // The first frame must be `auth`, within auth_timeout (the sweep checks).
