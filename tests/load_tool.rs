@@ -401,6 +401,13 @@ fn idle_subscribers_with_tokens_of_their_own_each_get_a_message_first() {
         r["bytes_per_conn"].as_f64().expect("bytes_per_conn") > 0.0,
         "{r}"
     );
+    assert!(
+        r["anon_bytes_per_conn"]
+            .as_f64()
+            .expect("anon_bytes_per_conn")
+            > 0.0,
+        "{r}"
+    );
     let (subs, _) = probe.join().expect("the probe");
     assert_eq!(
         subs, 300.0,

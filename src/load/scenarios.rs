@@ -254,6 +254,7 @@ pub(super) fn idle(args: &LoadArgs) -> anyhow::Result<()> {
         .server_pid
         .context("idle needs --server-pid to read the server's memory")?;
     let before = rss_bytes(pid).context("cannot read the server's /proc status")?;
+    let anon_before = status_bytes(pid, "RssAnon:").unwrap_or(0);
     let (kmem_before, slab_before) = (tcp_mem_pages().unwrap_or(0), slab_bytes().unwrap_or(0));
     let (mut workers, connect_s, n) = start_workers(args, args.subscribe)?;
     if args.subscribe {
@@ -276,14 +277,19 @@ pub(super) fn idle(args: &LoadArgs) -> anyhow::Result<()> {
     // Let the server settle (allocator, lazy structures), then measure.
     std::thread::sleep(Duration::from_secs(2));
     let after = rss_bytes(pid).context("cannot read the server's /proc status")?;
+    let anon_after = status_bytes(pid, "RssAnon:").unwrap_or(0);
     let (kmem_after, slab_after) = (tcp_mem_pages().unwrap_or(0), slab_bytes().unwrap_or(0));
     let per_conn = after.saturating_sub(before) as f64 / n.max(1) as f64;
+    // Of it, the heap and other private memory: not the code pages the
+    // run touched first (file-backed, fixed, shared with other processes).
+    let anon_per_conn = anon_after.saturating_sub(anon_before) as f64 / n.max(1) as f64;
     // Both ends of every loopback connection are on this machine: halve.
     let kernel_tcp = (kmem_after.saturating_sub(kmem_before) * 4096) as f64 / n.max(1) as f64 / 2.0;
     let kernel_slab = slab_after.saturating_sub(slab_before) as f64 / n.max(1) as f64 / 2.0;
     out!(
         "idle  connections={n} connect={connect_s:.3}s\n\
-         server RSS  before {:.1} MiB  after {:.1} MiB  per connection {per_conn:.0} B\n\
+         server RSS  before {:.1} MiB  after {:.1} MiB  per connection {per_conn:.0} B \
+         (anonymous {anon_per_conn:.0} B)\n\
          kernel, per connection, one side: TCP buffers {kernel_tcp:.0} B (sockstat), slab {kernel_slab:.0} B (meminfo)",
         before as f64 / 1048576.0,
         after as f64 / 1048576.0,
@@ -295,6 +301,7 @@ pub(super) fn idle(args: &LoadArgs) -> anyhow::Result<()> {
             "subscribed": args.subscribe, "tokens": args.token_secret.is_some() || args.token.is_some(),
             "deflate": args.deflate,
             "rss_after": after, "bytes_per_conn": per_conn.round(),
+            "anon_bytes_per_conn": anon_per_conn.round(),
             "kernel_tcp_bytes_per_conn": kernel_tcp.round(), "kernel_slab_bytes_per_conn": kernel_slab.round(),
         })
     );
@@ -360,8 +367,13 @@ pub(super) fn connect(args: &LoadArgs) -> anyhow::Result<()> {
 
 /// Resident memory of a process, in bytes.
 pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A size line of `/proc/PID/status` (`VmRSS:`, `RssAnon:`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
