@@ -192,6 +192,46 @@ fn compressed_client_messages_are_inflated_and_bounded() {
     assert_eq!(raw::read_close_code(&mut p), Some(1002));
 }
 
+/// Compressed frames written with the upgrade request (one packet, one
+/// read on the server), and a compressed message cut mid-frame across two
+/// writes a moment apart (its bytes carried from one read to the next):
+/// both are inflated, since the extension was agreed before the frames
+/// behind the request were decoded.
+#[test]
+fn compressed_frames_behind_the_upgrade_request_and_across_reads_are_taken() {
+    let server = TestServer::start(&[]);
+    let key = Some([9, 8, 7, 6]);
+    let sub = |id: u64, topic: &str| {
+        let text = json!({"op": "sub", "id": id, "topic": topic}).to_string();
+        raw::frame_with(true, 4, 1, &Deflater::new(6).compress(text.as_bytes()), key)
+    };
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: {OFFER}\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&sub(1, "behind"));
+    let mut s = raw::connect(server.addr, &bytes);
+    let head = raw::read_head(&mut s);
+    assert_eq!(extension_answer(&head), Some(ANSWER), "{head}");
+    let ok = raw::read_op(&mut s, "ok");
+    assert_eq!(
+        (ok["id"].as_u64(), ok["topic"].as_str()),
+        (Some(1), Some("behind"))
+    );
+    let frame = sub(2, "split");
+    let (a, b) = frame.split_at(frame.len() / 2);
+    s.write_all(a).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b).unwrap();
+    let ok = raw::read_op(&mut s, "ok");
+    assert_eq!(
+        (ok["id"].as_u64(), ok["topic"].as_str()),
+        (Some(2), Some("split"))
+    );
+}
+
 #[test]
 fn declined_offers_are_counted_and_the_upgrade_goes_on() {
     let server = TestServer::start(&[]);

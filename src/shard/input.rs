@@ -7,10 +7,10 @@ use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::debug;
 
-use super::conn::{AfterFlush, Conn, OutQueue, Phase};
+use super::conn::{AfterFlush, Carry, Conn, OutQueue, Phase};
 use super::Shard;
 use crate::metrics::{Disconnect, Undelivered};
 use crate::protocol::{close, code, encode_error, Close};
@@ -48,15 +48,14 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>, hangup: bool) -> b
 }
 
 fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
-    let (mut buf, filled) = {
+    let (mut carry, filled) = {
         let mut scratch = shard.scratch.borrow_mut();
         match sys::recv(conn.fd(), &mut scratch) {
             Ok(0) => return Read::Over,
             Ok(n) => {
-                let held = conn.inbuf.take();
-                let mut buf = held.map_or_else(BytesMut::new, |b| *b);
-                buf.extend_from_slice(&scratch[..n]);
-                (buf, n == scratch.len())
+                let mut carry = conn.take_carry(shard.config.max_message_size);
+                carry.buf.extend_from_slice(&scratch[..n]);
+                (carry, n == scratch.len())
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Read::More,
@@ -65,21 +64,24 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
     };
     conn.heard(shard.now_ms());
     if conn.phase() == Phase::Handshake {
-        super::upgrade::handshake(shard, conn, &mut buf);
+        super::upgrade::handshake(shard, conn, &mut carry.buf);
+        if conn.deflate.get() != 0 {
+            // Agreed just now: frames behind the request may be compressed.
+            carry.decoder.allow_compressed();
+        }
     }
     if conn.was_open() {
         if matches!(conn.phase(), Phase::Open | Phase::Closing) {
-            process_input(shard, conn, &mut buf);
+            process_input(shard, conn, &mut carry);
         }
     } else if conn.phase() != Phase::Handshake {
         // Refused: the HTTP answer is queued and the socket is shut once it
         // is written. What the client sends meanwhile is not WebSocket.
-        buf.clear();
+        carry.buf.clear();
     }
-    // Only an incomplete frame is kept; an idle connection holds no buffer.
-    if !buf.is_empty() {
-        conn.inbuf.set(Some(Box::new(buf)));
-    }
+    // Only an incomplete frame or message is kept; an idle connection
+    // holds no buffer.
+    conn.keep_carry(carry);
     if filled {
         Read::More
     } else {
@@ -111,19 +113,18 @@ pub(crate) fn finish(shard: &Shard, conn: &Rc<Conn>) {
     debug!(conn = conn.id.0, "connection closed");
 }
 
-/// Decodes and handles every complete message in `buf`.
-pub(super) fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+/// Decodes and handles every complete message in the carried buffer.
+fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, carry: &mut Carry) {
     loop {
         if conn.phase() == Phase::Closed {
             return;
         }
-        let decoded = conn.with_decoder(|d| d.decode(buf));
-        match decoded {
+        match carry.decoder.decode(&mut carry.buf) {
             Ok(None) => return,
             Ok(Some(msg)) => on_message(shard, conn, msg),
             Err(e) => {
                 debug!(error = %e, "protocol error");
-                buf.clear();
+                carry.buf.clear();
                 fail(shard, conn, Close::Protocol(e.close_code(), e.to_string()));
                 return;
             }

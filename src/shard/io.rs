@@ -333,6 +333,16 @@ impl Shard {
         Some(conn)
     }
 
+    /// Work that a wait for readiness would not show: connections still
+    /// dirty after a bounded [`Shard::flush_dirty`] (on the ring, queued
+    /// by its last round's completions), and completions in the ring's
+    /// backlog (out of its completion queue, so its fd is not readable
+    /// for them).
+    pub(super) fn io_left(&self) -> bool {
+        !self.dirty.borrow().is_empty()
+            || matches!(&self.io, Io::Ring(r) if r.borrow().ring.has_backlog())
+    }
+
     /// Gives back what a burst of sends or closes left allocated on the
     /// ring's side (the sweep, before the allocator's collection).
     pub(super) fn trim_io(&self) {

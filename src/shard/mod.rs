@@ -136,6 +136,9 @@ pub(crate) struct Shard {
     per_ip_limit: u32,
     /// Upgrade budget per client address: (tokens, last refill ms).
     handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
+    /// Clients over an inbound rate limit in the last second: when their
+    /// run of refused frames began (`rate.rs`). Nobody else has an entry.
+    pub(crate) refusing: RefCell<rate::Runs>,
     pub(crate) conns: RefCell<registry::Registry>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
@@ -163,6 +166,11 @@ pub(crate) struct Shard {
     /// connection of the shard, reset per message.
     deflater: RefCell<crate::ws::deflate::Deflater>,
     inflater: RefCell<crate::ws::deflate::Inflater>,
+    /// [`Shard::flush_dirty`] left work that no readiness will show
+    /// ([`Shard::io_left`]); the poll loop, woken through `io_waker`,
+    /// goes on with it.
+    pub(crate) io_more: Cell<bool>,
+    io_waker: Cell<Option<std::task::Waker>>,
     /// Set by a task that cannot go on; the shard loop then ends and the
     /// shard thread returns it to its supervisor.
     failure: RefCell<Option<ShardFailure>>,
@@ -309,7 +317,13 @@ impl Shard {
     /// next frames at once instead of after another wake-up; a few rounds
     /// at most, then the readiness loop takes over.
     pub(crate) fn flush_dirty(self: &Rc<Self>) {
-        for _ in 0..io::RING_ROUNDS {
+        self.flush_rounds(io::RING_ROUNDS);
+    }
+
+    /// [`Shard::flush_dirty`] with at most `rounds` rounds of
+    /// submit-then-reap on the ring (a test leaves work with one).
+    pub(super) fn flush_rounds(self: &Rc<Self>, rounds: usize) {
+        for _ in 0..rounds {
             let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
             for conn in dirty {
                 self.flush(&conn);
@@ -317,6 +331,15 @@ impl Shard {
             self.submit();
             if self.reap() == 0 {
                 break;
+            }
+        }
+        if self.io_left() {
+            // The poll loop goes on with it after the other tasks' turn;
+            // waiting for readiness, it would sleep until the next event
+            // (up to the sweep, a second later).
+            self.io_more.set(true);
+            if let Some(w) = self.io_waker.take() {
+                w.wake();
             }
         }
     }

@@ -2,10 +2,12 @@
 //! payload bytes/s), charged for every data frame, ping and pong before
 //! any work is done for it, and the 4008 policy for a client over them.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::conn::Conn;
 use super::Shard;
+use crate::id::ConnId;
 use crate::protocol::{code, encode_error, request_id, Close};
 use crate::ws::frame::Message;
 
@@ -25,6 +27,46 @@ pub(super) fn centis_since(now_ms: u64, then: u32) -> u64 {
 const RATE_GRACE_MS: u64 = 5_000;
 /// A run of refused messages ends after this long without one.
 const RATE_QUIET_MS: u64 = 1_000;
+
+/// The clients of a shard in a run of refused frames: when each run
+/// began and when its last frame was refused (in [`centis`]). A run ends
+/// after [`RATE_QUIET_MS`] without a refusal; the sweep forgets it then,
+/// and the shard when the connection ends, so only a client refused in
+/// the last second or two has an entry (not a field every connection
+/// carries).
+#[derive(Debug, Default)]
+pub(crate) struct Runs(HashMap<ConnId, (u32, u32)>);
+
+impl Runs {
+    /// A frame of `id` refused at `now`: how long (ms) its run has lasted,
+    /// 0 for the first refusal of a new run.
+    pub(super) fn refused(&mut self, id: ConnId, now: u64) -> u64 {
+        let stamp = centis(now);
+        let run = self.0.entry(id).or_insert((stamp, stamp));
+        if centis_since(now, run.1) >= RATE_QUIET_MS {
+            run.0 = stamp;
+        }
+        run.1 = stamp;
+        centis_since(now, run.0)
+    }
+
+    /// Forgets the runs that ended before `now`.
+    pub(super) fn sweep(&mut self, now: u64) {
+        self.0
+            .retain(|_, run| centis_since(now, run.1) < RATE_QUIET_MS);
+    }
+
+    /// Forgets a finished connection's run.
+    pub(super) fn forget(&mut self, id: ConnId) {
+        self.0.remove(&id);
+    }
+
+    /// Clients with a run.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// Which inbound bucket is empty.
 #[derive(Debug, Clone, Copy)]
@@ -73,13 +115,9 @@ pub(super) fn charge(shard: &Shard, conn: &Conn, len: usize) -> Result<(), Over>
 /// when it has one; a pong gets no answer), or close 4008 once the client
 /// has been over a limit for [`RATE_GRACE_MS`].
 pub(super) fn over_rate(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: &Message, over: Over) {
-    let now = shard.now_ms();
-    if conn.over_since.get() == 0 || centis_since(now, conn.last_refused.get()) >= RATE_QUIET_MS {
-        conn.over_since.set(centis(now));
-    }
-    conn.last_refused.set(centis(now));
+    let lasted = shard.refusing.borrow_mut().refused(conn.id, shard.now_ms());
     let cfg = &shard.config;
-    if centis_since(now, conn.over_since.get()) >= RATE_GRACE_MS {
+    if lasted >= RATE_GRACE_MS {
         let why = match over {
             Over::Frames => Close::FramesRateLimited,
             Over::Bytes => Close::BytesRateLimited,
@@ -118,5 +156,27 @@ mod tests {
         // Across the wrap, spans stay right.
         let wrap = u64::from(u32::MAX) * 10;
         assert_eq!(centis_since(wrap + 2_000, centis(wrap - 1_000)), 3_000);
+    }
+
+    /// A run lasts while refusals come less than a quiet second apart,
+    /// starts again after one, and is forgotten by the sweep once quiet.
+    #[test]
+    fn refusal_runs_begin_last_and_end() {
+        let mut runs = Runs::default();
+        let (a, b) = (ConnId(1), ConnId(2));
+        assert_eq!(runs.refused(a, 10_000), 0);
+        assert_eq!(runs.refused(a, 10_900), 900);
+        assert_eq!(runs.refused(a, 15_000), 0, "4.1 s quiet: a new run");
+        for t in (15_500..=20_000).step_by(500) {
+            assert_eq!(runs.refused(a, t), t - 15_000);
+        }
+        assert_eq!(runs.refused(b, 20_000), 0);
+        runs.sweep(20_990);
+        assert_eq!(runs.len(), 2, "both refused within the second");
+        runs.forget(b);
+        assert_eq!(runs.len(), 1);
+        runs.sweep(21_000);
+        assert_eq!(runs.len(), 0, "a quiet second ends the run");
+        assert_eq!(runs.refused(a, 21_000), 0);
     }
 }

@@ -120,6 +120,7 @@ async fn run(setup: ShardSetup, uring: bool) -> Result<(), ShardFailure> {
         per_ip: RefCell::new(HashMap::new()),
         per_ip_limit,
         handshakes: RefCell::new(HashMap::new()),
+        refusing: RefCell::default(),
         conns: RefCell::default(),
         topics: RefCell::new(HashMap::new()),
         wild: RefCell::new(super::patterns::Wildcards::default()),
@@ -137,6 +138,8 @@ async fn run(setup: ShardSetup, uring: bool) -> Result<(), ShardFailure> {
         inflater: RefCell::default(),
         failure: RefCell::new(None),
         failure_waker: RefCell::new(None),
+        io_more: Cell::new(false),
+        io_waker: Cell::new(None),
     });
     shard.metrics.ticked_ms.store(
         crate::metrics::uptime_ms(),
@@ -273,10 +276,21 @@ const EVENTS_BATCH: usize = 1024;
 
 /// Waits for connection readiness (and, on the data ring, completed sends)
 /// and acts on it: the only place a connection's socket is read.
-async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::FdWaiter) {
+pub(super) async fn poll_loop(shard: Rc<Shard>, waiter: crate::sys::FdWaiter) {
     let mut events = vec![crate::sys::empty_event(); EVENTS_BATCH];
     loop {
-        if let Err(e) = waiter.ready().await {
+        let ready = if shard.io_more.replace(false) {
+            // Work left by the last flush (`Shard::flush_dirty`): go on
+            // with it once the other tasks (accept, the inbox) had a turn.
+            yield_now().await;
+            Ok(())
+        } else {
+            monoio::select! {
+                r = waiter.ready() => r,
+                _ = shard.more_io() => Ok(()),
+            }
+        };
+        if let Err(e) = ready {
             return shard.fail(ShardFailure::new("polling connections failed", e));
         }
         let busy = Instant::now();
@@ -430,6 +444,19 @@ impl Shard {
         if let Some(w) = self.failure_waker.borrow_mut().take() {
             w.wake();
         }
+    }
+
+    /// Resolves once [`Shard::flush_dirty`] left work on the data ring.
+    async fn more_io(&self) {
+        std::future::poll_fn(|cx| {
+            if self.io_more.replace(false) {
+                std::task::Poll::Ready(())
+            } else {
+                self.io_waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Resolves once [`Shard::fail`] was called.

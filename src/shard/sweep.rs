@@ -80,6 +80,7 @@ impl Shard {
         // or in the data ring's send slots. Forced: a normal collection
         // leaves pages whose purge is delayed until the heap is used again,
         // which an idle shard's is not (0.2-0.9 ms a second under fan-out).
+        self.refusing.borrow_mut().sweep(now);
         self.trim_io();
         crate::sys::heap_collect();
     }

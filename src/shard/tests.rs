@@ -113,6 +113,7 @@ impl Harness {
             per_ip: RefCell::new(HashMap::new()),
             per_ip_limit,
             handshakes: RefCell::new(HashMap::new()),
+            refusing: RefCell::default(),
             conns: RefCell::default(),
             topics: RefCell::new(HashMap::new()),
             wild: RefCell::new(super::patterns::Wildcards::default()),
@@ -131,6 +132,8 @@ impl Harness {
             inflater: RefCell::default(),
             failure: RefCell::new(None),
             failure_waker: RefCell::new(None),
+            io_more: Cell::new(false),
+            io_waker: Cell::new(None),
         });
         Harness {
             shard,

@@ -89,6 +89,7 @@ impl Shard {
     pub(crate) fn remove(&self, conn: &Rc<Conn>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.conns.borrow_mut().remove(&conn.id);
+        self.refusing.borrow_mut().forget(conn.id);
         let subs = conn.take_all();
         let mut topics = self.topics.borrow_mut();
         let mut live = 0;

@@ -105,7 +105,6 @@ fn negotiate_deflate(shard: &Shard, conn: &Conn, req: &UpgradeRequest) -> Option
     }
     let agreed = n.agreed?;
     conn.deflate.set(agreed.server_window_bits);
-    conn.with_decoder(crate::ws::frame::Decoder::allow_compressed);
     Some(agreed.response())
 }
 
@@ -178,7 +177,7 @@ pub(crate) fn refuse(shard: &Shard, conn: &Rc<Conn>, err: &HandshakeError) {
     conn.set_closing(shard.now_ms(), shard.config.close_timeout);
     conn.after_flush
         .set(conn.after_flush.get().then(AfterFlush::Shut));
-    conn.inbuf.set(None);
+    conn.drop_carry();
     shard.queue_unbounded(conn, Bytes::from(handshake::error_response(err)));
 }
 

@@ -130,3 +130,51 @@ fn the_write_path_retries_an_interrupted_write_and_stops_at_an_error() {
     assert_eq!(out.write_to(&mut pipe, &metrics), Flushed::Failed);
     assert_eq!(out.frames.len(), 2, "nothing written is nothing consumed");
 }
+
+/// Work a bounded flush leaves that the data ring's fd does not show (here
+/// a pong queued by the last round's input, one round allowed) is not left
+/// for the next event, up to a second away: the flush tells the poll loop
+/// (`Shard::io_more`), which goes on with it, whether the flush came
+/// before the loop ran or while it waited.
+#[test]
+fn the_poll_loop_goes_on_with_what_a_bounded_flush_left() {
+    on_both_drivers(|| async {
+        let h = Harness::new(config());
+        let mut c = h.open(A);
+        h.subscribe(&mut c, "t").await;
+        let ping = encode_masked(OpCode::Ping, true, b"there?", MASK);
+        c.write(&ping);
+        // On epoll, input is read by the poll loop itself, not a flush.
+        h.shard.flush_rounds(1);
+        if matches!(h.shard.io, super::super::io::Io::Ring(_)) {
+            assert!(h.shard.io_left(), "the pong waits in the dirty list");
+            assert!(h.shard.io_more.get(), "and the poll loop was told");
+        }
+        let waiter = h
+            .shard
+            .io
+            .try_clone_fd()
+            .and_then(crate::sys::FdWaiter::new)
+            .expect("a waiter");
+        monoio::spawn(super::super::runtime::poll_loop(h.shard.clone(), waiter));
+        assert_eq!(read_within(&mut c, Duration::from_secs(3)).await, ["pong"]);
+        // The loop waits now, and nothing will come on the ring: the
+        // inbox's flush ran out of rounds before this connection.
+        monoio::time::sleep(Duration::from_millis(20)).await;
+        h.shard.handle(deliver("t", 1));
+        h.shard.flush_rounds(0);
+        assert_eq!(read_within(&mut c, Duration::from_secs(3)).await, ["msg 1"]);
+    });
+}
+
+/// What the client got within `limit`, letting the shard's tasks run.
+async fn read_within(c: &mut Client, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = c.read();
+        if !got.is_empty() || Instant::now() >= deadline {
+            return got;
+        }
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
