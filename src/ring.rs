@@ -338,14 +338,15 @@ impl<T> DataRing<T> {
     /// the slot owns them until the completion ([`Op::Send`], token: the
     /// slot) says how many bytes went, and [`DataRing::finish_send`] then
     /// hands `owner` and the rest back. Without `MSG_DONTWAIT`: on a full
-    /// socket the kernel waits for room itself. Returns the bytes to send.
+    /// socket the kernel waits for room itself. How many bytes it carries:
+    /// [`DataRing::send_len`].
     pub fn send(
         &mut self,
         fd: RawFd,
         owner: T,
         offset: usize,
         frames: impl Iterator<Item = Bytes>,
-    ) -> io::Result<usize> {
+    ) -> io::Result<()> {
         let i = self.take_slot();
         let slot = self.slot_mut(i);
         slot.frames = Frames::from_iter(frames);
@@ -400,7 +401,7 @@ impl<T> DataRing<T> {
         // (the arenas never grow past their capacity), when the kernel has
         // copied them; the queue has room, so this push does not submit.
         unsafe { self.push(&sqe.user_data(user_data(Op::Send, i as u64))) }?;
-        Ok(total)
+        Ok(())
     }
 
     /// Waits once until the fd of send `slot` takes data again
@@ -415,8 +416,8 @@ impl<T> DataRing<T> {
         self.push_plain(&sqe)
     }
 
-    /// The bytes send `slot` carries (what [`DataRing::send`] returned; 0
-    /// for an unknown slot).
+    /// The bytes send `slot` carries (from its first frame's offset to
+    /// its last frame's end; 0 for an unknown slot).
     pub fn send_len(&self, slot: u64) -> usize {
         self.slots.get(slot as usize).map_or(0, |s| s.len)
     }
@@ -560,7 +561,6 @@ fn parse_version(release: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
@@ -620,10 +620,9 @@ mod tests {
             Bytes::from_static(b"two "),
             Bytes::from_static(b"three"),
         ];
-        let total = ring
-            .send(ours.as_raw_fd(), 10, 2, parts.into_iter())
+        ring.send(ours.as_raw_fd(), 10, 2, parts.into_iter())
             .expect("send");
-        assert_eq!(total, 13);
+        assert_eq!(ring.send_len(0), 13);
         let one = [Bytes::from_static(b"!")];
         ring.send(ours.as_raw_fd(), 20, 0, one.into_iter())
             .expect("send");

@@ -335,9 +335,8 @@ impl Conn {
     /// `Vec`'s first push makes room for four), and a boxed slice is a
     /// word shorter than a `Vec`.
     fn add_sub(&self, sub: Sub) {
-        let old = self.topics.take();
-        let mut topics = Vec::with_capacity(old.len() + 1);
-        topics.extend(old.into_vec());
+        let mut topics = self.topics.take().into_vec();
+        topics.reserve_exact(1);
         topics.push(sub);
         self.topics.set(topics.into_boxed_slice());
     }

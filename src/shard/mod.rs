@@ -138,7 +138,7 @@ pub(crate) struct Shard {
     handshakes: RefCell<HashMap<std::net::IpAddr, (f32, u64)>>,
     /// Clients over an inbound rate limit in the last second: when their
     /// run of refused frames began (`rate.rs`). Nobody else has an entry.
-    pub(crate) refusing: RefCell<rate::Runs>,
+    refusing: RefCell<rate::Runs>,
     pub(crate) conns: RefCell<registry::Registry>,
     /// The topic index: every topic with a live or pending subscription here.
     pub(crate) topics: RefCell<HashMap<TopicName, Local>>,
@@ -169,7 +169,7 @@ pub(crate) struct Shard {
     /// [`Shard::flush_dirty`] left work that no readiness will show
     /// ([`Shard::io_left`]); the poll loop, woken through `io_waker`,
     /// goes on with it.
-    pub(crate) io_more: Cell<bool>,
+    io_more: Cell<bool>,
     io_waker: Cell<Option<std::task::Waker>>,
     /// Set by a task that cannot go on; the shard loop then ends and the
     /// shard thread returns it to its supervisor.

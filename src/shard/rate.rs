@@ -35,7 +35,7 @@ const RATE_QUIET_MS: u64 = 1_000;
 /// the last second or two has an entry (not a field every connection
 /// carries).
 #[derive(Debug, Default)]
-pub(crate) struct Runs(HashMap<ConnId, (u32, u32)>);
+pub(super) struct Runs(HashMap<ConnId, (u32, u32)>);
 
 impl Runs {
     /// A frame of `id` refused at `now`: how long (ms) its run has lasted,

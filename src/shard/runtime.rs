@@ -446,7 +446,8 @@ impl Shard {
         }
     }
 
-    /// Resolves once [`Shard::flush_dirty`] left work on the data ring.
+    /// Resolves once [`Shard::flush_dirty`] left work no readiness will
+    /// show ([`Shard::io_left`]).
     async fn more_io(&self) {
         std::future::poll_fn(|cx| {
             if self.io_more.replace(false) {

@@ -75,12 +75,12 @@ impl Shard {
                 Due::CloseTimeout => conn.shut(),
             }
         }
+        self.refusing.borrow_mut().sweep(now);
         // Freed pages go back once a second: an idle server's RSS is its
         // connections, not what a burst of messages left in the allocator
         // or in the data ring's send slots. Forced: a normal collection
         // leaves pages whose purge is delayed until the heap is used again,
         // which an idle shard's is not (0.2-0.9 ms a second under fan-out).
-        self.refusing.borrow_mut().sweep(now);
         self.trim_io();
         crate::sys::heap_collect();
     }

@@ -78,7 +78,8 @@ fn a_client_that_stops_reading_gets_whole_frames_then_4009_and_every_message_is_
             // send in flight holds it (its frames are out of the queue).
             let front_started = {
                 let out = conn.out.borrow();
-                let in_flight = conn.write_blocked.get() && h.shard.io.name() == "io_uring";
+                let on_ring = matches!(h.shard.io, super::super::io::Io::Ring(_));
+                let in_flight = conn.write_blocked.get() && on_ring;
                 out.offset > 0 || in_flight
             };
             h.handle(vec![ShardMsg::Deliver {
