@@ -38,8 +38,9 @@ pub struct Allocator;
 /// The alignment every `mi_malloc` block of at least this size has.
 const PLAIN_ALIGN: usize = 16;
 
-fn plain(layout: std::alloc::Layout) -> bool {
-    layout.align() <= PLAIN_ALIGN && layout.align() <= layout.size()
+/// Whether a plain block of `size` bytes is aligned enough for `align`.
+fn plain(size: usize, align: usize) -> bool {
+    align <= PLAIN_ALIGN && align <= size
 }
 
 // SAFETY: every block comes from mimalloc and goes back to it (`mi_free`
@@ -49,7 +50,7 @@ fn plain(layout: std::alloc::Layout) -> bool {
 unsafe impl std::alloc::GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         use libmimalloc_sys::{mi_malloc, mi_malloc_aligned};
-        if plain(layout) {
+        if plain(layout.size(), layout.align()) {
             mi_malloc(layout.size()).cast()
         } else {
             mi_malloc_aligned(layout.size(), layout.align()).cast()
@@ -58,7 +59,7 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         use libmimalloc_sys::{mi_zalloc, mi_zalloc_aligned};
-        if plain(layout) {
+        if plain(layout.size(), layout.align()) {
             mi_zalloc(layout.size()).cast()
         } else {
             mi_zalloc_aligned(layout.size(), layout.align()).cast()
@@ -71,11 +72,10 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         use libmimalloc_sys::{mi_realloc, mi_realloc_aligned};
-        let align = layout.align();
-        if align <= PLAIN_ALIGN && align <= new_size {
+        if plain(new_size, layout.align()) {
             mi_realloc(ptr.cast(), new_size).cast()
         } else {
-            mi_realloc_aligned(ptr.cast(), new_size, align).cast()
+            mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
         }
     }
 }
