@@ -130,7 +130,8 @@ pub(crate) struct Conn {
     pub(super) deflate: Cell<u8>,
     /// Topics subscribed or pending (a short list: linear search beats a
     /// set's memory).
-    /// A `Cell` (no borrow flag): used through [`Conn::with_topics`].
+    /// A `Cell` (no borrow flag): used through [`Conn::with_topics`] and
+    /// [`Conn::resize_topics`].
     topics: Cell<Box<[Sub]>>,
     /// Who the client is; `None` until its `auth` frame is accepted. A
     /// `Cell` (one word): read through [`Conn::identity`].
@@ -262,22 +263,15 @@ impl Conn {
     }
 
     /// What the last read left (see [`Carry`]), or an empty buffer and a
-    /// new decoder (compressed messages allowed once permessage-deflate
-    /// is agreed). The caller hands it back with [`Conn::keep_carry`].
+    /// new decoder. The caller hands it back with [`Conn::keep_carry`].
     pub(super) fn take_carry(&self, max_message_size: usize) -> Carry {
-        match self.carry.take() {
-            Some(carry) => *carry,
-            None => {
-                let mut decoder = Decoder::new(max_message_size);
-                if self.deflate.get() != 0 {
-                    decoder.allow_compressed();
-                }
-                Carry {
-                    buf: BytesMut::new(),
-                    decoder,
-                }
-            }
-        }
+        self.carry.take().map_or_else(
+            || Carry {
+                buf: BytesMut::new(),
+                decoder: Decoder::new(max_message_size),
+            },
+            |carry| *carry,
+        )
     }
 
     /// Keeps what the next read needs: nothing (and no allocation) when
@@ -335,10 +329,10 @@ impl Conn {
     /// `Vec`'s first push makes room for four), and a boxed slice is a
     /// word shorter than a `Vec`.
     fn add_sub(&self, sub: Sub) {
-        let mut topics = self.topics.take().into_vec();
-        topics.reserve_exact(1);
-        topics.push(sub);
-        self.topics.set(topics.into_boxed_slice());
+        self.resize_topics(|topics| {
+            topics.reserve_exact(1);
+            topics.push(sub);
+        });
     }
 
     /// Forgets a pending `sub`; whether there was one.
@@ -352,13 +346,21 @@ impl Conn {
     }
 
     fn take_where(&self, topic: &TopicName, want: impl Fn(u32) -> bool) -> Option<u32> {
+        self.resize_topics(|topics| {
+            let i = topics
+                .iter()
+                .position(|s| want(s.slot) && s.topic == *topic)?;
+            Some(topics.swap_remove(i).slot)
+        })
+    }
+
+    /// Runs `f` on the topic list as a `Vec` (taken out of its cell
+    /// meanwhile), then keeps it exactly as long as it is.
+    fn resize_topics<R>(&self, f: impl FnOnce(&mut Vec<Sub>) -> R) -> R {
         let mut topics = self.topics.take().into_vec();
-        let slot = topics
-            .iter()
-            .position(|s| want(s.slot) && s.topic == *topic)
-            .map(|i| topics.swap_remove(i).slot);
+        let r = f(&mut topics);
         self.topics.set(topics.into_boxed_slice());
-        slot
+        r
     }
 
     /// Records a live subscription at `slot` of the topic's subscriber list.

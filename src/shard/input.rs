@@ -65,13 +65,15 @@ fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Read {
     conn.heard(shard.now_ms());
     if conn.phase() == Phase::Handshake {
         super::upgrade::handshake(shard, conn, &mut carry.buf);
-        if conn.deflate.get() != 0 {
-            // Agreed just now: frames behind the request may be compressed.
-            carry.decoder.allow_compressed();
-        }
     }
     if conn.was_open() {
         if matches!(conn.phase(), Phase::Open | Phase::Closing) {
+            if conn.deflate.get() != 0 {
+                // Agreed at the upgrade (maybe in this very read, with
+                // frames behind the request): a decoder made before then,
+                // or a new one, must take compressed messages.
+                carry.decoder.allow_compressed();
+            }
             process_input(shard, conn, &mut carry);
         }
     } else if conn.phase() != Phase::Handshake {
