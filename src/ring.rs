@@ -501,7 +501,7 @@ impl<T> DataRing<T> {
     /// (they left its completion queue), so whoever waits on it must be
     /// told.
     pub fn has_backlog(&self) -> bool {
-        self.backlog.len() > 0
+        !self.backlog.is_empty()
     }
 
     /// Moves up to [`REAP_BATCH`] completions into `into` (cleared first);
@@ -745,7 +745,7 @@ mod tests {
         }
         ring.trim();
         assert!(
-            ring.slots.len() == 0 && ring.free.is_empty(),
+            ring.slots.is_empty() && ring.free.is_empty(),
             "trim kept the slots"
         );
     }

@@ -12,8 +12,9 @@ const _: () = assert!(REAP_BATCH.is_multiple_of(CHUNK));
 /// grown by doubling takes blocks of 100-200 KB that the allocator puts in
 /// a page beside long-lived blocks of that size (the registry, a topic's
 /// subscribers), so that page stays committed after the burst (~30 bytes
-/// per idle connection, measured). Every block but the last is full, so
-/// entry `i` is at `i / CHUNK, i % CHUNK`.
+/// per idle connection, measured). Every block but the last is full, and
+/// none is empty, so entry `i` is at `i / CHUNK, i % CHUNK` and the list
+/// is empty when it has no block.
 pub(super) struct Chunks<T>(Vec<Vec<T>>);
 
 impl<T> Default for Chunks<T> {
@@ -27,6 +28,10 @@ impl<T> Chunks<T> {
         self.0
             .last()
             .map_or(0, |last| (self.0.len() - 1) * CHUNK + last.len())
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub(super) fn push(&mut self, value: T) {
@@ -84,6 +89,6 @@ mod tests {
         assert_eq!(c.take_front().unwrap()[0], CHUNK);
         assert_eq!(c.take_front().unwrap(), (2 * CHUNK..n).collect::<Vec<_>>());
         assert!(c.take_front().is_none());
-        assert_eq!(c.len(), 0);
+        assert_eq!((c.len(), c.is_empty()), (0, true));
     }
 }
